@@ -22,34 +22,93 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import encode_relu_decode, jl_penalty
 from prepare import read_shard
 
 # -----------------------------------------------------------------------------
 # config and command line
 
 @dataclass
-class HarvestConfig:
-    init_from: str = "gpt2"           # a Hub id (gpt2, gpt2-medium, ...) or a local save_pretrained directory
-    data_dir: str = "data/fineweb10B"  # shards written by prepare.py
-    layer: int = 6                    # 0-indexed block; 6 is the middle of GPT-2 small
-    site: str = "mlp_in"              # one of SITES
-    batch_size: int = 8               # contexts per forward
-    block_size: int = 128             # tokens per context
-    max_iters: int = 20               # batches to harvest
-    device: str = "auto"              # auto = cuda if available, else cpu
+class TrainConfig:
+    # run
+    init_from: str = "gpt2"            # Hub id (gpt2, gpt2-medium, ...), local save_pretrained dir, scratch, or resume
+    data_dir: str = "data/fineweb10B"  # shards from prepare.py
+    out_dir: str = "out"               # ckpt.pt and log.jsonl
+    acts: str = ""                     # PATH.npy of (N, d_in) float activations: train on these instead of GPT-2
+    eval_only: bool = False            # evaluate out_dir/ckpt.pt and exit
+    seed: int = 1337
+    device: str = "auto"               # auto = cuda if available, else cpu
+    dtype: str = "auto"                # GPT-2's autocast dtype; auto = bfloat16 on CUDA, float32 on CPU (faster there)
+    compile: bool = False              # torch.compile the SAE
+    # GPT-2 and the site
+    layer: int = 6                     # 0-indexed block; 6 is the middle of GPT-2 small
+    site: str = "mlp_in"               # one of SITES
+    block_size: int = 128              # tokens per context
+    harvest_batch: int = 32            # contexts per GPT-2 forward
+    n_layer: int = 12                  # scratch only: the random GPT-2's size
+    n_head: int = 12
+    n_embd: int = 768
+    # activations
+    buffer_tokens: int = 2**18         # shuffling buffer, per rank; 800 MiB at d_in 768 in fp32
+    normalize: bool = True             # scale activations to E|x| = sqrt(d_in), estimated at start
+    exclude_pos0: bool = True          # drop position 0, whose norm is an outlier in GPT-2
+    # the SAE and its loss
+    d_sae: int = 8192                  # features
+    b_dec_init: str = "geometric_median"  # or mean, zeros: b_dec from a first sample of activations
+    loss: str = "l1"                   # l1, jl or hybrid
+    l1_coeff: float = 5.0              # on mean_batch sum_features f; Anthropic's April 2024 update uses 5 at E|x| = sqrt(d)
+    l1_warmup_iters: int = 1000        # l1 coefficient ramps linearly from 0
+    jl_coeff: float = 1000.0           # on the JL mean; its pull on one row is ~2 jl_coeff / d_sae (README)
+    jl_on: str = "dec"                 # dec: rows of W_dec; enc: columns of W_enc
+    jl_warmup_mult: float = 10.0       # JL coefficient starts at this multiple of jl_coeff ...
+    jl_warmup_iters: int = 2000        # ... and decays (cosine) to jl_coeff over these iterations
+    # optimization
+    max_iters: int = 20000
+    batch_size: int = 4096             # activations per step, all ranks
+    lr: float = 1e-4                   # Adam
+    lr_enc: float = 0.0                # encoder (W_enc, b_enc) learning rate; 0 = lr
+    lr_dec: float = 0.0                # decoder (W_dec, b_dec) learning rate; 0 = lr
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_iters: int = 0              # linear lr warmup
+    decay: str = "constant"            # constant, cosine (to min_lr_frac * lr at max_iters), or linear (over the last decay_frac)
+    decay_frac: float = 0.2
+    min_lr_frac: float = 0.0
+    grad_clip: float = 0.0             # max global gradient norm; 0 = off
+    # tracking and resampling
+    dead_window: int = 10_000_000      # tokens without a firing after which a feature is dead
+    dense_threshold: float = 0.1       # firing frequency above which a feature counts as dense
+    resample_iters: tuple = (5000, 10000, 15000)  # resample dead features at these iterations; () = never
+    resample_samples: int = 2**14      # inputs scored for resampling
+    # evaluation and logging
+    eval_interval: int = 1000
+    eval_tokens: int = 2**15           # fixed slice of the val shard (or held-out rows of --acts)
+    log_interval: int = 10
 
 
-def parse_args(cfg, argv):
-    """nanoGPT's configurator as a function: `--key=value` overrides (value read with ast.literal_eval,
-    else kept as a string; its type must match the default) and `config/*.py` files of `key = value`
-    lines. Returns a new dataclass; an unknown key raises ValueError listing the valid ones."""
-    valid = {f.name: f for f in fields(cfg)}
+LOSSES, JL_ON, DECAYS = ("l1", "jl", "hybrid"), ("dec", "enc"), ("constant", "cosine", "linear")
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+
+
+def parse_overrides(cfg, argv):
+    """nanoGPT's configurator as a function: `--key=value` (value read with ast.literal_eval, else kept as a
+    string; its type must match the default) and `config/*.py` files of `key = value` lines, in order.
+    Returns {key: value}; an unknown key raises ValueError listing the valid ones."""
+    valid = {f.name for f in fields(cfg)}
     overrides = {}
     for arg in argv:
         if not arg.startswith("--"):  # a config file: plain `key = value` assignments
-            tree = ast.parse(open(arg).read(), arg)
-            pairs = [(node.targets[0].id, ast.literal_eval(node.value)) for node in tree.body
-                     if isinstance(node, ast.Assign)]
+            if not os.path.isfile(arg):
+                raise ValueError(f"{arg}: no such config file (flags are --key=value)")
+            pairs = []
+            for node in ast.parse(open(arg).read(), arg).body:
+                if not (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)):
+                    raise ValueError(f"{arg}:{node.lineno}: expected `key = value`")
+                try:  # constant expressions such as 2**14 are allowed in files; names and calls are not
+                    value = eval(compile(ast.Expression(node.value), arg, "eval"), {"__builtins__": {}})
+                except Exception as e:
+                    raise ValueError(f"{arg}:{node.lineno}: cannot evaluate the value ({e})") from None
+                pairs.append((node.targets[0].id, value))
         else:
             key, sep, value = arg[2:].partition("=")
             if not sep:
@@ -61,15 +120,45 @@ def parse_args(cfg, argv):
             pairs = [(key, value)]
         for key, value in pairs:
             if key not in valid:
-                raise ValueError(f"unknown config key '{key}'; valid keys: {', '.join(valid)}")
+                raise ValueError(f"unknown config key '{key}'; valid keys: {', '.join(sorted(valid))}")
             default = getattr(cfg, key)
             if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)  # --lr=1 means 1.0
+            if isinstance(default, tuple) and isinstance(value, list):
+                value = tuple(value)  # --resample_iters=[100, 200]
             if type(value) is not type(default):
                 raise ValueError(f"--{key}={value!r}: expected {type(default).__name__}, got {type(value).__name__}")
-            print(f"override: {key} = {value!r}")
             overrides[key] = value
+    return overrides
+
+
+def parse_args(cfg, argv):
+    """-> a new dataclass with the overrides applied, each printed."""
+    overrides = parse_overrides(cfg, argv)
+    for key, value in overrides.items():
+        print(f"override: {key} = {value!r}")
     return replace(cfg, **overrides)
+
+
+def check_config(cfg, world_size=1):
+    """Invariants of a config, as one-line ValueErrors listing what is valid."""
+    for key, valid in (("loss", LOSSES), ("jl_on", JL_ON), ("decay", DECAYS), ("b_dec_init", B_DEC_INITS)):
+        if getattr(cfg, key) not in valid:
+            raise ValueError(f"--{key}={getattr(cfg, key)!r}: valid values are {', '.join(valid)}")
+    if cfg.site not in SITES:
+        raise ValueError(f"--site={cfg.site!r}: valid sites are {', '.join(SITES)}")
+    if cfg.batch_size % world_size:
+        raise ValueError(f"--batch_size={cfg.batch_size} must divide evenly over {world_size} ranks")
+    per_rank = cfg.batch_size // world_size
+    if not cfg.acts and (cfg.buffer_tokens % (2 * per_rank) or cfg.buffer_tokens % 4):
+        raise ValueError(f"--buffer_tokens={cfg.buffer_tokens} must be a multiple of 4 and of 2 x {per_rank} (the "
+                         f"per-rank batch): half the buffer is served between refills, in quarters")
+    for key in ("d_sae", "max_iters", "batch_size", "block_size", "harvest_batch", "eval_interval", "eval_tokens",
+                "log_interval", "dead_window", "resample_samples"):
+        if getattr(cfg, key) <= 0:
+            raise ValueError(f"--{key} must be positive")
+    if cfg.exclude_pos0 and cfg.block_size < 2:
+        raise ValueError("--block_size must be at least 2 with --exclude_pos0=True")
 
 
 # -----------------------------------------------------------------------------
@@ -156,6 +245,14 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2 (https://paperswithcode.com/method/weight-tying)
+        self.apply(self._init_weights)  # for init_from=scratch; from_pretrained overwrites every weight
+
+    def _init_weights(self, module):
+        # GPT-2's init (nanoGPT): N(0, 0.02) weights, zero biases, LayerNorm at identity
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def forward(self, idx, layer=None, site=None, edit=None):
         """idx (B, T) token ids -> logits (B, T, vocab). With (layer, site, edit), edit(act) replaces the
@@ -288,10 +385,11 @@ class DataLoaderLite:
         self.tokens = read_shard(self.shards[0])
 
     def state_dict(self):
-        return {"shard": self.shard, "pos": self.pos}
+        # the position of rank 0: the same state restores every rank, each adding its own offset
+        return {"shard": self.shard, "pos": self.pos - self.B * self.T * self.rank}
 
     def load_state_dict(self, state):
-        self.shard, self.pos = state["shard"], state["pos"]
+        self.shard, self.pos = state["shard"], state["pos"] + self.B * self.T * self.rank
         self.tokens = read_shard(self.shards[self.shard])
 
     def next_batch(self):
@@ -305,27 +403,593 @@ class DataLoaderLite:
 
 
 # -----------------------------------------------------------------------------
-# main: harvest activations and report their statistics (training comes with the SAE)
+# the SAE (Bricken et al. 2023): f = relu((x - b_dec) @ W_enc + b_enc), x_hat = f @ W_dec + b_dec
+
+class SAE(nn.Module):
+    def __init__(self, d_in, d_sae):
+        super().__init__()
+        W_dec = F.normalize(torch.randn(d_sae, d_in), dim=1)  # unit-norm random dictionary rows
+        self.W_enc = nn.Parameter(W_dec.T.clone())            # (d_in, d_sae): the decoder's transpose
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(W_dec)                      # (d_sae, d_in)
+        self.b_dec = nn.Parameter(torch.zeros(d_in))          # pre-encoder bias, subtracted before encoding
+
+    def forward(self, x):
+        """x (N, d_in) -> (x_hat (N, d_in), f (N, d_sae)), through the one kernel call site."""
+        return encode_relu_decode(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec)
+
+    def dictionary(self, on="dec"):
+        """The unit-norm rows the JL penalty sees: W_dec's rows, or W_enc's columns. (d_sae, d_in)"""
+        return F.normalize(self.W_dec if on == "dec" else self.W_enc.T, dim=1)
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self):
+        # the part of each row's gradient along the row only changes its norm, which is fixed at 1
+        # (Bricken et al. 2023; openai/sparse_autoencoder's unit_norm_decoder_grad_adjustment_)
+        if self.W_dec.grad is not None:
+            g, w = self.W_dec.grad, self.W_dec
+            g -= (g * w).sum(dim=1, keepdim=True) * w  # (d_sae, d_in)
+
+    @torch.no_grad()
+    def unit_norm_decoder_(self):
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+def sae_loss(sae, x, cfg, it):
+    """-> (loss, terms, f). mse = mean over the batch of sum over d_in of (x_hat - x)^2; l1 = mean over the batch
+    of sum over features of f (f >= 0); jl = the JL mean of kernels.jl_penalty, the one call site."""
+    x_hat, f = sae(x)                                 # (N, d_in), (N, d_sae)
+    mse = (x_hat - x).pow(2).sum(dim=-1).mean()
+    l1 = f.sum(dim=-1).mean()
+    loss = mse + (l1_coeff_at(cfg, it) * l1 if cfg.loss in ("l1", "hybrid") else 0.0)
+    jl = torch.zeros((), device=x.device)
+    if cfg.loss in ("jl", "hybrid"):
+        jl = jl_penalty(sae.dictionary(cfg.jl_on))
+        loss = loss + jl_coeff_at(cfg, it) * jl
+    return loss, {"mse": mse, "l1": l1, "jl": jl}, f
+
+
+def l1_coeff_at(cfg, it):
+    """Linear warmup from 0 over l1_warmup_iters (Anthropic, April 2024 update)."""
+    return cfg.l1_coeff * min(1.0, (it + 1) / max(cfg.l1_warmup_iters, 1))
+
+
+def jl_coeff_at(cfg, it):
+    """jl_warmup_mult * jl_coeff at iteration 0, cosine decay to jl_coeff at jl_warmup_iters, then constant:
+    a strong early push keeps the dictionary spread out before the reconstruction takes over."""
+    progress = min(1.0, it / max(cfg.jl_warmup_iters, 1))
+    return cfg.jl_coeff * (1 + (cfg.jl_warmup_mult - 1) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def get_lr_mult(cfg, it):
+    """Learning-rate multiplier: linear warmup, then constant, cosine to min_lr_frac, or linear to 0 over
+    the last decay_frac of training (Anthropic, April 2024 update)."""
+    if it < cfg.warmup_iters:
+        return (it + 1) / cfg.warmup_iters
+    if cfg.decay == "cosine":
+        progress = (it - cfg.warmup_iters) / max(cfg.max_iters - cfg.warmup_iters, 1)
+        return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if cfg.decay == "linear":
+        decay_start = cfg.max_iters * (1 - cfg.decay_frac)
+        return 1.0 if it < decay_start else max(0.0, (cfg.max_iters - it) / (cfg.max_iters - decay_start))
+    return 1.0
+
+
+@torch.no_grad()
+def geometric_median(x, iters=100, eps=1e-8):
+    """Weiszfeld's algorithm: argmin_y sum_i |x_i - y|, x (N, d) -> (d,). Starts at the mean."""
+    y = x.mean(dim=0)
+    for _ in range(iters):
+        w = 1 / (x - y).norm(dim=1).clamp_min(eps)  # (N,)
+        y_next = (w[:, None] * x).sum(dim=0) / w.sum()
+        if (y_next - y).norm() < 1e-6 * y.norm().clamp_min(1e-12):
+            return y_next
+        y = y_next
+    return y
+
+
+@torch.no_grad()
+def mean_max_cosine(W, block=1024):
+    """Mean over rows of the largest |cos| with any other row, W (n, d); blocked so memory is block x n."""
+    W = F.normalize(W.float(), dim=1)
+    best = torch.empty(W.shape[0], device=W.device)
+    for i in range(0, W.shape[0], block):
+        G = (W[i:i + block] @ W.T).abs()  # (block, d) @ (d, n) -> (block, n)
+        G[torch.arange(G.shape[0]), torch.arange(i, i + G.shape[0])] = 0  # not with itself
+        best[i:i + block] = G.max(dim=1).values
+    return best.mean().item()
+
+
+# -----------------------------------------------------------------------------
+# activations: a shuffling buffer over GPT-2's harvest, or a .npy file
+
+class ActivationBuffer:
+    """Harvests contexts into halves of n_tokens/2 activations and serves shuffled batches, refilling a half
+    whenever half a buffer has been served, so that a batch mixes the documents of n_tokens/block_size contexts.
+    Period t serves a shuffle of the second quarter of half t-1 and the first quarter of half t (each
+    half's rows in an order seeded by (seed, t)): every activation is served once (except the first
+    quarter of half 0), and the state is (t, served, loader position before half t-1): resume re-harvests
+    two halves and continues exactly."""
+
+    def __init__(self, harvest, loader, n_tokens, batch_size, seed, exclude_pos0):
+        self.harvest, self.loader, self.batch_size = harvest, loader, batch_size
+        self.half, self.seed, self.exclude_pos0 = n_tokens // 2, seed, exclude_pos0
+
+    def fill(self):
+        """Harvests whole contexts until half a buffer is full. -> (half, d) fp32"""
+        parts, n = [], 0
+        while n < self.half:
+            acts = self.harvest(self.loader.next_batch())  # (B, T, d)
+            acts = acts[:, 1:] if self.exclude_pos0 else acts
+            parts.append(acts.reshape(-1, acts.shape[-1]).float())
+            n += parts[-1].shape[0]
+        return torch.cat(parts)[:self.half]  # the surplus of the last context batch is dropped
+
+    def order(self, t):
+        return torch.randperm(self.half, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + t))
+
+    def start(self, state=None):
+        state = state or {"period": 1, "served": 0, "loader": self.loader.state_dict()}
+        self.loader.load_state_dict(state["loader"])
+        self.period, self.served, self.prev_loader = state["period"], state["served"], state["loader"]
+        self.prev = self.fill()  # half t-1
+        self.cur_loader = self.loader.state_dict()
+        self.cur = self.fill()   # half t
+        self.make_rows()
+
+    def make_rows(self):
+        q, t = self.half // 2, self.period
+        rows = torch.cat([self.prev[self.order(t - 1)[q:].to(self.prev.device)],
+                          self.cur[self.order(t)[:q].to(self.cur.device)]])  # (half, d)
+        self.rows = rows[torch.randperm(self.half, generator=torch.Generator().manual_seed(-self.seed - t - 1))
+                         .to(rows.device)]
+
+    def next_batch(self):
+        if self.served == self.half:  # half a buffer served: refill the older half
+            self.period, self.served = self.period + 1, 0
+            self.prev, self.prev_loader = self.cur, self.cur_loader
+            self.cur_loader = self.loader.state_dict()
+            self.cur = self.fill()
+            self.make_rows()
+        batch = self.rows[self.served:self.served + self.batch_size]  # (batch_size, d)
+        self.served += self.batch_size
+        return batch
+
+    def sample(self, n, generator):
+        """n random activations from the buffer (for init and resampling); consumes nothing."""
+        pool = torch.cat([self.prev, self.cur])
+        return pool[torch.randint(len(pool), (n,), generator=generator).to(pool.device)]
+
+    def state_dict(self):
+        return {"period": self.period, "served": self.served, "loader": self.prev_loader}
+
+
+class ActsFile:
+    """Batches of rows of a (N, d_in) float .npy file, reshuffled each epoch (order seeded by (seed, epoch)).
+    The first `n_val` rows are held out for evaluation. Rank r takes slice r of each global batch."""
+
+    def __init__(self, path, batch_size, n_val, seed, rank=0, world=1):
+        if not os.path.isfile(path):
+            raise ValueError(f"--acts={path}: no such file")
+        try:
+            self.data = np.load(path, mmap_mode="r")
+        except ValueError as e:
+            raise ValueError(f"--acts={path}: not a .npy array ({e})") from None
+        if self.data.ndim != 2 or self.data.dtype.kind != "f":
+            raise ValueError(f"--acts={path}: expected a 2-D float array (N, d_in), got {self.data.dtype} {self.data.shape}")
+        self.n_val = min(n_val, len(self.data) // 10)
+        if len(self.data) - self.n_val < batch_size:
+            raise ValueError(f"--acts={path}: {len(self.data)} rows ({self.n_val} held out), fewer than one batch of {batch_size}")
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.start()
+
+    def rows(self, index):
+        return torch.from_numpy(np.ascontiguousarray(self.data[np.sort(index.numpy())], dtype=np.float32))
+
+    def start(self, state=None):
+        state = state or {"epoch": 0, "index": 0}
+        self.epoch, self.index = state["epoch"], state["index"]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.perm = self.n_val + torch.randperm(len(self.data) - self.n_val, generator=g)
+
+    def next_batch(self):
+        if self.index + self.batch_size > len(self.perm):  # drop the last partial batch; next epoch
+            self.start({"epoch": self.epoch + 1, "index": 0})
+        b = self.batch_size // self.world
+        batch = self.perm[self.index + self.rank * b:self.index + (self.rank + 1) * b]
+        self.index += self.batch_size
+        return self.rows(batch)
+
+    def sample(self, n, generator):
+        return self.rows(self.n_val + torch.randint(len(self.data) - self.n_val, (n,), generator=generator))
+
+    def val(self):
+        return torch.from_numpy(np.array(self.data[:self.n_val], dtype=np.float32))  # a copy: the memmap is read-only
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "index": self.index}
+
+
+def synthetic_activations(n, d, n_true, k, seed=0):
+    """Activations with a known answer: each row a sum of k of n_true random unit directions (drawn with
+    Zipf-like frequencies p_i ~ 1/sqrt(i)), with non-negative magnitudes U(0.5, 1.5).
+    -> (X (n, d) float32, true directions (n_true, d) float32)"""
+    g = np.random.default_rng(seed)
+    D = g.standard_normal((n_true, d))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    p = 1 / np.sqrt(np.arange(1, n_true + 1))
+    X = np.zeros((n, d))
+    for i in range(n):
+        active = g.choice(n_true, size=k, replace=False, p=p / p.sum())
+        X[i] = g.uniform(0.5, 1.5, size=k) @ D[active]  # (k,) @ (k, d) -> (d,)
+    return X.astype(np.float32), D.astype(np.float32)
+
+
+# -----------------------------------------------------------------------------
+# tracking and resampling
+
+class FeatureTracker:
+    """Dead features, exactly: a feature is dead when it has not fired in the last `window` tokens (counted
+    from its (re)start, so a resampled feature gets a whole window). Firing frequencies: counts in a ring of
+    `chunks` chunks of window/chunks tokens, so the frequency covers roughly the last window of tokens."""
+
+    def __init__(self, d_sae, window, chunks=10, device="cpu"):
+        self.window, self.chunk_tokens = window, max(1, window // chunks)
+        self.counts = torch.zeros(chunks, d_sae, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(chunks, dtype=torch.long)
+        self.last_fired = torch.zeros(d_sae, dtype=torch.long, device=device)  # tokens seen at the last firing
+        self.chunk, self.seen = 0, 0
+
+    def update(self, fired, n_tokens):
+        """fired (d_sae,): how many of the n_tokens activated each feature."""
+        if self.tokens[self.chunk] >= self.chunk_tokens:
+            self.chunk = (self.chunk + 1) % len(self.tokens)
+            self.counts[self.chunk].zero_()
+            self.tokens[self.chunk] = 0
+        self.counts[self.chunk] += fired
+        self.tokens[self.chunk] += n_tokens
+        self.seen += n_tokens
+        self.last_fired[fired > 0] = self.seen
+
+    def freq(self):
+        return self.counts.sum(dim=0).float() / max(int(self.tokens.sum()), 1)
+
+    def dead(self):
+        return self.seen - self.last_fired >= self.window
+
+    def restart_(self, mask):
+        self.counts[:, mask] = 0
+        self.last_fired[mask] = self.seen
+
+    def state_dict(self):
+        return {"counts": self.counts, "tokens": self.tokens, "last_fired": self.last_fired, "chunk": self.chunk,
+                "seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.counts.copy_(state["counts"]), self.tokens.copy_(state["tokens"])
+        self.last_fired.copy_(state["last_fired"])
+        self.chunk, self.seen = state["chunk"], state["seen"]
+
+
+def log10_freq_histogram(freq, bins=50):
+    """The log10 firing-frequency histogram (zeros counted apart): {edges (bins+1,), counts (bins,), n_zero}."""
+    nonzero = freq[freq > 0].double().log10().cpu()
+    edges = torch.linspace(-10, 0, bins + 1, dtype=torch.float64)
+    return {"edges": edges, "counts": torch.histc(nonzero.clamp(-10, 0), bins=bins, min=-10, max=0).long(),
+            "n_zero": int((freq == 0).sum())}
+
+
+@torch.no_grad()
+def resample_dead_(sae, optimizer, dead, x):
+    """Towards Monosemanticity's resampling: for each dead feature, an input x_i drawn with probability
+    proportional to its squared reconstruction error becomes the decoder row (normalised) and the encoder
+    column (normalised, times 0.2 x the mean alive encoder norm); b_enc = 0; Adam's moments of exactly those
+    entries are zeroed. dead (d_sae,) bool, x (N, d_in). Returns the number resampled."""
+    idx = dead.nonzero().squeeze(1)
+    if len(idx) == 0:
+        return 0
+    x_hat, _ = sae(x)
+    err = (x - x_hat).pow(2).sum(dim=1)  # (N,)
+    g = torch.Generator(device=x.device).manual_seed(len(idx))
+    pick = torch.multinomial(err.clamp_min(1e-12), len(idx), replacement=True, generator=g)
+    v = F.normalize(x[pick], dim=1)  # (n_dead, d_in)
+    alive_norm = sae.W_enc[:, ~dead].norm(dim=0).mean() if (~dead).any() else torch.tensor(1.0)
+    sae.W_dec[idx] = v
+    sae.W_enc[:, idx] = v.T * 0.2 * alive_norm
+    sae.b_enc[idx] = 0
+    for p, index in ((sae.W_dec, (idx,)), (sae.W_enc, (slice(None), idx)), (sae.b_enc, (idx,))):
+        for moment in ("exp_avg", "exp_avg_sq"):
+            if moment in optimizer.state.get(p, {}):
+                optimizer.state[p][moment][index] = 0
+    return len(idx)
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def evaluate(sae, scale, cfg, tracker, model=None, val_batches=(), val_acts=None, autocast=None):
+    """SAE metrics on a fixed slice (val contexts through GPT-2, or held-out rows), in normalised units:
+    mse (as in training), fvu = sum |x - x_hat|^2 / sum |x - mean x|^2, l0, l1; dead/dense fractions from the
+    tracker; mean max |cos| between dictionary rows. With GPT-2: cross-entropy clean, with the SAE's
+    reconstruction spliced in at the site, with the site zero-ablated; ce_recovered = (ce_zero - ce_sae) /
+    (ce_zero - ce_clean); kl = KL(clean || spliced) per token."""
+    autocast = autocast or torch.autocast("cpu", enabled=False)
+    s = dict.fromkeys(("n", "sq_err", "sum_x", "sq_x", "l0", "l1", "ce_clean", "ce_sae", "ce_zero", "n_ce", "kl", "n_kl"),
+                      0.0)
+    keep = slice(1, None) if cfg.exclude_pos0 else slice(None)  # positions the SAE reads and writes
+
+    def score(x):  # x (N, d) in normalised units
+        x_hat, f = sae(x)
+        s["n"] += len(x)
+        s["sq_err"] += (x - x_hat).double().pow(2).sum().item()
+        s["sum_x"] = s["sum_x"] + x.double().sum(dim=0)
+        s["sq_x"] += x.double().pow(2).sum().item()
+        s["l0"] += (f > 0).sum().item()
+        s["l1"] += f.double().sum().item()
+        return x_hat
+
+    if val_acts is not None:
+        for i in range(0, len(val_acts), cfg.batch_size):
+            score(val_acts[i:i + cfg.batch_size].to(scale.device) * scale)
+    for idx in val_batches:
+        captured = {}
+        def capture(act):
+            captured["act"] = act
+            return act
+        def splice(act, replacement):
+            act = act.clone()
+            act[:, keep] = replacement.to(act.dtype)
+            return act
+        with autocast:
+            logits_clean = model(idx, cfg.layer, cfg.site, capture).float()  # (B, T, vocab)
+        act = captured["act"][:, keep].float()  # (B, T', d)
+        x_hat = score(act.reshape(-1, act.shape[-1]) * scale).view_as(act) / scale
+        with autocast:
+            logits_sae = model(idx, cfg.layer, cfg.site, lambda a: splice(a, x_hat)).float()
+            logits_zero = model(idx, cfg.layer, cfg.site, lambda a: splice(a, torch.zeros_like(x_hat))).float()
+        targets = idx[:, 1:].reshape(-1)
+        ce = lambda logits: F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets, reduction="sum").item()
+        s["ce_clean"] += ce(logits_clean)
+        s["ce_sae"] += ce(logits_sae)
+        s["ce_zero"] += ce(logits_zero)
+        logp_clean, logp_sae = F.log_softmax(logits_clean, -1), F.log_softmax(logits_sae, -1)
+        s["kl"] += (logp_clean.exp() * (logp_clean - logp_sae)).sum().item()  # over every position
+        s["n_ce"], s["n_kl"] = s["n_ce"] + targets.numel(), s["n_kl"] + idx.numel()
+    n = max(s["n"], 1)
+    variance = s["sq_x"] - (s["sum_x"].pow(2).sum().item() / n if s["n"] else 0.0)
+    freq = tracker.freq()
+    metrics = {"mse": s["sq_err"] / n, "fvu": s["sq_err"] / max(variance, 1e-12), "l0": s["l0"] / n, "l1": s["l1"] / n,
+               "dead_frac": tracker.dead().float().mean().item(),
+               "dense_frac": (freq > cfg.dense_threshold).float().mean().item(),
+               "mean_max_cos": mean_max_cosine(sae.W_dec)}
+    if s["n_ce"]:
+        ce_clean, ce_sae, ce_zero = (s[k] / s["n_ce"] for k in ("ce_clean", "ce_sae", "ce_zero"))
+        metrics.update(ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero, kl=s["kl"] / s["n_kl"],
+                       ce_recovered=(ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"))
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and the run's config
+
+# what a resumed run cannot change: the SAE's shape and the meaning of the saved data position
+LOCKED_ON_RESUME = ("d_sae", "layer", "site", "acts", "init_from", "n_layer", "n_head", "n_embd", "block_size",
+                    "batch_size", "buffer_tokens", "harvest_batch", "exclude_pos0", "normalize", "seed")
+
+
+def save_checkpoint(path, checkpoint):
+    tmp = path + ".tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-save leaves the previous checkpoint whole
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no checkpoint (set --out_dir to the run's directory)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resolve_config(argv):
+    """-> (cfg, checkpoint or None). Defaults, then config files and flags in order; with --init_from=resume or
+    --eval_only=True the checkpoint's config is the base, and the flags may change all but LOCKED_ON_RESUME."""
+    overrides = parse_overrides(TrainConfig(), argv)
+    cfg = replace(TrainConfig(), **overrides)
+    if cfg.init_from != "resume" and not cfg.eval_only:
+        return cfg, None
+    checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    saved = TrainConfig(**checkpoint["config"])
+    overrides.pop("init_from", None)
+    changed = [k for k in LOCKED_ON_RESUME if k in overrides and overrides[k] != getattr(saved, k)]
+    if changed:
+        raise ValueError(f"cannot change {', '.join(changed)} of a saved run; start a new --out_dir instead")
+    return replace(saved, **overrides), checkpoint
+
+
+def load_gpt(cfg):
+    if cfg.init_from == "scratch":  # a random GPT-2 of the given size (nanoGPT), the same for the same seed
+        torch.manual_seed(cfg.seed)
+        model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+    else:
+        model = GPT.from_pretrained(cfg.init_from)
+    check_site(model.config, cfg.layer, cfg.site)
+    if cfg.block_size > model.config.block_size:
+        raise ValueError(f"--block_size={cfg.block_size}: the model has {model.config.block_size} positions")
+    return model.eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# training: python sae.py [config/...py] [--key=value ...]; torchrun --standalone --nproc_per_node=N sae.py ...
+
+def main(argv):
+    import time
+    import torch.distributed as dist
+    cfg, checkpoint = resolve_config(argv)
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    if ddp:
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"  # gloo: testable on CPU
+        dist.init_process_group(backend=backend)
+        ddp_rank, ddp_local_rank, ddp_world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        device = f"cuda:{ddp_local_rank}" if backend == "nccl" else "cpu"
+        if backend == "nccl":
+            torch.cuda.set_device(device)
+    else:
+        ddp_rank, ddp_world_size = 0, 1
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    master_process = ddp_rank == 0  # logs, evaluates and checkpoints
+    print0 = print if master_process else (lambda *a, **k: None)
+    if master_process:
+        for key, value in parse_overrides(TrainConfig(), argv).items():
+            print(f"override: {key} = {value!r}")
+    check_config(cfg, ddp_world_size)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype={dtype!r}: valid values are auto, float32, bfloat16, float16")
+    autocast = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+    # activations: a .npy file, or GPT-2 over the token shards
+    per_rank = cfg.batch_size // ddp_world_size
+    model, val_batches, val_acts = None, [], None
+    if cfg.acts:
+        source = ActsFile(cfg.acts, cfg.batch_size, cfg.eval_tokens, cfg.seed, ddp_rank, ddp_world_size)
+        d_in, val_acts = source.data.shape[1], source.val()
+    else:
+        model = load_gpt(cfg).to(device)
+        loader = DataLoaderLite(cfg.data_dir, "train", cfg.harvest_batch, cfg.block_size, ddp_rank, ddp_world_size)
+        def harvest(idx):
+            with torch.no_grad(), autocast:
+                return model.harvest(idx.to(device), cfg.layer, cfg.site)  # (B, T, d_in)
+        source = ActivationBuffer(harvest, loader, cfg.buffer_tokens, per_rank, cfg.seed + ddp_rank, cfg.exclude_pos0)
+        d_in = site_width(model.config, cfg.site)
+        if master_process:  # a fixed slice of the val shard: its first eval_tokens tokens, as whole contexts
+            val = DataLoaderLite(cfg.data_dir, "val", 1, cfg.block_size)
+            contexts = torch.cat([val.next_batch() for _ in range(max(1, cfg.eval_tokens // cfg.block_size))])
+            val_batches = [b.to(device) for b in contexts.split(cfg.harvest_batch)]
+
+    torch.manual_seed(cfg.seed)  # the same SAE init on every rank and in every run of this seed
+    sae = SAE(d_in, cfg.d_sae).to(device)
+    optimizer = torch.optim.Adam([  # two groups, so the encoder and decoder rates can differ
+        {"params": [sae.W_enc, sae.b_enc], "lr": cfg.lr_enc or cfg.lr},
+        {"params": [sae.W_dec, sae.b_dec], "lr": cfg.lr_dec or cfg.lr}], betas=(cfg.beta1, cfg.beta2))
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    tracker = FeatureTracker(cfg.d_sae, cfg.dead_window, device=device)
+    train_sae = torch.compile(sae) if cfg.compile else sae
+    if checkpoint:
+        sae.load_state_dict(checkpoint["sae"])
+        tracker.load_state_dict(checkpoint["tracker"])
+        scale, iter_num = checkpoint["act_scale"], checkpoint["iter_num"]
+        if not cfg.eval_only:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            source.start(checkpoint["data"])
+            torch.set_rng_state(checkpoint["rng"]["torch"])
+        print0(f"resumed {cfg.out_dir}/ckpt.pt at iter {iter_num}")
+    else:
+        iter_num = 0
+        source.start()
+        sample = source.sample(cfg.resample_samples, torch.Generator().manual_seed(cfg.seed)).to(device)  # (n, d_in)
+        mean_norm = sample.norm(dim=1).mean()
+        if ddp:
+            dist.all_reduce(mean_norm)
+            mean_norm /= ddp_world_size
+        # E|x| = sqrt(d_in) (Anthropic, April 2024 update): coefficients then transfer across layers and models
+        scale = math.sqrt(d_in) / mean_norm.item() if cfg.normalize else 1.0
+        with torch.no_grad():
+            if cfg.b_dec_init == "geometric_median":
+                sae.b_dec.copy_(geometric_median(sample * scale))
+            elif cfg.b_dec_init == "mean":
+                sae.b_dec.copy_((sample * scale).mean(dim=0))
+        if ddp:  # ranks saw different samples: rank 0's b_dec for all
+            dist.broadcast(sae.b_dec.data, src=0)
+
+    def run_eval(it):
+        metrics = {"iter": it, **evaluate(sae, torch.tensor(scale, device=device), cfg, tracker, model, val_batches,
+                                          val_acts, autocast)}
+        with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        line = f"eval {it:5d} | mse {metrics['mse']:.4f} | fvu {metrics['fvu']:.4f} | l0 {metrics['l0']:.1f} | " \
+               f"dead {metrics['dead_frac']:.3f} | dense {metrics['dense_frac']:.3f} | max cos {metrics['mean_max_cos']:.3f}"
+        if "ce_clean" in metrics:
+            line += f" | ce {metrics['ce_clean']:.3f}/{metrics['ce_sae']:.3f}/{metrics['ce_zero']:.3f} (clean/sae/zero)" \
+                    f" | recovered {metrics['ce_recovered']:.3f} | kl {metrics['kl']:.4f}"
+        print(line)
+
+    def make_checkpoint(it):
+        freq = tracker.freq()
+        return {"sae": sae.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg), "iter_num": it,
+                "act_scale": scale, "data": source.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                "tracker": tracker.state_dict(), "feature_freq": freq.cpu(), "freq_hist": log10_freq_histogram(freq)}
+
+    if master_process:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.eval_only:
+        if master_process:
+            run_eval(iter_num)
+        return
+    start_iter, t0, last_log = iter_num, time.time(), iter_num - 1
+    for it in range(start_iter, cfg.max_iters + 1):
+        if master_process and (it % cfg.eval_interval == 0 or it == cfg.max_iters) and (it > start_iter or it == 0):
+            run_eval(it)
+            if it > 0:
+                save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), make_checkpoint(it))
+            t0, last_log = time.time(), it - 1  # evaluation is not training time
+        if it == cfg.max_iters:
+            break
+        if it in cfg.resample_iters:
+            x = source.sample(cfg.resample_samples, torch.Generator().manual_seed(cfg.seed + it)).to(device) * scale
+            dead = tracker.dead()
+            n = resample_dead_(sae, optimizer, dead, x)
+            if ddp:  # every rank resampled the same features from its own inputs: rank 0's rows for all
+                for p in (sae.W_enc, sae.b_enc, sae.W_dec):
+                    dist.broadcast(p.data, src=0)
+            tracker.restart_(dead)
+            print0(f"iter {it}: resampled {n} dead features")
+        lr_mult = get_lr_mult(cfg, it)
+        for group, base_lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base_lr * lr_mult
+        x = source.next_batch().to(device) * scale  # (per_rank, d_in)
+        loss, terms, f = sae_loss(train_sae, x, cfg, it)
+        finite = torch.isfinite(loss.detach()).float()
+        if ddp:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            saved = f"the last good checkpoint is {cfg.out_dir}/ckpt.pt" if os.path.exists(
+                os.path.join(cfg.out_dir, "ckpt.pt")) else "no checkpoint was written yet"
+            raise FloatingPointError(f"loss is {loss.item()} at iter {it}; stopping ({saved}); try a lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if ddp:  # average the gradients of the four parameters (gloo has no AVG)
+            for p in sae.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= ddp_world_size
+        sae.remove_parallel_grad_()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        optimizer.step()
+        sae.unit_norm_decoder_()
+        fired = (f > 0).sum(dim=0)  # (d_sae,)
+        if ddp:
+            dist.all_reduce(fired)
+        tracker.update(fired, cfg.batch_size)
+        if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
+            stats = torch.stack([loss.detach(), terms["mse"].detach(), terms["l1"].detach(), terms["jl"].detach(),
+                                 (f > 0).float().sum(dim=-1).mean()])
+            if ddp:
+                dist.all_reduce(stats)
+                stats /= ddp_world_size
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            dt, t0, steps, last_log = time.time() - t0, time.time(), it - last_log, it
+            print0(f"iter {it:5d} | loss {stats[0]:.4f} | mse {stats[1]:.4f} | l1 {stats[2]:.3f} | jl {stats[3]:.5f} | "
+                   f"l0 {stats[4]:.1f} | lr {base_lrs[-1] * lr_mult:.2e} | {dt / steps * 1000:.1f} ms/step | "
+                   f"{cfg.batch_size * steps / dt:,.0f} tok/s")
+    if ddp:
+        dist.destroy_process_group()
+
 
 if __name__ == "__main__":
-    import time
     try:
-        cfg = parse_args(HarvestConfig(), sys.argv[1:])
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-        model = GPT.from_pretrained(cfg.init_from).to(device)
-        check_site(model.config, cfg.layer, cfg.site)
-        if cfg.block_size > model.config.block_size:
-            raise ValueError(f"--block_size={cfg.block_size}: the model has {model.config.block_size} positions")
-        loader = DataLoaderLite(cfg.data_dir, "train", cfg.batch_size, cfg.block_size)
-    except ValueError as e:
+        main(sys.argv[1:])
+    except (ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    n, total, sq, t0 = 0, 0.0, 0.0, time.time()
-    with torch.no_grad(), ctx:
-        for it in range(cfg.max_iters):
-            acts = model.harvest(loader.next_batch().to(device), cfg.layer, cfg.site).float()  # (B, T, d)
-            n, total, sq = n + acts[..., 0].numel(), total + acts.norm(dim=-1).sum().item(), sq + acts.pow(2).sum().item()
-    dt = time.time() - t0
-    print(f"layer {cfg.layer} {cfg.site}: {n:,} activations of width {acts.size(-1)}, mean norm {total / n:.3f}, "
-          f"rms {math.sqrt(sq / n / acts.size(-1)):.4f}, {n / dt:,.0f} tok/s on {device}")

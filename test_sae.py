@@ -23,7 +23,9 @@ TEXT_GLOB = str(SHARED / "data" / "text" / "*.jsonl")
 needs_shared = pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared/data is missing (a user's clone)")
 
 import prepare  # noqa: E402  (after the path constants: both are plain imports, no work done)
-from sae import DataLoaderLite, GPT, GPTConfig, SITES, parse_args, HarvestConfig  # noqa: E402
+import sae  # noqa: E402
+from kernels import JL_EPS, jl_penalty_ref  # noqa: E402
+from sae import DataLoaderLite, GPT, GPTConfig, SAE, SITES, TrainConfig, parse_args  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -422,13 +424,298 @@ def test_loader_rejects_a_bad_header_with_a_hint(tmp_path, damage):
 # configurator
 
 def test_parse_args_types_and_unknown_keys(tmp_path):
-    cfg = parse_args(HarvestConfig(), ["--layer=3", "--site=mlp_out", "--init_from=./dir"])
-    assert (cfg.layer, cfg.site, cfg.init_from) == (3, "mlp_out", "./dir")
+    cfg = parse_args(TrainConfig(), ["--layer=3", "--site=mlp_out", "--init_from=./dir", "--lr=1", "--resample_iters=[5]"])
+    assert (cfg.layer, cfg.site, cfg.init_from, cfg.lr, cfg.resample_iters) == (3, "mlp_out", "./dir", 1.0, (5,))
     config_file = tmp_path / "exp.py"
-    config_file.write_text("layer = 9\nbatch_size = 4  # a comment\n")
-    assert parse_args(HarvestConfig(), [str(config_file), "--batch_size=2"]).__dict__ == {
-        **HarvestConfig().__dict__, "layer": 9, "batch_size": 2}
-    with pytest.raises(ValueError, match="unknown config key 'layr'; valid keys: init_from"):
-        parse_args(HarvestConfig(), ["--layr=3"])
+    config_file.write_text("layer = 9\nbuffer_tokens = 2**14  # a comment\n")
+    assert parse_args(TrainConfig(), [str(config_file), "--layer=2"]).__dict__ == {
+        **TrainConfig().__dict__, "layer": 2, "buffer_tokens": 16384}
+    with pytest.raises(ValueError, match="unknown config key 'layr'; valid keys: acts, b_dec_init"):
+        parse_args(TrainConfig(), ["--layr=3"])
     with pytest.raises(ValueError, match="expected int, got str"):
-        parse_args(HarvestConfig(), ["--layer=six"])
+        parse_args(TrainConfig(), ["--layer=six"])
+
+
+# -----------------------------------------------------------------------------
+# the SAE: losses, JL, decoder norms, resampling
+
+def test_losses_against_hand_computation():
+    torch.manual_seed(0)
+    model = SAE(5, 7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    x = torch.randn(4, 5)
+    cfg = TrainConfig(loss="hybrid", l1_coeff=0.3, l1_warmup_iters=10, jl_coeff=2.0, jl_warmup_mult=5.0, jl_warmup_iters=8)
+    loss, terms, f = sae.sae_loss(model, x, cfg, it=4)
+    # by hand, with Python floats and loops
+    W_enc, b_enc, W_dec, b_dec = (p.detach().double().tolist() for p in (model.W_enc, model.b_enc, model.W_dec, model.b_dec))
+    mse = l1 = 0.0
+    for row in x.double().tolist():
+        feats = [max(0.0, sum((row[i] - b_dec[i]) * W_enc[i][j] for i in range(5)) + b_enc[j]) for j in range(7)]
+        recon = [sum(feats[j] * W_dec[j][i] for j in range(7)) + b_dec[i] for i in range(5)]
+        mse += sum((recon[i] - row[i]) ** 2 for i in range(5)) / 4
+        l1 += sum(feats) / 4
+    rows = [[v / sum(u * u for u in r) ** 0.5 for v in r] for r in W_dec]
+    jl = sum(np.arctanh(min(abs(sum(a * b for a, b in zip(rows[i], rows[j]))), 1 - JL_EPS))
+             for i in range(7) for j in range(7) if i != j) / 42
+    l1_coeff = 0.3 * 5 / 10                      # linear warmup: iteration 4 is the 5th of 10
+    jl_coeff = 2.0 * (1 + 4 * 0.5 * (1 + np.cos(np.pi * 4 / 8)))  # cosine from 5x to 1x over 8 iterations: 3x at 4
+    assert terms["mse"].item() == pytest.approx(mse, rel=1e-5)
+    assert terms["l1"].item() == pytest.approx(l1, rel=1e-5)
+    assert terms["jl"].item() == pytest.approx(jl, rel=1e-5)
+    assert loss.item() == pytest.approx(mse + l1_coeff * l1 + jl_coeff * jl, rel=1e-5)
+    assert sae.jl_coeff_at(cfg, 0) == pytest.approx(10.0) and sae.jl_coeff_at(cfg, 100) == pytest.approx(2.0)
+    l1_only = sae.sae_loss(model, x, TrainConfig(loss="l1", l1_coeff=0.3, l1_warmup_iters=1), it=0)[0]
+    jl_only = sae.sae_loss(model, x, TrainConfig(loss="jl", jl_coeff=2.0, jl_warmup_iters=1), it=5)[0]
+    assert l1_only.item() == pytest.approx(mse + 0.3 * l1, rel=1e-5)
+    assert jl_only.item() == pytest.approx(mse + 2.0 * jl, rel=1e-5)
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(max_iters=100, warmup_iters=10, decay="linear", decay_frac=0.2)
+    assert [sae.get_lr_mult(cfg, i) for i in (0, 9, 10, 79, 80, 90, 100)] == pytest.approx([0.1, 1, 1, 1, 1, 0.5, 0])
+    cfg = TrainConfig(max_iters=110, warmup_iters=10, decay="cosine", min_lr_frac=0.1)
+    assert [sae.get_lr_mult(cfg, i) for i in (10, 60, 110)] == pytest.approx([1.0, 0.55, 0.1])
+
+
+@pytest.mark.parametrize("n,d", [(37, 11), (64, 8)])
+def test_jl_reference_against_dense_loops_and_autograd(n, d):
+    torch.manual_seed(n)
+    W = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
+    W[5] = W[3]  # a duplicate row: |cos| = 1 is clamped, and still pushed apart
+    W.requires_grad_(True)
+    value = jl_penalty_ref(W)
+    value.backward()
+    Wn = W.detach().numpy()
+    G = Wn @ Wn.T
+    off = ~np.eye(n, dtype=bool)
+    g = np.minimum(np.abs(G), 1 - JL_EPS)
+    assert value.item() == pytest.approx(np.arctanh(g[off]).mean(), rel=1e-6)
+    S = np.where(off, np.sign(G) / (1 - g ** 2), 0.0)  # the slope at the clamped value
+    expected_grad = 2 * S @ Wn / (n * (n - 1))
+    np.testing.assert_allclose(W.grad.numpy(), expected_grad, rtol=1e-5, atol=1e-9)
+    assert np.isfinite(value.item()) and np.abs(W.grad[5].numpy()).sum() > 0
+    # away from the clamp the reference is exactly atanh's derivative: check with finite differences
+    V = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1).requires_grad_(True)
+    assert torch.autograd.gradcheck(jl_penalty_ref, (V,))
+
+
+def test_decoder_rows_stay_unit_norm_and_gradient_is_orthogonal():
+    torch.manual_seed(0)
+    model = SAE(13, 29)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    cfg = TrainConfig(loss="hybrid", l1_coeff=0.1, jl_coeff=1.0)
+    for it in range(20):
+        loss, _, _ = sae.sae_loss(model, torch.randn(16, 13), cfg, it)
+        opt.zero_grad()
+        loss.backward()
+        model.remove_parallel_grad_()
+        assert (model.W_dec.grad * model.W_dec).sum(dim=1).abs().max() < 1e-5  # no component along a row
+        opt.step()
+        model.unit_norm_decoder_()
+        torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(29), atol=1e-6, rtol=0)
+
+
+def test_resampling_touches_only_dead_features_and_resets_their_adam_state():
+    torch.manual_seed(0)
+    model = SAE(6, 10)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):  # fill Adam's moments
+        loss = sae.sae_loss(model, torch.randn(8, 6), TrainConfig(l1_coeff=0.1), 5)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    moments = {name: {m: opt.state[p][m].clone() for m in ("exp_avg", "exp_avg_sq")} for name, p in model.named_parameters()}
+    dead = torch.zeros(10, dtype=torch.bool)
+    dead[[2, 7]] = True
+    x = torch.randn(50, 6) * 1e-3
+    x[17] = torch.tensor([3.0, -4.0, 0.0, 12.0, 0.0, 0.0]) * 100  # by far the largest error: always picked
+    assert sae.resample_dead_(model, opt, dead, x) == 2
+    v = x[17] / x[17].norm()
+    alive_norm = before["W_enc"][:, ~dead].norm(dim=0).mean()
+    for j in range(10):
+        if dead[j]:
+            torch.testing.assert_close(model.W_dec[j], v)
+            torch.testing.assert_close(model.W_enc[:, j], v * 0.2 * alive_norm)
+            assert model.b_enc[j] == 0
+        else:
+            assert torch.equal(model.W_dec[j], before["W_dec"][j]) and torch.equal(model.W_enc[:, j], before["W_enc"][:, j])
+            assert model.b_enc[j] == before["b_enc"][j]
+    assert torch.equal(model.b_dec, before["b_dec"])
+    for name, p in model.named_parameters():
+        for m in ("exp_avg", "exp_avg_sq"):
+            now, then = opt.state[p][m], moments[name][m]
+            mask = {"W_dec": dead[:, None], "W_enc": dead[None, :], "b_enc": dead,
+                    "b_dec": torch.zeros(1, dtype=torch.bool)}[name].expand_as(now)
+            assert (now[mask] == 0).all() and torch.equal(now[~mask], then[~mask])
+
+
+def test_feature_tracker_window_and_restart():
+    tracker = sae.FeatureTracker(3, window=100, chunks=4)  # chunks of 25 tokens
+    for step in range(8):  # 8 x 20 tokens; feature 0 fires always, feature 1 only in the first step
+        tracker.update(torch.tensor([20, 20 if step == 0 else 0, 0]), 20)
+    assert tracker.dead().tolist() == [False, True, True]
+    assert tracker.freq()[0] == 1.0
+    tracker.restart_(torch.tensor([False, True, False]))
+    assert tracker.dead().tolist() == [False, False, True]  # just resampled: not dead until a window passes
+
+
+# -----------------------------------------------------------------------------
+# training runs, through the command line
+
+def run_sae(*args, launcher=None, timeout=600):
+    cmd = (launcher or [sys.executable]) + [str(HERE / "sae.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A (N, d) activation file from a known dictionary of 96 directions in 48 dimensions, 4 active per row."""
+    X, D = sae.synthetic_activations(n=40000, d=48, n_true=96, k=4, seed=0)
+    path = tmp_path_factory.mktemp("acts") / "acts.npy"
+    np.save(path, X)
+    return path, D
+
+
+ACTS_RUN = ["--d_sae=192", "--batch_size=512", "--lr=0.003", "--l1_coeff=1.0", "--l1_warmup_iters=100",
+            "--eval_tokens=4000", "--log_interval=100", "--dead_window=20000"]
+
+
+def load_ckpt(out_dir):
+    return torch.load(Path(out_dir) / "ckpt.pt", weights_only=True)
+
+
+def test_acts_recovers_a_known_sparse_dictionary(synthetic, tmp_path):
+    path, D = synthetic
+    r = run_sae(f"--acts={path}", f"--out_dir={tmp_path}", *ACTS_RUN, "--max_iters=1500", "--eval_interval=500",
+                "--resample_iters=()")
+    assert r.returncode == 0, r.stderr
+    W = torch.nn.functional.normalize(load_ckpt(tmp_path)["sae"]["W_dec"], dim=1)
+    max_cos = (torch.from_numpy(D) @ W.T).max(dim=1).values  # (96,): each true direction's best learned row
+    assert max_cos.mean() >= 0.9, max_cos.mean()
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [e["iter"] for e in log] == [0, 500, 1000, 1500] and "ce_clean" not in log[-1]  # no downstream with --acts
+    assert log[-1]["fvu"] < 0.2 < log[0]["fvu"]
+
+
+@pytest.mark.parametrize("source", ["acts", "gpt"])
+def test_resume_continues_exactly(source, synthetic, tiny_shards, tmp_path):
+    if source == "acts":
+        args = [f"--acts={synthetic[0]}", *ACTS_RUN, "--loss=hybrid", "--jl_warmup_iters=10", "--resample_iters=(30,)",
+                "--dead_window=2048", "--eval_interval=20"]
+    else:
+        args = [*TINY_GPT_RUN, f"--data_dir={tiny_shards}", "--resample_iters=(30,)", "--eval_interval=20"]
+    full, half = tmp_path / "full", tmp_path / "half"
+    assert run_sae(*args, f"--out_dir={full}", "--max_iters=40").returncode == 0
+    assert run_sae(*args, f"--out_dir={half}", "--max_iters=20").returncode == 0
+    r = run_sae("--init_from=resume", f"--out_dir={half}", "--max_iters=40")
+    assert r.returncode == 0, r.stderr
+    a, b = load_ckpt(full), load_ckpt(half)
+    assert a["iter_num"] == b["iter_num"] == 40
+    for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(a["sae"][key], b["sae"][key]), key
+    assert a["data"] == b["data"] and torch.equal(a["tracker"]["counts"], b["tracker"]["counts"])
+    log_full = [json.loads(line) for line in open(full / "log.jsonl")]
+    log_half = [json.loads(line) for line in open(half / "log.jsonl")]
+    assert log_full == log_half  # evaluations at 0, 20 and 40, the same numbers
+
+
+def test_two_gloo_processes_match_one(synthetic, tmp_path):
+    args = [f"--acts={synthetic[0]}", *ACTS_RUN, "--loss=hybrid", "--max_iters=30", "--eval_interval=30",
+            "--resample_iters=()"]
+    assert run_sae(*args, f"--out_dir={tmp_path / 'one'}").returncode == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = run_sae(*args, f"--out_dir={tmp_path / 'two'}", "--device=cpu", launcher=torchrun)
+    assert r.returncode == 0, r.stderr
+    a, b = load_ckpt(tmp_path / "one"), load_ckpt(tmp_path / "two")
+    for key in ("W_enc", "b_enc", "W_dec", "b_dec"):  # the same global batch; only the summation order differs
+        torch.testing.assert_close(a["sae"][key], b["sae"][key], atol=1e-5, rtol=1e-4)
+    assert r.stdout.count("eval    30") == 1  # rank 0 alone logs
+
+
+# a tiny random GPT-2 from scratch over the offline text sample
+TINY_GPT_RUN = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=32", "--layer=1", "--d_sae=96",
+                "--batch_size=256", "--buffer_tokens=2048", "--harvest_batch=4", "--block_size=32", "--eval_tokens=256",
+                "--log_interval=50", "--dead_window=5000", "--lr=0.001", "--loss=hybrid", "--jl_warmup_iters=20"]
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory, enc):
+    out = tmp_path_factory.mktemp("tiny_shards")
+    r = run_prepare(f"--input={SHARED / 'data/text/fineweb_first300.jsonl'}", f"--out_dir={out}", "--val_tokens=20000",
+                    "--shard_size=100000")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_tiny_gpt_training_lowers_the_loss_and_writes_log_and_checkpoint(tiny_shards, tmp_path):
+    r = run_sae(*TINY_GPT_RUN, f"--data_dir={tiny_shards}", f"--out_dir={tmp_path}", "--max_iters=300",
+                "--eval_interval=100", "--resample_iters=(150,)")
+    assert r.returncode == 0, r.stderr
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [e["iter"] for e in log] == [0, 100, 200, 300]
+    for key in ("iter", "mse", "fvu", "l0", "l1", "dead_frac", "dense_frac", "mean_max_cos", "ce_clean", "ce_sae",
+                "ce_zero", "ce_recovered", "kl"):
+        assert all(key in e for e in log), key
+    assert log[-1]["mse"] < 0.5 * log[0]["mse"] and log[-1]["fvu"] < log[0]["fvu"]
+    assert log[-1]["ce_sae"] <= log[-1]["ce_zero"] + 0.5 and log[-1]["kl"] >= 0
+    train_lines = [line for line in r.stdout.splitlines() if line.startswith("iter ")]
+    assert all(k in train_lines[-1] for k in ("loss", "mse", "l1", "jl", "l0", "lr", "ms/step", "tok/s"))
+    ckpt = load_ckpt(tmp_path)
+    shapes = {k: tuple(v.shape) for k, v in ckpt["sae"].items()}
+    assert shapes == {"W_enc": (32, 96), "b_enc": (96,), "W_dec": (96, 32), "b_dec": (32,)}
+    torch.testing.assert_close(ckpt["sae"]["W_dec"].norm(dim=1), torch.ones(96), atol=1e-5, rtol=0)
+    assert {"optimizer", "config", "iter_num", "act_scale", "data", "rng", "tracker", "freq_hist"} <= set(ckpt)
+    assert ckpt["freq_hist"]["counts"].sum() + ckpt["freq_hist"]["n_zero"] == 96
+    assert not list(tmp_path.glob("*.tmp"))
+    # --eval_only evaluates the checkpoint and appends one more line with the same numbers
+    r = run_sae("--eval_only=True", f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    log2 = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert len(log2) == 5 and log2[-1] == pytest.approx(log2[-2])
+
+
+def test_ce_numbers_against_transformers(checkpoints, tiny_shards, tmp_path):
+    """ce_clean from the training run's evaluation equals transformers' loss on the same val contexts."""
+    hf, saved, _ = checkpoints
+    if hf.config.vocab_size < 50257:
+        pytest.skip("needs the full vocabulary")
+    r = run_sae(f"--init_from={saved}", "--layer=1", "--d_sae=64", "--batch_size=64", "--buffer_tokens=512",
+                "--harvest_batch=2", "--block_size=16", "--eval_tokens=64", "--max_iters=1", "--eval_interval=1",
+                f"--data_dir={tiny_shards}", f"--out_dir={tmp_path}", "--resample_iters=()")
+    assert r.returncode == 0, r.stderr
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    val = torch.from_numpy(read_shard_numpy(glob.glob(f"{tiny_shards}/*_val_*.bin")[0])[:64].astype(np.int64)).view(4, 16)
+    with torch.no_grad():
+        ce = hf(val, labels=val).loss.item()
+    assert log[0]["ce_clean"] == pytest.approx(ce, abs=1e-4)
+    assert log[0]["ce_zero"] != pytest.approx(ce, abs=1e-3)
+
+
+@pytest.mark.parametrize("case", ["unknown_flag", "wrong_type", "unknown_loss", "bad_acts", "nan_loss", "diverged"])
+def test_bad_input_is_one_line(case, synthetic, tmp_path):
+    acts = [f"--acts={synthetic[0]}", *ACTS_RUN, f"--out_dir={tmp_path}"]
+    if case == "unknown_flag":
+        r, expect = run_sae("--l1coeff=3"), "unknown config key 'l1coeff'; valid keys: acts"
+    elif case == "wrong_type":
+        r, expect = run_sae("--max_iters=lots"), "--max_iters='lots': expected int, got str"
+    elif case == "unknown_loss":
+        r, expect = run_sae(*acts, "--loss=l2"), "--loss='l2': valid values are l1, jl, hybrid"
+    elif case == "bad_acts":
+        np.save(tmp_path / "bad.npy", np.zeros((10, 3, 2), dtype=np.float32))
+        r, expect = run_sae(*acts, f"--acts={tmp_path / 'bad.npy'}"), "expected a 2-D float array (N, d_in)"
+    elif case == "nan_loss":
+        np.save(tmp_path / "nan.npy", np.full((2000, 8), np.nan, dtype=np.float32))
+        r = run_sae(*acts, f"--acts={tmp_path / 'nan.npy'}", "--normalize=False", "--b_dec_init=zeros")
+        expect = "loss is nan at iter 0; stopping (no checkpoint was written yet)"
+    else:  # a good run, then a resumed one with an absurd learning rate: the good checkpoint stays
+        assert run_sae(*acts, "--max_iters=10", "--eval_interval=10").returncode == 0
+        r = run_sae("--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=20", "--lr=1e30")
+        expect = f"stopping (the last good checkpoint is {tmp_path}/ckpt.pt)"
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr
+    if case == "diverged":
+        assert load_ckpt(tmp_path)["iter_num"] == 10
