@@ -983,7 +983,8 @@ def main(argv):
             print0(f"iter {it:5d} | loss {stats[0]:.4f} | mse {stats[1]:.4f} | l1 {stats[2]:.3f} | jl {stats[3]:.5f} | "
                    f"l0 {stats[4]:.1f} | lr {base_lrs[-1] * lr_mult:.2e} | {dt / steps * 1000:.1f} ms/step | "
                    f"{cfg.batch_size * steps / dt:,.0f} tok/s")
-    if ddp:
+    if ddp:  # wait for rank 0's last evaluation and checkpoint: gloo aborts if a peer leaves early
+        dist.barrier()
         dist.destroy_process_group()
 
 
