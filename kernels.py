@@ -1,19 +1,125 @@
 """
-The SAE's two hot spots, each a section: docstring with the math and shapes, the PyTorch reference
-(`<op>_ref`, the specification: every eps, clamp and dtype is decided there), and the op that sae.py
-calls. The Triton kernels, their launchers and autograd wrappers go into the same sections (issue 4);
-until then each op is its reference. `SAE_NO_TRITON=1` will force the references.
+The SAE's two hot spots, one section each, always in this order: docstring with the math and shapes;
+the PyTorch reference `<op>_ref` (the specification: every eps, clamp and dtype is decided there); the
+Triton kernels; the launchers; a module-level torch.autograd.Function; `<op> = ...`.
+
+Dispatch: compiled Triton on CUDA tensors; with TRITON_INTERPRET=1 (set before triton is imported) the
+same kernels run interpreted on CPU tensors, which is how test_sae.py reaches them; otherwise on the CPU
+the ops run PyTorch code that wastes less than autograd's graph (encode-ReLU-decode: five matmuls, not
+six; JL: blocked over rows, never materialising the n x n Gram matrix). SAE_NO_TRITON=1 forces the
+references everywhere. References: the Triton tutorials (03-matrix-multiplication), llm.c's CPU reference
+beside each kernel, openai/sparse_autoencoder's kernels.py, modded-nanogpt's symmetric XXT.
 """
+import math
 import os
 
 import torch
+import triton
+import triton.language as tl
 
-USE_TRITON = False  # TODO(issue 4): torch.cuda.is_available() or TRITON_INTERPRET=1, unless SAE_NO_TRITON=1
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+NO_TRITON = os.environ.get("SAE_NO_TRITON") == "1"
+
+
+def use_triton(t):
+    return not NO_TRITON and (t.is_cuda or INTERPRET)
+
+
+# -----------------------------------------------------------------------------
+# a matmul with the SAE's prologue and epilogues, shared by both ops' kernels
+# C (M, N) = epilogue(sum_k (A[m, k] - shift) * B[k, n]); shift is shift[k] (SHIFT=1) or shift[m] (SHIFT=2);
+# epilogue: + bias[n], + D[m, n], relu, * (F[m, n] > 0). A and B by strides, so transposes are free.
+
+def get_autotune_configs():
+    if INTERPRET:  # the interpreter runs every program in numpy: one small config
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
+               for bm, bn, bk, s, w in [(128, 128, 32, 3, 8), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+                                        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (64, 64, 32, 5, 4),
+                                        (128, 128, 64, 4, 8), (64, 256, 32, 4, 4)]]
+    keep = lambda conf: conf.kwargs["BLOCK_M"] * conf.kwargs["BLOCK_N"] <= 256 * 128  # registers
+    return [c for c in configs if keep(c)]  # TODO: prune from TRITON_PRINT_AUTOTUNING=1 on an H100
+
+
+@triton.autotune(configs=get_autotune_configs(), key=["M", "N", "K"])
+@triton.jit
+def _sae_matmul_kernel(
+        # pointers
+        a_ptr, b_ptr, c_ptr, shift_ptr, bias_ptr, d_ptr, f_ptr,
+        # sizes
+        M, N, K,
+        # strides (D and F share C's)
+        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+        # meta
+        SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, RELU: tl.constexpr,
+        MASK_F: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SHIFT == 2:
+        shift_m = tl.load(shift_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        if SHIFT == 1:  # (x - b_dec) @ W_enc: the pre-encoder bias, subtracted as A is read
+            shift_k = tl.load(shift_ptr + kk, mask=kk < K, other=0.0)
+            a = tl.where(kk[None, :] < K, a - shift_k[None, :], 0.0).to(a.dtype)
+        if SHIFT == 2:  # (x - b_dec)^T @ dpre, A = x^T: the shift runs along A's rows
+            a = tl.where(kk[None, :] < K, a.to(tl.float32) - shift_m[:, None], 0.0).to(b.dtype)
+        acc += tl.dot(a, b, input_precision=PRECISION)
+    c_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_D:
+        acc += tl.load(d_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, mask=c_mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    if MASK_F:  # ReLU's backward: pass the gradient where the feature fired
+        fired = tl.load(f_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, mask=c_mask, other=0.0)
+        acc = tl.where(fired > 0, acc, 0.0)
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _sae_matmul(A, B, shift=None, shift_rows=False, bias=None, D=None, relu=False, mask_by=None, out_dtype=None):
+    """Launcher: C = epilogue((A - shift) @ B). A (M, K), B (K, N) any strides; shift (K,) or, with
+    shift_rows, (M,); bias (N,); D and mask_by (M, N) contiguous. -> C (M, N) contiguous."""
+    M, K = A.shape
+    K2, N = B.shape
+    assert K == K2, f"inner sizes differ: A is {tuple(A.shape)}, B is {tuple(B.shape)}"
+    assert A.device == B.device, "A and B on different devices"
+    for name, t, shape in (("shift", shift, (M,) if shift_rows else (K,)), ("bias", bias, (N,)), ("D", D, (M, N)),
+                           ("mask_by", mask_by, (M, N))):
+        assert t is None or tuple(t.shape) == shape, f"{name} has shape {tuple(t.shape)}, expected {shape}"
+        assert t is None or t.is_contiguous(), f"{name} must be contiguous (call .contiguous() first)"
+    C = torch.empty(M, N, device=A.device, dtype=out_dtype or A.dtype)
+    dummy = C  # stands for absent optional pointers; never read (the constexpr flags are off)
+    precision = "ieee" if A.dtype == torch.float32 else "tf32"  # fp32: no TF32 rounding, as the reference
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(N, META["BLOCK_N"]))
+    _sae_matmul_kernel[grid](
+        A, B, C, shift if shift is not None else dummy, bias if bias is not None else dummy,
+        D if D is not None else dummy, mask_by if mask_by is not None else dummy,
+        M, N, K, A.stride(0), A.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        SHIFT=0 if shift is None else (2 if shift_rows else 1), HAS_BIAS=bias is not None, HAS_D=D is not None,
+        RELU=relu, MASK_F=mask_by is not None, PRECISION=precision)
+    return C
 
 
 # -----------------------------------------------------------------------------
 # encode-ReLU-decode
 # x (N, d_model) -> f = relu((x - b_dec) @ W_enc + b_enc) (N, n_latents); x_hat = f @ W_dec + b_dec (N, d_model)
+# Backward, given dx_hat (N, d_model) and df (N, n_latents) (the L1 term's gradient reaches f directly):
+#   dpre = (dx_hat @ W_dec^T + df) * (f > 0)        (N, n_latents)
+#   dW_dec = f^T @ dx_hat,  db_enc = sum_N dpre,  dW_enc = (x - b_dec)^T @ dpre
+#   db_dec = sum_N dx_hat - (sum_N dpre) @ W_enc^T   reduced over the batch before the multiply: a mat-vec,
+#   where autograd computes the full (N, d_model) dx = dpre @ W_enc^T (a sixth matmul) and then sums it.
+# The kernels are dense: f is read once by the decoder matmul, but inactive rows are not skipped (TODO:
+# a gathered decoder for very sparse f, as openai/sparse_autoencoder does for inference).
 
 def encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec):
     """The SAE forward with a pre-encoder bias (Bricken et al. 2023): returns (x_hat, f)."""
@@ -22,12 +128,61 @@ def encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec):
     return x_hat, f
 
 
-encode_relu_decode = encode_relu_decode_ref
+_workspace = {}
+
+
+def _buffer(name, shape, like):
+    """A reused temporary: allocating fresh (N, n_latents) blocks every step costs the CPU system time."""
+    buf = _workspace.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = _workspace[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
+
+
+class EncodeReluDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec):
+        if use_triton(x):
+            f = _sae_matmul(x, W_enc, shift=b_dec, bias=b_enc, relu=True)  # (N, n_latents), bias and ReLU fused
+            x_hat = _sae_matmul(f, W_dec, bias=b_dec)                       # (N, d_model)
+        else:
+            f = torch.addmm(b_enc, x - b_dec, W_enc).relu_()  # (N, d_model) @ (d_model, n_latents), in place
+            x_hat = torch.addmm(b_dec, f, W_dec)              # (N, n_latents) @ (n_latents, d_model)
+        ctx.save_for_backward(x, W_enc, W_dec, b_dec, f)
+        return x_hat, f
+
+    @staticmethod
+    def backward(ctx, dx_hat, df):
+        x, W_enc, W_dec, b_dec, f = ctx.saved_tensors
+        dx_hat = dx_hat.contiguous()
+        df = torch.zeros_like(f) if df is None else df.contiguous()
+        if use_triton(x):
+            dpre = _sae_matmul(dx_hat, W_dec.T, D=df, mask_by=f)           # (N, d_model) @ (d_model, n_latents)
+            dW_dec = _sae_matmul(f.T, dx_hat)                               # (n_latents, N) @ (N, d_model)
+            dW_enc = _sae_matmul(x.T, dpre, shift=b_dec, shift_rows=True)  # (d_model, N) @ (N, n_latents)
+        else:
+            dpre = torch.addmm(df, dx_hat, W_dec.T, out=_buffer("dpre", f.shape, f))  # (N, n_latents)
+            dpre.mul_(f > 0)
+            dW_dec = f.T @ dx_hat                                           # (n_latents, d_model)
+            dW_enc = (x - b_dec).T @ dpre                                   # (d_model, n_latents)
+        db_enc = dpre.sum(dim=0)                                            # (n_latents,)
+        db_dec = dx_hat.sum(dim=0) - W_enc @ db_enc                         # (d_model,): a mat-vec, not a matmul
+        return None, dW_enc, db_enc, dW_dec, db_dec
+
+
+def encode_relu_decode(x, W_enc, b_enc, W_dec, b_dec):
+    """-> (x_hat, f); see the section's header. x needs no gradient."""
+    if NO_TRITON:
+        return encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec)
+    return EncodeReluDecode.apply(x, W_enc, b_enc, W_dec, b_dec)
 
 
 # -----------------------------------------------------------------------------
 # JL penalty
-# W (n, d) with unit-norm rows -> mean over i != j of atanh(min(|G_ij|, 1 - JL_EPS)), G = W @ W.T (n, n)
+# W (n, d) with unit-norm rows -> mean over i != j of atanh(min(|G_ij|, 1 - JL_EPS)), G = W @ W.T (n, n).
+# Gradient: 2 S W / (n (n - 1)), S_ij = sign(G_ij) / (1 - min(|G_ij|, 1 - JL_EPS)^2) off the diagonal, S_ii = 0.
+# The Triton kernel and the blocked CPU path compute value and gradient together, tile by tile, on and
+# above the diagonal only (G is symmetric), accumulating in fp32; the backward scales the saved gradient.
 
 JL_EPS = 1e-4  # atanh(1 - 1e-4) = 4.95 and its slope 1/(1 - g^2) = 5e3: finite for (near-)duplicate rows
 
@@ -45,4 +200,118 @@ def jl_penalty_ref(W):
     return torch.atanh(g)[off_diagonal].sum() / (n * (n - 1))
 
 
-jl_penalty = jl_penalty_ref
+@triton.jit
+def _jl_fwd_bwd_kernel(
+        # pointers: W (n, d) fp32, grad (n, d) fp32 zeroed, value (1,) fp32 zeroed
+        w_ptr, grad_ptr, value_ptr,
+        # sizes
+        n, d, inv_pairs, clamp,
+        # strides
+        stride_wn, stride_wd,
+        # meta
+        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_i, pid_j = tl.program_id(0), tl.program_id(1)
+    if pid_j < pid_i:  # G is symmetric: tiles on and above the diagonal only
+        return
+    ri = pid_i * BLOCK + tl.arange(0, BLOCK)
+    rj = pid_j * BLOCK + tl.arange(0, BLOCK)
+    rk = tl.arange(0, BLOCK_K)
+    G = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):  # G tile = W_I @ W_J^T
+        kk = k0 + rk
+        wi = tl.load(w_ptr + ri[:, None] * stride_wn + kk[None, :] * stride_wd, mask=(ri[:, None] < n) & (kk[None, :] < d), other=0.0)
+        wj = tl.load(w_ptr + rj[:, None] * stride_wn + kk[None, :] * stride_wd, mask=(rj[:, None] < n) & (kk[None, :] < d), other=0.0)
+        G += tl.dot(wi, tl.trans(wj), input_precision="ieee")
+    valid = (ri[:, None] < n) & (rj[None, :] < n) & (ri[:, None] != rj[None, :])  # no padding, no diagonal
+    g = tl.minimum(tl.abs(G), clamp)
+    atanh = 0.5 * tl.log((1.0 + g) / (1.0 - g))
+    # an off-diagonal tile stands for itself and its mirror image below the diagonal
+    weight = tl.where(pid_i == pid_j, 1.0, 2.0)
+    tl.atomic_add(value_ptr, weight * inv_pairs * tl.sum(tl.where(valid, atanh, 0.0)))
+    sign = tl.where(G > 0, 1.0, tl.where(G < 0, -1.0, 0.0))
+    S = tl.where(valid, sign / (1.0 - g * g), 0.0) * (2.0 * inv_pairs)  # (BLOCK, BLOCK)
+    for k0 in range(0, d, BLOCK_K):  # grad_I += S W_J, and the mirror tile's grad_J += S^T W_I
+        kk = k0 + rk
+        mi = (ri[:, None] < n) & (kk[None, :] < d)
+        mj = (rj[:, None] < n) & (kk[None, :] < d)
+        wj = tl.load(w_ptr + rj[:, None] * stride_wn + kk[None, :] * stride_wd, mask=mj, other=0.0)
+        tl.atomic_add(grad_ptr + ri[:, None] * d + kk[None, :], tl.dot(S, wj, input_precision="ieee"), mask=mi)
+        if pid_i != pid_j:
+            wi = tl.load(w_ptr + ri[:, None] * stride_wn + kk[None, :] * stride_wd, mask=mi, other=0.0)
+            tl.atomic_add(grad_ptr + rj[:, None] * d + kk[None, :], tl.dot(tl.trans(S), wi, input_precision="ieee"),
+                          mask=mj)
+
+
+def _jl_triton(W):
+    """Launcher: -> (value (), grad (n, d)) in fp32, whatever W's dtype."""
+    assert W.dim() == 2, f"W must be (n, d), got {tuple(W.shape)}"
+    n, d = W.shape
+    assert n >= 2, "the JL penalty needs at least two rows"
+    W = W.float().contiguous()
+    grad = torch.zeros_like(W)
+    value = torch.zeros(1, device=W.device, dtype=torch.float32)
+    BLOCK = 32 if INTERPRET else 64
+    grid = (triton.cdiv(n, BLOCK), triton.cdiv(n, BLOCK))
+    _jl_fwd_bwd_kernel[grid](W, grad, value, n, d, 1.0 / (n * (n - 1)), 1.0 - JL_EPS, W.stride(0), W.stride(1),
+                             BLOCK=BLOCK, BLOCK_K=32)
+    return value[0], grad
+
+
+def _jl_blocked(W, block=512):
+    """The CPU path: value and gradient over row blocks, each block against itself and the rows after it
+    (symmetry), so memory is a few (block, n) temporaries, not (n, n). -> (value (), grad (n, d))"""
+    n = W.shape[0]
+    W = W.to(torch.promote_types(W.dtype, torch.float32))
+    grad = torch.zeros_like(W)
+    total = torch.zeros((), dtype=torch.float64, device=W.device)
+    for i in range(0, n, block):
+        b = min(block, n - i)
+        Wi, rest = W[i:i + b], W[i:]
+        G = Wi @ rest.T                                 # (b, d) @ (d, n - i) -> (b, n - i)
+        g = G.abs().clamp_(max=1 - JL_EPS)
+        g.diagonal()[:] = 0                             # the diagonal entries (j = i) lie in the first b columns
+        atanh = torch.atanh(g)
+        total += atanh[:, :b].sum(dtype=torch.float64) + 2 * atanh[:, b:].sum(dtype=torch.float64)  # mirror tiles
+        S = g.square_().neg_().add_(1).reciprocal_().mul_(torch.sign(G))  # sign(G) / (1 - g^2), in place
+        S.diagonal()[:] = 0
+        grad[i + b:] += S[:, b:].T @ Wi                 # (n - i - b, b) @ (b, d): the mirror tiles' rows
+        grad[i:i + b] += S @ rest                       # (b, n - i) @ (n - i, d)
+        del G, g, atanh, S
+    pairs = n * (n - 1)
+    return (total / pairs).to(W.dtype), grad.mul_(2 / pairs)
+
+
+class JLPenalty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, W):
+        value, grad = _jl_triton(W) if use_triton(W) else _jl_blocked(W)
+        ctx.save_for_backward(grad)
+        ctx.dtype = W.dtype
+        return value.to(torch.promote_types(W.dtype, torch.float32))
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_value).to(ctx.dtype)
+
+
+def jl_penalty_sampled(W, n_sample, generator=None):
+    """An unbiased estimate of the JL mean from n_sample random rows i against all rows j != i; its gradient
+    is an unbiased estimate of the full gradient. Cost n_sample/n of the exact penalty. W (n, d) -> ()"""
+    n = W.shape[0]
+    rows = torch.randperm(n, generator=generator)[:n_sample].to(W.device)  # (m,)
+    W = W.to(torch.promote_types(W.dtype, torch.float32))
+    G = W[rows] @ W.T                                     # (m, d) @ (d, n) -> (m, n)
+    g = G.abs()
+    g = g - (g - g.clamp(max=1 - JL_EPS)).detach()        # as in jl_penalty_ref
+    g = g.scatter(1, rows[:, None], 0.0)                  # a row with itself is no pair
+    return torch.atanh(g).sum() / (len(rows) * (n - 1))
+
+
+def jl_penalty(W, sample=0, generator=None):
+    """The JL mean of W's rows (the caller normalises them): exact, or estimated from `sample` rows."""
+    if sample and sample < W.shape[0]:
+        return jl_penalty_sampled(W, sample, generator)
+    if NO_TRITON:
+        return jl_penalty_ref(W)
+    return JLPenalty.apply(W)

@@ -62,6 +62,7 @@ class TrainConfig:
     jl_on: str = "dec"                 # dec: rows of W_dec; enc: columns of W_enc
     jl_warmup_mult: float = 10.0       # JL coefficient starts at this multiple of jl_coeff ...
     jl_warmup_iters: int = 2000        # ... and decays (cosine) to jl_coeff over these iterations
+    jl_sample: int = 0                 # 0 = exact JL; else an unbiased estimate from this many rows a step
     # optimization
     max_iters: int = 20000
     batch_size: int = 4096             # activations per step, all ranks
@@ -444,7 +445,7 @@ def sae_loss(sae, x, cfg, it):
     loss = mse + (l1_coeff_at(cfg, it) * l1 if cfg.loss in ("l1", "hybrid") else 0.0)
     jl = torch.zeros((), device=x.device)
     if cfg.loss in ("jl", "hybrid"):
-        jl = jl_penalty(sae.dictionary(cfg.jl_on))
+        jl = jl_penalty(sae.dictionary(cfg.jl_on), cfg.jl_sample, torch.Generator().manual_seed(cfg.seed + it))
         loss = loss + jl_coeff_at(cfg, it) * jl
     return loss, {"mse": mse, "l1": l1, "jl": jl}, f
 

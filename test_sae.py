@@ -24,6 +24,7 @@ needs_shared = pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../sha
 
 import prepare  # noqa: E402  (after the path constants: both are plain imports, no work done)
 import sae  # noqa: E402
+import kernels  # noqa: E402
 from kernels import JL_EPS, jl_penalty_ref  # noqa: E402
 from sae import DataLoaderLite, GPT, GPTConfig, SAE, SITES, TrainConfig, parse_args  # noqa: E402
 
@@ -566,8 +567,11 @@ def test_feature_tracker_window_and_restart():
 # training runs, through the command line
 
 def run_sae(*args, launcher=None, timeout=600):
+    """Runs sae.py as a user would on a CPU: compiled-path dispatch, not the Triton interpreter (too slow for
+    whole runs; the kernels are tested directly above)."""
     cmd = (launcher or [sys.executable]) + [str(HERE / "sae.py"), *map(str, args)]
-    return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -719,3 +723,131 @@ def test_bad_input_is_one_line(case, synthetic, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr
     if case == "diverged":
         assert load_ckpt(tmp_path)["iter_num"] == 10
+
+
+# -----------------------------------------------------------------------------
+# kernels.py: every path against its reference, at ragged sizes (no dimension a power of two)
+
+interpreted = pytest.mark.skipif(not kernels.INTERPRET, reason="Triton kernels run on the CPU only with TRITON_INTERPRET=1 "
+                                 "set before import (the README's test command)")
+PATHS = [pytest.param("triton", marks=interpreted), "cpu"]
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    """Selects the dispatch: 'triton' runs the kernels (interpreted), 'cpu' the PyTorch CPU paths."""
+    monkeypatch.setattr(kernels, "INTERPRET", request.param == "triton")
+    monkeypatch.setattr(kernels, "NO_TRITON", False)
+    return request.param
+
+
+def sae_params(d, s, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*shape, generator=g) * scale).requires_grad_()
+            for shape, scale in (((d, s), 0.3), ((s,), 0.1), ((s, d), 0.3), ((d,), 0.1))]
+
+
+def test_encode_relu_decode_reference_against_numpy_closed_form():
+    """The reference's forward against float64 numpy, and its autograd gradients against the closed form."""
+    N, d, s = 23, 13, 37
+    x = torch.randn(N, d, dtype=torch.float64)
+    params = [p.detach().double().requires_grad_() for p in sae_params(d, s)]
+    R, Q = torch.randn(N, d, dtype=torch.float64), torch.randn(N, s, dtype=torch.float64)
+    x_hat, f = kernels.encode_relu_decode_ref(x, *params)
+    ((x_hat * R).sum() + (f * Q).sum()).backward()  # dx_hat = R, df = Q
+    W_enc, b_enc, W_dec, b_dec = (p.detach().numpy() for p in params)
+    xn, Rn, Qn = x.numpy(), R.numpy(), Q.numpy()
+    fn = np.maximum((xn - b_dec) @ W_enc + b_enc, 0)
+    np.testing.assert_allclose(f.detach().numpy(), fn, rtol=1e-12)
+    np.testing.assert_allclose(x_hat.detach().numpy(), fn @ W_dec + b_dec, rtol=1e-12)
+    dpre = (Rn @ W_dec.T + Qn) * (fn > 0)
+    expected = {"W_enc": (xn - b_dec).T @ dpre, "b_enc": dpre.sum(0), "W_dec": fn.T @ Rn,
+                "b_dec": Rn.sum(0) - W_enc @ dpre.sum(0)}
+    for name, p in zip(("W_enc", "b_enc", "W_dec", "b_dec"), params):
+        np.testing.assert_allclose(p.grad.numpy(), expected[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("N,d,s", [(37, 45, 83), (5, 24, 100)])
+def test_encode_relu_decode_matches_reference(path, N, d, s):
+    x = torch.randn(N, d)
+    ref_params, params = sae_params(d, s), sae_params(d, s)
+    R, Q = torch.randn(N, d), torch.randn(N, s)  # random upstream gradients for x_hat and f
+    outs_ref = kernels.encode_relu_decode_ref(x, *ref_params)
+    outs = kernels.encode_relu_decode(x, *params)
+    assert outs[1].grad_fn is not None and "EncodeReluDecode" in type(outs[1].grad_fn).__name__
+    for out in (outs_ref, outs):
+        ((out[0] * R).sum() + (out[1] * Q).sum()).backward()
+    # fp32, sums of at most ~100 products: 1e-5 relative covers the summation order of blocked matmuls
+    for a, b in zip(outs, outs_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_no_triton_forces_the_references(monkeypatch):
+    monkeypatch.setattr(kernels, "NO_TRITON", True)
+    x_hat, f = kernels.encode_relu_decode(torch.randn(3, 4), *sae_params(4, 5))
+    assert type(f.grad_fn).__name__ == "ReluBackward0"
+    W = torch.nn.functional.normalize(torch.randn(6, 4), dim=1).requires_grad_()
+    assert "JLPenalty" not in type(kernels.jl_penalty(W).grad_fn).__name__
+
+
+def unit_rows(n, d, seed=0, duplicate=True):
+    W = torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+    if duplicate:  # |cos| = 1 and |cos| = 1 - 1e-7: both past the clamp
+        W[5] = W[3]
+        W[9] = torch.nn.functional.normalize(W[3] + 1e-4 * torch.randn(d), dim=0)
+    return W
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("n,d", [(70, 33), (37, 11), (129, 50)])
+def test_jl_penalty_matches_reference(path, n, d):
+    W_ref, W = unit_rows(n, d).requires_grad_(), unit_rows(n, d).requires_grad_()
+    value_ref, value = jl_penalty_ref(W_ref), kernels.jl_penalty(W)
+    assert "JLPenalty" in type(value.grad_fn).__name__
+    (3.0 * value_ref).backward()
+    (3.0 * value).backward()  # the backward scales the saved gradient
+    # fp32: G entries are dot products of <= 50 terms, so 1e-5 relative. Past the clamp the slope 1/(1 - g^2)
+    # at g = 1 - 1e-4 is 5e3 and fp32's rounding of 1 - g^2 (2e-4) is 3e-4 relative (an FMA rounds once,
+    # torch twice): rows 3, 5 and 9, the near-duplicates, get 1e-3 of their largest entry
+    torch.testing.assert_close(value, value_ref, atol=1e-6, rtol=1e-5)
+    near = torch.zeros(n, dtype=torch.bool)
+    near[[3, 5, 9]] = True
+    torch.testing.assert_close(W.grad[~near], W_ref.grad[~near], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(W.grad[near], W_ref.grad[near], atol=1e-3 * W_ref.grad[near].abs().max().item(), rtol=0)
+    assert torch.isfinite(value) and torch.isfinite(W.grad).all() and W.grad[5].abs().sum() > 0
+
+
+@pytest.mark.parametrize("block", [7, 32, 1000])
+def test_jl_blocked_is_exact_for_any_block(block):
+    W = unit_rows(61, 19, seed=3).double()  # float64: the blocked sums against the dense ones, tightly
+    Wr = W.clone().requires_grad_()
+    jl_penalty_ref(Wr).backward()
+    value, grad = kernels._jl_blocked(W, block=block)
+    assert value.item() == pytest.approx(jl_penalty_ref(W).item(), rel=1e-12)
+    torch.testing.assert_close(grad, Wr.grad, atol=1e-12, rtol=1e-10)
+
+
+def test_jl_sampled_is_unbiased():
+    n, d, m, draws = 64, 12, 8, 2000
+    W = unit_rows(n, d, seed=4, duplicate=False)
+    Wr = W.clone().requires_grad_()
+    exact = jl_penalty_ref(Wr)
+    exact.backward()
+    g = torch.Generator().manual_seed(0)
+    values, grads = [], []
+    for _ in range(draws):
+        Ws = W.clone().requires_grad_()
+        v = kernels.jl_penalty(Ws, sample=m, generator=g)
+        v.backward()
+        values.append(v.item())
+        grads.append(Ws.grad)
+    values, grads = torch.tensor(values), torch.stack(grads)
+    # the mean of 2000 draws lies within 4 standard errors of the exact value (fails by chance ~1 in 15,000)
+    assert abs(values.mean() - exact.item()) < 4 * values.std() / draws ** 0.5
+    stderr = grads.std(dim=0) / draws ** 0.5
+    assert ((grads.mean(dim=0) - Wr.grad).abs() < 5 * stderr + 1e-7).float().mean() > 0.99
+    full = kernels.jl_penalty(W, sample=n)  # all rows: no sampling
+    assert full.item() == pytest.approx(exact.item(), rel=1e-5)
