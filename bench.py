@@ -1,12 +1,18 @@
 """
-Speed, never correctness (that is test_sae.py): prints the machine, then the throughput of each stage.
+Speed, never correctness (that is test_sae.py). Prints the machine, then, at GPT-2 small's shapes
+(d_in 768, d_sae 8192, 4096-token batches of 128-token contexts):
+1. a measured matmul peak: fp32 (N, d_in) @ (d_in, d_sae) on CPU, bf16 on CUDA;
+2. per op, the reference against our path: on CUDA the Triton kernels (triton.testing.do_bench, p50/p20/p80),
+   on CPU the five-matmul encode-ReLU-decode and the blocked and sampled JL; ms, GFLOP/s, speed-up, peak memory;
+3. JL value+gradient memory at d_sae 65536 (8192 with --quick): the dense reference (if it fits) vs ours;
+4. end to end: harvest tokens/s (stopped at the layer vs the full forward) and training tokens/s for each
+   loss, with MFU against the peak of 1.
 
-Harvest: tokens/s of GPT-2 stopped at (layer, site) against the full forward, at GPT-2 small's shape
-(random weights unless --init_from names a checkpoint; speed does not depend on the values).
-
-$ python bench.py
-$ python bench.py --quick=True --init_from=gpt2
+$ python bench.py                # about five minutes on 2 CPU cores
+$ python bench.py --quick=True --json=bench.json
 """
+import json
+import math
 import os
 import platform
 import sys
@@ -15,18 +21,23 @@ from dataclasses import dataclass
 
 import torch
 
-from sae import GPT, GPTConfig, parse_args
+import kernels
+from sae import GPT, GPTConfig, SAE, TrainConfig, parse_args, sae_loss, sae_step
 
 
 @dataclass
 class BenchConfig:
     init_from: str = "random"  # random = GPT-2 small's shape with random weights; or a Hub id / local directory
-    layer: int = 6             # stop here when harvesting
+    layer: int = 6             # harvest stops here
     site: str = "mlp_in"
-    batch_size: int = 8        # contexts per forward
+    d_sae: int = 8192
+    batch_size: int = 4096     # activations per training step
     block_size: int = 128      # tokens per context
-    iters: int = 10            # timed forwards, after 2 of warm-up
-    quick: bool = False        # a run under a minute: fewer iterations
+    jl_sample: int = 512       # rows of the sampled JL estimate that the CPU hybrid/jl steps use
+    jl_big: int = 65536        # d_sae of the JL memory comparison
+    iters: int = 3             # timed repetitions, after one warm-up
+    quick: bool = False        # under a minute: one repetition at d_sae 2048, batch 1024, jl_big 8192, no full forward
+    json: str = ""             # also write every figure as one JSON object here
     device: str = "auto"       # auto = cuda if available, else cpu
 
 
@@ -37,41 +48,192 @@ def machine():
     else:
         cpu = [line for line in open("/proc/cpuinfo") if line.startswith("model name")] if os.path.exists("/proc/cpuinfo") else []
         name = cpu[0].split(":", 1)[1].strip() if cpu else platform.processor()
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "absent"
-    return f"{name} | torch {torch.__version__} | triton {triton_version} | {torch.get_num_threads()} threads"
+    import triton
+    return f"{name} | torch {torch.__version__} | triton {triton.__version__} | {torch.get_num_threads()} threads"
 
 
-def time_per_call(fn, iters, device):
-    """Seconds per call of fn(), after 2 calls of warm-up, timed between synchronizations (nanoGPT bench.py)."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(2):
-        fn()
-    sync()
-    t0 = time.perf_counter()
+def time_ms(fn, iters, device):
+    """(p50, p20, p80) milliseconds of fn(); do_bench on CUDA, wall-clock repetitions after one warm-up on CPU."""
+    if device == "cuda":
+        import triton.testing
+        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+    fn()
+    times = []
     for _ in range(iters):
+        t0 = time.perf_counter()
         fn()
-    sync()
-    return (time.perf_counter() - t0) / iters
+        times.append((time.perf_counter() - t0) * 1e3)
+    times = torch.tensor(times)
+    return tuple(torch.quantile(times, q).item() for q in (0.5, 0.2, 0.8))
 
 
-def bench_harvest(cfg, device):
+def rss_peak_mib(fn):
+    """Peak resident memory above the level before fn() ran, in MiB (CPU): Linux's high-water mark, reset first.
+    glibc is set to map every block over 64 KiB on its own and to return freed ones, so memory that an earlier
+    measurement freed is not reused unseen."""
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so large blocks go back to the OS when freed
+    libc.malloc_trim(0)
+    def read(field):
+        return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) / 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    before = read("VmRSS:")
+    fn()
+    return read("VmHWM:") - before
+
+
+def peak_mib(fn, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return rss_peak_mib(fn)
+
+
+def row(label, ms, flops, base_ms=None, mem=None):
+    p50, p20, p80 = ms
+    speedup = f"{base_ms / p50:5.2f}x" if base_ms else "     "
+    memory = f"{mem:9.0f} MiB" if mem is not None else ""
+    print(f"  {label:<34} {p50:9.1f} ms ({p20:.1f}..{p80:.1f})  {flops / p50 / 1e6:8.1f} GFLOP/s  {speedup} {memory}")
+    return {"ms": p50, "ms_p20": p20, "ms_p80": p80, "gflops": flops / p50 / 1e6, "peak_mib": mem}
+
+
+def bench_peak(cfg, device):
+    """The matmul peak that MFU is measured against: the SAE's encoder matmul, fp32 on CPU, bf16 on CUDA."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a = torch.randn(cfg.batch_size, 768, device=device, dtype=dtype)
+    b = torch.randn(768, cfg.d_sae, device=device, dtype=dtype)
+    flops = 2 * cfg.batch_size * 768 * cfg.d_sae
+    ms = time_ms(lambda: a @ b, max(cfg.iters, 3), device)
+    print(f"matmul peak ({cfg.batch_size}x768 @ 768x{cfg.d_sae}, {dtype}): {flops / ms[0] / 1e6:,.0f} GFLOP/s")
+    return flops / ms[0] / 1e6
+
+
+def bench_ops(cfg, device):
+    N, d, s = cfg.batch_size, 768, cfg.d_sae
+    results = {}
+    print(f"encode-ReLU-decode forward+backward, N={N} d_in={d} d_sae={s} (fp32):")
+    x = torch.randn(N, d, device=device)
+    sae = SAE(d, s).to(device)
+    params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    def step(fn):
+        x_hat, f = fn(x, *params)
+        ((x_hat - x).pow(2).sum(dim=-1).mean() + f.sum(dim=-1).mean()).backward()
+        for p in params:
+            p.grad = None
+    # FLOPs: 2 matmuls forward, 3 backward (the b_dec gradient reduced before its multiply), 2*N*d*s each
+    flops = 10 * N * d * s
+    ref = time_ms(lambda: step(kernels.encode_relu_decode_ref), cfg.iters, device)
+    results["erd_ref"] = row("reference (autograd, 6 matmuls)", ref, flops,
+                             mem=peak_mib(lambda: step(kernels.encode_relu_decode_ref), device))
+    label = "triton" if device == "cuda" else "ours (5 matmuls, reused buffers)"
+    ours = time_ms(lambda: step(kernels.encode_relu_decode), cfg.iters, device)
+    results["erd_ours"] = row(label, ours, flops, ref[0], peak_mib(lambda: step(kernels.encode_relu_decode), device))
+
+    print(f"JL penalty value+gradient, n={s} d={d} (fp32):")
+    W = torch.nn.functional.normalize(torch.randn(s, d, device=device), dim=1)
+    def jl(fn):
+        Wg = W.clone().requires_grad_()
+        fn(Wg).backward()
+    # FLOPs: G on and above the diagonal (n^2 d), then S W_J and S^T W_I (2 n^2 d): 3 n^2 d with symmetry
+    flops = 3 * s * s * d
+    ref = time_ms(lambda: jl(kernels.jl_penalty_ref), cfg.iters, device)
+    results["jl_ref"] = row("dense reference (G materialised)", ref, flops, mem=peak_mib(lambda: jl(kernels.jl_penalty_ref), device))
+    ours = time_ms(lambda: jl(kernels.jl_penalty), cfg.iters, device)
+    results["jl_ours"] = row("triton" if device == "cuda" else "blocked (no G)", ours, flops, ref[0],
+                             peak_mib(lambda: jl(kernels.jl_penalty), device))
+    g = torch.Generator().manual_seed(0)
+    sampled = lambda Wg: kernels.jl_penalty(Wg, cfg.jl_sample, g)
+    ms = time_ms(lambda: jl(sampled), cfg.iters, device)
+    # FLOPs of the estimate: (m, d) @ (d, n) forward and its two backward matmuls, 6 m n d
+    results["jl_sampled"] = row(f"sampled ({cfg.jl_sample} rows, estimate)", ms, 6 * cfg.jl_sample * s * d, ref[0],
+                                peak_mib(lambda: jl(sampled), device))
+    exact = kernels.jl_penalty_ref(W).item()
+    draws = torch.tensor([kernels.jl_penalty(W, cfg.jl_sample, g).item() for _ in range(20)])
+    results["jl_sampled_rel_err"] = (draws.std() / exact).item()
+    print(f"  sampled estimate: relative standard error {results['jl_sampled_rel_err']:.2%} per step (20 draws, random rows)")
+    return results
+
+
+def bench_jl_memory(cfg, device):
+    n, d = cfg.jl_big, 768
+    print(f"JL value+gradient memory at n={n}, d={d}:")
+    W = torch.nn.functional.normalize(torch.randn(n, d, device=device), dim=1)
+    def run(fn):
+        Wg = W.clone().requires_grad_()
+        fn(Wg).backward()
+    dense_bytes = 4 * n * n * 4  # G, |G|, atanh and the mask-gathered copy, at least, in fp32
+    results = {"n": n}
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if dense_bytes < 0.6 * free:
+        results["dense_mib"] = peak_mib(lambda: run(kernels.jl_penalty_ref), device)
+        print(f"  dense reference  peak {results['dense_mib']:9.0f} MiB")
+    else:
+        print(f"  dense reference  does not fit: G alone is {n * n * 4 / 2**30:.0f} GiB, its temporaries >= {dense_bytes / 2**30:.0f} GiB")
+    t0 = time.perf_counter()
+    results["ours_mib"] = peak_mib(lambda: run(kernels.jl_penalty), device)
+    print(f"  {'triton' if device == 'cuda' else 'blocked'}          peak {results['ours_mib']:9.0f} MiB above W "
+          f"({W.numel() * 4 / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s")
+    return results
+
+
+def bench_end_to_end(cfg, device, peak_gflops):
     model = GPT(GPTConfig()) if cfg.init_from == "random" else GPT.from_pretrained(cfg.init_from)
-    model = model.to(device).eval()
-    idx = torch.randint(0, model.config.vocab_size, (cfg.batch_size, cfg.block_size), device=device)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    tokens = idx.numel()
-    with torch.no_grad(), ctx:
-        full = time_per_call(lambda: model(idx), cfg.iters, device)
-        stop = time_per_call(lambda: model.harvest(idx, cfg.layer, cfg.site), cfg.iters, device)
-    print(f"harvest {cfg.batch_size}x{cfg.block_size} tokens, {model.config.n_layer}-layer GPT-2 of width {model.config.n_embd}:")
-    print(f"  full forward              {full * 1e3:8.1f} ms  {tokens / full:10,.0f} tok/s")
-    print(f"  stop at layer {cfg.layer} {cfg.site:<9} {stop * 1e3:8.1f} ms  {tokens / stop:10,.0f} tok/s  "
-          f"({stop / full:.2f} of the full forward's time)")
-    return {"harvest_full_tok_s": tokens / full, "harvest_stop_tok_s": tokens / stop}
+    model = model.to(device).eval().requires_grad_(False)
+    contexts = cfg.batch_size // cfg.block_size
+    idx = torch.randint(0, model.config.vocab_size, (contexts, cfg.block_size), device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), autocast, FlopCounterMode(display=False) as counter:
+        model.harvest(idx, cfg.layer, cfg.site)
+    harvest_flops = counter.get_total_flops()
+    results = {}
+    print(f"end to end, {contexts}x{cfg.block_size} tokens a step, layer {cfg.layer} {cfg.site}, d_sae {cfg.d_sae}:")
+    with torch.no_grad(), autocast:
+        harvest = time_ms(lambda: model.harvest(idx, cfg.layer, cfg.site), cfg.iters, device)
+        print(f"  harvest, stop at layer {cfg.layer}     {harvest[0]:9.1f} ms  {cfg.batch_size / harvest[0] * 1e3:10,.0f} tok/s")
+        results["harvest_stop_tok_s"] = cfg.batch_size / harvest[0] * 1e3
+        if not cfg.quick:
+            full = time_ms(lambda: model(idx), cfg.iters, device)
+            print(f"  full forward                 {full[0]:9.1f} ms  {cfg.batch_size / full[0] * 1e3:10,.0f} tok/s "
+                  f"(harvest takes {harvest[0] / full[0]:.2f} of its time)")
+            results["harvest_full_tok_s"] = cfg.batch_size / full[0] * 1e3
+    d = model.config.n_embd
+    for loss in ("l1", "jl", "hybrid"):
+        sample = cfg.jl_sample if device == "cpu" else 0  # the CPU steps estimate JL; CUDA runs it exactly
+        tcfg = TrainConfig(loss=loss, d_sae=cfg.d_sae, jl_sample=sample, l1_warmup_iters=1)
+        sae = SAE(d, cfg.d_sae).to(device)
+        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+        x = torch.randn(cfg.batch_size, d, device=device)
+        def train_step():
+            with torch.no_grad(), autocast:
+                acts = model.harvest(idx, cfg.layer, cfg.site)
+            loss_value, _, _ = sae_loss(sae, acts.reshape(-1, d).float(), tcfg, 10)
+            sae_step(sae, optimizer, loss_value, tcfg)
+        def sae_only():
+            loss_value, _, _ = sae_loss(sae, x, tcfg, 10)
+            sae_step(sae, optimizer, loss_value, tcfg)
+        jl_flops = 0 if loss == "l1" else (6 * sample * cfg.d_sae * d if sample else 3 * cfg.d_sae ** 2 * d)
+        sae_flops = 10 * cfg.batch_size * d * cfg.d_sae + jl_flops
+        step = time_ms(sae_only, cfg.iters, device)
+        train = time_ms(train_step, cfg.iters, device)
+        mfu_sae = sae_flops / step[0] / 1e6 / peak_gflops
+        mfu = (sae_flops + harvest_flops) / train[0] / 1e6 / peak_gflops
+        jl_note = f" (JL from {sample} rows)" if loss != "l1" and sample else ""
+        print(f"  train {loss:<6}{jl_note:<22} {train[0]:9.1f} ms  {cfg.batch_size / train[0] * 1e3:10,.0f} tok/s  "
+              f"MFU {mfu:.0%} | SAE step alone {step[0]:.1f} ms, {cfg.batch_size / step[0] * 1e3:,.0f} tok/s, "
+              f"MFU {mfu_sae:.0%}")
+        results[f"train_{loss}"] = {"ms": train[0], "tok_s": cfg.batch_size / train[0] * 1e3, "mfu": mfu,
+                                    "sae_step_ms": step[0], "sae_step_mfu": mfu_sae}
+    ratio = results["train_hybrid"]["sae_step_ms"] / results["train_l1"]["sae_step_ms"]
+    print(f"  hybrid SAE step / l1 SAE step: {ratio:.2f}x")
+    results["hybrid_over_l1_step"] = ratio
+    return results
 
 
 if __name__ == "__main__":
@@ -80,8 +242,17 @@ if __name__ == "__main__":
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    if cfg.quick:
-        cfg.iters = 3
+    if cfg.quick:  # a smoke run of every part; the figures are not comparable with a full run's
+        cfg.iters, cfg.d_sae, cfg.batch_size, cfg.jl_big = 1, 2048, 1024, 8192
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    torch.manual_seed(0)
     print(machine())
-    bench_harvest(cfg, device)
+    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "config": vars(cfg)}
+    report["peak_gflops"] = bench_peak(cfg, device)
+    report["ops"] = bench_ops(cfg, device)
+    report["jl_memory"] = bench_jl_memory(cfg, device)
+    report["end_to_end"] = bench_end_to_end(cfg, device, report["peak_gflops"])
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {cfg.json}")

@@ -450,6 +450,23 @@ def sae_loss(sae, x, cfg, it):
     return loss, {"mse": mse, "l1": l1, "jl": jl}, f
 
 
+def sae_step(sae, optimizer, loss, cfg, world_size=1):
+    """One update: backward; gradients averaged over ranks; the decoder's along-row component removed;
+    clipping; Adam; decoder rows renormalised."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if world_size > 1:  # average the gradients of the four parameters (gloo has no AVG)
+        import torch.distributed as dist
+        for p in sae.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world_size
+    sae.remove_parallel_grad_()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    optimizer.step()
+    sae.unit_norm_decoder_()
+
+
 def l1_coeff_at(cfg, it):
     """Linear warmup from 0 over l1_warmup_iters (Anthropic, April 2024 update)."""
     return cfg.l1_coeff * min(1.0, (it + 1) / max(cfg.l1_warmup_iters, 1))
@@ -957,17 +974,7 @@ def main(argv):
             saved = f"the last good checkpoint is {cfg.out_dir}/ckpt.pt" if os.path.exists(
                 os.path.join(cfg.out_dir, "ckpt.pt")) else "no checkpoint was written yet"
             raise FloatingPointError(f"loss is {loss.item()} at iter {it}; stopping ({saved}); try a lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if ddp:  # average the gradients of the four parameters (gloo has no AVG)
-            for p in sae.parameters():
-                dist.all_reduce(p.grad)
-                p.grad /= ddp_world_size
-        sae.remove_parallel_grad_()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        optimizer.step()
-        sae.unit_norm_decoder_()
+        sae_step(sae, optimizer, loss, cfg, ddp_world_size)
         fired = (f > 0).sum(dim=0)  # (d_sae,)
         if ddp:
             dist.all_reduce(fired)
