@@ -257,10 +257,12 @@ def _jl_triton(W):
     return value[0], grad
 
 
-def _jl_blocked(W, block=512):
+def _jl_blocked(W, block=None):
     """The CPU path: value and gradient over row blocks, each block against itself and the rows after it
-    (symmetry), so memory is a few (block, n) temporaries, not (n, n). -> (value (), grad (n, d))"""
+    (symmetry), so memory is three (block, n) temporaries, not (n, n): 64 MiB each by default.
+    -> (value (), grad (n, d))"""
     n = W.shape[0]
+    block = block or max(64, min(512, 2**24 // n))
     W = W.to(torch.promote_types(W.dtype, torch.float32))
     grad = torch.zeros_like(W)
     total = torch.zeros((), dtype=torch.float64, device=W.device)
@@ -272,11 +274,12 @@ def _jl_blocked(W, block=512):
         g.diagonal()[:] = 0                             # the diagonal entries (j = i) lie in the first b columns
         atanh = torch.atanh(g)
         total += atanh[:, :b].sum(dtype=torch.float64) + 2 * atanh[:, b:].sum(dtype=torch.float64)  # mirror tiles
-        S = g.square_().neg_().add_(1).reciprocal_().mul_(torch.sign(G))  # sign(G) / (1 - g^2), in place
+        del atanh
+        S = g.square_().neg_().add_(1).reciprocal_().mul_(G.sign_())  # sign(G) / (1 - g^2), all in place
         S.diagonal()[:] = 0
-        grad[i + b:] += S[:, b:].T @ Wi                 # (n - i - b, b) @ (b, d): the mirror tiles' rows
-        grad[i:i + b] += S @ rest                       # (b, n - i) @ (n - i, d)
-        del G, g, atanh, S
+        grad[i + b:].addmm_(S[:, b:].T, Wi)             # (n - i - b, b) @ (b, d): the mirror tiles' rows
+        grad[i:i + b].addmm_(S, rest)                   # (b, n - i) @ (n - i, d)
+        del G, g, S
     pairs = n * (n - 1)
     return (total / pairs).to(W.dtype), grad.mul_(2 / pairs)
 

@@ -851,3 +851,14 @@ def test_jl_sampled_is_unbiased():
     assert ((grads.mean(dim=0) - Wr.grad).abs() < 5 * stderr + 1e-7).float().mean() > 0.99
     full = kernels.jl_penalty(W, sample=n)  # all rows: no sampling
     assert full.item() == pytest.approx(exact.item(), rel=1e-5)
+
+
+def test_bench_quick_runs(tmp_path):
+    """bench.py --quick runs every part and writes its JSON (its figures are never asserted: speed is not a test)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "bench.py", "--quick=True", f"--json={tmp_path / 'b.json'}"], cwd=HERE, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = json.load(open(tmp_path / "b.json"))
+    assert {"machine", "peak_gflops", "ops", "jl_memory", "end_to_end"} <= set(report)
+    assert {"train_l1", "train_jl", "train_hybrid"} <= set(report["end_to_end"])
