@@ -10,6 +10,7 @@ $ python prepare.py
 $ python sae.py --init_from=gpt2 --layer=6 --site=mlp_in
 """
 import ast
+import contextlib
 import glob
 import json
 import math
@@ -36,6 +37,13 @@ class TrainConfig:
     out_dir: str = "out"               # ckpt.pt and log.jsonl
     acts: str = ""                     # PATH.npy of (N, d_in) float activations: train on these instead of GPT-2
     eval_only: bool = False            # evaluate out_dir/ckpt.pt and exit
+    mode: str = "train"                # train; export (SAELens format); steer (generate with a feature added)
+    ckpt: str = ""                     # the checkpoint that eval_only, export and steer read; "" = out_dir/ckpt.pt
+    export_dir: str = "export"         # --mode=export writes cfg.json and sae_weights.safetensors here
+    feature: int = 0                   # --mode=steer: the feature ...
+    scale: float = 10.0                # ... added with this many units of its decoder direction (normalised units)
+    prompt: str = "The"                # ... after this prompt
+    max_new_tokens: int = 40
     seed: int = 1337
     device: str = "auto"               # auto = cuda if available, else cpu
     dtype: str = "auto"                # GPT-2's autocast dtype; auto = bfloat16 on CUDA, float32 on CPU (faster there)
@@ -88,6 +96,7 @@ class TrainConfig:
 
 
 LOSSES, JL_ON, DECAYS = ("l1", "jl", "hybrid"), ("dec", "enc"), ("constant", "cosine", "linear")
+MODES = ("train", "export", "steer")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 
 
@@ -143,7 +152,8 @@ def parse_args(cfg, argv):
 
 def check_config(cfg, world_size=1):
     """Invariants of a config, as one-line ValueErrors listing what is valid."""
-    for key, valid in (("loss", LOSSES), ("jl_on", JL_ON), ("decay", DECAYS), ("b_dec_init", B_DEC_INITS)):
+    for key, valid in (("loss", LOSSES), ("jl_on", JL_ON), ("decay", DECAYS), ("b_dec_init", B_DEC_INITS),
+                       ("mode", MODES)):
         if getattr(cfg, key) not in valid:
             raise ValueError(f"--{key}={getattr(cfg, key)!r}: valid values are {', '.join(valid)}")
     if cfg.site not in SITES:
@@ -813,9 +823,9 @@ def resolve_config(argv):
     --eval_only=True the checkpoint's config is the base, and the flags may change all but LOCKED_ON_RESUME."""
     overrides = parse_overrides(TrainConfig(), argv)
     cfg = replace(TrainConfig(), **overrides)
-    if cfg.init_from != "resume" and not cfg.eval_only:
+    if cfg.init_from != "resume" and not cfg.eval_only and cfg.mode == "train":
         return cfg, None
-    checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    checkpoint = load_checkpoint(cfg.ckpt or os.path.join(cfg.out_dir, "ckpt.pt"))
     saved = TrainConfig(**checkpoint["config"])
     overrides.pop("init_from", None)
     changed = [k for k in LOCKED_ON_RESUME if k in overrides and overrides[k] != getattr(saved, k)]
@@ -837,12 +847,119 @@ def load_gpt(cfg):
 
 
 # -----------------------------------------------------------------------------
+# research helpers: export to SAELens, steering
+
+# our sites in TransformerLens's hook names, which SAELens and Neuronpedia use (../shared/notes/saelens-format.md)
+HOOK_NAMES = {"resid_pre": "blocks.{}.hook_resid_pre", "resid_mid": "blocks.{}.hook_resid_mid",
+              "mlp_in": "blocks.{}.ln2.hook_normalized", "mlp_hidden": "blocks.{}.mlp.hook_post",
+              "mlp_out": "blocks.{}.hook_mlp_out", "resid_post": "blocks.{}.hook_resid_post"}
+
+
+def export_saelens(checkpoint, export_dir):
+    """Writes cfg.json + sae_weights.safetensors as SAELens's StandardSAE reads them. Our SAE sees s*x (s the
+    activation scale); folded in, it reads x: W_enc' = s W_enc, b_dec' = b_dec / s, W_dec' = W_dec / s."""
+    from safetensors.torch import save_file
+    cfg, s, sd = TrainConfig(**checkpoint["config"]), checkpoint["act_scale"], checkpoint["sae"]
+    weights = {"W_enc": sd["W_enc"] * s, "b_enc": sd["b_enc"].clone(), "W_dec": sd["W_dec"] / s,
+               "b_dec": sd["b_dec"] / s}
+    d_in, d_sae = weights["W_enc"].shape
+    sae_cfg = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+               "normalize_activations": "none", "reshape_activations": "none", "architecture": "standard",
+               "metadata": {"model_name": cfg.acts or cfg.init_from, "hook_name": HOOK_NAMES[cfg.site].format(cfg.layer),
+                            "hook_layer": cfg.layer, "context_size": cfg.block_size, "prepend_bos": False,
+                            "dataset_path": cfg.acts or cfg.data_dir, "trained_with": "gpt_sae",
+                            "loss": cfg.loss, "iter_num": checkpoint["iter_num"]}}
+    os.makedirs(export_dir, exist_ok=True)
+    weights_path, cfg_path = os.path.join(export_dir, "sae_weights.safetensors"), os.path.join(export_dir, "cfg.json")
+    save_file({k: v.contiguous() for k, v in weights.items()}, weights_path + ".tmp")
+    os.replace(weights_path + ".tmp", weights_path)
+    with open(cfg_path + ".tmp", "w") as f:
+        json.dump(sae_cfg, f, indent=1)
+    os.replace(cfg_path + ".tmp", cfg_path)
+    print(f"wrote {cfg_path} and {weights_path} (hook {sae_cfg['metadata']['hook_name']}, d_sae {d_sae})")
+    return sae_cfg
+
+
+@contextlib.contextmanager
+def steer(model, sae, features, layer, site, act_scale=1.0, mode="add"):
+    """During the block, edits GPT-2's activation at (layer, site) with SAE features {index: value}:
+    add: + value * W_dec[index] / act_scale (the decoder direction in un-normalised units);
+    clamp: moves the activation so that the SAE reads the feature at value (adds (value - f) * W_dec[index] / s);
+    ablate: clamp to 0 (values ignored). Leaves the model as it was on exit."""
+    assert mode in ("add", "clamp", "ablate"), f"mode {mode!r}: add, clamp or ablate"
+    check_site(model.config, layer, site)
+    idx = torch.tensor(list(features), dtype=torch.long)
+    values = torch.tensor([float(v) for v in features.values()])
+
+    def edit(act):  # act (B, T, d) in model units
+        directions = sae.W_dec[idx.to(act.device)].to(act.dtype) / act_scale  # (k, d)
+        if mode == "add":
+            return act + values.to(act) @ directions                          # (k,) @ (k, d) -> (d,)
+        _, f = sae((act * act_scale).float().reshape(-1, act.shape[-1]))     # (B*T, d_sae)
+        target = torch.zeros_like(values) if mode == "ablate" else values
+        delta = target.to(f) - f[:, idx.to(f.device)]                          # (B*T, k)
+        return act + (delta @ directions.float()).view_as(act).to(act.dtype)
+
+    block = model.h[layer]  # the edit reaches the block as its site/edit arguments (see Block.forward)
+    handle = block.register_forward_pre_hook(lambda m, args, kwargs: (args, {**kwargs, "site": site, "edit": edit}),
+                                             with_kwargs=True)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
+    """nanoGPT's sampling loop: idx (B, T) -> (B, T + max_new_tokens)."""
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -model.config.block_size:])[:, -1, :] / temperature  # (B, vocab)
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        probs = F.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+        idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    return idx
+
+
+def load_sae(checkpoint):
+    """-> (SAE, its TrainConfig, activation scale) from a checkpoint dict."""
+    cfg = TrainConfig(**checkpoint["config"])
+    d_in, d_sae = checkpoint["sae"]["W_enc"].shape
+    sae = SAE(d_in, d_sae)
+    sae.load_state_dict(checkpoint["sae"])
+    return sae.eval().requires_grad_(False), cfg, checkpoint["act_scale"]
+
+
+def steer_demo(cfg, checkpoint):
+    """--mode=steer: the prompt continued with and without the feature, from the same seed."""
+    import tiktoken
+    sae, saved, act_scale = load_sae(checkpoint)
+    if saved.acts:
+        raise ValueError("this SAE was trained on --acts: there is no GPT-2 site to steer")
+    if not 0 <= cfg.feature < sae.W_dec.shape[0]:
+        raise ValueError(f"--feature={cfg.feature}: the SAE has features 0..{sae.W_dec.shape[0] - 1}")
+    model = load_gpt(saved)
+    enc = tiktoken.get_encoding("gpt2")
+    idx = torch.tensor([[50256] + enc.encode_ordinary(cfg.prompt)])
+    outputs = {}
+    for label, scale in (("unsteered", 0.0), (f"feature {cfg.feature} x {cfg.scale:g}", cfg.scale)):
+        with steer(model, sae, {cfg.feature: scale}, saved.layer, saved.site, act_scale):
+            out = generate(model, idx, cfg.max_new_tokens, generator=torch.Generator().manual_seed(cfg.seed))
+        outputs[label] = enc.decode(out[0, 1:].tolist())
+        print(f"--- {label}\n{outputs[label]}\n")
+    return outputs
+
+
+# -----------------------------------------------------------------------------
 # training: python sae.py [config/...py] [--key=value ...]; torchrun --standalone --nproc_per_node=N sae.py ...
 
 def main(argv):
     import time
     import torch.distributed as dist
     cfg, checkpoint = resolve_config(argv)
+    if cfg.mode == "export":
+        return export_saelens(checkpoint, cfg.export_dir)
+    if cfg.mode == "steer":
+        return steer_demo(cfg, checkpoint)
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
     if ddp:
         backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"  # gloo: testable on CPU

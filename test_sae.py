@@ -862,3 +862,104 @@ def test_bench_quick_runs(tmp_path):
     report = json.load(open(tmp_path / "b.json"))
     assert {"machine", "peak_gflops", "ops", "jl_memory", "end_to_end"} <= set(report)
     assert {"train_l1", "train_jl", "train_hybrid"} <= set(report["end_to_end"])
+
+
+# -----------------------------------------------------------------------------
+# research helpers: export to SAELens's format, steering
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_shards, tmp_path_factory):
+    """A short SAE run on a tiny random GPT-2 (layer 1, mlp_in): its out_dir."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    r = run_sae(*TINY_GPT_RUN, f"--data_dir={tiny_shards}", f"--out_dir={out}", "--max_iters=60",
+                "--eval_interval=60", "--resample_iters=()")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_export_matches_saelens_format_and_folds_the_scale(tiny_run, tmp_path):
+    from safetensors.torch import load_file
+    r = run_sae("--mode=export", f"--out_dir={tiny_run}", f"--export_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["cfg.json", "sae_weights.safetensors"]
+    cfg = json.load(open(tmp_path / "cfg.json"))
+    # the fields and values of ../shared/notes/saelens-format.md for a standard ReLU SAE
+    assert {k: cfg[k] for k in ("d_in", "d_sae", "dtype", "apply_b_dec_to_input", "normalize_activations",
+                                "reshape_activations", "architecture")} == {
+        "d_in": 32, "d_sae": 96, "dtype": "float32", "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "reshape_activations": "none", "architecture": "standard"}
+    assert cfg["metadata"]["hook_name"] == "blocks.1.ln2.hook_normalized" and cfg["metadata"]["context_size"] == 32
+    weights = load_file(tmp_path / "sae_weights.safetensors")
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {"W_enc": (32, 96), "b_enc": (96,), "W_dec": (96, 32),
+                                                               "b_dec": (32,)}
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    # SAELens's forward on raw activations equals ours on scaled ones, scaled back
+    ckpt = load_ckpt(tiny_run)
+    model, _, s = sae.load_sae(ckpt)
+    x = torch.randn(50, 32) * 3
+    f_ref = torch.relu((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"])
+    x_hat_ref = f_ref @ weights["W_dec"] + weights["b_dec"]
+    with torch.no_grad():
+        x_hat, f = kernels.encode_relu_decode_ref(x * s, *(ckpt["sae"][k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")))
+    torch.testing.assert_close(f, f_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x_hat / s, x_hat_ref, atol=1e-5, rtol=1e-5)
+
+
+def captured_input(module, fn):
+    """The first positional input that `module` receives while fn() runs."""
+    seen = {}
+    def keep(module, args):  # returns None: the input goes on unchanged
+        seen.setdefault("x", args[0].clone())
+    handle = module.register_forward_pre_hook(keep)
+    fn()
+    handle.remove()
+    return seen["x"]
+
+
+@pytest.mark.parametrize("site,reader", [("mlp_in", "h.1.mlp.c_fc"), ("resid_post", "h.2.ln_1"),
+                                         ("mlp_hidden", "h.1.mlp.c_proj")])
+def test_steering_moves_the_site_by_scale_times_direction(site, reader):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=24, vocab_size=60, block_size=16)).eval()
+    width = 96 if site == "mlp_hidden" else 24
+    sae_model, act_scale = SAE(width, 40), 2.5
+    idx = torch.randint(0, 60, (2, 9))
+    module = dict(model.named_modules())[reader]
+    with torch.no_grad():
+        clean_logits = model(idx)
+        clean = captured_input(module, lambda: model(idx))
+        with sae.steer(model, sae_model, {7: 3.0, 11: -1.5}, 1, site, act_scale):
+            steered = captured_input(module, lambda: model(idx))
+        with sae.steer(model, sae_model, {7: 0.0}, 1, site, act_scale):
+            zero_logits = model(idx)
+        after = model(idx)
+    direction = (3.0 * sae_model.W_dec[7] - 1.5 * sae_model.W_dec[11]).detach() / act_scale
+    torch.testing.assert_close(steered - clean, direction.expand_as(clean), atol=1e-5, rtol=0)
+    assert torch.equal(zero_logits, clean_logits)  # scale 0 changes nothing
+    assert torch.equal(after, clean_logits) and not model.h[1]._forward_pre_hooks  # the model is as it was
+
+
+def test_steering_ablate_and_clamp_change_the_feature():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=24, vocab_size=60, block_size=16)).eval()
+    sae_model = SAE(24, 40)
+    idx = torch.randint(0, 60, (1, 9))
+    reader = model.h[0].mlp.c_fc
+    with torch.no_grad():
+        clean = captured_input(reader, lambda: model(idx))
+        f_clean = sae_model(clean.reshape(-1, 24))[1]
+        feature = int(f_clean.sum(dim=0).argmax())  # a feature that fires here
+        with sae.steer(model, sae_model, {feature: 0.0}, 0, "mlp_in", mode="ablate"):
+            ablated = captured_input(reader, lambda: model(idx))
+    # the activation moved by -f * W_dec[feature] at each position: exactly what ablating it in the SAE removes
+    expected = clean - f_clean[:, feature].view(1, -1, 1) * sae_model.W_dec[feature]
+    torch.testing.assert_close(ablated, expected, atol=1e-5, rtol=0)
+
+
+def test_steer_mode_prints_both_continuations(tiny_run, enc):
+    r = run_sae("--mode=steer", f"--out_dir={tiny_run}", "--feature=3", "--scale=50.0", "--prompt=Hello world",
+                "--max_new_tokens=8")
+    assert r.returncode == 0, r.stderr
+    assert "--- unsteered\nHello world" in r.stdout and "--- feature 3 x 50\nHello world" in r.stdout
+    r = run_sae("--mode=steer", f"--out_dir={tiny_run}", "--feature=999")
+    assert r.returncode == 1 and "--feature=999: the SAE has features 0..95" in r.stderr
