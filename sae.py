@@ -37,13 +37,16 @@ class TrainConfig:
     out_dir: str = "out"               # ckpt.pt and log.jsonl
     acts: str = ""                     # PATH.npy of (N, d_in) float activations: train on these instead of GPT-2
     eval_only: bool = False            # evaluate out_dir/ckpt.pt and exit
-    mode: str = "train"                # train; export (SAELens format); steer (generate with a feature added)
+    mode: str = "train"                # train; export (SAELens format); steer (generate with a feature added); dashboard
     ckpt: str = ""                     # the checkpoint that eval_only, export and steer read; "" = out_dir/ckpt.pt
     export_dir: str = "export"         # --mode=export writes cfg.json and sae_weights.safetensors here
     feature: int = 0                   # --mode=steer: the feature ...
     scale: float = 10.0                # ... added with this many units of its decoder direction (normalised units)
     prompt: str = "The"                # ... after this prompt
     max_new_tokens: int = 40
+    features: str = "0:64"             # --mode=dashboard: a range a:b, or top_freq:K (the K most frequent features)
+    dashboard_tokens: int = 2**15      # val tokens the dashboard runs the SAE over
+    dashboard_file: str = ""           # "" = out_dir/dashboard.html
     seed: int = 1337
     device: str = "auto"               # auto = cuda if available, else cpu
     dtype: str = "auto"                # GPT-2's autocast dtype; auto = bfloat16 on CUDA, float32 on CPU (faster there)
@@ -96,7 +99,7 @@ class TrainConfig:
 
 
 LOSSES, JL_ON, DECAYS = ("l1", "jl", "hybrid"), ("dec", "enc"), ("constant", "cosine", "linear")
-MODES = ("train", "export", "steer")
+MODES = ("train", "export", "steer", "dashboard")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 
 
@@ -950,6 +953,119 @@ def steer_demo(cfg, checkpoint):
 
 
 # -----------------------------------------------------------------------------
+# feature dashboards: one self-contained HTML file (no network: inline CSS and SVG, hover = title attributes)
+
+def select_features(spec, freq):
+    """'a:b' -> range(a, b); 'top_freq:K' -> the K most frequently firing features."""
+    kind, _, arg = spec.partition(":")
+    if kind == "top_freq" and arg.isdigit():
+        return freq.argsort(descending=True)[:int(arg)].tolist()
+    if kind.isdigit() and arg.isdigit() and int(kind) < int(arg) <= len(freq):
+        return list(range(int(kind), int(arg)))
+    raise ValueError(f"--features={spec!r}: expected a:b with 0 <= a < b <= {len(freq)}, or top_freq:K")
+
+
+@torch.no_grad()
+def feature_stats(model, sae, saved, act_scale, contexts, features, top_k=10, batch=8):
+    """Runs the SAE over contexts (n, T) -> (every feature's firing frequency, {feature: its nonzero
+    activations}, {feature: top_k (peak, context index, per-token activations)}, tokens counted)."""
+    counts, values = torch.zeros(sae.W_dec.shape[0]), {i: [] for i in features}
+    top = {i: [] for i in features}  # feature -> [(peak, context index, activations (T,))]
+    idx = torch.tensor(features, dtype=torch.long)
+    for start in range(0, len(contexts), batch):
+        tokens = contexts[start:start + batch]
+        acts = model.harvest(tokens, saved.layer, saved.site).float()  # (B, T, d)
+        _, f = sae(acts.reshape(-1, acts.shape[-1]) * act_scale)         # (B*T, d_sae)
+        f = f.view(len(tokens), tokens.shape[1], -1)
+        if saved.exclude_pos0:
+            f[:, 0] = 0  # the SAE never trained on position 0
+        counts += (f > 0).sum(dim=(0, 1)).float()
+        chosen = f[:, :, idx]                                            # (B, T, k)
+        for j, i in enumerate(features):
+            values[i].append(chosen[:, :, j][chosen[:, :, j] > 0])
+            peaks = chosen[:, :, j].max(dim=1).values
+            top[i].extend((peaks[b].item(), start + b, chosen[b, :, j]) for b in range(len(tokens)) if peaks[b] > 0)
+            top[i] = sorted(top[i], key=lambda e: -e[0])[:top_k]
+    n_tokens = contexts.numel() - (len(contexts) if saved.exclude_pos0 else 0)
+    return counts / n_tokens, {i: torch.cat(v) for i, v in values.items()}, top, n_tokens
+
+
+def svg_histogram(values, bins=30, width=360, height=80, lo=None, hi=None, label=""):
+    """An inline SVG bar chart of a histogram of `values` (1-D tensor)."""
+    if len(values) == 0:
+        return "<p class=note>no activations</p>"
+    lo = values.min().item() if lo is None else lo
+    hi = max(values.max().item() if hi is None else hi, lo + 1e-9)
+    counts = torch.histc(values.float(), bins=bins, min=lo, max=hi)
+    bar = width / bins
+    rects = "".join(f'<rect x="{k * bar:.1f}" y="{height - height * c / counts.max():.1f}" width="{bar - 1:.1f}" '
+                    f'height="{height * c / counts.max():.1f}"><title>{lo + k * (hi - lo) / bins:.3g}..'
+                    f'{lo + (k + 1) * (hi - lo) / bins:.3g}: {int(c)}</title></rect>' for k, c in enumerate(counts.tolist()))
+    return (f'<svg width="{width}" height="{height + 14}" class=hist>{rects}<text x="0" y="{height + 12}">{lo:.3g}</text>'
+            f'<text x="{width}" y="{height + 12}" text-anchor="end">{hi:.3g} {label}</text></svg>')
+
+
+def render_tokens(enc, tokens, acts, peak):
+    """Tokens as spans shaded by activation (red, relative to the feature's peak); hover shows the value."""
+    import html
+    spans = []
+    for t, a in zip(tokens.tolist(), acts.tolist()):
+        text = html.escape(enc.decode([t])).replace("\n", "&#8629;")
+        spans.append(f'<span style="background:rgba(220,40,40,{a / peak:.2f})" title="{a:.3f}">{text}</span>')
+    return "".join(spans)
+
+
+def write_dashboard(cfg, checkpoint):
+    """--mode=dashboard: the SAE over the first dashboard_tokens of the val shard -> one HTML file with the
+    log10 firing-density histogram and, per feature, its frequency, activation histogram, top contexts
+    and logit effects (the tokens its decoder direction promotes and suppresses through the unembedding)."""
+    import html
+    import tiktoken
+    sae, saved, act_scale = load_sae(checkpoint)
+    if saved.acts:
+        raise ValueError("this SAE was trained on --acts: a dashboard needs GPT-2 and its tokens")
+    model = load_gpt(saved)
+    enc = tiktoken.get_encoding("gpt2")
+    val = DataLoaderLite(saved.data_dir if cfg.data_dir == TrainConfig.data_dir else cfg.data_dir, "val", 1, saved.block_size)
+    contexts = torch.cat([val.next_batch() for _ in range(max(1, cfg.dashboard_tokens // saved.block_size))])
+    # pass 1: firing frequencies of every feature (needed to choose top_freq features); pass 2: the chosen ones
+    freq_all, _, _, n_tokens = feature_stats(model, sae, saved, act_scale, contexts, [])
+    features = select_features(cfg.features, freq_all)
+    freq, values, top, _ = feature_stats(model, sae, saved, act_scale, contexts, features)
+    directions = sae.W_dec[features] / act_scale                               # (k, d_site), model units
+    if saved.site == "mlp_hidden":  # neurons: through c_proj into the residual stream first
+        directions = directions @ model.h[saved.layer].mlp.c_proj.weight.T     # (k, n_inner) @ (n_inner, C)
+    logit_effects = directions @ model.wte.weight.T                            # (k, C) @ (C, vocab)
+    density = freq_all[freq_all > 0].log10()
+    parts = [f"<h1>SAE features: {html.escape(saved.init_from)} layer {saved.layer} {saved.site}, d_sae {len(freq_all)}</h1>",
+             f"<p>{contexts.numel():,} val tokens in {len(contexts)} contexts of {saved.block_size}; "
+             f"{int((freq_all == 0).sum())} features never fired (left out of the histogram).</p>",
+             f"<section id=density><h2>log10 firing density, all features</h2>{svg_histogram(density, 40, 720, 120, label='log10 freq')}</section>"]
+    for j, i in enumerate(features):
+        promoted = logit_effects[j].topk(10).indices.tolist()
+        suppressed = (-logit_effects[j]).topk(10).indices.tolist()
+        tok = lambda ids: " ".join(f"<code>{html.escape(repr(enc.decode([t])))}</code>" for t in ids)
+        rows = "".join(f"<div class=ctx><span class=peak>{peak:.2f}</span>{render_tokens(enc, contexts[c], a, top[i][0][0])}</div>"
+                       for peak, c, a in top[i])
+        parts.append(f"<section class=feature id=feature-{i}><h2>feature {i}</h2>"
+                     f"<p>firing frequency {freq[i].item():.4%} ({int(round(freq[i].item() * n_tokens))} tokens)</p>"
+                     f"<div class=row><div><h3>activations</h3>{svg_histogram(values[i])}</div>"
+                     f"<div><h3>logit effects</h3><p>promotes {tok(promoted)}</p><p>suppresses {tok(suppressed)}</p></div></div>"
+                     f"<h3>top contexts</h3>{rows or '<p class=note>never fired on these tokens</p>'}</section>")
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}.hist rect{fill:#3a6ea5}.hist text{font-size:10px}"
+             ".ctx{font-family:monospace;font-size:12px;white-space:pre-wrap;margin:2px 0;border-bottom:1px solid #eee}"
+             ".peak{display:inline-block;width:4em;color:#888}.row{display:flex;gap:3em}section{margin-bottom:2em}"
+             ".note{color:#888}code{background:#f4f4f4}")
+    page = f"<!doctype html><html><head><meta charset=utf-8><title>SAE dashboard</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    path = cfg.dashboard_file or os.path.join(cfg.out_dir, "dashboard.html")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(page)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}: {len(features)} features over {contexts.numel():,} tokens; open it in a browser")
+    return path
+
+
+# -----------------------------------------------------------------------------
 # training: python sae.py [config/...py] [--key=value ...]; torchrun --standalone --nproc_per_node=N sae.py ...
 
 def main(argv):
@@ -960,6 +1076,8 @@ def main(argv):
         return export_saelens(checkpoint, cfg.export_dir)
     if cfg.mode == "steer":
         return steer_demo(cfg, checkpoint)
+    if cfg.mode == "dashboard":
+        return write_dashboard(cfg, checkpoint)
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
     if ddp:
         backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"  # gloo: testable on CPU

@@ -963,3 +963,89 @@ def test_steer_mode_prints_both_continuations(tiny_run, enc):
     assert "--- unsteered\nHello world" in r.stdout and "--- feature 3 x 50\nHello world" in r.stdout
     r = run_sae("--mode=steer", f"--out_dir={tiny_run}", "--feature=999")
     assert r.returncode == 1 and "--feature=999: the SAE has features 0..95" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# feature dashboards
+
+@pytest.fixture(scope="module")
+def dashboard(tiny_run, enc):
+    path = tiny_run / "dash.html"
+    r = run_sae("--mode=dashboard", f"--out_dir={tiny_run}", "--features=0:5", "--dashboard_tokens=640",
+                f"--dashboard_file={path}")
+    assert r.returncode == 0, r.stderr
+    return path
+
+
+def test_dashboard_html_structure(dashboard, tiny_run):
+    from html.parser import HTMLParser
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.ids, self.tags, self.titles, self.attrs = [], set(), [], []
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            self.tags.add(tag)
+            self.attrs.extend(attrs)
+            if "id" in attrs:
+                self.ids.append(attrs["id"])
+            if tag == "span" and "title" in attrs:
+                self.titles.append(float(attrs["title"]))
+
+    page = open(dashboard, encoding="utf-8").read()
+    parsed = Collect()
+    parsed.feed(page)
+    assert parsed.ids == ["density"] + [f"feature-{i}" for i in range(5)]
+    assert not {"script", "link", "img", "iframe"} & parsed.tags and not {"src", "href"} & set(parsed.attrs)
+    assert "http" not in page  # self-contained: opens from disk with no network
+    assert "svg" in parsed.tags and parsed.titles and max(parsed.titles) > 0
+    # the firing frequency shown for feature 0 against a direct computation on the same val tokens
+    ckpt = load_ckpt(tiny_run)
+    model_sae, saved, s = sae.load_sae(ckpt)
+    gpt = sae.load_gpt(saved)
+    val = read_shard_numpy(glob.glob(f"{saved.data_dir}/*_val_*.bin")[0])[:640].astype(np.int64)
+    with torch.no_grad():
+        acts = gpt.harvest(torch.from_numpy(val).view(20, 32), saved.layer, saved.site)[:, 1:]  # position 0 left out
+        f = kernels.encode_relu_decode_ref(acts.reshape(-1, 32) * s, *(ckpt["sae"][k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")))[1]
+    fired = int((f[:, 0] > 0).sum())
+    assert f"firing frequency {fired / len(f):.4%} ({fired} tokens)" in page
+
+
+def png_distinct_bytes(path):
+    """Distinct byte values in a PNG's decompressed pixel data: a blank page has a handful."""
+    import zlib
+    raw = open(path, "rb").read()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, data = 8, b""
+    while pos < len(raw):
+        length = int.from_bytes(raw[pos:pos + 4], "big")
+        if raw[pos + 4:pos + 8] == b"IDAT":
+            data += raw[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    return len(set(zlib.decompress(data)))
+
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if os.path.exists(p)), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_dashboard_renders_in_headless_chromium(dashboard, tmp_path):
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "dashboard.png"
+    r = subprocess.run(flags + ["--window-size=1200,1600", f"--screenshot={shot}", dashboard.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert shot.exists(), r.stderr
+    assert png_distinct_bytes(shot) > 50  # text, shading and charts, not an empty page
+    dom = subprocess.run(flags + ["--dump-dom", dashboard.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert all(f'id="feature-{i}"' in dom for i in range(5)) and 'id="density"' in dom
+
+
+def test_feature_selection():
+    freq = torch.tensor([0.1, 0.5, 0.0, 0.3])
+    assert sae.select_features("1:3", freq) == [1, 2] and sae.select_features("top_freq:2", freq) == [1, 3]
+    for bad in ("3:1", "0:9", "top:2", "all"):
+        with pytest.raises(ValueError, match="expected a:b with 0 <= a < b <= 4, or top_freq:K"):
+            sae.select_features(bad, freq)
