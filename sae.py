@@ -3,11 +3,16 @@ Sparse autoencoders on GPT-2 activations, in one file (after nanoGPT's train.py)
 
 GPT-2 (our own forward, weights copied key for key from the Hugging Face checkpoint) reads FineWeb
 tokens written by prepare.py; `GPT.harvest` returns the activations at one (layer, site) and computes
-nothing past it. References: Bricken et al. 2023, "Towards Monosemanticity"
-(transformer-circuits.pub/2023/monosemantic-features); Radford et al. 2019 (GPT-2).
+nothing past it; a shuffling buffer feeds them to an SAE trained with an L1, a JL (mean atanh |cos|
+between dictionary rows) or a hybrid loss through the ops of kernels.py. Around it: evaluation
+(FVU, L0, CE loss recovered, KL), dead-feature resampling, checkpoints and exact resume, data-parallel
+runs, export to SAELens, steering and feature dashboards. References: Bricken et al. 2023, "Towards
+Monosemanticity" (transformer-circuits.pub/2023/monosemantic-features); Radford et al. 2019 (GPT-2).
 
 $ python prepare.py
-$ python sae.py --init_from=gpt2 --layer=6 --site=mlp_in
+$ python sae.py --loss=hybrid
+$ torchrun --standalone --nproc_per_node=8 sae.py --loss=hybrid
+$ python sae.py --mode=dashboard --out_dir=out --features=top_freq:50
 """
 import ast
 import contextlib
@@ -1026,7 +1031,7 @@ def write_dashboard(cfg, checkpoint):
         raise ValueError("this SAE was trained on --acts: a dashboard needs GPT-2 and its tokens")
     model = load_gpt(saved)
     enc = tiktoken.get_encoding("gpt2")
-    val = DataLoaderLite(saved.data_dir if cfg.data_dir == TrainConfig.data_dir else cfg.data_dir, "val", 1, saved.block_size)
+    val = DataLoaderLite(cfg.data_dir, "val", 1, saved.block_size)
     contexts = torch.cat([val.next_batch() for _ in range(max(1, cfg.dashboard_tokens // saved.block_size))])
     # pass 1: firing frequencies of every feature (needed to choose top_freq features); pass 2: the chosen ones
     freq_all, _, _, n_tokens = feature_stats(model, sae, saved, act_scale, contexts, [])
