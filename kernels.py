@@ -10,7 +10,6 @@ six; JL: blocked over rows, never materialising the n x n Gram matrix). SAE_NO_T
 references everywhere. References: the Triton tutorials (03-matrix-multiplication), llm.c's CPU reference
 beside each kernel, openai/sparse_autoencoder's kernels.py, modded-nanogpt's symmetric XXT.
 """
-import math
 import os
 
 import torch

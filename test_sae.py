@@ -566,11 +566,16 @@ def test_feature_tracker_window_and_restart():
 # -----------------------------------------------------------------------------
 # training runs, through the command line
 
+def cpu_env():
+    """The environment without TRITON_INTERPRET: whole runs use the CPU paths, not the (slow) interpreter;
+    the kernels are tested directly."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def run_sae(*args, launcher=None, timeout=600):
-    """Runs sae.py as a user would on a CPU: compiled-path dispatch, not the Triton interpreter (too slow for
-    whole runs; the kernels are tested directly above)."""
+    """Runs sae.py as a user would on a CPU."""
     cmd = (launcher or [sys.executable]) + [str(HERE / "sae.py"), *map(str, args)]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = cpu_env()
     return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -855,8 +860,7 @@ def test_jl_sampled_is_unbiased():
 
 def test_bench_quick_runs(tmp_path):
     """bench.py --quick runs every part and writes its JSON (its figures are never asserted: speed is not a test)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "bench.py", "--quick=True", f"--json={tmp_path / 'b.json'}"], cwd=HERE, env=env,
+    r = subprocess.run([sys.executable, "bench.py", "--quick=True", f"--json={tmp_path / 'b.json'}"], cwd=HERE, env=cpu_env(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     report = json.load(open(tmp_path / "b.json"))
