@@ -17,6 +17,7 @@ $ python sae.py --mode=dashboard --out_dir=out --features=top_freq:50
 import ast
 import contextlib
 import glob
+import itertools
 import json
 import math
 import os
@@ -111,7 +112,8 @@ B_DEC_INITS = ("geometric_median", "mean", "zeros")
 def parse_overrides(cfg, argv):
     """nanoGPT's configurator as a function: `--key=value` (value read with ast.literal_eval, else kept as a
     string; its type must match the default) and `config/*.py` files of `key = value` lines, in order.
-    Returns {key: value}; an unknown key raises ValueError listing the valid ones."""
+    A key of SWEEPABLE may take several values (`--loss=l1,jl`, `--l1_coeff=[1, 5]`): a list, one SAE per
+    combination (expand_sweep). Returns {key: value or list}; an unknown key raises ValueError listing the valid ones."""
     valid = {f.name for f in fields(cfg)}
     overrides = {}
     for arg in argv:
@@ -140,20 +142,56 @@ def parse_overrides(cfg, argv):
             if key not in valid:
                 raise ValueError(f"unknown config key '{key}'; valid keys: {', '.join(sorted(valid))}")
             default = getattr(cfg, key)
-            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)  # --lr=1 means 1.0
-            if isinstance(default, tuple) and isinstance(value, list):
-                value = tuple(value)  # --resample_iters=[100, 200]
-            if type(value) is not type(default):
-                raise ValueError(f"--{key}={value!r}: expected {type(default).__name__}, got {type(value).__name__}")
-            overrides[key] = value
+            if key in SWEEPABLE and isinstance(default, str) and isinstance(value, str) and "," in value:
+                value = value.split(",")  # --loss=l1,jl,hybrid
+            if key in SWEEPABLE and isinstance(value, (list, tuple)):
+                values = list(dict.fromkeys(coerce(key, v, default) for v in value))  # in order, repeats dropped
+                overrides[key] = values if len(values) > 1 else values[0]
+            else:
+                overrides[key] = coerce(key, value, default)
     return overrides
 
 
+def coerce(key, value, default):
+    """value in the type of the default, or a ValueError naming both."""
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # --lr=1 means 1.0
+    if isinstance(default, tuple) and isinstance(value, list):
+        value = tuple(value)  # --resample_iters=[100, 200]
+    if type(value) is not type(default):
+        raise ValueError(f"--{key}={value!r}: expected {type(default).__name__}, got {type(value).__name__}")
+    return value
+
+
+# keys that may differ between the SAEs of one process: they share GPT-2's forward, the buffer and the batches
+L1_KEYS, JL_KEYS = ("l1_coeff", "l1_warmup_iters"), ("jl_coeff", "jl_on", "jl_warmup_mult", "jl_warmup_iters", "jl_sample")
+SWEEPABLE = ("loss", "d_sae", "b_dec_init", "lr", "lr_enc", "lr_dec", "beta1", "beta2", "grad_clip") + L1_KEYS + JL_KEYS
+UNUSED_BY = {"l1": JL_KEYS, "jl": L1_KEYS, "hybrid": ()}  # keys a loss does not read
+
+
+def expand_sweep(overrides):
+    """{key: value or list} -> [(name, {key: value})], one per combination of the listed values, in order. A
+    combination that differs from an earlier one only in keys its loss does not read (jl_coeff for an l1 SAE)
+    is the same SAE and is dropped. The name spells the swept values the SAE reads: "hybrid-l1_coeff5.0"; it
+    is "" when nothing is swept."""
+    axes = [k for k, v in overrides.items() if isinstance(v, list)]
+    runs, names = [], set()
+    for combo in itertools.product(*(overrides[k] for k in axes)):
+        run = {**overrides, **dict(zip(axes, combo))}
+        unused = UNUSED_BY.get(run.get("loss", TrainConfig.loss), ())
+        name = "-".join(str(run[k]) if k == "loss" else f"{k}{run[k]}" for k in axes if k not in unused)
+        if name not in names:
+            names.add(name)
+            runs.append((name, run))
+    return runs
+
+
 def parse_args(cfg, argv):
-    """-> a new dataclass with the overrides applied, each printed."""
+    """-> a new dataclass with the overrides applied, each printed (one configuration: no lists)."""
     overrides = parse_overrides(cfg, argv)
     for key, value in overrides.items():
+        if isinstance(value, list):
+            raise ValueError(f"--{key}={value!r}: one value only here")
         print(f"override: {key} = {value!r}")
     return replace(cfg, **overrides)
 
@@ -746,18 +784,19 @@ def resample_dead_(sae, optimizer, dead, x):
 # evaluation
 
 @torch.no_grad()
-def evaluate(sae, scale, cfg, tracker, model=None, val_batches=(), val_acts=None, autocast=None):
-    """SAE metrics on a fixed slice (val contexts through GPT-2, or held-out rows), in normalised units:
-    mse (as in training), fvu = sum |x - x_hat|^2 / sum |x - mean x|^2, l0, l1; dead/dense fractions from the
+def evaluate(saes, trackers, scale, cfg, model=None, val_batches=(), val_acts=None, autocast=None):
+    """Metrics of each SAE on a fixed slice (val contexts through GPT-2, or held-out rows), in normalised units:
+    mse (as in training), fvu = sum |x - x_hat|^2 / sum |x - mean x|^2, l0, l1; dead/dense fractions from its
     tracker; mean max |cos| between dictionary rows. With GPT-2: cross-entropy clean, with the SAE's
     reconstruction spliced in at the site, with the site zero-ablated; ce_recovered = (ce_zero - ce_sae) /
-    (ce_zero - ce_clean); kl = KL(clean || spliced) per token."""
+    (ce_zero - ce_clean); kl = KL(clean || spliced) per token. The clean and ablated forwards are shared: n SAEs
+    cost 2 + n forwards. -> [metrics], one per SAE."""
     autocast = autocast or torch.autocast("cpu", enabled=False)
-    s = dict.fromkeys(("n", "sq_err", "sum_x", "sq_x", "l0", "l1", "ce_clean", "ce_sae", "ce_zero", "n_ce", "kl", "n_kl"),
-                      0.0)
     keep = slice(1, None) if cfg.exclude_pos0 else slice(None)  # positions the SAE reads and writes
+    stats = [dict.fromkeys(("n", "sq_err", "sum_x", "sq_x", "l0", "l1", "ce_sae", "kl"), 0.0) for _ in saes]
+    shared = dict.fromkeys(("ce_clean", "ce_zero", "n_ce", "n_kl"), 0.0)
 
-    def score(x):  # x (N, d) in normalised units
+    def score(sae, s, x):  # x (N, d) in normalised units
         x_hat, f = sae(x)
         s["n"] += len(x)
         s["sq_err"] += (x - x_hat).double().pow(2).sum().item()
@@ -769,7 +808,9 @@ def evaluate(sae, scale, cfg, tracker, model=None, val_batches=(), val_acts=None
 
     if val_acts is not None:
         for i in range(0, len(val_acts), cfg.batch_size):
-            score(val_acts[i:i + cfg.batch_size].to(scale.device) * scale)
+            x = val_acts[i:i + cfg.batch_size].to(scale.device) * scale
+            for sae, s in zip(saes, stats):
+                score(sae, s, x)
     for idx in val_batches:
         captured = {}
         def capture(act):
@@ -779,33 +820,39 @@ def evaluate(sae, scale, cfg, tracker, model=None, val_batches=(), val_acts=None
             act = act.clone()
             act[:, keep] = replacement.to(act.dtype)
             return act
+        targets = idx[:, 1:].reshape(-1)
+        ce = lambda logits: F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets, reduction="sum").item()
         with autocast:
             logits_clean = model(idx, cfg.layer, cfg.site, capture).float()  # (B, T, vocab)
         act = captured["act"][:, keep].float()  # (B, T', d)
-        x_hat = score(act.reshape(-1, act.shape[-1]) * scale).view_as(act) / scale
         with autocast:
-            logits_sae = model(idx, cfg.layer, cfg.site, lambda a: splice(a, x_hat)).float()
-            logits_zero = model(idx, cfg.layer, cfg.site, lambda a: splice(a, torch.zeros_like(x_hat))).float()
-        targets = idx[:, 1:].reshape(-1)
-        ce = lambda logits: F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets, reduction="sum").item()
-        s["ce_clean"] += ce(logits_clean)
-        s["ce_sae"] += ce(logits_sae)
-        s["ce_zero"] += ce(logits_zero)
-        logp_clean, logp_sae = F.log_softmax(logits_clean, -1), F.log_softmax(logits_sae, -1)
-        s["kl"] += (logp_clean.exp() * (logp_clean - logp_sae)).sum().item()  # over every position
-        s["n_ce"], s["n_kl"] = s["n_ce"] + targets.numel(), s["n_kl"] + idx.numel()
-    n = max(s["n"], 1)
-    variance = s["sq_x"] - (s["sum_x"].pow(2).sum().item() / n if s["n"] else 0.0)
-    freq = tracker.freq()
-    metrics = {"mse": s["sq_err"] / n, "fvu": s["sq_err"] / max(variance, 1e-12), "l0": s["l0"] / n, "l1": s["l1"] / n,
-               "dead_frac": tracker.dead().float().mean().item(),
-               "dense_frac": (freq > cfg.dense_threshold).float().mean().item(),
-               "mean_max_cos": mean_max_cosine(sae.W_dec)}
-    if s["n_ce"]:
-        ce_clean, ce_sae, ce_zero = (s[k] / s["n_ce"] for k in ("ce_clean", "ce_sae", "ce_zero"))
-        metrics.update(ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero, kl=s["kl"] / s["n_kl"],
-                       ce_recovered=(ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"))
-    return metrics
+            logits_zero = model(idx, cfg.layer, cfg.site, lambda a: splice(a, torch.zeros_like(act))).float()
+        logp_clean = F.log_softmax(logits_clean, -1)
+        for sae, s in zip(saes, stats):
+            x_hat = score(sae, s, act.reshape(-1, act.shape[-1]) * scale).view_as(act) / scale
+            with autocast:
+                logits_sae = model(idx, cfg.layer, cfg.site, lambda a: splice(a, x_hat)).float()
+            s["ce_sae"] += ce(logits_sae)
+            s["kl"] += (logp_clean.exp() * (logp_clean - F.log_softmax(logits_sae, -1))).sum().item()  # every position
+        shared["ce_clean"] += ce(logits_clean)
+        shared["ce_zero"] += ce(logits_zero)
+        shared["n_ce"], shared["n_kl"] = shared["n_ce"] + targets.numel(), shared["n_kl"] + idx.numel()
+    results = []
+    for sae, tracker, s in zip(saes, trackers, stats):
+        n = max(s["n"], 1)
+        variance = s["sq_x"] - (s["sum_x"].pow(2).sum().item() / n if s["n"] else 0.0)
+        freq = tracker.freq()
+        metrics = {"mse": s["sq_err"] / n, "fvu": s["sq_err"] / max(variance, 1e-12), "l0": s["l0"] / n,
+                   "l1": s["l1"] / n, "dead_frac": tracker.dead().float().mean().item(),
+                   "dense_frac": (freq > cfg.dense_threshold).float().mean().item(),
+                   "mean_max_cos": mean_max_cosine(sae.W_dec)}
+        if shared["n_ce"]:
+            ce_clean, ce_zero, ce_sae = shared["ce_clean"] / shared["n_ce"], shared["ce_zero"] / shared["n_ce"], \
+                s["ce_sae"] / shared["n_ce"]
+            metrics.update(ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero, kl=s["kl"] / shared["n_kl"],
+                           ce_recovered=(ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"))
+        results.append(metrics)
+    return results
 
 
 # -----------------------------------------------------------------------------
@@ -829,19 +876,72 @@ def load_checkpoint(path):
 
 
 def resolve_config(argv):
-    """-> (cfg, checkpoint or None). Defaults, then config files and flags in order; with --init_from=resume or
-    --eval_only=True the checkpoint's config is the base, and the flags may change all but LOCKED_ON_RESUME."""
+    """-> (cfg, checkpoint or None) for one SAE: defaults, then config files and flags in order; with
+    --init_from=resume, --eval_only=True or another --mode the checkpoint's config is the base, and the flags may
+    change all but LOCKED_ON_RESUME."""
+    runs = resolve_runs(argv)
+    if len(runs) > 1:
+        raise ValueError(f"--mode={runs[0][0].mode} reads one SAE; pass --ckpt=<out_dir>/<name>/ckpt.pt, one of "
+                         f"{', '.join(os.path.basename(cfg.out_dir) for cfg, _ in runs)}")
+    return runs[0]
+
+
+def resolve_runs(argv):
+    """-> [(cfg, checkpoint or None)], one per SAE of this process. A sweep (lists of SWEEPABLE values) puts SAE
+    <name> in out_dir/<name>/ and records the names in out_dir/sweep.json; resuming reads that file."""
     overrides = parse_overrides(TrainConfig(), argv)
-    cfg = replace(TrainConfig(), **overrides)
-    if cfg.init_from != "resume" and not cfg.eval_only and cfg.mode == "train":
-        return cfg, None
-    checkpoint = load_checkpoint(cfg.ckpt or os.path.join(cfg.out_dir, "ckpt.pt"))
-    saved = TrainConfig(**checkpoint["config"])
-    overrides.pop("init_from", None)
-    changed = [k for k in LOCKED_ON_RESUME if k in overrides and overrides[k] != getattr(saved, k)]
-    if changed:
-        raise ValueError(f"cannot change {', '.join(changed)} of a saved run; start a new --out_dir instead")
-    return replace(saved, **overrides), checkpoint
+    scalars = {k: v for k, v in overrides.items() if not isinstance(v, list)}
+    base = replace(TrainConfig(), **scalars)
+    if base.init_from != "resume" and not base.eval_only and base.mode == "train":  # a new run
+        return [(replace(base, **{**run, "out_dir": os.path.join(base.out_dir, name) if name else base.out_dir}), None)
+                for name, run in expand_sweep(overrides)]
+    if len(scalars) < len(overrides):
+        raise ValueError(f"cannot change what a saved run sweeps ({', '.join(sorted(set(overrides) - set(scalars)))})")
+    manifest = os.path.join(base.out_dir, "sweep.json")
+    if base.ckpt or not os.path.isfile(manifest):
+        paths = [base.ckpt or os.path.join(base.out_dir, "ckpt.pt")]
+    else:
+        paths, committed = recover_sweep_checkpoint(base.out_dir)
+        scalars.pop("out_dir")  # each SAE keeps its own directory
+    scalars.pop("init_from", None)  # the saved one stays
+    runs = []
+    for path in paths:
+        checkpoint = load_checkpoint(path)
+        if len(paths) > 1 and checkpoint["iter_num"] != committed:
+            raise ValueError(f"{path} is at iter {checkpoint['iter_num']}, {base.out_dir}/sweep.json at {committed}")
+        saved = TrainConfig(**checkpoint["config"])
+        changed = [k for k in LOCKED_ON_RESUME if k in scalars and scalars[k] != getattr(saved, k)]
+        if changed:
+            raise ValueError(f"cannot change {', '.join(changed)} of a saved run; start a new --out_dir instead")
+        runs.append((replace(saved, **scalars), checkpoint))
+    return runs
+
+
+def save_sweep_checkpoint(out_dir, runs, it):
+    """Checkpoints of several SAEs, all at iteration `it` or none: each is written to ckpt.pt.tmp, then
+    sweep.json names the iteration (the commit), then each is renamed. runs: [(cfg, checkpoint)]."""
+    for cfg, checkpoint in runs:
+        torch.save(checkpoint, os.path.join(cfg.out_dir, "ckpt.pt.tmp"))
+    manifest = {"names": [os.path.basename(cfg.out_dir) for cfg, _ in runs], "iter_num": it}
+    with open(os.path.join(out_dir, "sweep.json.tmp"), "w") as f:
+        json.dump(manifest, f)
+    os.replace(os.path.join(out_dir, "sweep.json.tmp"), os.path.join(out_dir, "sweep.json"))
+    for cfg, _ in runs:
+        os.replace(os.path.join(cfg.out_dir, "ckpt.pt.tmp"), os.path.join(cfg.out_dir, "ckpt.pt"))
+
+
+def recover_sweep_checkpoint(out_dir):
+    """Completes a save that sweep.json committed (the renames), discards one that it did not.
+    -> (the paths of the checkpoints, the committed iteration)."""
+    manifest = json.load(open(os.path.join(out_dir, "sweep.json")))
+    paths = [os.path.join(out_dir, name, "ckpt.pt") for name in manifest["names"]]
+    for path in paths:
+        if os.path.exists(path + ".tmp"):
+            if torch.load(path + ".tmp", map_location="cpu", weights_only=True)["iter_num"] == manifest["iter_num"]:
+                os.replace(path + ".tmp", path)
+            else:  # written after the last commit: that save never finished
+                os.remove(path + ".tmp")
+    return paths, manifest["iter_num"]
 
 
 def load_gpt(cfg):
@@ -1075,10 +1175,35 @@ def write_dashboard(cfg, checkpoint):
 # -----------------------------------------------------------------------------
 # training: python sae.py [config/...py] [--key=value ...]; torchrun --standalone --nproc_per_node=N sae.py ...
 
+class Run:
+    """One SAE of the process, with what is its own: config (cfg.out_dir is its directory), Adam (two groups, so
+    the encoder and decoder rates can differ), feature tracker, and its checkpoint's state when resuming."""
+
+    def __init__(self, cfg, checkpoint, d_in, device, sweep=False):
+        self.cfg, self.prefix = cfg, f"{os.path.basename(cfg.out_dir)} | " if sweep else ""
+        torch.manual_seed(cfg.seed)  # the same init on every rank, in every run of this seed, for every SAE of a sweep
+        self.sae = SAE(d_in, cfg.d_sae).to(device)
+        self.optimizer = torch.optim.Adam([
+            {"params": [self.sae.W_enc, self.sae.b_enc], "lr": cfg.lr_enc or cfg.lr},
+            {"params": [self.sae.W_dec, self.sae.b_dec], "lr": cfg.lr_dec or cfg.lr}], betas=(cfg.beta1, cfg.beta2))
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.tracker = FeatureTracker(cfg.d_sae, cfg.dead_window, device=device)
+        self.train_sae = torch.compile(self.sae) if cfg.compile else self.sae
+        if checkpoint:
+            self.sae.load_state_dict(checkpoint["sae"])
+            self.tracker.load_state_dict(checkpoint["tracker"])
+            if not cfg.eval_only:
+                self.optimizer.load_state_dict(checkpoint["optimizer"])
+
+
 def main(argv):
     import time
     import torch.distributed as dist
-    cfg, checkpoint = resolve_config(argv)
+    resolved = resolve_runs(argv)
+    cfg, checkpoint = resolved[0]  # the SAEs of a sweep share every key that is not SWEEPABLE
+    if cfg.mode != "train" and len(resolved) > 1:
+        raise ValueError(f"--mode={cfg.mode} reads one SAE; pass --ckpt=<out_dir>/<name>/ckpt.pt, one of "
+                         f"{', '.join(os.path.basename(c.out_dir) for c, _ in resolved)}")
     if cfg.mode == "export":
         return export_saelens(checkpoint, cfg.export_dir)
     if cfg.mode == "steer":
@@ -1101,7 +1226,8 @@ def main(argv):
     if master_process:
         for key, value in parse_overrides(TrainConfig(), argv).items():
             print(f"override: {key} = {value!r}")
-    check_config(cfg, ddp_world_size)
+    for run_cfg, _ in resolved:
+        check_config(run_cfg, ddp_world_size)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -1127,23 +1253,13 @@ def main(argv):
             contexts = torch.cat([val.next_batch() for _ in range(max(1, cfg.eval_tokens // cfg.block_size))])
             val_batches = [b.to(device) for b in contexts.split(cfg.harvest_batch)]
 
-    torch.manual_seed(cfg.seed)  # the same SAE init on every rank and in every run of this seed
-    sae = SAE(d_in, cfg.d_sae).to(device)
-    optimizer = torch.optim.Adam([  # two groups, so the encoder and decoder rates can differ
-        {"params": [sae.W_enc, sae.b_enc], "lr": cfg.lr_enc or cfg.lr},
-        {"params": [sae.W_dec, sae.b_dec], "lr": cfg.lr_dec or cfg.lr}], betas=(cfg.beta1, cfg.beta2))
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    tracker = FeatureTracker(cfg.d_sae, cfg.dead_window, device=device)
-    train_sae = torch.compile(sae) if cfg.compile else sae
+    runs = [Run(run_cfg, run_checkpoint, d_in, device, sweep=len(resolved) > 1) for run_cfg, run_checkpoint in resolved]
     if checkpoint:
-        sae.load_state_dict(checkpoint["sae"])
-        tracker.load_state_dict(checkpoint["tracker"])
         scale, iter_num = checkpoint["act_scale"], checkpoint["iter_num"]
         if not cfg.eval_only:
-            optimizer.load_state_dict(checkpoint["optimizer"])
             source.start(checkpoint["data"])
             torch.set_rng_state(checkpoint["rng"]["torch"])
-        print0(f"resumed {cfg.out_dir}/ckpt.pt at iter {iter_num}")
+        print0(f"resumed {', '.join(run.cfg.out_dir for run in runs)} at iter {iter_num}")
     else:
         iter_num = 0
         source.start()
@@ -1154,34 +1270,46 @@ def main(argv):
             mean_norm /= ddp_world_size
         # E|x| = sqrt(d_in) (Anthropic, April 2024 update): coefficients then transfer across layers and models
         scale = math.sqrt(d_in) / mean_norm.item() if cfg.normalize else 1.0
-        with torch.no_grad():
-            if cfg.b_dec_init == "geometric_median":
-                sae.b_dec.copy_(geometric_median(sample * scale))
-            elif cfg.b_dec_init == "mean":
-                sae.b_dec.copy_((sample * scale).mean(dim=0))
-        if ddp:  # ranks saw different samples: rank 0's b_dec for all
-            dist.broadcast(sae.b_dec.data, src=0)
+        b_dec = {"zeros": lambda: torch.zeros(d_in, device=device), "mean": lambda: (sample * scale).mean(dim=0),
+                 "geometric_median": lambda: geometric_median(sample * scale)}
+        for init in {run.cfg.b_dec_init for run in runs}:  # each computed once for the whole sweep
+            value = b_dec[init]()
+            for run in runs:
+                if run.cfg.b_dec_init == init:
+                    run.sae.b_dec.data.copy_(value)
+                    if ddp:  # ranks saw different samples: rank 0's b_dec for all
+                        dist.broadcast(run.sae.b_dec.data, src=0)
 
     def run_eval(it):
-        metrics = {"iter": it, **evaluate(sae, torch.tensor(scale, device=device), cfg, tracker, model, val_batches,
-                                          val_acts, autocast)}
-        with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        line = f"eval {it:5d} | mse {metrics['mse']:.4f} | fvu {metrics['fvu']:.4f} | l0 {metrics['l0']:.1f} | " \
-               f"dead {metrics['dead_frac']:.3f} | dense {metrics['dense_frac']:.3f} | max cos {metrics['mean_max_cos']:.3f}"
-        if "ce_clean" in metrics:
-            line += f" | ce {metrics['ce_clean']:.3f}/{metrics['ce_sae']:.3f}/{metrics['ce_zero']:.3f} (clean/sae/zero)" \
-                    f" | recovered {metrics['ce_recovered']:.3f} | kl {metrics['kl']:.4f}"
-        print(line)
+        all_metrics = evaluate([run.sae for run in runs], [run.tracker for run in runs], torch.tensor(scale, device=device),
+                               cfg, model, val_batches, val_acts, autocast)
+        for run, metrics in zip(runs, all_metrics):
+            metrics = {"iter": it, **metrics}
+            with open(os.path.join(run.cfg.out_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            line = f"eval {it:5d} | {run.prefix}mse {metrics['mse']:.4f} | fvu {metrics['fvu']:.4f} | " \
+                   f"l0 {metrics['l0']:.1f} | dead {metrics['dead_frac']:.3f} | dense {metrics['dense_frac']:.3f} | " \
+                   f"max cos {metrics['mean_max_cos']:.3f}"
+            if "ce_clean" in metrics:
+                line += f" | ce {metrics['ce_clean']:.3f}/{metrics['ce_sae']:.3f}/{metrics['ce_zero']:.3f} (clean/sae/zero)" \
+                        f" | recovered {metrics['ce_recovered']:.3f} | kl {metrics['kl']:.4f}"
+            print(line)
 
-    def make_checkpoint(it):
-        freq = tracker.freq()
-        return {"sae": sae.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg), "iter_num": it,
-                "act_scale": scale, "data": source.state_dict(), "rng": {"torch": torch.get_rng_state()},
-                "tracker": tracker.state_dict(), "feature_freq": freq.cpu(), "freq_hist": log10_freq_histogram(freq)}
+    def make_checkpoint(run, it):
+        freq = run.tracker.freq()
+        return {"sae": run.sae.state_dict(), "optimizer": run.optimizer.state_dict(), "config": asdict(run.cfg),
+                "iter_num": it, "act_scale": scale, "data": source.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                "tracker": run.tracker.state_dict(), "feature_freq": freq.cpu(), "freq_hist": log10_freq_histogram(freq)}
+
+    def save(it):
+        if len(runs) == 1:
+            save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), make_checkpoint(runs[0], it))
+        else:  # all SAEs at the same iteration, or none
+            save_sweep_checkpoint(os.path.dirname(cfg.out_dir), [(run.cfg, make_checkpoint(run, it)) for run in runs], it)
 
     if master_process:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        for run in runs:
+            os.makedirs(run.cfg.out_dir, exist_ok=True)
     if cfg.eval_only:
         if master_process:
             run_eval(iter_num)
@@ -1191,48 +1319,56 @@ def main(argv):
         if master_process and (it % cfg.eval_interval == 0 or it == cfg.max_iters) and (it > start_iter or it == 0):
             run_eval(it)
             if it > 0:
-                save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), make_checkpoint(it))
+                save(it)
             t0, last_log = time.time(), it - 1  # evaluation is not training time
         if it == cfg.max_iters:
             break
         if it in cfg.resample_iters:
             x = source.sample(cfg.resample_samples, torch.Generator().manual_seed(cfg.seed + it)).to(device) * scale
-            dead = tracker.dead()
-            n = resample_dead_(sae, optimizer, dead, x)
-            if ddp:  # every rank resampled the same features from its own inputs: rank 0's rows for all
-                for p in (sae.W_enc, sae.b_enc, sae.W_dec):
-                    dist.broadcast(p.data, src=0)
-            tracker.restart_(dead)
-            print0(f"iter {it}: resampled {n} dead features")
-        lr_mult = get_lr_mult(cfg, it)
-        for group, base_lr in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base_lr * lr_mult
-        x = source.next_batch().to(device) * scale  # (per_rank, d_in)
-        loss, terms, f = sae_loss(train_sae, x, cfg, it)
-        finite = torch.isfinite(loss.detach()).float()
-        if ddp:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():
-            saved = f"the last good checkpoint is {cfg.out_dir}/ckpt.pt" if os.path.exists(
-                os.path.join(cfg.out_dir, "ckpt.pt")) else "no checkpoint was written yet"
-            raise FloatingPointError(f"loss is {loss.item()} at iter {it}; stopping ({saved}); try a lower --lr")
-        sae_step(sae, optimizer, loss, cfg, ddp_world_size)
-        fired = (f > 0).sum(dim=0)  # (d_sae,)
-        if ddp:
-            dist.all_reduce(fired)
-        tracker.update(fired, cfg.batch_size)
-        if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
-            stats = torch.stack([loss.detach(), terms["mse"].detach(), terms["l1"].detach(), terms["jl"].detach(),
-                                 (f > 0).float().sum(dim=-1).mean()])
+            for run in runs:
+                dead = run.tracker.dead()
+                n = resample_dead_(run.sae, run.optimizer, dead, x)
+                if ddp:  # every rank resampled the same features from its own inputs: rank 0's rows for all
+                    for p in (run.sae.W_enc, run.sae.b_enc, run.sae.W_dec):
+                        dist.broadcast(p.data, src=0)
+                run.tracker.restart_(dead)
+                print0(f"iter {it}: {run.prefix}resampled {n} dead features")
+        x = source.next_batch().to(device) * scale  # (per_rank, d_in): one batch for every SAE
+        log_now = it % cfg.log_interval == 0 or it == cfg.max_iters - 1
+        for run in runs:
+            lr_mult = get_lr_mult(run.cfg, it)
+            for group, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
+                group["lr"] = base_lr * lr_mult
+            loss, terms, f = sae_loss(run.train_sae, x, run.cfg, it)
+            finite = torch.isfinite(loss.detach()).float()
             if ddp:
-                dist.all_reduce(stats)
-                stats /= ddp_world_size
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite.item():
+                saved = f"the last good checkpoint is {run.cfg.out_dir}/ckpt.pt" if os.path.exists(
+                    os.path.join(run.cfg.out_dir, "ckpt.pt")) else "no checkpoint was written yet"
+                raise FloatingPointError(f"{run.prefix}loss is {loss.item()} at iter {it}; stopping ({saved}); "
+                                         f"try a lower --lr")
+            sae_step(run.sae, run.optimizer, loss, run.cfg, ddp_world_size)
+            fired = (f > 0).sum(dim=0)  # (d_sae,)
+            if ddp:
+                dist.all_reduce(fired)
+            run.tracker.update(fired, cfg.batch_size)
+            if log_now:
+                run.stats = torch.stack([loss.detach(), terms["mse"].detach(), terms["l1"].detach(),
+                                         terms["jl"].detach(), (f > 0).float().sum(dim=-1).mean()])
+                if ddp:
+                    dist.all_reduce(run.stats)
+                    run.stats /= ddp_world_size
+                run.lr = run.base_lrs[-1] * lr_mult
+        if log_now:
             if device_type == "cuda":
                 torch.cuda.synchronize()
             dt, t0, steps, last_log = time.time() - t0, time.time(), it - last_log, it
-            print0(f"iter {it:5d} | loss {stats[0]:.4f} | mse {stats[1]:.4f} | l1 {stats[2]:.3f} | jl {stats[3]:.5f} | "
-                   f"l0 {stats[4]:.1f} | lr {base_lrs[-1] * lr_mult:.2e} | {dt / steps * 1000:.1f} ms/step | "
-                   f"{cfg.batch_size * steps / dt:,.0f} tok/s")
+            for run in runs:  # the time is the whole process's: every SAE sees every token
+                stats = run.stats
+                print0(f"iter {it:5d} | {run.prefix}loss {stats[0]:.4f} | mse {stats[1]:.4f} | l1 {stats[2]:.3f} | "
+                       f"jl {stats[3]:.5f} | l0 {stats[4]:.1f} | lr {run.lr:.2e} | {dt / steps * 1000:.1f} ms/step | "
+                       f"{cfg.batch_size * steps / dt:,.0f} tok/s")
     if ddp:  # wait for rank 0's last evaluation and checkpoint: gloo aborts if a peer leaves early
         dist.barrier()
         dist.destroy_process_group()

@@ -631,17 +631,105 @@ def test_resume_continues_exactly(source, synthetic, tiny_shards, tmp_path):
     assert log_full == log_half  # evaluations at 0, 20 and 40, the same numbers
 
 
-def test_two_gloo_processes_match_one(synthetic, tmp_path):
-    args = [f"--acts={synthetic[0]}", *ACTS_RUN, "--loss=hybrid", "--max_iters=30", "--eval_interval=30",
+@pytest.mark.parametrize("loss,names", [("hybrid", [""]), ("l1,hybrid", ["l1", "hybrid"])])
+def test_two_gloo_processes_match_one(loss, names, synthetic, tmp_path):
+    args = [f"--acts={synthetic[0]}", *ACTS_RUN, f"--loss={loss}", "--max_iters=30", "--eval_interval=30",
             "--resample_iters=()"]
     assert run_sae(*args, f"--out_dir={tmp_path / 'one'}").returncode == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     r = run_sae(*args, f"--out_dir={tmp_path / 'two'}", "--device=cpu", launcher=torchrun)
     assert r.returncode == 0, r.stderr
-    a, b = load_ckpt(tmp_path / "one"), load_ckpt(tmp_path / "two")
-    for key in ("W_enc", "b_enc", "W_dec", "b_dec"):  # the same global batch; only the summation order differs
-        torch.testing.assert_close(a["sae"][key], b["sae"][key], atol=1e-5, rtol=1e-4)
-    assert r.stdout.count("eval    30") == 1  # rank 0 alone logs
+    for name in names:
+        a, b = load_ckpt(tmp_path / "one" / name), load_ckpt(tmp_path / "two" / name)
+        for key in ("W_enc", "b_enc", "W_dec", "b_dec"):  # the same global batch; only the summation order differs
+            torch.testing.assert_close(a["sae"][key], b["sae"][key], atol=1e-5, rtol=1e-4)
+    assert r.stdout.count("eval    30") == len(names)  # rank 0 alone logs, one line per SAE
+
+
+def test_sweep_flags_expand_to_one_sae_per_combination():
+    parse = lambda *argv: sae.parse_overrides(TrainConfig(), argv)
+    overrides = parse("--loss=l1,jl,hybrid", "--l1_coeff=[1, 5]", "--jl_coeff=10")
+    assert overrides == {"loss": ["l1", "jl", "hybrid"], "l1_coeff": [1.0, 5.0], "jl_coeff": 10.0}
+    runs = sae.expand_sweep(overrides)
+    # jl reads no l1_coeff: its two combinations are one SAE
+    assert [name for name, _ in runs] == ["l1-l1_coeff1.0", "l1-l1_coeff5.0", "jl", "hybrid-l1_coeff1.0",
+                                          "hybrid-l1_coeff5.0"]
+    assert runs[4][1] == {"loss": "hybrid", "l1_coeff": 5.0, "jl_coeff": 10.0}
+    assert sae.expand_sweep(parse("--loss=l1", "--jl_coeff=[1, 2]")) == [("", {"loss": "l1", "jl_coeff": 1.0})]
+    assert parse("--lr=[1e-4]", "--l1_coeff=(5, 5, 1)") == {"lr": 1e-4, "l1_coeff": [5.0, 1.0]}  # repeats dropped
+    with pytest.raises(ValueError, match=r"--max_iters=\[1, 2\]: expected int, got list"):
+        parse("--max_iters=[1, 2]")  # not SWEEPABLE: the SAEs of a sweep share the data
+    with pytest.raises(ValueError, match="one value only here"):
+        sae.parse_args(TrainConfig(), ["--lr=[1e-4, 1e-3]"])
+
+
+@pytest.mark.parametrize("source", ["acts", "gpt"])
+def test_sweep_trains_each_sae_as_if_alone_and_resumes(source, synthetic, tiny_shards, tmp_path):
+    """Several SAEs on one stream of batches: each ends bit for bit where its own run would, with the same
+    evaluations (the shared clean and ablated forwards included), and the sweep resumes exactly."""
+    if source == "acts":
+        args = [f"--acts={synthetic[0]}", *ACTS_RUN, "--jl_warmup_iters=10", "--resample_iters=(30,)",
+                "--dead_window=2048", "--eval_interval=20"]
+    else:
+        args = [*TINY_GPT_RUN, f"--data_dir={tiny_shards}", "--resample_iters=(30,)", "--eval_interval=20"]
+    sweep, names = ["--loss=l1,hybrid", "--jl_coeff=[10, 100]"], ["l1", "hybrid-jl_coeff10.0", "hybrid-jl_coeff100.0"]
+    full, half = tmp_path / "full", tmp_path / "half"
+    r = run_sae(*args, *sweep, f"--out_dir={full}", "--max_iters=40")
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(full / "sweep.json")) == {"names": names, "iter_num": 40}
+    for name, alone in (("l1", ["--loss=l1"]), ("hybrid-jl_coeff100.0", ["--loss=hybrid", "--jl_coeff=100"])):
+        assert run_sae(*args, *alone, f"--out_dir={tmp_path / name}", "--max_iters=40").returncode == 0
+        a, b = load_ckpt(tmp_path / name), load_ckpt(full / name)
+        for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            assert torch.equal(a["sae"][key], b["sae"][key]), (name, key)
+        read = lambda config: {k: v for k, v in config.items() if k not in ("out_dir", *sae.UNUSED_BY[config["loss"]])}
+        assert read(a["config"]) == read(b["config"])
+        assert open(tmp_path / name / "log.jsonl").read() == open(full / name / "log.jsonl").read()
+    assert run_sae(*args, *sweep, f"--out_dir={half}", "--max_iters=20").returncode == 0
+    r = run_sae("--init_from=resume", f"--out_dir={half}", "--max_iters=40")
+    assert r.returncode == 0, r.stderr
+    for name in names:
+        a, b = load_ckpt(full / name), load_ckpt(half / name)
+        for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            assert torch.equal(a["sae"][key], b["sae"][key]), (name, key)
+        assert open(full / name / "log.jsonl").read() == open(half / name / "log.jsonl").read()
+    # the helpers read one SAE: a sweep's directory is a one-line error naming the choices; --ckpt picks one
+    r = run_sae("--mode=export", f"--out_dir={full}", f"--export_dir={tmp_path / 'export'}")
+    assert r.returncode == 1 and r.stderr.strip() == (f"error: --mode=export reads one SAE; pass "
+                                                      f"--ckpt=<out_dir>/<name>/ckpt.pt, one of {', '.join(names)}")
+    r = run_sae("--mode=export", f"--ckpt={full / 'l1' / 'ckpt.pt'}", f"--export_dir={tmp_path / 'export'}")
+    assert r.returncode == 0 and (tmp_path / "export" / "sae_weights.safetensors").exists(), r.stderr
+    r = run_sae("--init_from=resume", f"--out_dir={half}", "--max_iters=60", "--lr=[1e-3, 1e-4]")
+    assert r.returncode == 1 and "cannot change what a saved run sweeps (lr)" in r.stderr
+
+
+def test_sweep_checkpoint_is_all_or_nothing(tmp_path):
+    cfgs = [TrainConfig(out_dir=str(tmp_path / name), loss=name) for name in ("l1", "jl")]
+    for cfg in cfgs:
+        os.makedirs(cfg.out_dir)
+    def checkpoint(cfg, it):
+        return {"iter_num": it, "config": sae.asdict(cfg), "sae": {"W": torch.full((3,), float(it))}}
+    def ckpt_iters():
+        return [torch.load(Path(cfg.out_dir) / "ckpt.pt", weights_only=True)["iter_num"] for cfg in cfgs]
+    sae.save_sweep_checkpoint(str(tmp_path), [(cfg, checkpoint(cfg, 10)) for cfg in cfgs], 10)
+    assert ckpt_iters() == [10, 10] and not list(tmp_path.glob("*/*.tmp"))
+    # killed while writing the next save, before its commit: the save is discarded
+    torch.save(checkpoint(cfgs[0], 20), Path(cfgs[0].out_dir) / "ckpt.pt.tmp")
+    runs = sae.resolve_runs(["--init_from=resume", f"--out_dir={tmp_path}"])
+    assert [c.loss for c, _ in runs] == ["l1", "jl"] and [ck["iter_num"] for _, ck in runs] == [10, 10]
+    assert ckpt_iters() == [10, 10] and not list(tmp_path.glob("*/*.tmp"))
+    # killed after the commit, before the second rename: resuming completes it
+    for cfg in cfgs:
+        torch.save(checkpoint(cfg, 30), Path(cfg.out_dir) / "ckpt.pt.tmp")
+    json.dump({"names": ["l1", "jl"], "iter_num": 30}, open(tmp_path / "sweep.json", "w"))
+    os.replace(Path(cfgs[0].out_dir) / "ckpt.pt.tmp", Path(cfgs[0].out_dir) / "ckpt.pt")
+    runs = sae.resolve_runs(["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=50"])
+    assert ckpt_iters() == [30, 30] and [c.max_iters for c, _ in runs] == [50, 50]
+    assert [c.out_dir for c, _ in runs] == [cfg.out_dir for cfg in cfgs]
+    # a checkpoint that is not at the committed iteration (copied over by hand) is named
+    torch.save(checkpoint(cfgs[1], 10), Path(cfgs[1].out_dir) / "ckpt.pt")
+    with pytest.raises(ValueError, match=f"{cfgs[1].out_dir}/ckpt.pt is at iter 10, {tmp_path}/sweep.json at 30"):
+        sae.resolve_runs(["--init_from=resume", f"--out_dir={tmp_path}"])
 
 
 # a tiny random GPT-2 from scratch over the offline text sample
@@ -703,7 +791,8 @@ def test_ce_numbers_against_transformers(checkpoints, tiny_shards, tmp_path):
     assert log[0]["ce_zero"] != pytest.approx(ce, abs=1e-3)
 
 
-@pytest.mark.parametrize("case", ["unknown_flag", "wrong_type", "unknown_loss", "bad_acts", "nan_loss", "diverged"])
+@pytest.mark.parametrize("case", ["unknown_flag", "wrong_type", "unknown_loss", "unknown_loss_in_sweep", "bad_acts",
+                                  "nan_loss", "diverged"])
 def test_bad_input_is_one_line(case, synthetic, tmp_path):
     acts = [f"--acts={synthetic[0]}", *ACTS_RUN, f"--out_dir={tmp_path}"]
     if case == "unknown_flag":
@@ -712,6 +801,8 @@ def test_bad_input_is_one_line(case, synthetic, tmp_path):
         r, expect = run_sae("--max_iters=lots"), "--max_iters='lots': expected int, got str"
     elif case == "unknown_loss":
         r, expect = run_sae(*acts, "--loss=l2"), "--loss='l2': valid values are l1, jl, hybrid"
+    elif case == "unknown_loss_in_sweep":
+        r, expect = run_sae(*acts, "--loss=l1,l2"), "--loss='l2': valid values are l1, jl, hybrid"
     elif case == "bad_acts":
         np.save(tmp_path / "bad.npy", np.zeros((10, 3, 2), dtype=np.float32))
         r, expect = run_sae(*acts, f"--acts={tmp_path / 'bad.npy'}"), "expected a 2-D float array (N, d_in)"
