@@ -437,6 +437,16 @@ def test_parse_args_types_and_unknown_keys(tmp_path):
         parse_args(TrainConfig(), ["--layer=six"])
 
 
+def test_experiment_configs_parse_and_check():
+    """Every config/*.py is valid: known keys, right types, each SAE of its sweep a valid config."""
+    names = {}
+    for path in sorted(glob.glob(str(HERE / "config" / "*.py"))):
+        for name, run in sae.expand_sweep(sae.parse_overrides(TrainConfig(), [path])):
+            sae.check_config(sae.replace(TrainConfig(), **run))
+            names.setdefault(Path(path).stem, []).append(name)
+    assert names["gpt2_compare"] == ["l1", "jl", "hybrid"] and len(names["gpt2_sweep_hybrid"]) == 9
+
+
 # -----------------------------------------------------------------------------
 # the SAE: losses, JL, decoder norms, resampling
 
