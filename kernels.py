@@ -27,7 +27,9 @@ def use_triton(t):
 # -----------------------------------------------------------------------------
 # a matmul with the SAE's prologue and epilogues, shared by both ops' kernels
 # C (M, N) = epilogue(sum_k (A[m, k] - shift) * B[k, n]); shift is shift[k] (SHIFT=1) or shift[m] (SHIFT=2);
-# epilogue: + bias[n], + D[m, n], relu, * (F[m, n] > 0). A and B by strides, so transposes are free.
+# epilogue: + bias[n], + D[m, n], + row[m], relu, * (F[m, n] > 0); with STATS, from the final tile in
+# registers: sums[m] += sum_n C, counts[m] += #(C > 0), fired[n] += #(C > 0) (atomics across tiles).
+# A and B by strides, so transposes are free.
 
 def get_autotune_configs():
     if INTERPRET:  # the interpreter runs every program in numpy: one small config
@@ -44,14 +46,14 @@ def get_autotune_configs():
 @triton.jit
 def _sae_matmul_kernel(
         # pointers
-        a_ptr, b_ptr, c_ptr, shift_ptr, bias_ptr, d_ptr, f_ptr,
+        a_ptr, b_ptr, c_ptr, shift_ptr, bias_ptr, d_ptr, row_ptr, f_ptr, sums_ptr, counts_ptr, fired_ptr,
         # sizes
         M, N, K,
         # strides (D and F share C's)
         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
         # meta
-        SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, RELU: tl.constexpr,
-        MASK_F: tl.constexpr, PRECISION: tl.constexpr,
+        SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_ROW: tl.constexpr, RELU: tl.constexpr,
+        MASK_F: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -77,54 +79,76 @@ def _sae_matmul_kernel(
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_D:
         acc += tl.load(d_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, mask=c_mask, other=0.0).to(tl.float32)
+    if HAS_ROW:  # the L1 term's gradient: the same for every feature of a row
+        acc += tl.load(row_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)[:, None]
     if RELU:
         acc = tl.maximum(acc, 0.0)
     if MASK_F:  # ReLU's backward: pass the gradient where the feature fired
         fired = tl.load(f_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, mask=c_mask, other=0.0)
         acc = tl.where(fired > 0, acc, 0.0)
+    if STATS:  # L1 and L0 per row, firings per feature, while the tile is in registers (padding excluded:
+        # a padded row reads x = 0, and 0 - b_dec need not encode to 0)
+        active = c_mask & (acc > 0)
+        tl.atomic_add(sums_ptr + rm, tl.sum(tl.where(c_mask, acc, 0.0), axis=1), mask=rm < M)
+        tl.atomic_add(counts_ptr + rm, tl.sum(active.to(tl.int32), axis=1), mask=rm < M)
+        tl.atomic_add(fired_ptr + rn, tl.sum(active.to(tl.int32), axis=0), mask=rn < N)
     tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def _sae_matmul(A, B, shift=None, shift_rows=False, bias=None, D=None, relu=False, mask_by=None, out_dtype=None):
+def _sae_matmul(A, B, shift=None, shift_rows=False, bias=None, D=None, row=None, relu=False, mask_by=None,
+                stats=False, out_dtype=None):
     """Launcher: C = epilogue((A - shift) @ B). A (M, K), B (K, N) any strides; shift (K,) or, with
-    shift_rows, (M,); bias (N,); D and mask_by (M, N) contiguous. -> C (M, N) contiguous."""
+    shift_rows, (M,); bias (N,); row (M,); D and mask_by (M, N) contiguous. -> C (M, N) contiguous, and with
+    stats also (sums (M,) fp32, counts (M,) int32, fired (N,) int32) of C."""
     M, K = A.shape
     K2, N = B.shape
     assert K == K2, f"inner sizes differ: A is {tuple(A.shape)}, B is {tuple(B.shape)}"
     assert A.device == B.device, "A and B on different devices"
     for name, t, shape in (("shift", shift, (M,) if shift_rows else (K,)), ("bias", bias, (N,)), ("D", D, (M, N)),
-                           ("mask_by", mask_by, (M, N))):
+                           ("row", row, (M,)), ("mask_by", mask_by, (M, N))):
         assert t is None or tuple(t.shape) == shape, f"{name} has shape {tuple(t.shape)}, expected {shape}"
         assert t is None or t.is_contiguous(), f"{name} must be contiguous (call .contiguous() first)"
     C = torch.empty(M, N, device=A.device, dtype=out_dtype or A.dtype)
-    dummy = C  # stands for absent optional pointers; never read (the constexpr flags are off)
+    sums = torch.zeros(M, device=A.device, dtype=torch.float32) if stats else None
+    counts = torch.zeros(M, device=A.device, dtype=torch.int32) if stats else None
+    fired = torch.zeros(N, device=A.device, dtype=torch.int32) if stats else None
+    optional = lambda t: C if t is None else t  # C stands for an absent pointer; never read (its flag is off)
     precision = "ieee" if A.dtype == torch.float32 else "tf32"  # fp32: no TF32 rounding, as the reference
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(N, META["BLOCK_N"]))
     _sae_matmul_kernel[grid](
-        A, B, C, shift if shift is not None else dummy, bias if bias is not None else dummy,
-        D if D is not None else dummy, mask_by if mask_by is not None else dummy,
+        A, B, C, optional(shift), optional(bias), optional(D), optional(row), optional(mask_by), optional(sums),
+        optional(counts), optional(fired),
         M, N, K, A.stride(0), A.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
         SHIFT=0 if shift is None else (2 if shift_rows else 1), HAS_BIAS=bias is not None, HAS_D=D is not None,
-        RELU=relu, MASK_F=mask_by is not None, PRECISION=precision)
-    return C
+        HAS_ROW=row is not None, RELU=relu, MASK_F=mask_by is not None, STATS=stats, PRECISION=precision)
+    return (C, sums, counts, fired) if stats else C
 
 
 # -----------------------------------------------------------------------------
 # encode-ReLU-decode
-# x (N, d_model) -> f = relu((x - b_dec) @ W_enc + b_enc) (N, n_latents); x_hat = f @ W_dec + b_dec (N, d_model)
-# Backward, given dx_hat (N, d_model) and df (N, n_latents) (the L1 term's gradient reaches f directly):
-#   dpre = (dx_hat @ W_dec^T + df) * (f > 0)        (N, n_latents)
+# x (N, d_model) -> f = relu((x - b_dec) @ W_enc + b_enc) (N, n_latents); x_hat = f @ W_dec + b_dec (N, d_model);
+# and, in the same pass, l1 = sum_latents f (N,), l0 = #(f > 0) (N,), fired = #_N(f > 0) (n_latents,): the L1
+# term, the sparsity and the dead-feature counts without reading f again.
+# Backward, given dx_hat (N, d_model), dl1 (N,) (the L1 term's gradient: one number per row) and df
+# (N, n_latents) (only if the caller's loss reads f itself):
+#   dpre = (dx_hat @ W_dec^T + dl1[:, None] + df) * (f > 0)        (N, n_latents)
 #   dW_dec = f^T @ dx_hat,  db_enc = sum_N dpre,  dW_enc = (x - b_dec)^T @ dpre
 #   db_dec = sum_N dx_hat - (sum_N dpre) @ W_enc^T   reduced over the batch before the multiply: a mat-vec,
 #   where autograd computes the full (N, d_model) dx = dpre @ W_enc^T (a sixth matmul) and then sums it.
-# The kernels are dense: f is read once by the decoder matmul, but inactive rows are not skipped (TODO:
-# a gathered decoder for very sparse f, as openai/sparse_autoencoder does for inference).
+# Through l1, the L1 term's gradient is a row vector added in the epilogue, where autograd of f.sum() would
+# materialise an (N, n_latents) block of it. The kernels are dense: f is read once by the decoder matmul,
+# but inactive rows are not skipped (TODO: a gathered decoder for very sparse f, as openai/sparse_autoencoder
+# does for inference).
 
-def encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec):
-    """The SAE forward with a pre-encoder bias (Bricken et al. 2023): returns (x_hat, f)."""
+def encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, stats=False):
+    """The SAE forward with a pre-encoder bias (Bricken et al. 2023): returns (x_hat, f), and with stats
+    (x_hat, f, (l1 (N,), l0 (N,) int32, fired (n_latents,) int32))."""
     f = torch.relu((x - b_dec) @ W_enc + b_enc)  # (N, d_model) @ (d_model, n_latents) -> (N, n_latents)
     x_hat = f @ W_dec + b_dec                     # (N, n_latents) @ (n_latents, d_model) -> (N, d_model)
-    return x_hat, f
+    if not stats:
+        return x_hat, f
+    active = f > 0
+    return x_hat, f, (f.sum(dim=1), active.sum(dim=1, dtype=torch.int32), active.sum(dim=0, dtype=torch.int32))
 
 
 _workspace = {}
@@ -141,26 +165,38 @@ def _buffer(name, shape, like):
 class EncodeReluDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec):
-        if use_triton(x):
-            f = _sae_matmul(x, W_enc, shift=b_dec, bias=b_enc, relu=True)  # (N, n_latents), bias and ReLU fused
-            x_hat = _sae_matmul(f, W_dec, bias=b_dec)                       # (N, d_model)
+        if use_triton(x):  # bias, ReLU and the three counts fused into the encoder matmul
+            f, l1, l0, fired = _sae_matmul(x, W_enc, shift=b_dec, bias=b_enc, relu=True, stats=True)  # (N, n_latents)
+            x_hat = _sae_matmul(f, W_dec, bias=b_dec)                                                 # (N, d_model)
+            l1 = l1.to(f.dtype)
         else:
             f = torch.addmm(b_enc, x - b_dec, W_enc).relu_()  # (N, d_model) @ (d_model, n_latents), in place
             x_hat = torch.addmm(b_dec, f, W_dec)              # (N, n_latents) @ (n_latents, d_model)
+            active = f > 0
+            l1, l0, fired = f.sum(dim=1), active.sum(dim=1, dtype=torch.int32), active.sum(dim=0, dtype=torch.int32)
         ctx.save_for_backward(x, W_enc, W_dec, b_dec, f)
-        return x_hat, f
+        ctx.mark_non_differentiable(l0, fired)
+        ctx.set_materialize_grads(False)  # an output the loss does not read gets None, not an (N, n_latents) zero block
+        return x_hat, f, l1, l0, fired
 
     @staticmethod
-    def backward(ctx, dx_hat, df):
+    def backward(ctx, dx_hat, df, dl1, _dl0, _dfired):
         x, W_enc, W_dec, b_dec, f = ctx.saved_tensors
-        dx_hat = dx_hat.contiguous()
-        df = torch.zeros_like(f) if df is None else df.contiguous()
+        dx_hat = torch.zeros(x.shape, dtype=f.dtype, device=f.device) if dx_hat is None else dx_hat.contiguous()
+        df = None if df is None else df.contiguous()
+        dl1 = None if dl1 is None else dl1.contiguous()
         if use_triton(x):
-            dpre = _sae_matmul(dx_hat, W_dec.T, D=df, mask_by=f)           # (N, d_model) @ (d_model, n_latents)
+            dpre = _sae_matmul(dx_hat, W_dec.T, D=df, row=dl1, mask_by=f)  # (N, d_model) @ (d_model, n_latents)
             dW_dec = _sae_matmul(f.T, dx_hat)                               # (n_latents, N) @ (N, d_model)
             dW_enc = _sae_matmul(x.T, dpre, shift=b_dec, shift_rows=True)  # (d_model, N) @ (N, n_latents)
         else:
-            dpre = torch.addmm(df, dx_hat, W_dec.T, out=_buffer("dpre", f.shape, f))  # (N, n_latents)
+            dpre = _buffer("dpre", f.shape, f)
+            if df is None:
+                torch.mm(dx_hat, W_dec.T, out=dpre)                         # (N, d_model) @ (d_model, n_latents)
+            else:
+                torch.addmm(df, dx_hat, W_dec.T, out=dpre)
+            if dl1 is not None:
+                dpre.add_(dl1[:, None])
             dpre.mul_(f > 0)
             dW_dec = f.T @ dx_hat                                           # (n_latents, d_model)
             dW_enc = (x - b_dec).T @ dpre                                   # (d_model, n_latents)
@@ -169,11 +205,13 @@ class EncodeReluDecode(torch.autograd.Function):
         return None, dW_enc, db_enc, dW_dec, db_dec
 
 
-def encode_relu_decode(x, W_enc, b_enc, W_dec, b_dec):
-    """-> (x_hat, f); see the section's header. x needs no gradient."""
+def encode_relu_decode(x, W_enc, b_enc, W_dec, b_dec, stats=False):
+    """-> (x_hat, f), and with stats (x_hat, f, (l1, l0, fired)); see the section's header. x needs no
+    gradient; l1 carries the gradient of a loss on it."""
     if NO_TRITON:
-        return encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec)
-    return EncodeReluDecode.apply(x, W_enc, b_enc, W_dec, b_dec)
+        return encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, stats)
+    x_hat, f, l1, l0, fired = EncodeReluDecode.apply(x, W_enc, b_enc, W_dec, b_dec)
+    return (x_hat, f, (l1, l0, fired)) if stats else (x_hat, f)
 
 
 # -----------------------------------------------------------------------------

@@ -471,9 +471,10 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(W_dec)                      # (d_sae, d_in)
         self.b_dec = nn.Parameter(torch.zeros(d_in))          # pre-encoder bias, subtracted before encoding
 
-    def forward(self, x):
-        """x (N, d_in) -> (x_hat (N, d_in), f (N, d_sae)), through the one kernel call site."""
-        return encode_relu_decode(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec)
+    def forward(self, x, stats=False):
+        """x (N, d_in) -> (x_hat (N, d_in), f (N, d_sae)), through the one kernel call site; with stats also
+        (l1 (N,), l0 (N,), fired (d_sae,)) from the same pass (kernels.py)."""
+        return encode_relu_decode(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, stats)
 
     def dictionary(self, on="dec"):
         """The unit-norm rows the JL penalty sees: W_dec's rows, or W_enc's columns. (d_sae, d_in)"""
@@ -493,17 +494,19 @@ class SAE(nn.Module):
 
 
 def sae_loss(sae, x, cfg, it):
-    """-> (loss, terms, f). mse = mean over the batch of sum over d_in of (x_hat - x)^2; l1 = mean over the batch
-    of sum over features of f (f >= 0); jl = the JL mean of kernels.jl_penalty, the one call site."""
-    x_hat, f = sae(x)                                 # (N, d_in), (N, d_sae)
+    """-> (loss, terms, fired). mse = mean over the batch of sum over d_in of (x_hat - x)^2; l1 = mean over the
+    batch of sum over features of f (f >= 0), summed inside the encoder's pass; l0 = mean number of active
+    features; jl = the JL mean of kernels.jl_penalty, the one call site; fired (d_sae,) = how many of the batch
+    activated each feature."""
+    x_hat, _, (l1_rows, l0_rows, fired) = sae(x, stats=True)  # (N, d_in), (N,), (N,), (d_sae,)
     mse = (x_hat - x).pow(2).sum(dim=-1).mean()
-    l1 = f.sum(dim=-1).mean()
+    l1 = l1_rows.mean()
     loss = mse + (l1_coeff_at(cfg, it) * l1 if cfg.loss in ("l1", "hybrid") else 0.0)
     jl = torch.zeros((), device=x.device)
     if cfg.loss in ("jl", "hybrid"):
         jl = jl_penalty(sae.dictionary(cfg.jl_on), cfg.jl_sample, torch.Generator().manual_seed(cfg.seed + it))
         loss = loss + jl_coeff_at(cfg, it) * jl
-    return loss, {"mse": mse, "l1": l1, "jl": jl}, f
+    return loss, {"mse": mse, "l1": l1, "jl": jl, "l0": l0_rows.float().mean()}, fired
 
 
 def sae_step(sae, optimizer, loss, cfg, world_size=1):
@@ -1339,7 +1342,7 @@ def main(argv):
             lr_mult = get_lr_mult(run.cfg, it)
             for group, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
                 group["lr"] = base_lr * lr_mult
-            loss, terms, f = sae_loss(run.train_sae, x, run.cfg, it)
+            loss, terms, fired = sae_loss(run.train_sae, x, run.cfg, it)
             finite = torch.isfinite(loss.detach()).float()
             if ddp:
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -1349,13 +1352,12 @@ def main(argv):
                 raise FloatingPointError(f"{run.prefix}loss is {loss.item()} at iter {it}; stopping ({saved}); "
                                          f"try a lower --lr")
             sae_step(run.sae, run.optimizer, loss, run.cfg, ddp_world_size)
-            fired = (f > 0).sum(dim=0)  # (d_sae,)
             if ddp:
                 dist.all_reduce(fired)
             run.tracker.update(fired, cfg.batch_size)
             if log_now:
                 run.stats = torch.stack([loss.detach(), terms["mse"].detach(), terms["l1"].detach(),
-                                         terms["jl"].detach(), (f > 0).float().sum(dim=-1).mean()])
+                                         terms["jl"].detach(), terms["l0"]])
                 if ddp:
                     dist.all_reduce(run.stats)
                     run.stats /= ddp_world_size

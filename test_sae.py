@@ -458,15 +458,19 @@ def test_losses_against_hand_computation():
             p.copy_(torch.randn_like(p))
     x = torch.randn(4, 5)
     cfg = TrainConfig(loss="hybrid", l1_coeff=0.3, l1_warmup_iters=10, jl_coeff=2.0, jl_warmup_mult=5.0, jl_warmup_iters=8)
-    loss, terms, f = sae.sae_loss(model, x, cfg, it=4)
+    loss, terms, fired = sae.sae_loss(model, x, cfg, it=4)
     # by hand, with Python floats and loops
     W_enc, b_enc, W_dec, b_dec = (p.detach().double().tolist() for p in (model.W_enc, model.b_enc, model.W_dec, model.b_dec))
-    mse = l1 = 0.0
+    mse = l1 = l0 = 0.0
+    fired_by_hand = [0] * 7
     for row in x.double().tolist():
         feats = [max(0.0, sum((row[i] - b_dec[i]) * W_enc[i][j] for i in range(5)) + b_enc[j]) for j in range(7)]
         recon = [sum(feats[j] * W_dec[j][i] for j in range(7)) + b_dec[i] for i in range(5)]
         mse += sum((recon[i] - row[i]) ** 2 for i in range(5)) / 4
         l1 += sum(feats) / 4
+        l0 += sum(v > 0 for v in feats) / 4
+        fired_by_hand = [n + (v > 0) for n, v in zip(fired_by_hand, feats)]
+    assert fired.tolist() == fired_by_hand and terms["l0"].item() == pytest.approx(l0)
     rows = [[v / sum(u * u for u in r) ** 0.5 for v in r] for r in W_dec]
     jl = sum(np.arctanh(min(abs(sum(a * b for a, b in zip(rows[i], rows[j]))), 1 - JL_EPS))
              for i in range(7) for j in range(7) if i != j) / 42
@@ -875,20 +879,25 @@ def test_encode_relu_decode_reference_against_numpy_closed_form():
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("N,d,s", [(37, 45, 83), (5, 24, 100)])
-def test_encode_relu_decode_matches_reference(path, N, d, s):
+@pytest.mark.parametrize("reads_f", [True, False])  # a loss on f itself, or (as sae_loss) on x_hat and l1 only
+def test_encode_relu_decode_matches_reference(path, N, d, s, reads_f):
     x = torch.randn(N, d)
     ref_params, params = sae_params(d, s), sae_params(d, s)
-    R, Q = torch.randn(N, d), torch.randn(N, s)  # random upstream gradients for x_hat and f
-    outs_ref = kernels.encode_relu_decode_ref(x, *ref_params)
-    outs = kernels.encode_relu_decode(x, *params)
+    R, Q, P = torch.randn(N, d), torch.randn(N, s), torch.randn(N)  # upstream gradients for x_hat, f and l1
+    outs_ref = kernels.encode_relu_decode_ref(x, *ref_params, stats=True)
+    outs = kernels.encode_relu_decode(x, *params, stats=True)
     assert outs[1].grad_fn is not None and "EncodeReluDecode" in type(outs[1].grad_fn).__name__
-    for out in (outs_ref, outs):
-        ((out[0] * R).sum() + (out[1] * Q).sum()).backward()
+    for x_hat, f, (l1, _, _) in (outs_ref, outs):
+        ((x_hat * R).sum() + (l1 * P).sum() + ((f * Q).sum() if reads_f else 0)).backward()
     # fp32, sums of at most ~100 products: 1e-5 relative covers the summation order of blocked matmuls
-    for a, b in zip(outs, outs_ref):
+    for a, b in zip([*outs[:2], outs[2][0]], [*outs_ref[:2], outs_ref[2][0]]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    active = outs[1].detach() > 0  # f itself is checked against the reference above; the counts are exact
+    assert torch.equal(outs[2][1], active.sum(dim=1, dtype=torch.int32))
+    assert torch.equal(outs[2][2], active.sum(dim=0, dtype=torch.int32))
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-5)
+    assert torch.equal(kernels.encode_relu_decode(x, *params)[1], outs[1])  # without stats: (x_hat, f), the same f
 
 
 def test_no_triton_forces_the_references(monkeypatch):
