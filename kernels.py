@@ -13,6 +13,7 @@ beside each kernel, openai/sparse_autoencoder's kernels.py, modded-nanogpt's sym
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -22,6 +23,37 @@ NO_TRITON = os.environ.get("SAE_NO_TRITON") == "1"
 
 def use_triton(t):
     return not NO_TRITON and (t.is_cuda or INTERPRET)
+
+
+# -----------------------------------------------------------------------------
+# dense fp32 matmuls on the CPU
+# torch's fp32 matmul calls MKL, which runs its AVX2 code on AMD processors; oneDNN, which torch also
+# bundles (torch.compile's CPU linear layers call it through this same op), uses AVX-512 where the CPU has it:
+# 375 against 200 GFLOP/s on the development machine's AMD EPYC (bench.py measures both). Its linear
+# computes x @ weight^T + bias with an optional fused activation, reading strided views, in fp32 (no
+# reduced-precision math). SAE_NO_ONEDNN=1 keeps torch's matmul.
+
+def _onednn_works():
+    if os.environ.get("SAE_NO_ONEDNN") == "1" or not torch.backends.mkldnn.is_available():
+        return False
+    try:  # a private op (torch/_inductor/mkldnn_ir.py calls it): check it exists and agrees with a plain matmul
+        x, w = torch.randn(3, 5), torch.randn(4, 5)
+        return torch.allclose(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], ""), x @ w.T, atol=1e-5)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+ONEDNN = _onednn_works()
+
+
+def linear(x, weight, bias=None, act="none"):
+    """act(x @ weight^T + bias) for CPU tensors, no autograd: x (M, K), weight (N, K), any strides; act is none,
+    relu or gelu_tanh. oneDNN for fp32 where it works, else torch. -> (M, N)"""
+    if ONEDNN and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        attr, algorithm = ("gelu", "tanh") if act == "gelu_tanh" else (act, "")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [None], algorithm)
+    y = x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)  # (M, K) @ (K, N)
+    return y.relu_() if act == "relu" else F.gelu(y, approximate="tanh") if act == "gelu_tanh" else y
 
 
 # -----------------------------------------------------------------------------
@@ -151,17 +183,6 @@ def encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, stats=False):
     return x_hat, f, (f.sum(dim=1), active.sum(dim=1, dtype=torch.int32), active.sum(dim=0, dtype=torch.int32))
 
 
-_workspace = {}
-
-
-def _buffer(name, shape, like):
-    """A reused temporary: allocating fresh (N, n_latents) blocks every step costs the CPU system time."""
-    buf = _workspace.get(name)
-    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
-        buf = _workspace[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
-    return buf
-
-
 class EncodeReluDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec):
@@ -170,8 +191,8 @@ class EncodeReluDecode(torch.autograd.Function):
             x_hat = _sae_matmul(f, W_dec, bias=b_dec)                                                 # (N, d_model)
             l1 = l1.to(f.dtype)
         else:
-            f = torch.addmm(b_enc, x - b_dec, W_enc).relu_()  # (N, d_model) @ (d_model, n_latents), in place
-            x_hat = torch.addmm(b_dec, f, W_dec)              # (N, n_latents) @ (n_latents, d_model)
+            f = linear(x - b_dec, W_enc.T, b_enc, "relu")  # (N, d_model) @ (d_model, n_latents), bias and ReLU fused
+            x_hat = linear(f, W_dec.T, b_dec)               # (N, n_latents) @ (n_latents, d_model)
             active = f > 0
             l1, l0, fired = f.sum(dim=1), active.sum(dim=1, dtype=torch.int32), active.sum(dim=0, dtype=torch.int32)
         ctx.save_for_backward(x, W_enc, W_dec, b_dec, f)
@@ -190,16 +211,14 @@ class EncodeReluDecode(torch.autograd.Function):
             dW_dec = _sae_matmul(f.T, dx_hat)                               # (n_latents, N) @ (N, d_model)
             dW_enc = _sae_matmul(x.T, dpre, shift=b_dec, shift_rows=True)  # (d_model, N) @ (N, n_latents)
         else:
-            dpre = _buffer("dpre", f.shape, f)
-            if df is None:
-                torch.mm(dx_hat, W_dec.T, out=dpre)                         # (N, d_model) @ (d_model, n_latents)
-            else:
-                torch.addmm(df, dx_hat, W_dec.T, out=dpre)
+            dpre = linear(dx_hat, W_dec)                                    # (N, d_model) @ (d_model, n_latents)
+            if df is not None:
+                dpre += df
             if dl1 is not None:
-                dpre.add_(dl1[:, None])
+                dpre += dl1[:, None]
             dpre.mul_(f > 0)
-            dW_dec = f.T @ dx_hat                                           # (n_latents, d_model)
-            dW_enc = (x - b_dec).T @ dpre                                   # (d_model, n_latents)
+            dW_dec = linear(f.T, dx_hat.T)                                  # (n_latents, N) @ (N, d_model)
+            dW_enc = linear((x - b_dec).T, dpre.T)                          # (d_model, N) @ (N, n_latents)
         db_enc = dpre.sum(dim=0)                                            # (n_latents,)
         db_dec = dx_hat.sum(dim=0) - W_enc @ db_enc                         # (d_model,): a mat-vec, not a matmul
         return None, dW_enc, db_enc, dW_dec, db_dec

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import encode_relu_decode, jl_penalty
+from kernels import encode_relu_decode, jl_penalty, linear
 from prepare import read_shard
 
 # -----------------------------------------------------------------------------
@@ -238,13 +238,25 @@ class GPTConfig:
         self.n_inner = self.n_inner or 4 * self.n_embd
 
 
+class Linear(nn.Linear):
+    """nn.Linear through kernels.linear when nothing needs its gradient (harvesting, evaluation, generation):
+    oneDNN's AVX-512 matmul on the CPU, where torch's fp32 matmul takes MKL's AVX2 path on AMD processors."""
+
+    def forward(self, x, act="none"):
+        if x.is_cuda or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            y = F.linear(x, self.weight, self.bias)
+            return F.gelu(y, approximate="tanh") if act == "gelu_tanh" else y
+        y = linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, act)  # (B*T, in) @ (in, out)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = Linear(config.n_embd, config.n_embd)
 
     def forward(self, x):
         B, T, C = x.size()
@@ -258,12 +270,11 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new" (Hendrycks & Gimpel 2016, tanh form)
-        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
+        self.c_fc = Linear(config.n_embd, config.n_inner)  # with GPT-2's "gelu_new" (Hendrycks & Gimpel 2016,
+        self.c_proj = Linear(config.n_inner, config.n_embd)  # tanh form) fused into c_fc: act="gelu_tanh"
 
     def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        return self.c_proj(self.c_fc(x, act="gelu_tanh"))
 
 
 class Block(nn.Module):
@@ -281,7 +292,7 @@ class Block(nn.Module):
         x = at("resid_pre", x)
         x = at("resid_mid", x + self.attn(self.ln_1(x)))
         h = at("mlp_in", self.ln_2(x))                          # (B, T, C)
-        h = at("mlp_hidden", self.mlp.gelu(self.mlp.c_fc(h)))   # (B, T, n_inner)
+        h = at("mlp_hidden", self.mlp.c_fc(h, act="gelu_tanh"))  # (B, T, n_inner)
         h = at("mlp_out", self.mlp.c_proj(h))                   # (B, T, C)
         return at("resid_post", x + h)
 
@@ -300,7 +311,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2 (https://paperswithcode.com/method/weight-tying)
         self.apply(self._init_weights)  # for init_from=scratch; from_pretrained overwrites every weight
 
