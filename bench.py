@@ -46,6 +46,10 @@ class BenchConfig:
     quick: bool = False        # under a minute: one repetition at d_sae 2048, batch 1024, jl_big 8192, no full forward
     json: str = ""             # also write every figure as one JSON object here
     synthetic: bool = False    # instead: the synthetic benchmark with a known dictionary, each loss over its sweep
+    saelens: bool = False      # instead: sae.py against SAELens's runner, end to end (needs sae-lens installed)
+    data_dir: str = "data/local"  # --saelens: the token shards both read (prepare.py)
+    steps: int = 96            # --saelens: steps timed (a multiple of 32), after 33 of warm-up
+    saelens_worker: str = ""   # internal: run SAELens on this .npy of tokens and print its rate
     device: str = "auto"       # auto = cuda if available, else cpu
 
 
@@ -312,20 +316,106 @@ def bench_synthetic(cfg):
     return results
 
 
+# SAELens against sae.py, end to end on the CPU at the issue's config: GPT-2 small's shape (random weights), layer 6
+# mlp_in, d_sae 8192, 4096-token steps of 128-token contexts (position 0 dropped), a 2**18-token shuffling buffer
+# of 32-context harvests, fp32, l1 loss at coefficient 5, Adam 1e-4; no evaluation, checkpoint or wandb inside
+# the timed steps. Each in its own process, on the same tokens. Steady-state tokens/s: steps 33 to 32 + steps,
+# whole refill periods of both buffers (half a buffer, 32 steps, between refills), refills included.
+WARMUP = 32
+
+
+def saelens_worker(tokens_path, steps):
+    """SAELens 6.54 through its own LanguageModelSAETrainingRunner (`pip install sae-lens==6.54.12`, not a
+    dependency). Its model is a HookedTransformer of GPT-2 small's shape built directly, with layer norm folded
+    as from_pretrained("gpt2") gives it (normalization LNPre), so nothing is downloaded. Prints its rate."""
+    from datasets import Dataset
+    try:
+        import sae_lens  # noqa: F401
+    except ImportError:
+        sys.exit("sae_lens is not installed: `pip install sae-lens==6.54.12` (the baseline, not a dependency)")
+    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, StandardTrainingSAEConfig
+    from sae_lens.config import LoggingConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    tokens = np.load(tokens_path).astype(np.int64)
+    dataset = Dataset.from_dict({"input_ids": tokens[:len(tokens) // 128 * 128].reshape(-1, 128).tolist()})
+    model = HookedTransformer(HookedTransformerConfig(
+        n_layers=12, d_model=768, n_ctx=1024, d_head=64, n_heads=12, d_mlp=3072, d_vocab=50257, act_fn="gelu_new",
+        normalization_type="LNPre", default_prepend_bos=False, device="cpu", dtype=torch.float32, seed=0))
+    stamps, step = [], SAETrainer.step
+    def timed_step(self, *args, **kwargs):  # a time stamp as each step starts; the step itself unchanged
+        stamps.append(time.perf_counter())
+        return step(self, *args, **kwargs)
+    SAETrainer.step = timed_step
+    cfg = LanguageModelSAERunnerConfig(
+        sae=StandardTrainingSAEConfig(d_in=768, d_sae=8192, l1_coefficient=5.0, dtype="float32", device="cpu",
+                                      apply_b_dec_to_input=True, normalize_activations="none"),
+        model_name="gpt2", hook_name="blocks.6.ln2.hook_normalized", dataset_path="local", is_dataset_tokenized=True,
+        streaming=False, context_size=128, seqpos_slice=(1, None), prepend_bos=False, n_batches_in_buffer=64,
+        store_batch_size_prompts=32, training_tokens=4096 * (WARMUP + 1 + steps), train_batch_size_tokens=4096, lr=1e-4,
+        device="cpu", dtype="float32", logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0,
+        save_final_checkpoint=False, output_path=None, checkpoint_path=None, verbose=False)
+    LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model).run()
+    stamps.append(time.perf_counter())  # the end of the last step
+    # stamps[i]: step i starts, its batch fetched; stamps[WARMUP + 1] to the end: fetching and training steps 33 on
+    print(f"saelens_tok_s {4096 * (len(stamps) - 2 - WARMUP) / (stamps[-1] - stamps[WARMUP + 1]):.1f}")
+
+
+def bench_saelens(cfg):
+    import glob
+    from prepare import read_shard
+    shards = sorted(glob.glob(os.path.join(cfg.data_dir, "*_train_*.bin")))
+    if not shards:
+        raise ValueError(f"--data_dir={cfg.data_dir}: no train shards (run prepare.py; offline: see the README)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    print(f"end to end against SAELens, GPT-2 small's shape (random weights), layer 6 mlp_in, d_sae 8192, l1, "
+          f"4096-token steps, rates over steps {WARMUP + 1} to {WARMUP + cfg.steps}:")
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(os.path.join(tmp, "tokens.npy"), np.concatenate([read_shard(p) for p in shards]))
+        r = subprocess.run([sys.executable, "bench.py", f"--saelens_worker={tmp}/tokens.npy", f"--steps={cfg.steps}"],
+                           env=env, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"SAELens: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
+        theirs = float(r.stdout.split("saelens_tok_s")[1])
+        print(f"  SAELens (its runner)       {theirs:9,.0f} tok/s")
+        r = subprocess.run([sys.executable, "sae.py", "--init_from=scratch", f"--data_dir={cfg.data_dir}",
+                            f"--out_dir={tmp}/ours", "--loss=l1", f"--max_iters={WARMUP + 2 + cfg.steps}",
+                            f"--eval_interval={10 * cfg.steps}", f"--log_interval={WARMUP}", "--eval_tokens=128",
+                            "--resample_iters=()", "--l1_warmup_iters=1"], env=env, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"sae.py: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
+        # each log line's rate covers the steps since the previous line (0, 32, 64, ...: each window ends with a
+        # refill): tokens over time from step 33 to 32 + steps
+        logged = [(int(line.split()[1]), float(line.rsplit("|", 1)[1].split()[0].replace(",", "")))
+                  for line in r.stdout.splitlines() if line.startswith("iter ")]
+        windows = [(it - prev, rate) for (prev, _), (it, rate) in zip(logged, logged[1:])
+                   if WARMUP <= prev < it <= WARMUP + cfg.steps]
+        ours = sum(steps for steps, _ in windows) / sum(steps / rate for steps, rate in windows)
+        print(f"  sae.py                     {ours:9,.0f} tok/s   {ours / theirs:.2f}x SAELens")
+    return {"saelens_tok_s": theirs, "ours_tok_s": ours, "speedup": ours / theirs}
+
+
 if __name__ == "__main__":
     try:
         cfg = parse_args(BenchConfig(), sys.argv[1:])
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if cfg.saelens_worker:
+        saelens_worker(cfg.saelens_worker, cfg.steps)
+        sys.exit(0)
     if cfg.quick:  # a smoke run of every part; the figures are not comparable with a full run's
         cfg.iters, cfg.d_sae, cfg.batch_size, cfg.jl_big = 1, 2048, 1024, 8192
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     torch.manual_seed(0)
     print(machine())
     report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "config": vars(cfg)}
-    if cfg.synthetic:
-        report["synthetic"] = bench_synthetic(cfg)
+    if cfg.synthetic or cfg.saelens:
+        try:
+            report["synthetic" if cfg.synthetic else "saelens"] = (bench_synthetic if cfg.synthetic else bench_saelens)(cfg)
+        except (ValueError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
         if cfg.json:
             json.dump(report, open(cfg.json, "w"), indent=1)
         sys.exit(0)

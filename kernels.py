@@ -193,8 +193,9 @@ class EncodeReluDecode(torch.autograd.Function):
         else:
             f = linear(x - b_dec, W_enc.T, b_enc, "relu")  # (N, d_model) @ (d_model, n_latents), bias and ReLU fused
             x_hat = linear(f, W_dec.T, b_dec)               # (N, n_latents) @ (n_latents, d_model)
-            active = f > 0
-            l1, l0, fired = f.sum(dim=1), active.sum(dim=1, dtype=torch.int32), active.sum(dim=0, dtype=torch.int32)
+            active = torch.sign(f)  # 1 where the feature fired (f >= 0): summed as floats, no bool-to-int copies
+            l1, l0, fired = f.sum(dim=1), active.sum(dim=1).int(), active.sum(dim=0).int()  # exact below 2**24
+            ctx.active = active  # not an input or output: a plain attribute is enough
         ctx.save_for_backward(x, W_enc, W_dec, b_dec, f)
         ctx.mark_non_differentiable(l0, fired)
         ctx.set_materialize_grads(False)  # an output the loss does not read gets None, not an (N, n_latents) zero block
@@ -216,9 +217,11 @@ class EncodeReluDecode(torch.autograd.Function):
                 dpre += df
             if dl1 is not None:
                 dpre += dl1[:, None]
-            dpre.mul_(f > 0)
-            dW_dec = linear(f.T, dx_hat.T)                                  # (n_latents, N) @ (N, d_model)
-            dW_enc = linear((x - b_dec).T, dpre.T)                          # (d_model, N) @ (N, n_latents)
+            dpre.mul_(ctx.active)  # ReLU's backward, in place, by the forward's 0/1 floats (bool would copy)
+            # oneDNN copies a transposed input but reads a transposed weight in place: the big (N, n_latents)
+            # operands go in as weights, and only (N, d_model) blocks are transposed
+            dW_dec = linear(dx_hat.T.contiguous(), f.T).T.contiguous()     # ((d_model, N) @ (N, n_latents))^T
+            dW_enc = linear((x - b_dec).T.contiguous(), dpre.T)            # (d_model, N) @ (N, n_latents)
         db_enc = dpre.sum(dim=0)                                            # (n_latents,)
         db_dec = dx_hat.sum(dim=0) - W_enc @ db_enc                         # (d_model,): a mat-vec, not a matmul
         return None, dW_enc, db_enc, dW_dec, db_dec

@@ -997,7 +997,25 @@ def test_bench_quick_runs(tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.load(open(tmp_path / "b.json"))
     assert {"machine", "peak_gflops", "ops", "jl_memory", "end_to_end"} <= set(report)
-    assert {"train_l1", "train_jl", "train_hybrid"} <= set(report["end_to_end"])
+    assert {"train_l1", "train_jl", "train_hybrid", "three_per_pass"} <= set(report["end_to_end"])
+
+
+def test_bench_saelens_without_it_or_without_data_is_one_line(tiny_shards, tmp_path):
+    """The SAELens comparison needs sae-lens (not a dependency) and token shards: each missing is one line."""
+    def bench(*args):
+        return subprocess.run([sys.executable, "bench.py", "--saelens=True", *args], cwd=HERE, env=cpu_env(),
+                              capture_output=True, text=True, timeout=300)
+    r = bench(f"--data_dir={tmp_path}")
+    assert r.returncode == 1 and r.stderr.strip() == f"error: --data_dir={tmp_path}: no train shards (run prepare.py; " \
+                                                     f"offline: see the README)"
+    try:
+        import sae_lens  # noqa: F401
+        pytest.skip("sae_lens is installed here")
+    except ImportError:
+        pass
+    r = bench(f"--data_dir={tiny_shards}")
+    assert r.returncode == 1 and r.stderr.strip() == ("error: SAELens: sae_lens is not installed: `pip install "
+                                                      "sae-lens==6.54.12` (the baseline, not a dependency)")
 
 
 # -----------------------------------------------------------------------------
