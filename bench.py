@@ -329,9 +329,8 @@ def saelens_worker(tokens_path, steps):
     dependency). Its model is a HookedTransformer of GPT-2 small's shape built directly, with layer norm folded
     as from_pretrained("gpt2") gives it (normalization LNPre), so nothing is downloaded. Prints its rate."""
     from datasets import Dataset
-    try:
-        import sae_lens  # noqa: F401
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec("sae_lens") is None:
         sys.exit("sae_lens is not installed: `pip install sae-lens==6.54.12` (the baseline, not a dependency)")
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, StandardTrainingSAEConfig
     from sae_lens.config import LoggingConfig

@@ -7,8 +7,10 @@ Dispatch: compiled Triton on CUDA tensors; with TRITON_INTERPRET=1 (set before t
 same kernels run interpreted on CPU tensors, which is how test_sae.py reaches them; otherwise on the CPU
 the ops run PyTorch code that wastes less than autograd's graph (encode-ReLU-decode: five matmuls, not
 six; JL: blocked over rows, never materialising the n x n Gram matrix). SAE_NO_TRITON=1 forces the
-references everywhere. References: the Triton tutorials (03-matrix-multiplication), llm.c's CPU reference
-beside each kernel, openai/sparse_autoencoder's kernels.py, modded-nanogpt's symmetric XXT.
+references everywhere. `linear` is the CPU's dense fp32 matmul for encode-ReLU-decode's CPU path and
+GPT-2's layers (oneDNN where it works; see its section). References: the Triton tutorials
+(03-matrix-multiplication), llm.c's CPU reference beside each kernel, openai/sparse_autoencoder's
+kernels.py, modded-nanogpt's symmetric XXT.
 """
 import os
 

@@ -6,11 +6,13 @@ tokens written by prepare.py; `GPT.harvest` returns the activations at one (laye
 nothing past it; a shuffling buffer feeds them to an SAE trained with an L1, a JL (mean atanh |cos|
 between dictionary rows) or a hybrid loss through the ops of kernels.py. Around it: evaluation
 (FVU, L0, CE loss recovered, KL), dead-feature resampling, checkpoints and exact resume, data-parallel
-runs, export to SAELens, steering and feature dashboards. References: Bricken et al. 2023, "Towards
-Monosemanticity" (transformer-circuits.pub/2023/monosemantic-features); Radford et al. 2019 (GPT-2).
+runs, several SAEs on one pass (sweeps), export to SAELens, steering and feature dashboards.
+References: Bricken et al. 2023, "Towards Monosemanticity" (transformer-circuits.pub/2023/monosemantic-features);
+Radford et al. 2019 (GPT-2).
 
 $ python prepare.py
 $ python sae.py --loss=hybrid
+$ python sae.py --loss=l1,jl,hybrid --out_dir=out/compare   # three SAEs on one GPT-2 pass
 $ torchrun --standalone --nproc_per_node=8 sae.py --loss=hybrid
 $ python sae.py --mode=dashboard --out_dir=out --features=top_freq:50
 """

@@ -1008,11 +1008,9 @@ def test_bench_saelens_without_it_or_without_data_is_one_line(tiny_shards, tmp_p
     r = bench(f"--data_dir={tmp_path}")
     assert r.returncode == 1 and r.stderr.strip() == f"error: --data_dir={tmp_path}: no train shards (run prepare.py; " \
                                                      f"offline: see the README)"
-    try:
-        import sae_lens  # noqa: F401
+    import importlib.util
+    if importlib.util.find_spec("sae_lens") is not None:
         pytest.skip("sae_lens is installed here")
-    except ImportError:
-        pass
     r = bench(f"--data_dir={tiny_shards}")
     assert r.returncode == 1 and r.stderr.strip() == ("error: SAELens: sae_lens is not installed: `pip install "
                                                       "sae-lens==6.54.12` (the baseline, not a dependency)")
