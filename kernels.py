@@ -48,6 +48,22 @@ def _onednn_works():
 ONEDNN = _onednn_works()
 
 
+def keep_freed_memory(keep=True):
+    """glibc returns every freed block over its mmap threshold to the OS, so each step's fresh (N, d_sae)
+    temporaries (oneDNN's outputs cannot be preallocated) page-fault in again: a fifth of a CPU SAE step was
+    system time. Large blocks from the heap, kept when freed, are reused instead. keep=False: glibc's default
+    thresholds (128 KiB) again. Linux/glibc only; a no-op elsewhere."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 30 if keep else 128 * 1024)        # M_MMAP_THRESHOLD: blocks under 1 GiB from the heap
+    libc.mallopt(-1, (1 << 31) - 1 if keep else 128 * 1024)  # M_TRIM_THRESHOLD: freed heap memory stays
+    if not keep:
+        libc.malloc_trim(0)
+
+
 def linear(x, weight, bias=None, act="none"):
     """act(x @ weight^T + bias) for CPU tensors, no autograd: x (M, K), weight (N, K), any strides; act is none,
     relu or gelu_tanh. oneDNN for fp32 where it works, else torch. -> (M, N)"""

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import encode_relu_decode, jl_penalty, linear
+from kernels import encode_relu_decode, jl_penalty, keep_freed_memory, linear
 from prepare import read_shard
 
 # -----------------------------------------------------------------------------
@@ -1245,6 +1245,8 @@ def main(argv):
     for run_cfg, _ in resolved:
         check_config(run_cfg, ddp_world_size)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if device_type == "cpu":
+        keep_freed_memory()  # each step's large temporaries reuse the last step's memory, without page faults
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype={dtype!r}: valid values are auto, float32, bfloat16, float16")
