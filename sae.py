@@ -891,19 +891,10 @@ def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def resolve_config(argv):
-    """-> (cfg, checkpoint or None) for one SAE: defaults, then config files and flags in order; with
-    --init_from=resume, --eval_only=True or another --mode the checkpoint's config is the base, and the flags may
-    change all but LOCKED_ON_RESUME."""
-    runs = resolve_runs(argv)
-    if len(runs) > 1:
-        raise ValueError(f"--mode={runs[0][0].mode} reads one SAE; pass --ckpt=<out_dir>/<name>/ckpt.pt, one of "
-                         f"{', '.join(os.path.basename(cfg.out_dir) for cfg, _ in runs)}")
-    return runs[0]
-
-
 def resolve_runs(argv):
-    """-> [(cfg, checkpoint or None)], one per SAE of this process. A sweep (lists of SWEEPABLE values) puts SAE
+    """-> [(cfg, checkpoint or None)], one per SAE of this process: defaults, then config files and flags in
+    order; with --init_from=resume, --eval_only=True or another --mode the checkpoint's config is the base, and
+    the flags may change all but LOCKED_ON_RESUME. A sweep (lists of SWEEPABLE values) puts SAE
     <name> in out_dir/<name>/ and records the names in out_dir/sweep.json; resuming reads that file."""
     overrides = parse_overrides(TrainConfig(), argv)
     scalars = {k: v for k, v in overrides.items() if not isinstance(v, list)}
