@@ -356,7 +356,9 @@ def saelens_worker(tokens_path, steps):
         sae=StandardTrainingSAEConfig(d_in=768, d_sae=8192, l1_coefficient=5.0, dtype="float32", device="cpu",
                                       apply_b_dec_to_input=True, normalize_activations="none"),
         model_name="gpt2", hook_name="blocks.6.ln2.hook_normalized", dataset_path="local", is_dataset_tokenized=True,
-        streaming=False, context_size=128, seqpos_slice=(1, None), prepend_bos=False, n_batches_in_buffer=64,
+        # SAELens 6.54's buffer holds n_batches_in_buffer x 127 activations (not x store_batch_size_prompts too,
+        # as its log line says): 2064 of them are our 2**18-token buffer
+        streaming=False, context_size=128, seqpos_slice=(1, None), prepend_bos=False, n_batches_in_buffer=2**18 // 127,
         store_batch_size_prompts=32, training_tokens=4096 * (WARMUP + 1 + steps), train_batch_size_tokens=4096, lr=1e-4,
         device="cpu", dtype="float32", logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0,
         save_final_checkpoint=False, output_path=None, checkpoint_path=None, verbose=False)
