@@ -65,9 +65,11 @@ def keep_freed_memory(keep=True):
 
 
 def linear(x, weight, bias=None, act="none"):
-    """act(x @ weight^T + bias) for CPU tensors, no autograd: x (M, K), weight (N, K), any strides; act is none,
-    relu or gelu_tanh. oneDNN for fp32 where it works, else torch. -> (M, N)"""
-    if ONEDNN and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+    """act(x @ weight^T + bias): x (M, K), weight (N, K), any strides; act is none, relu or gelu_tanh. oneDNN
+    for fp32 CPU tensors that need no gradient, where it works (its op has no autograd); else torch. -> (M, N)"""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not needs_grad \
+            and not torch.is_autocast_enabled("cpu"):
         attr, algorithm = ("gelu", "tanh") if act == "gelu_tanh" else (act, "")
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [None], algorithm)
     y = x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)  # (M, K) @ (K, N)
