@@ -7,13 +7,15 @@ Speed, never correctness (that is test_sae.py). Prints the machine, then, at GPT
 3. JL value+gradient memory at d_sae 65536 (8192 with --quick): the dense reference (if it fits) vs ours;
 4. end to end: harvest tokens/s (stopped at the layer vs the full forward) and training tokens/s for each
    loss, with MFU against the peak of 1; the per-SAE cost of three SAEs on one pass against one.
-With --synthetic=True, instead: SAEs trained through `sae.py --acts` on activations built from a known set
+With --models=True, instead: tokenizing tokens/s (tiktoken gpt2, SmolLM2's tokenizer.json) and a real Llama-family
+model's harvest against its full forward. With --synthetic=True, instead: SAEs trained through `sae.py --acts` on activations built from a known set
 of directions, each loss over its coefficient sweep (one process per loss, its SAEs on the same batches), scored by how well
 they recover the directions.
 
 $ python bench.py                # about five minutes on 2 CPU cores
 $ python bench.py --quick=True --json=bench.json
 $ python bench.py --synthetic=True  # under a minute on 2 CPU cores
+$ SMOLLM2_DIR=... python bench.py --models=True  # tokenizers, and SmolLM2-135M's harvest at layer 15
 """
 import json
 import os
@@ -50,6 +52,9 @@ class BenchConfig:
     data_dir: str = "data/local"  # --saelens: the token shards both read (prepare.py)
     steps: int = 96            # --saelens: steps timed (a multiple of 32), after 33 of warm-up
     saelens_worker: str = ""   # internal: run SAELens on this .npy of tokens and print its rate
+    models: bool = False       # instead: real models: tokenizing tokens/s, and --llama's harvest at --llama_layer
+    llama: str = ""            # --models: a Llama-family directory or Hub id; "" = $SMOLLM2_DIR, else SmolLM2 on the Hub
+    llama_layer: int = 15      # --models: the harvest stops here (15: the middle of SmolLM2-135M's 30 blocks)
     device: str = "auto"       # auto = cuda if available, else cpu
 
 
@@ -402,6 +407,70 @@ def bench_saelens(cfg):
     return {"saelens_tok_s": theirs, "ours_tok_s": ours, "speedup": ours / theirs}
 
 
+def bench_tokenizers(cfg):
+    """Tokens/s of prepare.py's tokenization (prepare.tokenize_documents: tiktoken in its process pool, a
+    tokenizer.json in batches on every core) over ../shared/data/text, separators included: tiktoken's gpt2 and
+    SmolLM2's tokenizer.json ($SMOLLM2_DIR, else the Hub id; skipped if it cannot be loaded)."""
+    import glob
+    import prepare
+    text_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "text")
+    paths = sorted(glob.glob(os.path.join(text_dir, "*.jsonl"))) if os.path.isdir(text_dir) else []
+    if not paths:
+        raise ValueError(f"{os.path.normpath(text_dir)}: no .jsonl text to tokenize (../shared is missing)")
+    documents = [doc for path in paths for doc in prepare.read_local_documents(path, "text")]
+    n_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
+    print(f"tokenization as prepare.py does it, {len(documents):,} documents ({n_bytes / 2**20:.1f} MiB) of "
+          f"../shared/data/text, {os.cpu_count()} CPUs:")
+    results = {}
+    for spec in ("gpt2", os.environ.get("SMOLLM2_DIR", "HuggingFaceTB/SmolLM2-135M")):  # tiktoken first: it forks
+        try:
+            tokenizer = prepare.load_tokenizer(spec)
+        except ValueError as e:  # prepare.PrepareError: offline, no cache, ...
+            print(f"  {spec:<34} skipped: {e}")
+            continue
+        dtype = prepare.shard_dtype(tokenizer)
+        count = lambda: sum(len(tokens) for tokens in prepare.tokenize_documents(tokenizer, documents, dtype))
+        n_tokens = count()
+        ms = time_ms(count, cfg.iters, "cpu")
+        label = f"{tokenizer.kind} {os.path.basename(spec.rstrip('/'))}"
+        print(f"  {label:<34} {ms[0]:9.1f} ms ({ms[1]:.1f}..{ms[2]:.1f})  {n_tokens / ms[0] * 1e3:10,.0f} tok/s  "
+              f"{n_bytes / n_tokens:.2f} bytes/token")
+        results[spec] = {"ms": ms[0], "tokens": n_tokens, "tok_s": n_tokens / ms[0] * 1e3}
+    return results
+
+
+def bench_llama_harvest(cfg):
+    """A real Llama-family model's harvest at (llama_layer, mlp_in) against its full forward, tokens/s, on
+    batch_size // block_size contexts of real text tokenized with its own tokenizer."""
+    import glob
+    import prepare
+    from sae import load_model
+    spec = cfg.llama or os.environ.get("SMOLLM2_DIR", "HuggingFaceTB/SmolLM2-135M")
+    model, tok = load_model(spec).requires_grad_(False), prepare.load_tokenizer(spec)
+    contexts = cfg.batch_size // cfg.block_size
+    text_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "text")
+    docs = [d for p in sorted(glob.glob(os.path.join(text_dir, "*.jsonl"))) for d in prepare.read_local_documents(p, "text")]
+    ids = [t for d in docs[:400] for t in [tok.separator_id] + tok.encode(d)][:contexts * cfg.block_size]
+    idx = torch.tensor(ids).view(contexts, cfg.block_size) if len(ids) == contexts * cfg.block_size else \
+        torch.randint(0, model.config.vocab_size, (contexts, cfg.block_size))  # no ../shared: random tokens
+    n = idx.numel()
+    print(f"{os.path.basename(spec.rstrip('/'))}: {model.config.n_layer} blocks, d_model {model.config.n_embd}, "
+          f"{contexts}x{cfg.block_size} tokens:")
+    with torch.no_grad():
+        harvest = time_ms(lambda: model.harvest(idx, cfg.llama_layer, "mlp_in"), cfg.iters, "cpu")
+        full = time_ms(lambda: model(idx), cfg.iters, "cpu")
+    print(f"  harvest, stop at layer {cfg.llama_layer} mlp_in {harvest[0]:9.1f} ms  {n / harvest[0] * 1e3:10,.0f} tok/s")
+    print(f"  full forward                  {full[0]:9.1f} ms  {n / full[0] * 1e3:10,.0f} tok/s "
+          f"(harvest takes {harvest[0] / full[0]:.2f} of its time)")
+    return {"model": spec, "harvest_tok_s": n / harvest[0] * 1e3, "full_tok_s": n / full[0] * 1e3}
+
+
+def bench_models(cfg):
+    """--models=True: tokenizers, then a real Llama-family model's harvest."""
+    kernels.keep_freed_memory()  # as sae.py runs on the CPU
+    return {"tokenizers": bench_tokenizers(cfg), "llama_harvest": bench_llama_harvest(cfg)}
+
+
 if __name__ == "__main__":
     try:
         cfg = parse_args(BenchConfig(), sys.argv[1:])
@@ -417,9 +486,10 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     print(machine())
     report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "config": vars(cfg)}
-    if cfg.synthetic or cfg.saelens:
+    special = next((name for name in ("models", "synthetic", "saelens") if getattr(cfg, name)), None)
+    if special:
         try:
-            report["synthetic" if cfg.synthetic else "saelens"] = (bench_synthetic if cfg.synthetic else bench_saelens)(cfg)
+            report[special] = {"models": bench_models, "synthetic": bench_synthetic, "saelens": bench_saelens}[special](cfg)
         except (ValueError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)

@@ -65,14 +65,16 @@ def keep_freed_memory(keep=True):
 
 
 def linear(x, weight, bias=None, act="none"):
-    """act(x @ weight^T + bias): x (M, K), weight (N, K), any strides; act is none, relu or gelu_tanh. oneDNN
-    for fp32 CPU tensors that need no gradient, where it works (its op has no autograd); else torch. -> (M, N)"""
+    """act(x @ weight^T + bias): x (M, K), weight (N, K), any strides; act is none, relu, gelu_tanh or silu.
+    oneDNN for fp32 CPU tensors that need no gradient, where it works (its op has no autograd); else torch. -> (M, N)"""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not needs_grad \
             and not torch.is_autocast_enabled("cpu"):
-        attr, algorithm = ("gelu", "tanh") if act == "gelu_tanh" else (act, "")
+        attr, algorithm = {"gelu_tanh": ("gelu", "tanh"), "silu": ("swish", "")}.get(act, (act, ""))  # oneDNN's names
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [None], algorithm)
     y = x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)  # (M, K) @ (K, N)
+    if act == "silu":
+        return F.silu(y)
     return y.relu_() if act == "relu" else F.gelu(y, approximate="tanh") if act == "gelu_tanh" else y
 
 

@@ -1,17 +1,22 @@
 """
-Text in, GPT-2 token shards out: the data step before `python sae.py`.
+Text in, token shards out: the data step before `python sae.py`.
 
 Streams FineWeb sample-10BT from the Hugging Face Hub (or reads local .txt/.jsonl/.json/.parquet
-files), tokenizes with tiktoken's gpt2 encoding (<|endoftext|> in front of every document) in a
-process pool, and writes shards in llm.c's format: a header of 256 int32 (magic, version, n_tokens)
-then uint16 tokens. Shard 0 is the validation split. After build-nanogpt's fineweb.py.
+files), tokenizes with tiktoken's gpt2 encoding (or any tiktoken encoding, or a Hugging Face
+tokenizer.json: --tokenizer), puts the document separator in front of every document, and writes
+shards in llm.c's format: a header of 256 int32 (magic, version, n_tokens) then uint16 tokens, or
+uint32 tokens in llm.c's Llama-3 layout when the vocabulary has more than 2**16 ids. Shard 0 is the
+validation split, at most a tenth of the tokens. After build-nanogpt's fineweb.py.
 
 $ python prepare.py                                   # 100M tokens of FineWeb sample-10BT
 $ python prepare.py --dataset=fineweb-edu --tokens=10_000_000
 $ python prepare.py --input='../shared/data/text/*.jsonl' --out_dir=data/local   # offline
+$ python prepare.py --tokenizer=HuggingFaceTB/SmolLM2-135M --out_dir=data/smollm2   # or a local directory
 """
 import argparse
 import glob
+import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -22,12 +27,27 @@ import numpy as np
 import tiktoken
 
 # -----------------------------------------------------------------------------
-# constants: the shard format of llm.c (dev/data/data_common.py) and the datasets we know by name
+# constants: the shard formats of llm.c (dev/data/data_common.py), separators, the datasets we know by name
 
-HEADER_INTS = 256      # int32 header: [magic, version, n_tokens, 0, ...], 1024 bytes
-SHARD_MAGIC = 20240520  # llm.c's magic for GPT-2 token shards
-SHARD_VERSION = 1       # version 1 = uint16 tokens
-EOT = 50256             # <|endoftext|>, in front of every document
+HEADER_INTS = 256       # int32 header: [magic, version, n_tokens, 0, ...], 1024 bytes
+SHARD_FORMATS = {       # token dtype -> llm.c's (magic, version); the reader accepts both
+    np.dtype(np.uint16): (20240520, 1),  # "gpt-2": vocabularies of up to 2**16 ids (GPT-2, SmolLM2, Llama 2)
+    np.dtype(np.uint32): (20240801, 7),  # "llama-3": larger ones (Llama 3 128256, Qwen2 151936, cl100k_base)
+}
+# The document separator, put in front of every document by us (never by the tokenizer's post-processor,
+# which a tokenizer.json may or may not carry): --separator=auto takes the first of these that the vocabulary
+# holds, as each family's own pretraining data uses it:
+#   <|begin_of_text|>  Llama 3: BOS before each document (llm.c's fineweb.py prepends it)
+#   <|endoftext|>      GPT-2 and every tiktoken encoding, SmolLM/SmolLM2, Qwen2: the EOS that separates
+#                      documents, here in front of each (build-nanogpt; SmolLM: "all files are separated by EOS")
+#   <s>                Llama 2, Mistral, TinyLlama: BOS before each document
+# Any other vocabulary needs --separator=TOKEN.
+SEPARATORS = ("<|begin_of_text|>", "<|endoftext|>", "<s>")
+# Tokenizer.fingerprint encodes this: prose, code, digit runs, whitespace runs and non-ASCII, where vocabularies
+# and pre-tokenizers differ
+FINGERPRINT_PROBE = ("The quick brown fox paid $1,234.56 in 1999 -- isn't it?\ndef f(x):\n    return x ** 2"
+                     "  # squared\n\n\tnaïve café, Ünïcödé, 東京, Привет, 🙂\n")
+HF_BATCH = 1024         # documents per encode_batch call: the Rust library spreads a batch over all cores
 DATASETS = {            # short name -> (Hub id, config)
     "fineweb": ("HuggingFaceFW/fineweb", "sample-10BT"),
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
@@ -43,10 +63,12 @@ class PrepareError(ValueError):
 # shard files (sae.py reads them with read_shard)
 
 def write_shard(path, tokens):
-    """Writes uint16 `tokens` under a temporary name, then renames: no partial shard ever has a final name."""
-    assert tokens.dtype == np.uint16
+    """Writes uint16 or uint32 `tokens` (the layout follows the dtype) under a temporary name, then renames:
+    no partial shard ever has a final name."""
+    assert tokens.dtype in SHARD_FORMATS, f"tokens must be uint16 or uint32, not {tokens.dtype}"
+    assert len(tokens) < 2**31, "n_tokens is an int32 in the header"
     header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
+    header[:3] = *SHARD_FORMATS[tokens.dtype], len(tokens)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
@@ -57,25 +79,142 @@ def write_shard(path, tokens):
 
 
 def read_shard(path):
-    """Validates the header and returns the tokens as a read-only uint16 memmap (n_tokens,)."""
+    """Validates the header and returns the tokens as a read-only uint16 or uint32 memmap (n_tokens,)."""
     hint = "HINT: re-run prepare.py to rewrite the shards"
     if os.path.getsize(path) < 4 * HEADER_INTS:
         raise ValueError(f"{path}: shorter than the {4 * HEADER_INTS}-byte shard header; {hint}")
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
-    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise ValueError(f"{path}: magic/version {header[0]}/{header[1]}, expected "
-                         f"{SHARD_MAGIC}/{SHARD_VERSION}; {hint}")
+    dtype = next((d for d, format in SHARD_FORMATS.items() if format == (header[0], header[1])), None)
+    if dtype is None:
+        expected = " or ".join(f"{magic}/{version}" for magic, version in SHARD_FORMATS.values())
+        raise ValueError(f"{path}: magic/version {header[0]}/{header[1]}, expected {expected}; {hint}")
     n_tokens = int(header[2])
-    expected_bytes = 4 * HEADER_INTS + 2 * n_tokens
+    expected_bytes = 4 * HEADER_INTS + dtype.itemsize * n_tokens
     if os.path.getsize(path) != expected_bytes:
         raise ValueError(f"{path}: header says {n_tokens} tokens ({expected_bytes} bytes), file has "
                          f"{os.path.getsize(path)} bytes; {hint}")
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * HEADER_INTS, shape=(n_tokens,))
+    return np.memmap(path, dtype=dtype, mode="r", offset=4 * HEADER_INTS, shape=(n_tokens,))
 
 
 def shard_path(out_dir, name, index):
     split = "val" if index == 0 else "train"  # shard 0 is the validation split (llm.c, build-nanogpt)
     return os.path.join(out_dir, f"{name}_{split}_{index:06d}.bin")
+
+
+# -----------------------------------------------------------------------------
+# tokenizers: tiktoken encodings and Hugging Face tokenizer.json files behind one interface (sae.py uses it too)
+
+class Tokenizer:
+    """encode/encode_batch add no special token and read special-token text in a document as plain text
+    (tiktoken's encode_ordinary); `separator` is the token prepare.py puts in front of every document."""
+
+    def __init__(self, spec, kind, backend, separator="auto"):
+        self.spec, self.kind, self.backend = spec, kind, backend
+        if kind == "tiktoken":
+            self.vocab_size = backend.n_vocab  # max token id + 1, the special tokens included
+            lookup = lambda token: backend.encode_single_token(token) if token in backend.special_tokens_set else None
+        else:
+            vocab = backend.get_vocab(with_added_tokens=True)
+            self.vocab_size = max(vocab.values()) + 1  # not len(vocab): ids may have gaps
+            lookup = vocab.get
+        candidates = SEPARATORS if separator == "auto" else (separator,)
+        self.separator = next((t for t in candidates if lookup(t) is not None), None)
+        if self.separator is None:
+            raise PrepareError(f"--separator={separator}: not a token of {spec}" if separator != "auto" else
+                               f"{spec} has none of {', '.join(SEPARATORS)}; name its document separator "
+                               f"with --separator=TOKEN")
+        self.separator_id = lookup(self.separator)
+
+    def encode(self, text):
+        if self.kind == "tiktoken":
+            return self.backend.encode_ordinary(text)
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts):
+        if self.kind == "tiktoken":
+            return self.backend.encode_ordinary_batch(texts)
+        # encode_batch_fast (tokenizers >= 0.20) skips the offsets we never read: 1.5x less CPU (SmolLM2, measured)
+        encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        return [e.ids for e in encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids):
+        if self.kind == "tiktoken":
+            return self.backend.decode(ids)
+        return self.backend.decode(ids, skip_special_tokens=False)  # separators shown, as tiktoken does
+
+    def fingerprint(self):
+        """sha256 of the vocabulary size and the ids of FINGERPRINT_PROBE: equal for equal vocabularies, however
+        loaded (tiktoken's gpt2 and GPT-2's tokenizer.json agree)."""
+        return hashlib.sha256(json.dumps([self.vocab_size, self.encode(FINGERPRINT_PROBE)]).encode()).hexdigest()
+
+    def record(self):
+        return {"spec": self.spec, "kind": self.kind, "vocab_size": self.vocab_size, "separator": self.separator,
+                "separator_id": self.separator_id, "fingerprint": self.fingerprint()}
+
+
+def load_tokenizer(spec, separator="auto"):
+    """A tiktoken encoding name (gpt2, cl100k_base, ...), else a local directory or a Hub model id whose
+    tokenizer.json is read with `tokenizers`. Raises PrepareError with one line."""
+    if spec in tiktoken.list_encoding_names():
+        try:
+            encoding = tiktoken.get_encoding(spec)
+        except Exception as e:  # tiktoken raises requests/urllib errors or ValueError when it cannot download
+            how = ("fill a cache with ../shared/data/gpt2/install_tiktoken_cache.sh DIR and set "
+                   "TIKTOKEN_CACHE_DIR=DIR" if spec == "gpt2" else
+                   "run once online, or set TIKTOKEN_CACHE_DIR to a cache that holds them")
+            raise PrepareError(f"could not load tiktoken's {spec} files (offline?): {how} "
+                               f"({type(e).__name__})") from None
+        return Tokenizer(spec, "tiktoken", encoding, separator)
+    if os.path.isdir(spec):
+        spec = os.path.abspath(spec)  # recorded in prepare.json, where sae.py may read it from another directory
+        path = os.path.join(spec, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise PrepareError(f"--tokenizer={spec}: this directory has no tokenizer.json")
+    else:
+        path = download_tokenizer_json(spec)
+    try:
+        import tokenizers  # comes with transformers; imported here: the tiktoken path does not need it
+    except ImportError:
+        raise PrepareError(f"--tokenizer={spec}: reading a tokenizer.json needs `pip install tokenizers`") from None
+    try:
+        backend = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise PrepareError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0]})") from None
+    backend.no_truncation()  # some tokenizer.json files truncate to 512 tokens; a document is never cut
+    backend.no_padding()
+    backend.encode_special_tokens = True  # "<|endoftext|>" in a document is text, as in tiktoken's encode_ordinary
+    return Tokenizer(spec, "huggingface", backend, separator)
+
+
+def download_tokenizer_json(model_id):
+    """The Hub model's tokenizer.json, through huggingface_hub's cache (huggingface_hub comes with datasets)."""
+    import huggingface_hub
+    import huggingface_hub.utils.logging
+    from huggingface_hub.utils import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.utils import RepositoryNotFoundError
+    huggingface_hub.utils.logging.set_verbosity_error()  # no retry chatter: one line if the Hub is down
+    try:
+        return huggingface_hub.hf_hub_download(model_id, "tokenizer.json")
+    except HFValidationError:
+        names = ", ".join(tiktoken.list_encoding_names())
+        raise PrepareError(f"--tokenizer={model_id}: not a tiktoken encoding ({names}), a local directory or a "
+                           f"Hub model id") from None
+    except LocalEntryNotFoundError:  # offline, and not in the cache
+        raise PrepareError(f"--tokenizer={model_id}: not a tiktoken encoding or a local directory, and the Hugging "
+                           f"Face Hub cannot be reached for it (offline?); use a local directory with a "
+                           f"tokenizer.json") from None
+    except (RepositoryNotFoundError, EntryNotFoundError) as e:  # a gated model answers RepositoryNotFoundError
+        raise PrepareError(f"--tokenizer={model_id}: no tokenizer.json for it on the Hub "
+                           f"({type(e).__name__}; a gated model needs `hf auth login`)") from None
+
+
+def read_tokenizer_record(data_dir):
+    """The tokenizer record (Tokenizer.record) in data_dir/prepare.json; None without a prepare.json."""
+    path = os.path.join(data_dir, "prepare.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("tokenizer", {"spec": "gpt2", "kind": "tiktoken"})  # written before --tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -161,61 +300,108 @@ def read_hub_documents(dataset, config, text_field):
 
 
 # -----------------------------------------------------------------------------
-# tokenization, in a process pool
+# tokenization: tiktoken in a process pool, a tokenizer.json in batches; one token array per document
 
-def init_worker():
-    global enc
-    enc = tiktoken.get_encoding("gpt2")
+def init_worker(spec, separator_id, dtype):
+    global worker
+    worker = tiktoken.get_encoding(spec), separator_id, dtype
 
 
 def tokenize(text):
-    """One document -> uint16 tokens, with <|endoftext|> first (build-nanogpt's fineweb.py)."""
-    tokens = np.array([EOT] + enc.encode_ordinary(text))
-    assert (0 <= tokens).all() and (tokens < 2**16).all(), "token ids must fit in uint16"
-    return tokens.astype(np.uint16)
+    encoding, separator_id, dtype = worker
+    return document_tokens(separator_id, encoding.encode_ordinary(text), dtype)
 
 
-def load_gpt2_encoding():
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken raises requests/urllib errors or ValueError when it cannot download
-        raise PrepareError(f"could not load tiktoken's gpt2 files (offline?): fill a cache with "
-                           f"../shared/data/gpt2/install_tiktoken_cache.sh DIR and set TIKTOKEN_CACHE_DIR=DIR "
-                           f"({type(e).__name__})") from None
+def document_tokens(separator_id, ids, dtype):
+    """One document's ids -> its shard tokens, the separator first (build-nanogpt's fineweb.py)."""
+    tokens = np.array([separator_id] + ids)
+    assert (0 <= tokens).all() and (tokens <= np.iinfo(dtype).max).all(), f"token ids must fit in {dtype}"
+    return tokens.astype(dtype)
+
+
+def tokenize_documents(tokenizer, documents, dtype):
+    """Yields each document's tokens (separator first) in order, whichever the tokenizer."""
+    if tokenizer.kind == "tiktoken":
+        # one worker a physical core (hyperthreads do not help tiktoken); imap keeps document order
+        with mp.Pool(max(1, os.cpu_count() // 2), initializer=init_worker,
+                     initargs=(tokenizer.spec, tokenizer.separator_id, dtype)) as pool:
+            yield from pool.imap(tokenize, documents, chunksize=16)
+        return
+    documents = iter(documents)
+    while batch := list(itertools.islice(documents, HF_BATCH)):  # one batch runs on every core (rayon)
+        for ids in tokenizer.encode_batch(batch):
+            yield document_tokens(tokenizer.separator_id, ids, dtype)
+
+
+def shard_dtype(tokenizer):
+    return np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
 
 
 # -----------------------------------------------------------------------------
 # the run: documents -> tokens -> shards, resumable
 
+def decide_val_tokens(args, tokenizer, open_documents):
+    """The val split is at most a tenth of a finite total, so that sae.py always has a train split. A local
+    input is counted, up to min(--tokens, 10 x --val_tokens) tokens; a Hub stream counts as endless."""
+    total = args.tokens
+    if args.input:
+        limit, total = min(args.tokens, 10 * args.val_tokens), 0
+        counted = tokenize_documents(tokenizer, open_documents(), shard_dtype(tokenizer))
+        for tokens in counted:
+            total += len(tokens)
+            if total >= limit:
+                break
+        counted.close()  # stops the pool
+        total = min(total, args.tokens)
+    if total >= 10 * args.val_tokens:
+        return args.val_tokens
+    if total < 2:
+        raise PrepareError(f"{total} tokens are too few for a val and a train split")
+    val_tokens = max(1, total // 10)
+    source = f"--tokens={total:,}" if total == args.tokens else f"the input has {total:,} tokens"
+    print(f"{source}: val split capped at {val_tokens:,} (a tenth)")
+    return val_tokens
+
+
 def prepare(args):
+    tokenizer = load_tokenizer(args.tokenizer, args.separator)  # fails here, in one line, before any file
+    dtype = shard_dtype(tokenizer)
     os.makedirs(args.out_dir, exist_ok=True)
     if args.input:
         files = list_input_files(args.input)
         source = {"input": [os.path.abspath(f) for f in files], "text_field": args.text_field}
-        documents = (doc for f in files for doc in read_local_documents(f, args.text_field))
+        open_documents = lambda: (doc for f in files for doc in read_local_documents(f, args.text_field))
         name = args.name or "local"
     else:
         hub_id, default_config = DATASETS.get(args.dataset, (args.dataset, None))
         config = args.dataset_config or default_config
         source = {"dataset": hub_id, "dataset_config": config, "text_field": args.text_field}
-        documents = read_hub_documents(hub_id, config, args.text_field)
+        open_documents = lambda: read_hub_documents(hub_id, config, args.text_field)
         name = args.name or args.dataset.split("/")[-1].lower().replace("-", "_")
     settings = {**source, "name": name, "tokens": args.tokens, "shard_size": args.shard_size,
-                "val_tokens": args.val_tokens}
+                "val_tokens": args.val_tokens, "tokenizer": tokenizer.spec, "separator": tokenizer.separator}
 
     # prepare.json records the settings and how far a run got, so that a rerun resumes or does nothing
     meta_path = os.path.join(args.out_dir, "prepare.json")
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else None
-    if meta and meta["settings"] != settings:
-        changed = sorted(k for k in settings if meta["settings"].get(k) != settings[k])
-        raise PrepareError(f"{args.out_dir} was prepared with other settings ({', '.join(changed)} differ); "
-                           f"use another --out_dir or delete it")
+    if meta:
+        before = {"tokenizer": "gpt2", "separator": "<|endoftext|>", **meta["settings"]}  # older files lack these
+        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        if changed:
+            raise PrepareError(f"{args.out_dir} was prepared with other settings ({', '.join(changed)} differ); "
+                               f"use another --out_dir or delete it")
     if meta and meta["complete"]:
         print(f"{args.out_dir}: complete ({meta['tokens_written']:,} tokens in {meta['shards']} shards); "
               f"nothing to do")
         return meta
-    meta = meta or {"settings": settings, "complete": False, "shards": 0, "documents_done": 0,
-                    "tokens_written": 0, "carry": 0}
+    if meta:  # a resumed run keeps the val size it decided (older files: the flag's)
+        meta.update(settings=settings, tokenizer=tokenizer.record(),
+                    val_shard_tokens=meta.get("val_shard_tokens", args.val_tokens))
+    else:
+        meta = {"settings": settings, "tokenizer": tokenizer.record(),
+                "val_shard_tokens": decide_val_tokens(args, tokenizer, open_documents),
+                "complete": False, "shards": 0, "documents_done": 0, "tokens_written": 0, "carry": 0}
+    val_tokens = meta["val_shard_tokens"]
 
     def save_meta():
         tmp = meta_path + ".tmp"
@@ -224,17 +410,17 @@ def prepare(args):
         os.replace(tmp, meta_path)
     save_meta()
 
-    load_gpt2_encoding()  # fail here, in one line, if tiktoken's files cannot be had
     from tqdm import tqdm  # comes with datasets
     # resume: skip (without tokenizing) the documents that completed shards hold. `carry` tokens of the
     # next document already sit in the last shard; they are dropped when it is tokenized again.
+    documents = open_documents()
     skip_docs, carry = meta["documents_done"], meta["carry"]
     for _ in zip(range(skip_docs), documents):
         pass
     shard_index, written = meta["shards"], meta["tokens_written"]
     written_before = written
-    capacity = lambda i: args.val_tokens if i == 0 else args.shard_size
-    buffer = np.empty(capacity(shard_index), dtype=np.uint16)
+    capacity = lambda i: val_tokens if i == 0 else args.shard_size
+    buffer = np.empty(capacity(shard_index), dtype=dtype)
     filled, docs_seen = 0, skip_docs
     progress = tqdm(total=args.tokens, initial=written, unit="tok", unit_scale=True, desc=name)
     t0 = time.time()
@@ -247,28 +433,32 @@ def prepare(args):
         meta.update(shards=shard_index + 1, tokens_written=written, documents_done=n_docs_done, carry=n_carry)
         save_meta()
         shard_index, filled = shard_index + 1, 0
-        buffer = np.empty(capacity(shard_index), dtype=np.uint16)
+        buffer = np.empty(capacity(shard_index), dtype=dtype)
 
+    token_stream = tokenize_documents(tokenizer, documents, dtype)
     try:
-        # one worker a physical core (hyperthreads do not help tiktoken); imap keeps document order
-        with mp.Pool(max(1, os.cpu_count() // 2), initializer=init_worker) as pool:
-            for tokens in pool.imap(tokenize, documents, chunksize=16):
-                docs_seen += 1
-                pos, carry = carry, 0  # tokens of this document that are already in a shard (resume)
-                while pos < len(tokens) and written + filled < args.tokens:
-                    take = min(len(tokens) - pos, len(buffer) - filled, args.tokens - written - filled)
-                    buffer[filled:filled + take] = tokens[pos:pos + take]
-                    filled, pos = filled + take, pos + take
-                    progress.update(take)
-                    if filled == len(buffer) or written + filled == args.tokens:
-                        # a shard is full; a document cut here continues in the next one, so the
-                        # resume point is (documents finished, tokens of the current one written)
-                        flush(docs_seen - 1, pos) if pos < len(tokens) else flush(docs_seen, 0)
-                if written + filled >= args.tokens:
-                    break
-            if filled:  # the source ran out before the budget: the last shard is short
-                flush(docs_seen, 0)
+        for tokens in token_stream:
+            docs_seen += 1
+            pos, carry = carry, 0  # tokens of this document that are already in a shard (resume)
+            while pos < len(tokens) and written + filled < args.tokens:
+                take = min(len(tokens) - pos, len(buffer) - filled, args.tokens - written - filled)
+                buffer[filled:filled + take] = tokens[pos:pos + take]
+                filled, pos = filled + take, pos + take
+                progress.update(take)
+                if filled == len(buffer) or written + filled == args.tokens:
+                    # a shard is full; a document cut here continues in the next one, so the
+                    # resume point is (documents finished, tokens of the current one written)
+                    flush(docs_seen - 1, pos) if pos < len(tokens) else flush(docs_seen, 0)
+            if written + filled >= args.tokens:
+                break
+        if written + filled <= val_tokens:  # only a Hub stream can end this early (a local input is counted)
+            raise PrepareError(f"the source ran out after {written + filled:,} tokens, before any train token "
+                               f"(the val split takes {val_tokens:,}); delete {args.out_dir} and rerun with a "
+                               f"smaller --val_tokens")
+        if filled:  # the source ran out before the budget: the last shard is short
+            flush(docs_seen, 0)
     finally:
+        token_stream.close()  # stops the tiktoken pool
         progress.close()  # ends the bar's line, so that an error prints on a line of its own
     meta["complete"] = True
     save_meta()
@@ -289,7 +479,14 @@ def main(argv=None):
     parser.add_argument("--name", default=None, help="shard name prefix (default: the dataset's short name)")
     parser.add_argument("--tokens", type=int, default=100_000_000, help="total tokens, val included")
     parser.add_argument("--shard_size", type=int, default=10_000_000, help="tokens per train shard (20 MB)")
-    parser.add_argument("--val_tokens", type=int, default=1_000_000, help="tokens in shard 0, the val split")
+    parser.add_argument("--val_tokens", type=int, default=1_000_000,
+                        help="tokens in shard 0, the val split (at most a tenth of the total)")
+    parser.add_argument("--tokenizer", default="gpt2",
+                        help="a tiktoken encoding (gpt2, cl100k_base, ...), or a Hub model id or local directory "
+                             "with a tokenizer.json")
+    parser.add_argument("--separator", default="auto",
+                        help="the token put in front of every document (a special token for tiktoken); auto: "
+                             "<|begin_of_text|>, else <|endoftext|>, else <s>, the first the vocabulary has")
     args = parser.parse_args(argv)
     for key in ("tokens", "shard_size", "val_tokens"):
         if getattr(args, key) <= 0:

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -40,12 +41,16 @@ from prepare import read_shard
 @dataclass
 class TrainConfig:
     # run
-    init_from: str = "gpt2"            # Hub id (gpt2, gpt2-medium, ...), local save_pretrained dir, scratch, or resume
-    data_dir: str = "data/fineweb10B"  # shards from prepare.py
+    init_from: str = "gpt2"            # GPT-2 or Llama-family Hub id or save_pretrained dir, scratch (random GPT-2), resume
+    data_dir: str = "data/fineweb10B"  # shards from prepare.py, tokenized with the model's tokenizer
     out_dir: str = "out"               # ckpt.pt and log.jsonl
-    acts: str = ""                     # PATH.npy of (N, d_in) float activations: train on these instead of GPT-2
+    acts: str = ""                     # train on an activation cache DIR (--mode=cache) or PATH.npy (N, d_in), not the model
     eval_only: bool = False            # evaluate out_dir/ckpt.pt and exit
-    mode: str = "train"                # train; export (SAELens format); steer (generate with a feature added); dashboard
+    mode: str = "train"                # train; cache (activations to disk); export (SAELens); steer; dashboard
+    cache_dir: str = ""                # --mode=cache writes the activation cache here
+    cache_tokens: int = 2**22          # ... this many train activations (position 0 not counted with exclude_pos0)
+    cache_dtype: str = "float16"       # ... stored as float16 (half the disk) or float32
+    cache_shard_tokens: int = 2**18    # ... about this many activations a shard file
     ckpt: str = ""                     # the checkpoint that eval_only, export and steer read; "" = out_dir/ckpt.pt
     export_dir: str = "export"         # --mode=export writes cfg.json and sae_weights.safetensors here
     feature: int = 0                   # --mode=steer: the feature ...
@@ -57,20 +62,20 @@ class TrainConfig:
     dashboard_file: str = ""           # "" = out_dir/dashboard.html
     seed: int = 1337
     device: str = "auto"               # auto = cuda if available, else cpu
-    dtype: str = "auto"                # GPT-2's autocast dtype; auto = bfloat16 on CUDA, float32 on CPU (faster there)
+    dtype: str = "auto"                # the model's autocast dtype; auto = bfloat16 on CUDA, float32 on CPU (faster there)
     compile: bool = False              # torch.compile the SAE
-    # GPT-2 and the site
-    layer: int = 6                     # 0-indexed block; 6 is the middle of GPT-2 small
+    # the model and the site
+    layer: int = 6                     # 0-indexed block; 6 is the middle of GPT-2 small, 15 of SmolLM2-135M
     site: str = "mlp_in"               # one of SITES
     block_size: int = 128              # tokens per context
-    harvest_batch: int = 32            # contexts per GPT-2 forward
+    harvest_batch: int = 32            # contexts per forward of the model
     n_layer: int = 12                  # scratch only: the random GPT-2's size
     n_head: int = 12
     n_embd: int = 768
     # activations
     buffer_tokens: int = 2**18         # shuffling buffer, per rank; 800 MiB at d_in 768 in fp32
     normalize: bool = True             # scale activations to E|x| = sqrt(d_in), estimated at start
-    exclude_pos0: bool = True          # drop position 0, whose norm is an outlier in GPT-2
+    exclude_pos0: bool = True          # drop position 0, whose norm is an outlier in GPT-2 (and Llamas: attention sink)
     # the SAE and its loss
     d_sae: int = 8192                  # features
     b_dec_init: str = "geometric_median"  # or mean, zeros: b_dec from a first sample of activations
@@ -107,7 +112,7 @@ class TrainConfig:
 
 
 LOSSES, JL_ON, DECAYS = ("l1", "jl", "hybrid"), ("dec", "enc"), ("constant", "cosine", "linear")
-MODES = ("train", "export", "steer", "dashboard")
+MODES = ("train", "cache", "export", "steer", "dashboard")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 
 
@@ -119,6 +124,9 @@ def parse_overrides(cfg, argv):
     valid = {f.name for f in fields(cfg)}
     overrides = {}
     for arg in argv:
+        if arg in ("-h", "--help"):
+            print(config_help(cfg))
+            sys.exit(0)
         if not arg.startswith("--"):  # a config file: plain `key = value` assignments
             if not os.path.isfile(arg):
                 raise ValueError(f"{arg}: no such config file (flags are --key=value)")
@@ -152,6 +160,20 @@ def parse_overrides(cfg, argv):
             else:
                 overrides[key] = coerce(key, value, default)
     return overrides
+
+
+def config_help(cfg):
+    """Every flag of the config's dataclass with its default and its comment in the source, by section."""
+    import inspect
+    lines = [f"usage: python {os.path.basename(sys.argv[0])} [config/FILE.py ...] [--key=value ...]"]
+    for line in inspect.getsource(type(cfg)).splitlines()[1:]:
+        code, _, comment = line.strip().partition("#")
+        name = code.split(":")[0].strip()
+        if not code and comment:                    # a section comment
+            lines.append(f"\n{comment.strip()}:")
+        elif name in {f.name for f in fields(cfg)}:
+            lines.append(f"  --{name}={getattr(cfg, name)!r}".ljust(40) + f" {comment.strip()}")
+    return "\n".join(lines)
 
 
 def coerce(key, value, default):
@@ -201,7 +223,7 @@ def parse_args(cfg, argv):
 def check_config(cfg, world_size=1):
     """Invariants of a config, as one-line ValueErrors listing what is valid."""
     for key, valid in (("loss", LOSSES), ("jl_on", JL_ON), ("decay", DECAYS), ("b_dec_init", B_DEC_INITS),
-                       ("mode", MODES)):
+                       ("mode", MODES), ("cache_dtype", CACHE_DTYPES)):
         if getattr(cfg, key) not in valid:
             raise ValueError(f"--{key}={getattr(cfg, key)!r}: valid values are {', '.join(valid)}")
     if cfg.site not in SITES:
@@ -212,8 +234,10 @@ def check_config(cfg, world_size=1):
     if not cfg.acts and (cfg.buffer_tokens % (2 * per_rank) or cfg.buffer_tokens % 4):
         raise ValueError(f"--buffer_tokens={cfg.buffer_tokens} must be a multiple of 4 and of 2 x {per_rank} (the "
                          f"per-rank batch): half the buffer is served between refills, in quarters")
+    if cfg.mode == "cache" and (not cfg.cache_dir or cfg.acts):
+        raise ValueError("--mode=cache needs --cache_dir=DIR (and no --acts): it harvests the model into DIR")
     for key in ("d_sae", "max_iters", "batch_size", "block_size", "harvest_batch", "eval_interval", "eval_tokens",
-                "log_interval", "dead_window", "resample_samples"):
+                "log_interval", "dead_window", "resample_samples", "cache_tokens", "cache_shard_tokens"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"--{key} must be positive")
     if cfg.exclude_pos0 and cfg.block_size < 2:
@@ -221,10 +245,56 @@ def check_config(cfg, world_size=1):
 
 
 # -----------------------------------------------------------------------------
-# GPT-2: nanoGPT's model with the Hugging Face module names, so loading is a key-for-key copy
+# models: GPT-2 and the Llama family, with the Hugging Face module names, so loading is a key-for-key copy.
+# Both read (B, T) token ids and give logits; at one (layer, site) an `edit` function sees the activation
+# and returns its replacement: how harvesting stops early, and how an SAE or a steering vector is spliced in.
 
 SITES = ("resid_pre", "resid_mid", "mlp_in", "mlp_hidden", "mlp_out", "resid_post")  # in block order
 
+
+class StopForward(Exception):
+    """Raised by harvest's edit at the site, so that nothing past it is computed."""
+    def __init__(self, act):
+        self.act = act
+
+
+class Linear(nn.Linear):
+    """nn.Linear through kernels.linear, with an optional fused activation: oneDNN's AVX-512 matmul on the CPU
+    when nothing needs its gradient (harvesting, evaluation, generation), where torch's fp32 matmul takes MKL's
+    AVX2 path on AMD processors."""
+
+    def forward(self, x, act="none"):
+        y = linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, act)  # (B*T, in) @ (in, out)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class LanguageModel(nn.Module):
+    """What sae.py asks of a model, whatever its family: `forward(idx, layer, site, edit)` -> logits,
+    `blocks`, `final_norm`, `lm_head`, `down_proj(layer)` (the matrix from mlp_hidden to the residual)."""
+
+    def harvest(self, idx, layer, site):
+        """idx (B, T) -> the activation at (layer, site): (B, T, n_embd), or (B, T, n_inner) for
+        mlp_hidden. Computes nothing past that site."""
+        check_site(self.config, layer, site)
+        def stop(act):
+            raise StopForward(act)
+        try:
+            self(idx, layer, site, stop)
+        except StopForward as e:
+            return e.act
+        raise AssertionError("unreachable: the forward always passes the site")
+
+    @torch.no_grad()
+    def logit_effects(self, layer, site, directions):
+        """The direct effect on the logits of adding each direction at (layer, site): through the MLP's output
+        matrix for mlp_hidden, then the final norm's gain and the unembedding, as TransformerLens folds them
+        (the norm's scale, which depends on the input, left out). directions (k, width) -> (k, vocab)"""
+        if site == "mlp_hidden":
+            directions = directions @ self.down_proj(layer).T        # (k, n_inner) @ (n_inner, C)
+        return (directions * self.final_norm.weight) @ self.lm_head.weight.T  # (k, C) @ (C, vocab)
+
+
+# --- GPT-2 (Radford et al. 2019): nanoGPT's model
 
 @dataclass
 class GPTConfig:
@@ -238,16 +308,6 @@ class GPTConfig:
 
     def __post_init__(self):
         self.n_inner = self.n_inner or 4 * self.n_embd
-
-
-class Linear(nn.Linear):
-    """nn.Linear through kernels.linear, with an optional fused activation: oneDNN's AVX-512 matmul on the CPU
-    when nothing needs its gradient (harvesting, evaluation, generation), where torch's fp32 matmul takes MKL's
-    AVX2 path on AMD processors."""
-
-    def forward(self, x, act="none"):
-        y = linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, act)  # (B*T, in) @ (in, out)
-        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class CausalSelfAttention(nn.Module):
@@ -285,9 +345,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
+    mlp_norm = property(lambda self: self.ln_2)  # the norm whose output is mlp_in
+
     def forward(self, x, site=None, edit=None):
         """x (B, T, C) -> residual after the block. At `site`, edit(act) is called on that activation and
-        its return value replaces it: how harvesting stops, and how an SAE or a steering vector is spliced in."""
+        its return value replaces it."""
         at = lambda name, act: edit(act) if name == site else act
         x = at("resid_pre", x)
         x = at("resid_mid", x + self.attn(self.ln_1(x)))
@@ -297,13 +359,7 @@ class Block(nn.Module):
         return at("resid_post", x + h)
 
 
-class StopForward(Exception):
-    """Raised by harvest's edit at the site, so that nothing past it is computed."""
-    def __init__(self, act):
-        self.act = act
-
-
-class GPT(nn.Module):
+class GPT(LanguageModel):
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -314,6 +370,10 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2 (https://paperswithcode.com/method/weight-tying)
         self.apply(self._init_weights)  # for init_from=scratch; from_pretrained overwrites every weight
+
+    blocks = property(lambda self: self.h)
+    final_norm = property(lambda self: self.ln_f)
+    down_proj = lambda self, layer: self.h[layer].mlp.c_proj.weight  # (C, n_inner)
 
     def _init_weights(self, module):
         # GPT-2's init (nanoGPT): N(0, 0.02) weights, zero biases, LayerNorm at identity
@@ -333,23 +393,11 @@ class GPT(nn.Module):
             x = block(x, site, edit) if i == layer else block(x)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab)
 
-    def harvest(self, idx, layer, site):
-        """idx (B, T) -> the activation at (layer, site): (B, T, n_embd), or (B, T, n_inner) for
-        mlp_hidden. Computes nothing past that site."""
-        check_site(self.config, layer, site)
-        def stop(act):
-            raise StopForward(act)
-        try:
-            self(idx, layer, site, stop)
-        except StopForward as e:
-            return e.act
-        raise AssertionError("unreachable: the forward always passes the site")
-
     @classmethod
     def from_pretrained(cls, name_or_path):
         """A Hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or any GPT-2 repo) or a local directory in
         save_pretrained's layout: config.json + model.safetensors or pytorch_model.bin."""
-        config_file, weights_file = find_checkpoint(name_or_path)
+        config_file, weights_files = find_checkpoint(name_or_path)
         hf = json.load(open(config_file))
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{config_file}: activation_function {hf['activation_function']!r}; only GPT-2's "
@@ -360,44 +408,16 @@ class GPT(nn.Module):
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                            n_head=hf["n_head"], n_embd=hf["n_embd"], n_inner=hf.get("n_inner") or 4 * hf["n_embd"],
                            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
-        if weights_file.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd_hf = load_file(weights_file)
-        else:
-            sd_hf = torch.load(weights_file, map_location="cpu", weights_only=True)
         model = cls(config)
-        load_hf_state_dict_(model, sd_hf, weights_file)
+        load_gpt2_state_dict_(model, read_weights(weights_files), weights_files[0])
         return model.eval()
-
-
-def find_checkpoint(name_or_path):
-    """-> (config.json, weights file) from a local directory, or fetched from the Hub with huggingface_hub."""
-    if os.path.isdir(name_or_path):
-        config_file = os.path.join(name_or_path, "config.json")
-        if not os.path.exists(config_file):
-            raise ValueError(f"{name_or_path}: no config.json; expected a directory written by save_pretrained")
-        for weights in ("model.safetensors", "pytorch_model.bin"):
-            if os.path.exists(os.path.join(name_or_path, weights)):
-                return config_file, os.path.join(name_or_path, weights)
-        raise ValueError(f"{name_or_path}: neither model.safetensors nor pytorch_model.bin")
-    from huggingface_hub import hf_hub_download  # comes with datasets
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-    import huggingface_hub.utils.logging
-    huggingface_hub.utils.logging.set_verbosity_error()  # no retry chatter: one line when offline
-    try:
-        return hf_hub_download(name_or_path, "config.json"), hf_hub_download(name_or_path, "model.safetensors")
-    except LocalEntryNotFoundError:
-        raise ValueError(f"could not fetch GPT-2 '{name_or_path}' from the Hugging Face Hub (offline, and not "
-                         f"in the local cache); pass a local directory written by save_pretrained") from None
-    except RepositoryNotFoundError:
-        raise ValueError(f"'{name_or_path}' is neither a local directory nor a model on the Hugging Face Hub") from None
 
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 @torch.no_grad()
-def load_hf_state_dict_(model, sd_hf, source):
+def load_gpt2_state_dict_(model, sd_hf, source):
     """Copies a Hugging Face GPT-2 state dict into `model`. Accepts both key layouts: the Hub's original
     gpt2 files (h.0.attn.c_attn.weight, with attn.bias/attn.masked_bias mask buffers) and save_pretrained's
     (transformer.h.0...). HF stores c_attn, c_proj and c_fc as Conv1D, (in, out): transposed for nn.Linear."""
@@ -406,17 +426,303 @@ def load_hf_state_dict_(model, sd_hf, source):
     lm_head = sd_hf.pop("lm_head.weight", None)
     if lm_head is not None and "wte.weight" in sd_hf and not torch.equal(lm_head, sd_hf["wte.weight"]):
         raise ValueError(f"{source}: lm_head.weight differs from wte.weight; GPT-2 ties them")
+    copy_state_dict_(model, {k: v.t() if k.endswith(CONV1D_WEIGHTS) else v for k, v in sd_hf.items()}, source,
+                     skip=("lm_head.weight",))  # tied to wte.weight
+
+
+# --- the Llama family: Llama 2/3/3.1/3.2, SmolLM/SmolLM2, TinyLlama, Mistral, Qwen2 (Touvron et al. 2023;
+# modeling_llama.py, modeling_mistral.py, modeling_qwen2.py in transformers; ../shared/notes/llama.md)
+
+LLAMA_FAMILY = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+GPT2_FAMILY = {"GPT2LMHeadModel": "gpt2"}
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3      # grouped-query attention: query head h reads key/value head h // (9 / 3)
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None         # None, or llama3's {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False      # a bias on q, k, v and o (Llama's attention_bias)
+    qkv_bias: bool = False            # a bias on q, k, v only (Qwen2)
+    mlp_bias: bool = False
+    sliding_windows: tuple = ()       # per layer: attend to the last w keys, the query's own included; 0 = all
+
+    # the names the rest of sae.py reads, as GPTConfig spells them
+    n_layer = property(lambda self: self.num_hidden_layers)
+    n_embd = property(lambda self: self.hidden_size)
+    n_inner = property(lambda self: self.intermediate_size)
+    block_size = property(lambda self: self.max_position_embeddings)
+
+    @classmethod
+    def from_hf(cls, hf, source):
+        """From a config.json dict; an option we do not implement is a ValueError naming it."""
+        family = LLAMA_FAMILY.get((hf.get("architectures") or [""])[0]) or hf.get("model_type")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r}; only SiLU (SwiGLU) is supported")
+        rope = hf.get("rope_parameters") or {}  # transformers 5 writes theta and scaling here
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("default", "llama3"):
+            raise ValueError(f"{source}: rope scaling {scaling.get('rope_type', scaling.get('type'))!r} is not "
+                             f"supported (only llama3's, and none)")
+        if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError(f"{source}: partial_rotary_factor is not supported")
+        n_layer, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
+        window = hf.get("sliding_window") or 0
+        if family == "qwen2":  # Qwen2 slides only where layer_types says, or from max_window_layers on
+            window = window if hf.get("use_sliding_window") else 0
+            types = hf.get("layer_types") or ["sliding_attention" if window and i >= hf.get("max_window_layers", 28)
+                                              else "full_attention" for i in range(n_layer)]
+            windows = tuple(window if t == "sliding_attention" else 0 for t in types)
+        else:
+            windows = (window,) * n_layer if family == "mistral" else (0,) * n_layer
+        return cls(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+                   num_hidden_layers=n_layer, num_attention_heads=heads,
+                   num_key_value_heads=hf.get("num_key_value_heads") or heads,
+                   head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                   rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                   rope_scaling=scaling if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3" else None,
+                   max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                   tie_word_embeddings=hf.get("tie_word_embeddings", False),  # transformers' default
+                   attention_bias=family != "mistral" and hf.get("attention_bias", False), qkv_bias=family == "qwen2",
+                   mlp_bias=family == "llama" and hf.get("mlp_bias", False), sliding_windows=windows)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019), in fp32 and cast back before the gain, as
+    transformers' LlamaRMSNorm does."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_inv_freq(config):
+    """Rotary inverse frequencies (Su et al. 2021), (head_dim/2,) fp32, with llama3's rescaling (Meta's
+    Llama 3.1: long wavelengths divided by `factor`, a smooth ramp between; at every length, not only long ones)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    if config.rope_scaling:
+        s = config.rope_scaling
+        factor, low, high, old = (s["factor"], s["low_freq_factor"], s["high_freq_factor"],
+                                  s["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        inv_freq = torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return inv_freq
+
+
+def rotate_half(x):
+    """(x1, x2) -> (-x2, x1) over the two halves of the head: the rotary pairing of Hugging Face's weights."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, window):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd, self.window = (config.num_attention_heads, config.num_key_value_heads,
+                                                        config.head_dim, window)
+        qkv_bias = config.attention_bias or config.qkv_bias
+        self.q_proj = Linear(config.hidden_size, self.n_head * self.hd, bias=qkv_bias)
+        self.k_proj = Linear(config.hidden_size, self.n_kv * self.hd, bias=qkv_bias)
+        self.v_proj = Linear(config.hidden_size, self.n_kv * self.hd, bias=qkv_bias)
+        self.o_proj = Linear(self.n_head * self.hd, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.size()
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # rotary, (T, hd) broadcast
+        k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))  # (B, nh, T, hd): GQA
+        if self.window and T > self.window:  # Mistral: key j is seen by query i when i - window < j <= i
+            i = torch.arange(T, device=x.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)  # (T, T) bool
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        C, H, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj, self.up_proj, self.down_proj = Linear(C, H, bias=bias), Linear(C, H, bias=bias), Linear(H, C, bias=bias)
+
+    def hidden(self, x):
+        """SwiGLU (Shazeer 2020): silu(x W_gate) * (x W_up), (B, T, C) -> (B, T, H); SiLU fused into gate_proj."""
+        return self.gate_proj(x, act="silu") * self.up_proj(x)
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, config, window=0):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, window)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    mlp_norm = property(lambda self: self.post_attention_layernorm)
+
+    def forward(self, x, cos, sin, site=None, edit=None):
+        """The same six sites as GPT-2's Block, in the same order."""
+        at = lambda name, act: edit(act) if name == site else act
+        x = at("resid_pre", x)
+        x = at("resid_mid", x + self.self_attn(self.input_layernorm(x), cos, sin))
+        h = at("mlp_in", self.post_attention_layernorm(x))  # (B, T, C)
+        h = at("mlp_hidden", self.mlp.hidden(h))             # (B, T, H)
+        h = at("mlp_out", self.mlp.down_proj(h))             # (B, T, C)
+        return at("resid_post", x + h)
+
+
+class Llama(LanguageModel):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        windows = config.sliding_windows or (0,) * config.num_hidden_layers
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList([LlamaBlock(config, w) for w in windows]),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps)))
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # never in a checkpoint
+        for module in self.modules():  # a random init for tests (from_pretrained overwrites every weight)
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+
+    blocks = property(lambda self: self.model.layers)
+    final_norm = property(lambda self: self.model.norm)
+    down_proj = lambda self, layer: self.model.layers[layer].mlp.down_proj.weight  # (C, H)
+
+    def forward(self, idx, layer=None, site=None, edit=None):
+        """idx (B, T) -> logits (B, T, vocab); (layer, site, edit) as in GPT.forward."""
+        T = idx.size(1)
+        freqs = torch.arange(T, device=idx.device).float()[:, None] * self.inv_freq  # (T, hd/2), fp32
+        emb = torch.cat((freqs, freqs), dim=-1)                                       # (T, hd)
+        x = self.model.embed_tokens(idx)                                              # (B, T, C)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, site=site, edit=edit) if i == layer else block(x, cos, sin)
+        return self.lm_head(self.model.norm(x))  # (B, T, vocab)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path):
+        """A Hub id (HuggingFaceTB/SmolLM2-135M, meta-llama/Llama-3.2-1B, mistralai/Mistral-7B-v0.1,
+        Qwen/Qwen2-0.5B, ...) or a local save_pretrained directory, sharded or not. Weights become fp32."""
+        config_file, weights_files = find_checkpoint(name_or_path)
+        model = cls(LlamaConfig.from_hf(json.load(open(config_file)), config_file))
+        sd = {k: v for k, v in read_weights(weights_files).items() if not k.endswith("rotary_emb.inv_freq")}
+        if model.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)  # transformers ties it to the embedding whatever the file holds
+        copy_state_dict_(model, sd, weights_files[0], skip=("lm_head.weight",) if model.config.tie_word_embeddings else ())
+        return model.eval()
+
+
+# --- loading either family from a Hugging Face checkpoint
+
+def checkpoint_file(name_or_path, filename):
+    """A file of a local directory, or of a Hub repo fetched (and cached) by huggingface_hub; None if absent."""
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, filename)
+        return path if os.path.exists(path) else None
+    from huggingface_hub import hf_hub_download  # comes with datasets
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    import huggingface_hub.utils.logging
+    huggingface_hub.utils.logging.set_verbosity_error()  # no retry chatter: one line when offline
+    try:
+        return hf_hub_download(name_or_path, filename)
+    except LocalEntryNotFoundError:  # before its parent class: offline, and not in the local cache
+        raise ValueError(f"could not fetch '{name_or_path}' from the Hugging Face Hub (offline, and not in the "
+                         f"local cache); pass a local directory written by save_pretrained") from None
+    except EntryNotFoundError:
+        return None
+    except GatedRepoError:
+        raise ValueError(f"'{name_or_path}' is gated on the Hugging Face Hub: accept its licence there and log in "
+                         f"(hf auth login, or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"'{name_or_path}' is neither a local directory nor a model on the Hugging Face Hub") from None
+
+
+def read_hf_config(name_or_path):
+    config_file = checkpoint_file(name_or_path, "config.json")
+    if config_file is None:
+        raise ValueError(f"{name_or_path}: no config.json; expected a directory written by save_pretrained")
+    return json.load(open(config_file)), config_file
+
+
+def find_checkpoint(name_or_path):
+    """-> (config.json, [weight files]): model.safetensors, the shards that model.safetensors.index.json names
+    (a large model), or pytorch_model.bin."""
+    _, config_file = read_hf_config(name_or_path)
+    index_name = "model.safetensors.index.json"
+    for weights in ("model.safetensors", index_name, "pytorch_model.bin"):
+        path = checkpoint_file(name_or_path, weights)
+        if path and weights == index_name:
+            shards = sorted(set(json.load(open(path))["weight_map"].values()))
+            return config_file, [checkpoint_file(name_or_path, shard) for shard in shards]
+        if path:
+            return config_file, [path]
+    raise ValueError(f"{name_or_path}: neither model.safetensors, {index_name} nor pytorch_model.bin")
+
+
+def read_weights(files):
+    """The state dict in one or several safetensors or .bin files, as fp32 tensors."""
+    from safetensors.torch import load_file
+    sd = {}
+    for f in files:
+        sd.update(load_file(f) if f.endswith(".safetensors") else torch.load(f, map_location="cpu", weights_only=True))
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+@torch.no_grad()
+def copy_state_dict_(model, sd_hf, source, skip=()):
+    """Copies sd_hf into model key for key: every key of the model (but `skip`) present, none unknown,
+    every shape as config.json implies; a mismatch names the keys."""
     sd = model.state_dict()
-    keys = [k for k in sd if k != "lm_head.weight"]  # tied to wte.weight
+    keys = [k for k in sd if k not in skip]
     missing, unexpected = sorted(set(keys) - set(sd_hf)), sorted(set(sd_hf) - set(keys))
     if missing or unexpected:
         raise ValueError(f"{source}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
                          f"{' (and more)' if len(missing) > 5 or len(unexpected) > 5 else ''}")
     for k in keys:
-        w = sd_hf[k].t() if k.endswith(CONV1D_WEIGHTS) else sd_hf[k]
-        if w.shape != sd[k].shape:
-            raise ValueError(f"{source}: {k} has shape {tuple(w.shape)}, config.json implies {tuple(sd[k].shape)}")
-        sd[k].copy_(w)
+        if sd_hf[k].shape != sd[k].shape:
+            raise ValueError(f"{source}: {k} has shape {tuple(sd_hf[k].shape)}, config.json implies {tuple(sd[k].shape)}")
+        sd[k].copy_(sd_hf[k])
+
+
+def model_family(name_or_path):
+    """'gpt2' or 'llama' from config.json's architectures (or model_type); anything else is a ValueError."""
+    hf, _ = read_hf_config(name_or_path)  # before any weights: an unsupported model is not downloaded
+    arch = (hf.get("architectures") or [None])[0]
+    supported = {**GPT2_FAMILY, **LLAMA_FAMILY}
+    family = supported.get(arch) or (hf.get("model_type") if hf.get("model_type") in supported.values() else None)
+    if family is None:
+        raise ValueError(f"{name_or_path}: architecture {arch or hf.get('model_type')!r} is not supported; "
+                         f"supported: {', '.join(supported)}")
+    return "gpt2" if family == "gpt2" else "llama"
+
+
+def load_model(name_or_path):
+    """GPT-2 or a Llama-family model from a Hub id or a local directory, chosen by its config.json."""
+    return (GPT if model_family(name_or_path) == "gpt2" else Llama).from_pretrained(name_or_path)
 
 
 def check_site(config, layer, site):
@@ -655,32 +961,44 @@ class ActivationBuffer:
 
 
 class ActsFile:
-    """Batches of rows of a (N, d_in) float .npy file, reshuffled each epoch (order seeded by (seed, epoch)).
-    The first `n_val` rows are held out for evaluation. Rank r takes slice r of each global batch."""
+    """Batches of activations on disk: a (N, d_in) float .npy file, whose first `n_val` rows are held out for
+    evaluation, or an activation cache directory (--mode=cache), whose val split is. The training rows are
+    reshuffled each epoch (order seeded by (seed, epoch)); rank r takes slice r of each global batch."""
 
     def __init__(self, path, batch_size, n_val, seed, rank=0, world=1):
-        if not os.path.isfile(path):
-            raise ValueError(f"--acts={path}: no such file")
-        try:
-            self.data = np.load(path, mmap_mode="r")
-        except ValueError as e:
-            raise ValueError(f"--acts={path}: not a .npy array ({e})") from None
-        if self.data.ndim != 2 or self.data.dtype.kind != "f":
-            raise ValueError(f"--acts={path}: expected a 2-D float array (N, d_in), got {self.data.dtype} {self.data.shape}")
-        self.n_val = min(n_val, len(self.data) // 10)
-        if len(self.data) - self.n_val < batch_size:
-            raise ValueError(f"--acts={path}: {len(self.data)} rows ({self.n_val} held out), fewer than one batch of {batch_size}")
+        if os.path.isdir(path):
+            manifest = read_cache_manifest(path)
+            self.parts = [np.load(os.path.join(path, f), mmap_mode="r") for f in manifest["train"]["files"]]
+            self.val_data = np.concatenate([np.load(os.path.join(path, f)) for f in manifest["val"]["files"]])
+        else:
+            if not os.path.isfile(path):
+                raise ValueError(f"--acts={path}: no such file or activation cache directory")
+            try:
+                data = np.load(path, mmap_mode="r")
+            except ValueError as e:
+                raise ValueError(f"--acts={path}: not a .npy array ({e})") from None
+            if data.ndim != 2 or data.dtype.kind != "f":
+                raise ValueError(f"--acts={path}: expected a 2-D float array (N, d_in), got {data.dtype} {data.shape}")
+            n_val = min(n_val, len(data) // 10)
+            self.parts, self.val_data = [data[n_val:]], data[:n_val]
+        self.offsets = np.cumsum([0] + [len(part) for part in self.parts])  # global row i is in part searchsorted(i)
+        self.n_train, self.d_in = int(self.offsets[-1]), self.parts[0].shape[1]
+        if self.n_train < batch_size:
+            raise ValueError(f"--acts={path}: {self.n_train} training rows, fewer than one batch of {batch_size}")
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.start()
 
     def rows(self, index):
-        return torch.from_numpy(np.ascontiguousarray(self.data[np.sort(index.numpy())], dtype=np.float32))
+        """Training rows `index` (sorted first: memory-mapped reads in file order) -> (n, d_in) fp32."""
+        index = np.sort(index.numpy())
+        part = np.searchsorted(self.offsets, index, side="right") - 1
+        return torch.from_numpy(np.concatenate([np.asarray(self.parts[p][index[part == p] - self.offsets[p]], dtype=np.float32)
+                                                for p in np.unique(part)]))
 
     def start(self, state=None):
         state = state or {"epoch": 0, "index": 0}
         self.epoch, self.index = state["epoch"], state["index"]
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        self.perm = self.n_val + torch.randperm(len(self.data) - self.n_val, generator=g)
+        self.perm = torch.randperm(self.n_train, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
 
     def next_batch(self):
         if self.index + self.batch_size > len(self.perm):  # drop the last partial batch; next epoch
@@ -691,13 +1009,117 @@ class ActsFile:
         return self.rows(batch)
 
     def sample(self, n, generator):
-        return self.rows(self.n_val + torch.randint(len(self.data) - self.n_val, (n,), generator=generator))
+        return self.rows(torch.randint(self.n_train, (n,), generator=generator))
 
     def val(self):
-        return torch.from_numpy(np.array(self.data[:self.n_val], dtype=np.float32))  # a copy: the memmap is read-only
+        return torch.from_numpy(np.array(self.val_data, dtype=np.float32))  # a copy: a memmap is read-only
 
     def state_dict(self):
         return {"epoch": self.epoch, "index": self.index}
+
+
+# the activation cache: one (model, layer, site) harvested once to disk, so that a sweep or a comparison pays
+# the model's forward once. cache_dir/manifest.json says what it holds; acts_val_000000.npy holds the val
+# split's first eval_tokens tokens (the contexts evaluation reads), acts_train_*.npy the train split's.
+
+CACHE_SETTINGS = ("init_from", "layer", "site", "block_size", "exclude_pos0", "data_dir", "harvest_batch",
+                  "cache_tokens", "cache_dtype", "cache_shard_tokens", "eval_tokens", "n_layer", "n_head", "n_embd", "seed")
+CACHE_DTYPES = ("float16", "float32")
+
+
+def read_cache_manifest(cache_dir, complete=True):
+    path = os.path.join(cache_dir, "manifest.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{cache_dir}: no manifest.json; HINT: write the cache with python sae.py --mode=cache "
+                         f"--cache_dir={cache_dir}")
+    manifest = json.load(open(path))
+    if complete and not manifest["complete"]:
+        raise ValueError(f"{cache_dir}: the cache is incomplete ({manifest['train']['rows']:,} of "
+                         f"{manifest['settings']['cache_tokens']:,} rows); HINT: rerun its --mode=cache command")
+    return manifest
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)  # atomic: a crash leaves the previous file whole
+
+
+def write_npy(path, array):
+    with open(path + ".tmp", "wb") as f:
+        np.save(f, array)
+    os.replace(path + ".tmp", path)
+
+
+@torch.no_grad()
+def write_activation_cache(cfg, device, autocast):
+    """--mode=cache: the model's activations at (layer, site) over the val split's first eval_tokens tokens and
+    cache_tokens rows of the train split, in .npy shards of about cache_shard_tokens rows each (whole harvest
+    batches), each written under a temporary name and renamed; manifest.json records every finished shard and
+    the loader's position, so a rerun of the same command resumes after the last one."""
+    from prepare import read_tokenizer_record
+    os.makedirs(cfg.cache_dir, exist_ok=True)
+    path = lambda name: os.path.join(cfg.cache_dir, name)
+    settings = {k: getattr(cfg, k) for k in CACHE_SETTINGS}
+    manifest = read_cache_manifest(cfg.cache_dir, complete=False) if os.path.exists(path("manifest.json")) else None
+    if manifest and manifest["settings"] != settings:
+        changed = sorted(k for k in settings if manifest["settings"].get(k) != settings[k])
+        raise ValueError(f"{cfg.cache_dir} holds a cache of other settings ({', '.join(changed)} differ); use another "
+                         f"--cache_dir or delete it")
+    if manifest and manifest["complete"]:
+        print(f"{cfg.cache_dir}: complete ({manifest['train']['rows']:,} train rows); nothing to do")
+        return manifest
+    model = load_lm(cfg).to(device)
+    check_tokenizer(cfg.data_dir, model.tokenizer)
+    keep = 1 if cfg.exclude_pos0 else 0  # the positions training reads
+    d_in, dtype = site_width(model.config, cfg.site), np.dtype(cfg.cache_dtype)
+
+    def harvest(idx):  # (B, T) -> (B * (T - keep), d_in) in the cache's dtype
+        with autocast:
+            acts = model.harvest(idx.to(device), cfg.layer, cfg.site)[:, keep:].reshape(-1, d_in).float()
+        if not torch.isfinite(acts.to(getattr(torch, cfg.cache_dtype))).all():
+            raise ValueError(f"activations at layer {cfg.layer} {cfg.site} overflow {cfg.cache_dtype}: use "
+                             f"--cache_dtype=float32")
+        return acts.cpu().numpy().astype(dtype)
+
+    loader = DataLoaderLite(cfg.data_dir, "train", cfg.harvest_batch, cfg.block_size)
+    rows_per_batch = cfg.harvest_batch * (cfg.block_size - keep)
+    available = sum(n // (cfg.harvest_batch * cfg.block_size) for n in loader.lengths) * rows_per_batch
+    if manifest is None:
+        contexts = val_contexts(cfg.data_dir, cfg.block_size, cfg.eval_tokens, "cache")
+        write_npy(path("acts_val_000000.npy"), np.concatenate([harvest(b) for b in contexts.split(cfg.harvest_batch)]))
+        if cfg.cache_tokens > available:  # the loader would wrap around and repeat the split
+            print(f"cache: the train split gives {available:,} rows of {cfg.block_size - keep} positions a context, "
+                  f"fewer than --cache_tokens={cfg.cache_tokens:,}; caching those")
+        manifest = {"settings": settings, "model": cfg.init_from, "layer": cfg.layer, "site": cfg.site, "d_in": d_in,
+                    "dtype": cfg.cache_dtype, "tokenizer": read_tokenizer_record(cfg.data_dir) or model.tokenizer,
+                    "data_dir": cfg.data_dir, "block_size": cfg.block_size, "exclude_pos0": cfg.exclude_pos0,
+                    "rows_target": min(cfg.cache_tokens, available),
+                    "val": {"files": ["acts_val_000000.npy"], "rows": len(contexts) * (cfg.block_size - keep),
+                            "tokens": contexts.numel()},
+                    "train": {"files": [], "rows": 0, "tokens": 0}, "loader": loader.state_dict(), "complete": False}
+        write_json(path("manifest.json"), manifest)
+    loader.load_state_dict(manifest["loader"])
+    batches_per_shard = max(1, cfg.cache_shard_tokens // rows_per_batch)
+    t0, rows_before = time.time(), manifest["train"]["rows"]
+    while manifest["train"]["rows"] < manifest["rows_target"]:
+        need = manifest["rows_target"] - manifest["train"]["rows"]
+        n_batches = min(batches_per_shard, -(-need // rows_per_batch))
+        shard = np.concatenate([harvest(loader.next_batch()) for _ in range(n_batches)])[:need]  # (rows, d_in)
+        name = f"acts_train_{len(manifest['train']['files']) + 1:06d}.npy"
+        write_npy(path(name), shard)
+        train = manifest["train"]
+        train.update(files=train["files"] + [name], rows=train["rows"] + len(shard),
+                     tokens=train["tokens"] + n_batches * cfg.harvest_batch * cfg.block_size)
+        manifest["loader"] = loader.state_dict()
+        write_json(path("manifest.json"), manifest)  # the shard counts only once the manifest names it
+        print(f"cache: {name} | {train['rows']:,} of {manifest['rows_target']:,} rows | "
+              f"{(train['rows'] - rows_before) / (time.time() - t0):,.0f} rows/s")
+    manifest["complete"] = True
+    write_json(path("manifest.json"), manifest)
+    print(f"wrote {manifest['train']['rows']:,} train and {manifest['val']['rows']:,} val activations of "
+          f"{cfg.init_from} layer {cfg.layer} {cfg.site} ({cfg.cache_dtype}, d {d_in}) to {cfg.cache_dir}")
+    return manifest
 
 
 def synthetic_activations(n, d, n_true, k, seed=0):
@@ -897,7 +1319,10 @@ def resolve_runs(argv):
     overrides = parse_overrides(TrainConfig(), argv)
     scalars = {k: v for k, v in overrides.items() if not isinstance(v, list)}
     base = replace(TrainConfig(), **scalars)
-    if base.init_from != "resume" and not base.eval_only and base.mode == "train":  # a new run
+    if base.init_from != "resume" and not base.eval_only and base.mode in ("train", "cache"):  # a new run
+        if base.acts and os.path.isdir(base.acts):
+            scalars = from_cache_manifest(base.acts, scalars)
+            base, overrides = replace(base, **scalars), {**overrides, **scalars}
         return [(replace(base, **{**run, "out_dir": os.path.join(base.out_dir, name) if name else base.out_dir}), None)
                 for name, run in expand_sweep(overrides)]
     if len(scalars) < len(overrides):
@@ -920,6 +1345,19 @@ def resolve_runs(argv):
             raise ValueError(f"cannot change {', '.join(changed)} of a saved run; start a new --out_dir instead")
         runs.append((replace(saved, **scalars), checkpoint))
     return runs
+
+
+def from_cache_manifest(cache_dir, scalars):
+    """A run on an activation cache reads the model, site and contexts the cache was harvested from: they come
+    from its manifest (init_from and data_dir may be given, e.g. where the shards moved). -> scalars updated"""
+    manifest = read_cache_manifest(cache_dir)
+    saved = manifest["settings"]
+    clash = [k for k in ("layer", "site", "block_size", "exclude_pos0") if k in scalars and scalars[k] != saved[k]]
+    if clash:
+        raise ValueError(f"--acts={cache_dir} holds {', '.join(f'{k}={saved[k]!r}' for k in clash)}; drop those flags "
+                         f"or write another cache")
+    keys = ("init_from", "data_dir", "layer", "site", "block_size", "exclude_pos0", "n_layer", "n_head", "n_embd")
+    return {**{k: saved[k] for k in keys}, **scalars}
 
 
 def save_sweep_checkpoint(out_dir, runs, it):
@@ -949,16 +1387,51 @@ def recover_sweep_checkpoint(out_dir):
     return paths, manifest["iter_num"]
 
 
-def load_gpt(cfg):
+def load_lm(cfg):
+    """The frozen model a run reads: a random GPT-2 (init_from=scratch) or a checkpoint of either family.
+    model.tokenizer is the spec of its tokenizer for prepare.load_tokenizer: the checkpoint's own tokenizer.json
+    (the Llama family, or a GPT-2 directory that has one), else tiktoken's gpt2."""
     if cfg.init_from == "scratch":  # a random GPT-2 of the given size (nanoGPT), the same for the same seed
         torch.manual_seed(cfg.seed)
         model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
     else:
-        model = GPT.from_pretrained(cfg.init_from)
+        model = load_model(cfg.init_from)
+    own = isinstance(model, Llama) or os.path.isfile(os.path.join(cfg.init_from, "tokenizer.json"))
+    model.tokenizer = cfg.init_from if own else "gpt2"
     check_site(model.config, cfg.layer, cfg.site)
     if cfg.block_size > model.config.block_size:
         raise ValueError(f"--block_size={cfg.block_size}: the model has {model.config.block_size} positions")
     return model.eval().requires_grad_(False)
+
+
+def check_tokenizer(data_dir, spec):
+    """Refuses token shards that another tokenizer than the model's (spec) wrote: prepare.json's record of
+    the shards' tokenizer against the model's, by name, else by fingerprint (the same vocabulary, however named)."""
+    from prepare import load_tokenizer, read_tokenizer_record
+    record = read_tokenizer_record(data_dir)
+    if record is None or record["spec"] == spec:
+        return
+    theirs = record.get("fingerprint") or load_tokenizer(record["spec"]).fingerprint()
+    if theirs != load_tokenizer(spec).fingerprint():
+        raise ValueError(f"{data_dir} holds tokens of {record['spec']}, but the model reads {spec}'s; HINT: "
+                         f"python prepare.py --tokenizer={spec} --out_dir=<a new directory>")
+
+
+def val_contexts(data_dir, block_size, n_tokens, what):
+    """The first n_tokens // block_size whole contexts of the val split, each once: (n, block_size) int64.
+    A shorter split gives what it holds, said in one line (evaluation and dashboards never repeat a context)."""
+    shards = sorted(glob.glob(os.path.join(data_dir, "*_val_*.bin")))
+    if not shards:
+        raise ValueError(f"no val shards (*_val_*.bin) in {data_dir}; HINT: run prepare.py first")
+    tokens = np.concatenate([read_shard(path) for path in shards])
+    want, have = max(1, n_tokens // block_size), len(tokens) // block_size
+    if have == 0:
+        raise ValueError(f"{data_dir}: the val split has {len(tokens)} tokens, fewer than one context of {block_size}")
+    if have < want:
+        print(f"{what}: the val split holds {have} contexts of {block_size} tokens ({have * block_size:,} of the "
+              f"{n_tokens:,} asked for); using each once")
+    n = min(want, have)
+    return torch.from_numpy(tokens[:n * block_size].astype(np.int64)).view(n, block_size)
 
 
 # -----------------------------------------------------------------------------
@@ -971,33 +1444,49 @@ HOOK_NAMES = {"resid_pre": "blocks.{}.hook_resid_pre", "resid_mid": "blocks.{}.h
 
 
 def export_saelens(checkpoint, export_dir):
-    """Writes cfg.json + sae_weights.safetensors as SAELens's StandardSAE reads them. Our SAE sees s*x (s the
-    activation scale); folded in, it reads x: W_enc' = s W_enc, b_dec' = b_dec / s, W_dec' = W_dec / s."""
+    """Writes cfg.json + sae_weights.safetensors as SAELens's StandardSAE reads them, for the activation that
+    TransformerLens's hook gives. Our SAE sees s*x (s the activation scale); folded in, it reads x:
+    W_enc' = s W_enc, b_dec' = b_dec / s, W_dec' = W_dec / s. At mlp_in, TransformerLens's hook
+    (blocks.L.ln2.hook_normalized) holds the norm's output n before its gain g and bias b, x = g * n + b (RMSNorm:
+    b = 0): folded too, exactly, as an affine change of coordinates: W_enc'' = diag(g) W_enc', W_dec'' = W_dec' / g,
+    b_dec'' = (b_dec' - b) / g, so that the SAE reads n and writes n_hat = (x_hat - b) / g."""
     from safetensors.torch import save_file
     cfg, s, sd = TrainConfig(**checkpoint["config"]), checkpoint["act_scale"], checkpoint["sae"]
     weights = {"W_enc": sd["W_enc"] * s, "b_enc": sd["b_enc"].clone(), "W_dec": sd["W_dec"] / s,
                "b_dec": sd["b_dec"] / s}
+    from_model = not cfg.acts.endswith(".npy")  # a .npy of activations has no model (nor site) behind it
+    model = load_lm(cfg) if from_model and cfg.site == "mlp_in" else None
+    if model is not None:
+        norm = model.blocks[cfg.layer].mlp_norm
+        g, b = norm.weight.detach(), norm.bias.detach() if getattr(norm, "bias", None) is not None else 0.0
+        if (g == 0).any():
+            raise ValueError(f"layer {cfg.layer}'s norm has zero gains: the SAE cannot be folded into its normalised input")
+        weights.update(W_enc=g[:, None] * weights["W_enc"], W_dec=weights["W_dec"] / g, b_dec=(weights["b_dec"] - b) / g)
     d_in, d_sae = weights["W_enc"].shape
+    metadata = {"model_name": cfg.init_from if from_model else cfg.acts, "hook_name": HOOK_NAMES[cfg.site].format(cfg.layer),
+                "hook_layer": cfg.layer, "context_size": cfg.block_size, "prepend_bos": False,
+                "dataset_path": cfg.data_dir if from_model else cfg.acts, "trained_with": "gpt_sae",
+                "loss": cfg.loss, "iter_num": checkpoint["iter_num"]}
+    if from_model and cfg.site in ("resid_pre", "resid_mid", "resid_post", "mlp_out") and \
+            (cfg.init_from == "scratch" or model_family(cfg.init_from) == "gpt2"):
+        # TransformerLens centres what GPT-2 (a LayerNorm model) writes into the residual stream by default;
+        # our SAE read the uncentred stream, which TransformerLens gives with this option
+        metadata["model_from_pretrained_kwargs"] = {"center_writing_weights": False}
     sae_cfg = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
                "normalize_activations": "none", "reshape_activations": "none", "architecture": "standard",
-               "metadata": {"model_name": cfg.acts or cfg.init_from, "hook_name": HOOK_NAMES[cfg.site].format(cfg.layer),
-                            "hook_layer": cfg.layer, "context_size": cfg.block_size, "prepend_bos": False,
-                            "dataset_path": cfg.acts or cfg.data_dir, "trained_with": "gpt_sae",
-                            "loss": cfg.loss, "iter_num": checkpoint["iter_num"]}}
+               "metadata": metadata}
     os.makedirs(export_dir, exist_ok=True)
     weights_path, cfg_path = os.path.join(export_dir, "sae_weights.safetensors"), os.path.join(export_dir, "cfg.json")
     save_file({k: v.contiguous() for k, v in weights.items()}, weights_path + ".tmp")
     os.replace(weights_path + ".tmp", weights_path)
-    with open(cfg_path + ".tmp", "w") as f:
-        json.dump(sae_cfg, f, indent=1)
-    os.replace(cfg_path + ".tmp", cfg_path)
-    print(f"wrote {cfg_path} and {weights_path} (hook {sae_cfg['metadata']['hook_name']}, d_sae {d_sae})")
+    write_json(cfg_path, sae_cfg)
+    print(f"wrote {cfg_path} and {weights_path} (hook {metadata['hook_name']}, d_sae {d_sae})")
     return sae_cfg
 
 
 @contextlib.contextmanager
 def steer(model, sae, features, layer, site, act_scale=1.0, mode="add"):
-    """During the block, edits GPT-2's activation at (layer, site) with SAE features {index: value}:
+    """During the block, edits the model's activation at (layer, site) with SAE features {index: value}:
     add: + value * W_dec[index] / act_scale (the decoder direction in un-normalised units);
     clamp: moves the activation so that the SAE reads the feature at value (adds (value - f) * W_dec[index] / s);
     ablate: clamp to 0 (values ignored). Leaves the model as it was on exit."""
@@ -1015,7 +1504,7 @@ def steer(model, sae, features, layer, site, act_scale=1.0, mode="add"):
         delta = target.to(f) - f[:, idx.to(f.device)]                          # (B*T, k)
         return act + (delta @ directions.float()).view_as(act).to(act.dtype)
 
-    block = model.h[layer]  # the edit reaches the block as its site/edit arguments (see Block.forward)
+    block = model.blocks[layer]  # the edit reaches the block as its site/edit arguments (see Block.forward)
     handle = block.register_forward_pre_hook(lambda m, args, kwargs: (args, {**kwargs, "site": site, "edit": edit}),
                                              with_kwargs=True)
     try:
@@ -1044,22 +1533,27 @@ def load_sae(checkpoint):
     return sae.eval().requires_grad_(False), cfg, checkpoint["act_scale"]
 
 
+def model_and_tokenizer(saved):
+    """The model an SAE was trained on and its tokenizer, for the helpers that run text through both."""
+    from prepare import load_tokenizer
+    if saved.acts.endswith(".npy"):
+        raise ValueError(f"this SAE was trained on --acts={saved.acts}, activations with no model behind them")
+    model = load_lm(saved)
+    return model, load_tokenizer(model.tokenizer)
+
+
 def steer_demo(cfg, checkpoint):
     """--mode=steer: the prompt continued with and without the feature, from the same seed."""
-    import tiktoken
     sae, saved, act_scale = load_sae(checkpoint)
-    if saved.acts:
-        raise ValueError("this SAE was trained on --acts: there is no GPT-2 site to steer")
     if not 0 <= cfg.feature < sae.W_dec.shape[0]:
         raise ValueError(f"--feature={cfg.feature}: the SAE has features 0..{sae.W_dec.shape[0] - 1}")
-    model = load_gpt(saved)
-    enc = tiktoken.get_encoding("gpt2")
-    idx = torch.tensor([[50256] + enc.encode_ordinary(cfg.prompt)])
+    model, tok = model_and_tokenizer(saved)
+    idx = torch.tensor([[tok.separator_id] + tok.encode(cfg.prompt)])  # as a document starts in the shards
     outputs = {}
     for label, scale in (("unsteered", 0.0), (f"feature {cfg.feature} x {cfg.scale:g}", cfg.scale)):
         with steer(model, sae, {cfg.feature: scale}, saved.layer, saved.site, act_scale):
             out = generate(model, idx, cfg.max_new_tokens, generator=torch.Generator().manual_seed(cfg.seed))
-        outputs[label] = enc.decode(out[0, 1:].tolist())
+        outputs[label] = tok.decode(out[0, 1:].tolist())
         print(f"--- {label}\n{outputs[label]}\n")
     return outputs
 
@@ -1132,22 +1626,15 @@ def write_dashboard(cfg, checkpoint):
     log10 firing-density histogram and, per feature, its frequency, activation histogram, top contexts
     and logit effects (the tokens its decoder direction promotes and suppresses through the unembedding)."""
     import html
-    import tiktoken
     sae, saved, act_scale = load_sae(checkpoint)
-    if saved.acts:
-        raise ValueError("this SAE was trained on --acts: a dashboard needs GPT-2 and its tokens")
-    model = load_gpt(saved)
-    enc = tiktoken.get_encoding("gpt2")
-    val = DataLoaderLite(cfg.data_dir, "val", 1, saved.block_size)
-    contexts = torch.cat([val.next_batch() for _ in range(max(1, cfg.dashboard_tokens // saved.block_size))])
+    model, enc = model_and_tokenizer(saved)
+    check_tokenizer(cfg.data_dir, model.tokenizer)
+    contexts = val_contexts(cfg.data_dir, saved.block_size, cfg.dashboard_tokens, "dashboard")
     # pass 1: firing frequencies of every feature (needed to choose top_freq features); pass 2: the chosen ones
     freq_all, _, _, n_tokens = feature_stats(model, sae, saved, act_scale, contexts, [])
     features = select_features(cfg.features, freq_all)
     freq, values, top, _ = feature_stats(model, sae, saved, act_scale, contexts, features)
-    directions = sae.W_dec[features] / act_scale                               # (k, d_site), model units
-    if saved.site == "mlp_hidden":  # neurons: through c_proj into the residual stream first
-        directions = directions @ model.h[saved.layer].mlp.c_proj.weight.T     # (k, n_inner) @ (n_inner, C)
-    logit_effects = directions @ model.wte.weight.T                            # (k, C) @ (C, vocab)
+    logit_effects = model.logit_effects(saved.layer, saved.site, sae.W_dec[features] / act_scale)  # (k, vocab)
     density = freq_all[freq_all > 0].log10()
     parts = [f"<h1>SAE features: {html.escape(saved.init_from)} layer {saved.layer} {saved.site}, d_sae {len(freq_all)}</h1>",
              f"<p>{contexts.numel():,} val tokens in {len(contexts)} contexts of {saved.block_size}; "
@@ -1180,6 +1667,34 @@ def write_dashboard(cfg, checkpoint):
 # -----------------------------------------------------------------------------
 # training: python sae.py [config/...py] [--key=value ...]; torchrun --standalone --nproc_per_node=N sae.py ...
 
+def activation_source(cfg, device, autocast, rank=0, world=1):
+    """-> (source of training batches, d_in, model or None, val contexts for evaluation, val rows or None).
+    The source is a .npy file, an activation cache, or the model's harvest over the token shards through the
+    shuffling buffer. Evaluation runs the val contexts through the model (FVU, and CE and KL with the SAE
+    spliced in) wherever there is a model and its token shards; else it scores the held-out rows (FVU only)."""
+    model, val_batches, val_acts = None, [], None
+    if cfg.acts:
+        source = ActsFile(cfg.acts, cfg.batch_size, cfg.eval_tokens, cfg.seed, rank, world)
+        d_in, val_acts = source.d_in, source.val()
+        if not os.path.isdir(cfg.acts):
+            return source, d_in, None, [], val_acts
+        if not glob.glob(os.path.join(cfg.data_dir, "*_val_*.bin")):
+            print(f"{cfg.acts}: no token shards at {cfg.data_dir} (the cache's data_dir): evaluation without CE and KL")
+            return source, d_in, None, [], val_acts
+    model = load_lm(cfg).to(device)
+    check_tokenizer(cfg.data_dir, model.tokenizer)
+    if not cfg.acts:
+        loader = DataLoaderLite(cfg.data_dir, "train", cfg.harvest_batch, cfg.block_size, rank, world)
+        def harvest(idx):
+            with torch.no_grad(), autocast:
+                return model.harvest(idx.to(device), cfg.layer, cfg.site)  # (B, T, d_in)
+        source = ActivationBuffer(harvest, loader, cfg.buffer_tokens, cfg.batch_size // world, cfg.seed + rank,
+                                  cfg.exclude_pos0)
+        d_in = site_width(model.config, cfg.site)
+    contexts = val_contexts(cfg.data_dir, cfg.block_size, cfg.eval_tokens, "evaluation")  # the same every time
+    return source, d_in, model, [b.to(device) for b in contexts.split(cfg.harvest_batch)], None
+
+
 class Run:
     """One SAE of the process, with what is its own: config (cfg.out_dir is its directory), Adam (two groups, so
     the encoder and decoder rates can differ), feature tracker, and its checkpoint's state when resuming."""
@@ -1202,7 +1717,6 @@ class Run:
 
 
 def main(argv):
-    import time
     import torch.distributed as dist
     resolved = resolve_runs(argv)
     cfg, checkpoint = resolved[0]  # the SAEs of a sweep share every key that is not SWEEPABLE
@@ -1241,24 +1755,11 @@ def main(argv):
         raise ValueError(f"--dtype={dtype!r}: valid values are auto, float32, bfloat16, float16")
     autocast = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
 
-    # activations: a .npy file, or GPT-2 over the token shards
-    per_rank = cfg.batch_size // ddp_world_size
-    model, val_batches, val_acts = None, [], None
-    if cfg.acts:
-        source = ActsFile(cfg.acts, cfg.batch_size, cfg.eval_tokens, cfg.seed, ddp_rank, ddp_world_size)
-        d_in, val_acts = source.data.shape[1], source.val()
-    else:
-        model = load_gpt(cfg).to(device)
-        loader = DataLoaderLite(cfg.data_dir, "train", cfg.harvest_batch, cfg.block_size, ddp_rank, ddp_world_size)
-        def harvest(idx):
-            with torch.no_grad(), autocast:
-                return model.harvest(idx.to(device), cfg.layer, cfg.site)  # (B, T, d_in)
-        source = ActivationBuffer(harvest, loader, cfg.buffer_tokens, per_rank, cfg.seed + ddp_rank, cfg.exclude_pos0)
-        d_in = site_width(model.config, cfg.site)
-        if master_process:  # a fixed slice of the val shard: its first eval_tokens tokens, as whole contexts
-            val = DataLoaderLite(cfg.data_dir, "val", 1, cfg.block_size)
-            contexts = torch.cat([val.next_batch() for _ in range(max(1, cfg.eval_tokens // cfg.block_size))])
-            val_batches = [b.to(device) for b in contexts.split(cfg.harvest_batch)]
+    if cfg.mode == "cache":
+        return write_activation_cache(cfg, device, autocast)
+    source, d_in, model, val_batches, val_acts = activation_source(cfg, device, autocast, ddp_rank, ddp_world_size)
+    if not master_process:
+        val_batches, val_acts = [], None  # rank 0 evaluates
 
     runs = [Run(run_cfg, run_checkpoint, d_in, device, sweep=len(resolved) > 1) for run_cfg, run_checkpoint in resolved]
     if checkpoint:
