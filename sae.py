@@ -1,18 +1,21 @@
 """
-Sparse autoencoders on GPT-2 activations, in one file (after nanoGPT's train.py).
+Sparse autoencoders on language-model activations, in one file (after nanoGPT's train.py).
 
-GPT-2 (our own forward, weights copied key for key from the Hugging Face checkpoint) reads FineWeb
-tokens written by prepare.py; `GPT.harvest` returns the activations at one (layer, site) and computes
-nothing past it; a shuffling buffer feeds them to an SAE trained with an L1, a JL (mean atanh |cos|
+GPT-2 or a Llama-family model (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2: our own forwards, weights
+copied key for key from the Hugging Face checkpoint) reads the tokens prepare.py wrote with its tokenizer;
+`harvest` returns the activations at one (layer, site) and computes nothing past it; a shuffling buffer
+(or the activation cache, harvested once to disk) feeds them to an SAE trained with an L1, a JL (mean atanh |cos|
 between dictionary rows) or a hybrid loss through the ops of kernels.py. Around it: evaluation
 (FVU, L0, CE loss recovered, KL), dead-feature resampling, checkpoints and exact resume, data-parallel
 runs, several SAEs on one pass (sweeps), export to SAELens, steering and feature dashboards.
 References: Bricken et al. 2023, "Towards Monosemanticity" (transformer-circuits.pub/2023/monosemantic-features);
-Radford et al. 2019 (GPT-2).
+Radford et al. 2019 (GPT-2); Touvron et al. 2023 (Llama).
 
 $ python prepare.py
 $ python sae.py --loss=hybrid
 $ python sae.py --loss=l1,jl,hybrid --out_dir=out/compare   # three SAEs on one GPT-2 pass
+$ python sae.py --mode=cache --init_from=HuggingFaceTB/SmolLM2-135M --data_dir=data/smollm2 --layer=15 --cache_dir=acts
+$ python sae.py --acts=acts --loss=l1,hybrid                 # SAEs on the cache, evaluated through SmolLM2
 $ torchrun --standalone --nproc_per_node=8 sae.py --loss=hybrid
 $ python sae.py --mode=dashboard --out_dir=out --features=top_freq:50
 """
@@ -187,7 +190,7 @@ def coerce(key, value, default):
     return value
 
 
-# keys that may differ between the SAEs of one process: they share GPT-2's forward, the buffer and the batches
+# keys that may differ between the SAEs of one process: they share the model's forward, the buffer and the batches
 L1_KEYS, JL_KEYS = ("l1_coeff", "l1_warmup_iters"), ("jl_coeff", "jl_on", "jl_warmup_mult", "jl_warmup_iters", "jl_sample")
 SWEEPABLE = ("loss", "d_sae", "b_dec_init", "lr", "lr_enc", "lr_dec", "beta1", "beta2", "grad_clip") + L1_KEYS + JL_KEYS
 UNUSED_BY = {"l1": JL_KEYS, "jl": L1_KEYS, "hybrid": ()}  # keys a loss does not read
@@ -895,7 +898,7 @@ def mean_max_cosine(W, block=1024):
 
 
 # -----------------------------------------------------------------------------
-# activations: a shuffling buffer over GPT-2's harvest, or a .npy file
+# activations: a shuffling buffer over the model's harvest, a .npy file, or the activation cache
 
 class ActivationBuffer:
     """Harvests contexts into halves of n_tokens/2 activations and serves shuffled batches, refilling a half
@@ -1221,9 +1224,9 @@ def resample_dead_(sae, optimizer, dead, x):
 
 @torch.no_grad()
 def evaluate(saes, trackers, scale, cfg, model=None, val_batches=(), val_acts=None, autocast=None):
-    """Metrics of each SAE on a fixed slice (val contexts through GPT-2, or held-out rows), in normalised units:
+    """Metrics of each SAE on a fixed slice (val contexts through the model, or held-out rows), in normalised units:
     mse (as in training), fvu = sum |x - x_hat|^2 / sum |x - mean x|^2, l0, l1; dead/dense fractions from its
-    tracker; mean max |cos| between dictionary rows. With GPT-2: cross-entropy clean, with the SAE's
+    tracker; mean max |cos| between dictionary rows. With the model: cross-entropy clean, with the SAE's
     reconstruction spliced in at the site, with the site zero-ablated; ce_recovered = (ce_zero - ce_sae) /
     (ce_zero - ce_clean); kl = KL(clean || spliced) per token. The clean and ablated forwards are shared: n SAEs
     cost 2 + n forwards. -> [metrics], one per SAE."""

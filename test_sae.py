@@ -656,8 +656,11 @@ def test_harvest_at_the_middle_is_about_half_a_forward(monkeypatch):
     assert 0.3 < harvest / full < 0.5
 
 
-def test_bad_layer_and_site_are_clear_errors():
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=8, vocab_size=10, block_size=8))
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_bad_layer_and_site_are_clear_errors(family):
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=8, vocab_size=10, block_size=8)) if family == "gpt2" else \
+        sae.Llama(sae.LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=4))
     idx = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match=r"layer 2 is out of range: the model has layers 0\.\.1"):
         model.harvest(idx, 2, "mlp_in")
@@ -957,14 +960,6 @@ def test_llama_harvest_computes_nothing_past_the_site(four_layer_llama, site):
         assert m.format(**fill) in harvested
     for m in NEXT_MODULES[site] + ["model.norm", "lm_head"]:
         assert m.format(**fill) not in harvested
-
-
-def test_llama_bad_layer_and_site_are_clear_errors(four_layer_llama):
-    idx = torch.zeros(1, 4, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"layer 4 is out of range: the model has layers 0\.\.3"):
-        four_layer_llama.harvest(idx, 4, "mlp_in")
-    with pytest.raises(ValueError, match="unknown site 'mlp_mid'; valid sites: resid_pre"):
-        four_layer_llama.harvest(idx, 0, "mlp_mid")
 
 
 # -----------------------------------------------------------------------------
@@ -1767,15 +1762,22 @@ def captured_input(module, fn):
     return seen["x"]
 
 
-@pytest.mark.parametrize("site,reader", [("mlp_in", "h.1.mlp.c_fc"), ("resid_post", "h.2.ln_1"),
-                                         ("mlp_hidden", "h.1.mlp.c_proj")])
-def test_steering_moves_the_site_by_scale_times_direction(site, reader):
+STEER_READERS = {  # (family, site) -> the module whose input is that site's activation, edited or not
+    ("gpt2", "mlp_in"): "h.1.mlp.c_fc", ("gpt2", "resid_post"): "h.2.ln_1", ("gpt2", "mlp_hidden"): "h.1.mlp.c_proj",
+    ("llama", "mlp_in"): "model.layers.1.mlp.up_proj", ("llama", "resid_post"): "model.layers.2.input_layernorm",
+    ("llama", "mlp_hidden"): "model.layers.1.mlp.down_proj"}
+
+
+@pytest.mark.parametrize("family,site", list(STEER_READERS))
+def test_steering_moves_the_site_by_scale_times_direction(family, site):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=24, vocab_size=60, block_size=16)).eval()
-    width = 96 if site == "mlp_hidden" else 24
+    model = (GPT(GPTConfig(n_layer=3, n_head=2, n_embd=24, vocab_size=60, block_size=16)) if family == "gpt2" else
+             sae.Llama(sae.LlamaConfig(vocab_size=60, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=12))).eval()
+    width = sae.site_width(model.config, site)
     sae_model, act_scale = SAE(width, 40), 2.5
     idx = torch.randint(0, 60, (2, 9))
-    module = dict(model.named_modules())[reader]
+    module = dict(model.named_modules())[STEER_READERS[family, site]]
     with torch.no_grad():
         clean_logits = model(idx)
         clean = captured_input(module, lambda: model(idx))
@@ -1787,7 +1789,7 @@ def test_steering_moves_the_site_by_scale_times_direction(site, reader):
     direction = (3.0 * sae_model.W_dec[7] - 1.5 * sae_model.W_dec[11]).detach() / act_scale
     torch.testing.assert_close(steered - clean, direction.expand_as(clean), atol=1e-5, rtol=0)
     assert torch.equal(zero_logits, clean_logits)  # scale 0 changes nothing
-    assert torch.equal(after, clean_logits) and not model.h[1]._forward_pre_hooks  # the model is as it was
+    assert torch.equal(after, clean_logits) and not model.blocks[1]._forward_pre_hooks  # the model is as it was
 
 
 def test_steering_ablate_and_clamp_change_the_feature():
