@@ -1094,9 +1094,11 @@ def write_activation_cache(cfg, device, autocast):
         if cfg.cache_tokens > available:  # the loader would wrap around and repeat the split
             print(f"cache: the train split gives {available:,} rows of {cfg.block_size - keep} positions a context, "
                   f"fewer than --cache_tokens={cfg.cache_tokens:,}; caching those")
-        manifest = {"settings": settings, "model": cfg.init_from, "layer": cfg.layer, "site": cfg.site, "d_in": d_in,
-                    "dtype": cfg.cache_dtype, "tokenizer": read_tokenizer_record(cfg.data_dir) or model.tokenizer,
-                    "data_dir": cfg.data_dir, "block_size": cfg.block_size, "exclude_pos0": cfg.exclude_pos0,
+        local = lambda path: os.path.abspath(path) if os.path.isdir(path) else path  # readable from any directory
+        manifest = {"settings": settings, "model": local(cfg.init_from), "layer": cfg.layer, "site": cfg.site,
+                    "d_in": d_in, "dtype": cfg.cache_dtype,
+                    "tokenizer": read_tokenizer_record(cfg.data_dir) or model.tokenizer, "data_dir": local(cfg.data_dir),
+                    "block_size": cfg.block_size, "exclude_pos0": cfg.exclude_pos0,
                     "rows_target": min(cfg.cache_tokens, available),
                     "val": {"files": ["acts_val_000000.npy"], "rows": len(contexts) * (cfg.block_size - keep),
                             "tokens": contexts.numel()},
@@ -1359,8 +1361,8 @@ def from_cache_manifest(cache_dir, scalars):
     if clash:
         raise ValueError(f"--acts={cache_dir} holds {', '.join(f'{k}={saved[k]!r}' for k in clash)}; drop those flags "
                          f"or write another cache")
-    keys = ("init_from", "data_dir", "layer", "site", "block_size", "exclude_pos0", "n_layer", "n_head", "n_embd")
-    return {**{k: saved[k] for k in keys}, **scalars}
+    keys = ("layer", "site", "block_size", "exclude_pos0", "n_layer", "n_head", "n_embd")
+    return {**{k: saved[k] for k in keys}, "init_from": manifest["model"], "data_dir": manifest["data_dir"], **scalars}
 
 
 def save_sweep_checkpoint(out_dir, runs, it):
@@ -1719,6 +1721,30 @@ class Run:
                 self.optimizer.load_state_dict(checkpoint["optimizer"])
 
 
+def init_device(cfg):
+    """-> (ddp, rank, world size, device, the model's autocast). Under torchrun, a process group: nccl on GPUs,
+    gloo on CPUs (so a 2-process run is testable here). Autocast: bf16 on CUDA, none (fp32) on the CPU."""
+    import torch.distributed as dist
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    if ddp:
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        dist.init_process_group(backend=backend)
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        device = f"cuda:{local_rank}" if backend == "nccl" else "cpu"
+        if backend == "nccl":
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if device_type == "cpu":
+        keep_freed_memory()  # each step's large temporaries reuse the last step's memory, without page faults
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype={dtype!r}: valid values are auto, float32, bfloat16, float16")
+    return ddp, rank, world, device, torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+
 def main(argv):
     import torch.distributed as dist
     resolved = resolve_runs(argv)
@@ -1732,17 +1758,7 @@ def main(argv):
         return steer_demo(cfg, checkpoint)
     if cfg.mode == "dashboard":
         return write_dashboard(cfg, checkpoint)
-    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
-    if ddp:
-        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"  # gloo: testable on CPU
-        dist.init_process_group(backend=backend)
-        ddp_rank, ddp_local_rank, ddp_world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        device = f"cuda:{ddp_local_rank}" if backend == "nccl" else "cpu"
-        if backend == "nccl":
-            torch.cuda.set_device(device)
-    else:
-        ddp_rank, ddp_world_size = 0, 1
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    ddp, ddp_rank, ddp_world_size, device, autocast = init_device(cfg)
     master_process = ddp_rank == 0  # logs, evaluates and checkpoints
     print0 = print if master_process else (lambda *a, **k: None)
     if master_process:
@@ -1751,14 +1767,9 @@ def main(argv):
     for run_cfg, _ in resolved:
         check_config(run_cfg, ddp_world_size)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    if device_type == "cpu":
-        keep_freed_memory()  # each step's large temporaries reuse the last step's memory, without page faults
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype={dtype!r}: valid values are auto, float32, bfloat16, float16")
-    autocast = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
-
     if cfg.mode == "cache":
+        if ddp:
+            raise ValueError("--mode=cache runs in one process: launch it with python, not torchrun")
         return write_activation_cache(cfg, device, autocast)
     source, d_in, model, val_batches, val_acts = activation_source(cfg, device, autocast, ddp_rank, ddp_world_size)
     if not master_process:

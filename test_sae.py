@@ -1089,6 +1089,16 @@ def test_loader_ranks_stride_disjointly_and_wrap(tmp_path):
     assert torch.equal(val.next_batch(), torch.arange(10).view(1, 10))
 
 
+def test_loader_reads_uint32_shards(tmp_path):
+    """Llama 3's and Qwen2's ids pass 65,535: llm.c's (20240801, 7) layout, uint32 tokens, read exactly."""
+    for i, n in enumerate([30, 200]):
+        prepare.write_shard(prepare.shard_path(str(tmp_path), "t", i), np.arange(151_000, 151_000 + n, dtype=np.uint32))
+    header = np.fromfile(prepare.shard_path(str(tmp_path), "t", 1), dtype=np.int32, count=3)
+    assert tuple(header) == (20240801, 7, 200)
+    loader = DataLoaderLite(str(tmp_path), "train", 4, 8)
+    assert torch.equal(loader.next_batch(), torch.arange(151_000, 151_032).view(4, 8))
+
+
 def test_loader_resumes_at_the_same_tokens(tmp_path):
     write_test_shards(tmp_path, [10, 97, 61])  # odd lengths: steps end mid-shard
     loader = DataLoaderLite(str(tmp_path), "train", 3, 4)
