@@ -1680,11 +1680,12 @@ def activation_source(cfg, device, autocast, rank=0, world=1):
     model, val_batches, val_acts = None, [], None
     if cfg.acts:
         source = ActsFile(cfg.acts, cfg.batch_size, cfg.eval_tokens, cfg.seed, rank, world)
-        d_in, val_acts = source.d_in, source.val()
+        d_in, val_acts = source.d_in, source.val() if rank == 0 else None
         if not os.path.isdir(cfg.acts):
             return source, d_in, None, [], val_acts
         if not glob.glob(os.path.join(cfg.data_dir, "*_val_*.bin")):
-            print(f"{cfg.acts}: no token shards at {cfg.data_dir} (the cache's data_dir): evaluation without CE and KL")
+            if rank == 0:
+                print(f"{cfg.acts}: no token shards at {cfg.data_dir} (the cache's data_dir): evaluation without CE and KL")
             return source, d_in, None, [], val_acts
     model = load_lm(cfg).to(device)
     check_tokenizer(cfg.data_dir, model.tokenizer)
@@ -1696,6 +1697,8 @@ def activation_source(cfg, device, autocast, rank=0, world=1):
         source = ActivationBuffer(harvest, loader, cfg.buffer_tokens, cfg.batch_size // world, cfg.seed + rank,
                                   cfg.exclude_pos0)
         d_in = site_width(model.config, cfg.site)
+    if rank != 0:  # rank 0 alone evaluates
+        return source, d_in, model, [], None
     contexts = val_contexts(cfg.data_dir, cfg.block_size, cfg.eval_tokens, "evaluation")  # the same every time
     return source, d_in, model, [b.to(device) for b in contexts.split(cfg.harvest_batch)], None
 
@@ -1772,8 +1775,6 @@ def main(argv):
             raise ValueError("--mode=cache runs in one process: launch it with python, not torchrun")
         return write_activation_cache(cfg, device, autocast)
     source, d_in, model, val_batches, val_acts = activation_source(cfg, device, autocast, ddp_rank, ddp_world_size)
-    if not master_process:
-        val_batches, val_acts = [], None  # rank 0 evaluates
 
     runs = [Run(run_cfg, run_checkpoint, d_in, device, sweep=len(resolved) > 1) for run_cfg, run_checkpoint in resolved]
     if checkpoint:
