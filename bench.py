@@ -407,22 +407,32 @@ def bench_saelens(cfg):
     return {"saelens_tok_s": theirs, "ours_tok_s": ours, "speedup": ours / theirs}
 
 
-def bench_tokenizers(cfg):
-    """Tokens/s of prepare.py's tokenization (prepare.tokenize_documents: tiktoken in its process pool, a
-    tokenizer.json in batches on every core) over ../shared/data/text, separators included: tiktoken's gpt2 and
-    SmolLM2's tokenizer.json ($SMOLLM2_DIR, else the Hub id; skipped if it cannot be loaded)."""
+def shared_documents():
+    """The real web text of ../shared/data/text: a list of documents, read as prepare.py reads them."""
     import glob
     import prepare
     text_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "text")
-    paths = sorted(glob.glob(os.path.join(text_dir, "*.jsonl"))) if os.path.isdir(text_dir) else []
+    paths = sorted(glob.glob(os.path.join(text_dir, "*.jsonl")))
     if not paths:
-        raise ValueError(f"{os.path.normpath(text_dir)}: no .jsonl text to tokenize (../shared is missing)")
-    documents = [doc for path in paths for doc in prepare.read_local_documents(path, "text")]
+        raise ValueError(f"{os.path.normpath(text_dir)}: no .jsonl text (../shared is missing)")
+    return [doc for path in paths for doc in prepare.read_local_documents(path, "text")]
+
+
+def llama_spec(cfg):
+    """The Llama-family model --models reads: --llama, else $SMOLLM2_DIR, else SmolLM2 on the Hub."""
+    return cfg.llama or os.environ.get("SMOLLM2_DIR", "HuggingFaceTB/SmolLM2-135M")
+
+
+def bench_tokenizers(cfg, documents):
+    """Tokens/s of prepare.py's tokenization (prepare.tokenize_documents: tiktoken in its process pool, a
+    tokenizer.json in batches on every core) over the documents, separators included: tiktoken's gpt2 and
+    the --llama model's tokenizer.json (skipped if it cannot be loaded)."""
+    import prepare
     n_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
     print(f"tokenization as prepare.py does it, {len(documents):,} documents ({n_bytes / 2**20:.1f} MiB) of "
           f"../shared/data/text, {os.cpu_count()} CPUs:")
     results = {}
-    for spec in ("gpt2", os.environ.get("SMOLLM2_DIR", "HuggingFaceTB/SmolLM2-135M")):  # tiktoken first: it forks
+    for spec in ("gpt2", llama_spec(cfg)):  # tiktoken first: it forks
         try:
             tokenizer = prepare.load_tokenizer(spec)
         except ValueError as e:  # prepare.PrepareError: offline, no cache, ...
@@ -439,20 +449,20 @@ def bench_tokenizers(cfg):
     return results
 
 
-def bench_llama_harvest(cfg):
+def bench_llama_harvest(cfg, documents):
     """A real Llama-family model's harvest at (llama_layer, mlp_in) against its full forward, tokens/s, on
-    batch_size // block_size contexts of real text tokenized with its own tokenizer."""
-    import glob
+    batch_size // block_size contexts of the documents tokenized with its own tokenizer."""
     import prepare
     from sae import load_model
-    spec = cfg.llama or os.environ.get("SMOLLM2_DIR", "HuggingFaceTB/SmolLM2-135M")
+    spec = llama_spec(cfg)
     model, tok = load_model(spec).requires_grad_(False), prepare.load_tokenizer(spec)
     contexts = cfg.batch_size // cfg.block_size
-    text_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "text")
-    docs = [d for p in sorted(glob.glob(os.path.join(text_dir, "*.jsonl"))) for d in prepare.read_local_documents(p, "text")]
-    ids = [t for d in docs[:400] for t in [tok.separator_id] + tok.encode(d)][:contexts * cfg.block_size]
-    idx = torch.tensor(ids).view(contexts, cfg.block_size) if len(ids) == contexts * cfg.block_size else \
-        torch.randint(0, model.config.vocab_size, (contexts, cfg.block_size))  # no ../shared: random tokens
+    ids = []
+    for doc in documents:  # as prepare.py writes them: the separator, then the document
+        ids += [tok.separator_id] + tok.encode(doc)
+        if len(ids) >= contexts * cfg.block_size:
+            break
+    idx = torch.tensor(ids[:contexts * cfg.block_size]).view(contexts, cfg.block_size)  # (contexts, block_size)
     n = idx.numel()
     print(f"{os.path.basename(spec.rstrip('/'))}: {model.config.n_layer} blocks, d_model {model.config.n_embd}, "
           f"{contexts}x{cfg.block_size} tokens:")
@@ -468,7 +478,8 @@ def bench_llama_harvest(cfg):
 def bench_models(cfg):
     """--models=True: tokenizers, then a real Llama-family model's harvest."""
     kernels.keep_freed_memory()  # as sae.py runs on the CPU
-    return {"tokenizers": bench_tokenizers(cfg), "llama_harvest": bench_llama_harvest(cfg)}
+    documents = shared_documents()
+    return {"tokenizers": bench_tokenizers(cfg, documents), "llama_harvest": bench_llama_harvest(cfg, documents)}
 
 
 if __name__ == "__main__":

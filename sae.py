@@ -169,12 +169,13 @@ def config_help(cfg):
     """Every flag of the config's dataclass with its default and its comment in the source, by section."""
     import inspect
     lines = [f"usage: python {os.path.basename(sys.argv[0])} [config/FILE.py ...] [--key=value ...]"]
+    names = {f.name for f in fields(cfg)}
     for line in inspect.getsource(type(cfg)).splitlines()[1:]:
         code, _, comment = line.strip().partition("#")
         name = code.split(":")[0].strip()
         if not code and comment:                    # a section comment
             lines.append(f"\n{comment.strip()}:")
-        elif name in {f.name for f in fields(cfg)}:
+        elif name in names:
             lines.append(f"  --{name}={getattr(cfg, name)!r}".ljust(40) + f" {comment.strip()}")
     return "\n".join(lines)
 
@@ -400,8 +401,7 @@ class GPT(LanguageModel):
     def from_pretrained(cls, name_or_path):
         """A Hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or any GPT-2 repo) or a local directory in
         save_pretrained's layout: config.json + model.safetensors or pytorch_model.bin."""
-        config_file, weights_files = find_checkpoint(name_or_path)
-        hf = json.load(open(config_file))
+        hf, config_file, weights_files = find_checkpoint(name_or_path)
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{config_file}: activation_function {hf['activation_function']!r}; only GPT-2's "
                              f"tanh GELU is supported")
@@ -473,9 +473,9 @@ class LlamaConfig:
             raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r}; only SiLU (SwiGLU) is supported")
         rope = hf.get("rope_parameters") or {}  # transformers 5 writes theta and scaling here
         scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("default", "llama3"):
-            raise ValueError(f"{source}: rope scaling {scaling.get('rope_type', scaling.get('type'))!r} is not "
-                             f"supported (only llama3's, and none)")
+        scaling_type = scaling and scaling.get("rope_type", scaling.get("type"))  # "type" in older files
+        if scaling_type not in (None, "default", "llama3"):
+            raise ValueError(f"{source}: rope scaling {scaling_type!r} is not supported (only llama3's, and none)")
         if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
             raise ValueError(f"{source}: partial_rotary_factor is not supported")
         n_layer, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
@@ -492,7 +492,7 @@ class LlamaConfig:
                    num_key_value_heads=hf.get("num_key_value_heads") or heads,
                    head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
                    rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-                   rope_scaling=scaling if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3" else None,
+                   rope_scaling=scaling if scaling_type == "llama3" else None,
                    max_position_embeddings=hf.get("max_position_embeddings", 2048),
                    tie_word_embeddings=hf.get("tie_word_embeddings", False),  # transformers' default
                    attention_bias=family != "mistral" and hf.get("attention_bias", False), qkv_bias=family == "qwen2",
@@ -630,8 +630,8 @@ class Llama(LanguageModel):
     def from_pretrained(cls, name_or_path):
         """A Hub id (HuggingFaceTB/SmolLM2-135M, meta-llama/Llama-3.2-1B, mistralai/Mistral-7B-v0.1,
         Qwen/Qwen2-0.5B, ...) or a local save_pretrained directory, sharded or not. Weights become fp32."""
-        config_file, weights_files = find_checkpoint(name_or_path)
-        model = cls(LlamaConfig.from_hf(json.load(open(config_file)), config_file))
+        hf, config_file, weights_files = find_checkpoint(name_or_path)
+        model = cls(LlamaConfig.from_hf(hf, config_file))
         sd = {k: v for k, v in read_weights(weights_files).items() if not k.endswith("rotary_emb.inv_freq")}
         if model.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)  # transformers ties it to the embedding whatever the file holds
@@ -672,17 +672,17 @@ def read_hf_config(name_or_path):
 
 
 def find_checkpoint(name_or_path):
-    """-> (config.json, [weight files]): model.safetensors, the shards that model.safetensors.index.json names
-    (a large model), or pytorch_model.bin."""
-    _, config_file = read_hf_config(name_or_path)
+    """-> (config.json's dict, its path, [weight files]): model.safetensors, the shards that
+    model.safetensors.index.json names (a large model), or pytorch_model.bin."""
+    hf, config_file = read_hf_config(name_or_path)
     index_name = "model.safetensors.index.json"
     for weights in ("model.safetensors", index_name, "pytorch_model.bin"):
         path = checkpoint_file(name_or_path, weights)
         if path and weights == index_name:
             shards = sorted(set(json.load(open(path))["weight_map"].values()))
-            return config_file, [checkpoint_file(name_or_path, shard) for shard in shards]
+            return hf, config_file, [checkpoint_file(name_or_path, shard) for shard in shards]
         if path:
-            return config_file, [path]
+            return hf, config_file, [path]
     raise ValueError(f"{name_or_path}: neither model.safetensors, {index_name} nor pytorch_model.bin")
 
 
@@ -972,7 +972,7 @@ class ActsFile:
         if os.path.isdir(path):
             manifest = read_cache_manifest(path)
             self.parts = [np.load(os.path.join(path, f), mmap_mode="r") for f in manifest["train"]["files"]]
-            self.val_data = np.concatenate([np.load(os.path.join(path, f)) for f in manifest["val"]["files"]])
+            self.val_parts = [np.load(os.path.join(path, f), mmap_mode="r") for f in manifest["val"]["files"]]
         else:
             if not os.path.isfile(path):
                 raise ValueError(f"--acts={path}: no such file or activation cache directory")
@@ -983,7 +983,7 @@ class ActsFile:
             if data.ndim != 2 or data.dtype.kind != "f":
                 raise ValueError(f"--acts={path}: expected a 2-D float array (N, d_in), got {data.dtype} {data.shape}")
             n_val = min(n_val, len(data) // 10)
-            self.parts, self.val_data = [data[n_val:]], data[:n_val]
+            self.parts, self.val_parts = [data[n_val:]], [data[:n_val]]
         self.offsets = np.cumsum([0] + [len(part) for part in self.parts])  # global row i is in part searchsorted(i)
         self.n_train, self.d_in = int(self.offsets[-1]), self.parts[0].shape[1]
         if self.n_train < batch_size:
@@ -1015,7 +1015,8 @@ class ActsFile:
         return self.rows(torch.randint(self.n_train, (n,), generator=generator))
 
     def val(self):
-        return torch.from_numpy(np.array(self.val_data, dtype=np.float32))  # a copy: a memmap is read-only
+        """The held-out rows, read when evaluation needs them -> (n_val, d_in) fp32, a copy (a memmap is read-only)."""
+        return torch.from_numpy(np.concatenate(self.val_parts).astype(np.float32))
 
     def state_dict(self):
         return {"epoch": self.epoch, "index": self.index}
@@ -1371,9 +1372,7 @@ def save_sweep_checkpoint(out_dir, runs, it):
     for cfg, checkpoint in runs:
         torch.save(checkpoint, os.path.join(cfg.out_dir, "ckpt.pt.tmp"))
     manifest = {"names": [os.path.basename(cfg.out_dir) for cfg, _ in runs], "iter_num": it}
-    with open(os.path.join(out_dir, "sweep.json.tmp"), "w") as f:
-        json.dump(manifest, f)
-    os.replace(os.path.join(out_dir, "sweep.json.tmp"), os.path.join(out_dir, "sweep.json"))
+    write_json(os.path.join(out_dir, "sweep.json"), manifest)
     for cfg, _ in runs:
         os.replace(os.path.join(cfg.out_dir, "ckpt.pt.tmp"), os.path.join(cfg.out_dir, "ckpt.pt"))
 
@@ -1459,7 +1458,7 @@ def export_saelens(checkpoint, export_dir):
     cfg, s, sd = TrainConfig(**checkpoint["config"]), checkpoint["act_scale"], checkpoint["sae"]
     weights = {"W_enc": sd["W_enc"] * s, "b_enc": sd["b_enc"].clone(), "W_dec": sd["W_dec"] / s,
                "b_dec": sd["b_dec"] / s}
-    from_model = not cfg.acts.endswith(".npy")  # a .npy of activations has no model (nor site) behind it
+    from_model = has_model(cfg)
     model = load_lm(cfg) if from_model and cfg.site == "mlp_in" else None
     if model is not None:
         norm = model.blocks[cfg.layer].mlp_norm
@@ -1538,10 +1537,16 @@ def load_sae(checkpoint):
     return sae.eval().requires_grad_(False), cfg, checkpoint["act_scale"]
 
 
+def has_model(cfg):
+    """Whether a run's activations came from a model: the buffer's harvest or an activation cache, which
+    records its model; a .npy of activations has none (nor a site) behind it."""
+    return not cfg.acts.endswith(".npy")
+
+
 def model_and_tokenizer(saved):
     """The model an SAE was trained on and its tokenizer, for the helpers that run text through both."""
     from prepare import load_tokenizer
-    if saved.acts.endswith(".npy"):
+    if not has_model(saved):
         raise ValueError(f"this SAE was trained on --acts={saved.acts}, activations with no model behind them")
     model = load_lm(saved)
     return model, load_tokenizer(model.tokenizer)
@@ -1677,16 +1682,14 @@ def activation_source(cfg, device, autocast, rank=0, world=1):
     The source is a .npy file, an activation cache, or the model's harvest over the token shards through the
     shuffling buffer. Evaluation runs the val contexts through the model (FVU, and CE and KL with the SAE
     spliced in) wherever there is a model and its token shards; else it scores the held-out rows (FVU only)."""
-    model, val_batches, val_acts = None, [], None
     if cfg.acts:
         source = ActsFile(cfg.acts, cfg.batch_size, cfg.eval_tokens, cfg.seed, rank, world)
-        d_in, val_acts = source.d_in, source.val() if rank == 0 else None
-        if not os.path.isdir(cfg.acts):
-            return source, d_in, None, [], val_acts
-        if not glob.glob(os.path.join(cfg.data_dir, "*_val_*.bin")):
-            if rank == 0:
-                print(f"{cfg.acts}: no token shards at {cfg.data_dir} (the cache's data_dir): evaluation without CE and KL")
-            return source, d_in, None, [], val_acts
+        d_in = source.d_in
+        shards = os.path.isdir(cfg.acts) and glob.glob(os.path.join(cfg.data_dir, "*_val_*.bin"))
+        if os.path.isdir(cfg.acts) and not shards and rank == 0:
+            print(f"{cfg.acts}: no token shards at {cfg.data_dir} (the cache's data_dir): evaluation without CE and KL")
+        if not shards:  # no model to run: evaluation scores the held-out rows (rank 0 alone evaluates)
+            return source, d_in, None, [], source.val() if rank == 0 else None
     model = load_lm(cfg).to(device)
     check_tokenizer(cfg.data_dir, model.tokenizer)
     if not cfg.acts:

@@ -56,12 +56,21 @@ def shard_files(out_dir):
     return sorted(glob.glob(os.path.join(out_dir, "*.bin")), key=lambda p: p.rsplit("_", 1)[1])  # by index
 
 
-def read_shard_numpy(path):
-    """An independent reader of llm.c's format: 256 int32 header, then uint16 tokens."""
+def read_shard_layout(path):
+    """An independent reader of llm.c's two layouts: ((magic, version, n_tokens), tokens); uint16 tokens after
+    (20240520, 1), uint32 after (20240801, 7)."""
     raw = open(path, "rb").read()
-    header = np.frombuffer(raw[:1024], dtype=np.int32)
-    tokens = np.frombuffer(raw[1024:], dtype=np.uint16)
-    assert (header[0], header[1], header[2]) == (20240520, 1, len(tokens))
+    header = tuple(int(x) for x in np.frombuffer(raw[:1024], dtype=np.int32)[:3])
+    dtype = {(20240520, 1): np.uint16, (20240801, 7): np.uint32}[header[:2]]
+    tokens = np.frombuffer(raw[1024:], dtype=dtype)
+    assert header[2] == len(tokens)
+    return header, tokens
+
+
+def read_shard_numpy(path):
+    """The uint16 tokens of a shard in llm.c's GPT-2 layout (20240520, 1), read independently (read_shard_layout)."""
+    header, tokens = read_shard_layout(path)
+    assert header[:2] == (20240520, 1)
     return tokens
 
 
@@ -212,17 +221,6 @@ def test_prepare_bad_input_is_one_line(enc, tmp_path, case):
 
 
 # prepare.py with other tokenizers: toy tokenizer.json files of each family's shape, SmolLM2's, GPT-2's rebuilt
-
-def read_shard_layout(path):
-    """An independent reader of llm.c's two layouts: ((magic, version, n_tokens), tokens); uint16 tokens after
-    (20240520, 1), uint32 after (20240801, 7)."""
-    raw = open(path, "rb").read()
-    header = tuple(int(x) for x in np.frombuffer(raw[:1024], dtype=np.int32)[:3])
-    dtype = {(20240520, 1): np.uint16, (20240801, 7): np.uint32}[header[:2]]
-    tokens = np.frombuffer(raw[1024:], dtype=dtype)
-    assert header[2] == len(tokens)
-    return header, tokens
-
 
 def shard_stream(out_dir):
     return np.concatenate([read_shard_layout(f)[1] for f in shard_files(out_dir)])
@@ -1970,19 +1968,6 @@ def token_ids(path):
     return read_shard_layout(path)[1].astype(np.int64)
 
 
-def hooked(hf, idx, layer, module_name, output=True):
-    """What transformers' model has at one module of block `layer` (its output, or its first input)."""
-    module = hf.model.layers[layer].get_submodule(module_name) if module_name else hf.model.layers[layer]
-    seen = {}
-    def hook(m, args, out):
-        seen["act"] = (out[0] if isinstance(out, tuple) else out) if output else args[0]
-    handle = module.register_forward_hook(hook)
-    with torch.no_grad():
-        hf(idx)
-    handle.remove()
-    return seen["act"]
-
-
 def test_llama_training_evaluation_and_resume(tiny_llama, llama_shards, tmp_path):
     """A tiny Llama through the shuffling buffer: the loss falls, evaluation has CE and KL (ce_clean equal to
     transformers' loss on the same val contexts), and a resumed run ends bit for bit where a whole one does."""
@@ -2065,7 +2050,7 @@ def test_activation_cache_holds_the_hooked_activations_and_resumes(tiny_llama, l
     val = np.load(whole / manifest["val"]["files"][0])
     tokens = token_ids(sorted(glob.glob(f"{llama_shards}/*_train_*.bin"))[0])  # the loader starts there
     for rows, ids in ((val, token_ids(glob.glob(f"{llama_shards}/*_val_*.bin")[0])[:256]), (train, tokens[:52 * 32])):
-        ref = hooked(hf, torch.from_numpy(ids).view(-1, 32), 1, "mlp.down_proj", output=False)[:, 1:]
+        ref = hf_site_activations(hf, torch.from_numpy(ids).view(-1, 32), 1, ("mlp_hidden",))["mlp_hidden"][:, 1:]
         np.testing.assert_allclose(rows, ref.reshape(-1, 72)[:len(rows)].numpy(), atol=1e-5, rtol=1e-4)
     # a run killed inside a shard leaves whole files only, and the same command finishes it to the same bytes
     r = subprocess.run([sys.executable, "-c", DIE_WRITING_CACHE, *args, f"--cache_dir={killed}"], cwd=HERE,
