@@ -47,7 +47,7 @@ SEPARATORS = ("<|begin_of_text|>", "<|endoftext|>", "<s>")
 # and pre-tokenizers differ
 FINGERPRINT_PROBE = ("The quick brown fox paid $1,234.56 in 1999 -- isn't it?\ndef f(x):\n    return x ** 2"
                      "  # squared\n\n\tnaïve café, Ünïcödé, 東京, Привет, 🙂\n")
-HF_BATCH = 1024         # documents per encode_batch call: the Rust library spreads a batch over all cores
+HF_BATCH = 1024         # documents per encode_batch call (and per batch of the val-split count): Rust spreads it over all cores
 DATASETS = {            # short name -> (Hub id, config)
     "fineweb": ("HuggingFaceFW/fineweb", "sample-10BT"),
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
@@ -345,13 +345,11 @@ def decide_val_tokens(args, tokenizer, open_documents):
     input is counted, up to min(--tokens, 10 x --val_tokens) tokens; a Hub stream counts as endless."""
     total = args.tokens
     if args.input:
-        limit, total = min(args.tokens, 10 * args.val_tokens), 0
-        counted = tokenize_documents(tokenizer, open_documents(), shard_dtype(tokenizer))
-        for tokens in counted:
-            total += len(tokens)
-            if total >= limit:
-                break
-        counted.close()  # stops the pool
+        limit, total, documents = min(args.tokens, 10 * args.val_tokens), 0, open_documents()
+        # a count needs no shard arrays nor a process pool (which stopping early would have to terminate): batches
+        # in this process, one separator and the document's tokens each, as tokenize_documents writes them
+        while total < limit and (batch := list(itertools.islice(documents, HF_BATCH))):
+            total += sum(len(ids) + 1 for ids in tokenizer.encode_batch(batch))
         total = min(total, args.tokens)
     if total >= 10 * args.val_tokens:
         return args.val_tokens
