@@ -31,7 +31,7 @@ import torch
 import kernels
 import numpy as np
 
-from sae import GPT, GPTConfig, SAE, TrainConfig, parse_args, sae_loss, sae_step, synthetic_activations
+from sae import ARCHS, GPT, GPTConfig, SAE, TrainConfig, parse_args, sae_loss, sae_step, synthetic_activations
 
 
 @dataclass
@@ -47,7 +47,8 @@ class BenchConfig:
     iters: int = 3             # timed repetitions, after one warm-up
     quick: bool = False        # under a minute: one repetition at d_sae 2048, batch 1024, jl_big 8192, no full forward
     json: str = ""             # also write every figure as one JSON object here
-    synthetic: bool = False    # instead: the synthetic benchmark with a known dictionary, each loss over its sweep
+    synthetic: bool = False    # instead: the synthetic benchmark with a known dictionary, each architecture over its sweep
+    archs: bool = False        # instead: the sparse kernels, and one training step of every architecture (d_sae 8192, 32768)
     saelens: bool = False      # instead: sae.py against SAELens's runner, end to end (needs sae-lens installed)
     data_dir: str = "data/local"  # --saelens: the token shards both read (prepare.py)
     steps: int = 96            # --saelens: steps timed (a multiple of 32), after 33 of warm-up
@@ -217,6 +218,102 @@ def bench_jl_memory(cfg, device):
     return results
 
 
+def bench_sparse_codes(cfg, device):
+    """kernels.py's sparse codes at GPT-2 small's width, K = 32, n_latents 8192 and 32768: the dense references
+    (the code scattered into (N, n_latents), autograd's matmuls) against ours, forward and backward apart, beside
+    one dense encoder-sized matmul, then peak memory; on the CPU also the candidates for each of the three
+    primitives that the section's header compares, the first of each kernels.py's and each one's speed-up column
+    against it (< 1: slower). CPU timings use the trainer's allocator setting (keep_freed_memory: fresh outputs
+    are not page-faulted in again)."""
+    import torch.nn.functional as F
+    N, K, d = cfg.batch_size, 32, 768
+    results = {}
+    for m in ((cfg.d_sae,) if cfg.quick else (8192, 32768)):
+        g = torch.Generator().manual_seed(0)
+        indices = torch.rand(N, m, generator=g).topk(K, dim=1).indices.to(device)  # (N, K), distinct in a row
+        values, Q = torch.randn(N, K, device=device), torch.randn(N, K, device=device)  # Q: an upstream dvalues
+        x, R = torch.randn(N, d, device=device), torch.randn(N, d, device=device)      # R: an upstream dx_hat
+        sae = SAE(d, m).to(device)
+        W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
+        v = values.clone().requires_grad_()
+        with torch.no_grad():
+            pre = kernels.linear(x - b_dec, W_enc.T, b_enc)  # (N, m): the caller's no-grad pre-activations
+        def backward(out, grad):  # as training runs it: .backward() into .grad, then the grads dropped
+            out.backward(grad, retain_graph=True)
+            for p in (v, W_enc, b_enc, W_dec, b_dec):
+                p.grad = None
+        def no_grad(fn):
+            with torch.no_grad():
+                return fn()
+        decode_ref = lambda: backward(kernels.sparse_decode_ref(indices, v, W_dec, b_dec), R)
+        decode = lambda: backward(kernels.sparse_decode(indices, v, W_dec, b_dec), R)
+        encode_ref = lambda: backward(kernels.sparse_encode_ref(x, W_enc, b_enc, b_dec, indices), Q)
+        encode = lambda: backward(kernels.sparse_encode(x, W_enc, b_enc, b_dec, indices, pre=pre), Q)
+        x_hat = kernels.sparse_decode(indices, v, W_dec, b_dec)
+        code = kernels.sparse_encode(x, W_enc, b_enc, b_dec, indices, pre=pre)
+        a, bt = torch.randn(N, d, device=device), torch.randn(m, d, device=device)
+        flops = 2 * N * K * d  # the useful work of one primitive (gather-sum, gather-dot or scatter)
+        # (key, label, fn, useful FLOPs, key of the row its speed-up is against)
+        rows = [("dense_matmul", f"one dense matmul ({N}x{d} @ {d}x{m})", lambda: kernels.linear(a, bt), 2 * N * d * m, None),
+                ("decode_ref", "decode reference fwd+bwd", decode_ref, 3 * flops, None),
+                ("decode_fwd", "decode ours fwd", lambda: no_grad(lambda: kernels.sparse_decode(indices, v, W_dec, b_dec)), flops, None),
+                ("decode_bwd", "decode ours bwd", lambda: backward(x_hat, R), 2 * flops, None),
+                ("decode", "decode ours fwd+bwd", decode, 3 * flops, "decode_ref"),
+                ("encode_ref", "encode reference fwd+bwd", encode_ref, flops, None),
+                ("encode_fwd_pre", "encode ours fwd, gathered from pre",
+                 lambda: no_grad(lambda: kernels.sparse_encode(x, W_enc, b_enc, b_dec, indices, pre=pre)), 0, None),
+                ("encode_fwd", "encode ours fwd, recomputed",
+                 lambda: no_grad(lambda: kernels.sparse_encode(x, W_enc, b_enc, b_dec, indices)), flops, None),
+                ("encode_bwd", "encode ours bwd", lambda: backward(code, Q), flops, None),
+                ("encode", "encode ours fwd (pre) + bwd", encode, flops, "encode_ref")]
+        if device == "cpu":
+            W, A, c = W_dec.detach(), R, 256  # c: rows a chunk, so that the (c, K, d) gather is 25 MiB
+            crow = torch.arange(0, N * K + 1, K)
+            csr = lambda vals: torch.sparse_csr_tensor(crow, indices.reshape(-1), vals.reshape(-1), (N, m), check_invariants=False)
+            coo = torch.stack([indices.reshape(-1), torch.arange(N).repeat_interleave(K)])  # (2, N K) of f^T
+            def chunked(fn, shape):
+                out = torch.empty(shape)
+                for s in range(0, N, c):
+                    out[s:s + c] = fn(slice(s, s + c))
+                return out
+            def scatter_csr():
+                entries, w, offsets = kernels._sort_by_index(indices, values, m)
+                return torch.sparse.mm(torch.sparse_csr_tensor(offsets, entries, w, (m, N), check_invariants=False), A)
+            def scatter_index_add():
+                out = torch.zeros(m, d)
+                for s in range(0, N, c):  # (c K, d) outer products at a time
+                    out.index_add_(0, indices[s:s + c].reshape(-1), (values[s:s + c, :, None] * A[s:s + c, None, :]).reshape(-1, d))
+                return out
+            candidates = [
+                ("gather-sum", "embedding_bag", lambda: F.embedding_bag(indices, W, per_sample_weights=values, mode="sum")),
+                ("gather-sum", "CSR sparse.mm", lambda: torch.sparse.mm(csr(values), W)),
+                ("gather-sum", "gather + bmm, 256-row chunks",
+                 lambda: chunked(lambda s: torch.bmm(values[s, None, :], W[indices[s]]).squeeze(1), (N, d))),
+                ("gather-dot", "sampled_addmm", lambda: kernels._gather_dot(A, W, indices)),
+                ("gather-dot", "gather + bmm, 256-row chunks",
+                 lambda: chunked(lambda s: torch.bmm(W[indices[s]], A[s, :, None]).squeeze(2), (N, K))),
+                ("scatter", "sort + embedding_bag", lambda: kernels._scatter_outer(indices, values, A, m)),
+                ("scatter", "sort + CSR sparse.mm", scatter_csr),
+                ("scatter", "index_add_, 256-row chunks", scatter_index_add),
+                ("scatter", "COO sparse.mm", lambda: torch.sparse.mm(
+                    torch.sparse_coo_tensor(coo, values.reshape(-1), (m, N), check_invariants=False), A))]
+            ours = {"gather-sum": "embedding_bag", "gather-dot": "sampled_addmm", "scatter": "sort + embedding_bag"}
+            rows += [(f"{p}: {name}", f"{p}: {name}", fn, flops, f"{p}: {ours[p]}") for p, name, fn in candidates]
+            kernels.keep_freed_memory()
+        print(f"sparse codes, N={N} K={K} d={d} n_latents={m} (fp32), GFLOP/s of 2 N K d per primitive:")
+        r = results[m] = {}
+        for key, label, fn, useful, base in rows:
+            ms = time_ms(fn, cfg.iters, device)
+            r[key] = row(label, ms, useful, r[base]["ms"] if base in r else ms[0] if base == key else None)
+        if device == "cpu":  # memory at glibc's defaults, as bench_ops measures it
+            kernels.keep_freed_memory(keep=False)
+        for key, fn in (("decode_ref", decode_ref), ("decode", decode), ("encode_ref", encode_ref), ("encode", encode)):
+            r[key]["peak_mib"] = peak_mib(fn, device)
+        print(f"  peak memory above the inputs, fwd+bwd: decode {r['decode_ref']['peak_mib']:.0f} MiB (reference) against "
+              f"{r['decode']['peak_mib']:.0f} (ours); encode {r['encode_ref']['peak_mib']:.0f} against {r['encode']['peak_mib']:.0f}")
+    return results
+
+
 def bench_end_to_end(cfg, device, peak_gflops):
     if device == "cpu":  # the trainer's allocator setting (sae.py): freed temporaries reused, no page faults;
         kernels.keep_freed_memory()  # the ops above are timed and measured at glibc's defaults
@@ -287,43 +384,68 @@ def bench_end_to_end(cfg, device, peak_gflops):
     return results
 
 
-# the synthetic benchmark: 96 known directions in 48 dimensions, 4 active per row, Zipf-like frequencies;
-# SAEs of 192 features, 1500 Adam steps of 512 rows at lr 3e-3 (the settings test_sae.py's recovery test uses)
-SYNTHETIC_RUN = ["--d_sae=192", "--batch_size=512", "--lr=0.003", "--max_iters=1500", "--eval_interval=1500",
-                 "--l1_warmup_iters=100", "--jl_warmup_iters=300", "--eval_tokens=4000", "--log_interval=1500",
-                 "--dead_window=50000", "--resample_iters=()"]
-SWEEPS = [("l1", ["--l1_coeff=[0.1, 0.3, 1.0, 3.0]"]),  # one sae.py process each: a sweep of SAEs
-          ("jl", ["--jl_coeff=[1e1, 1e2, 1e3, 1e4, 1e5]"]),
-          ("hybrid", ["--l1_coeff=1.0", "--jl_coeff=[1e1, 1e2, 1e3, 1e4, 1e5]"])]
+# the synthetic benchmark: activations built from known unit directions (sae.synthetic_activations: Zipf-like
+# frequencies, magnitudes U(0.5, 1.5)), in two regimes: the test's 96 directions in 48 dimensions, 4 active a row, and
+# heavy superposition, 512 directions in 32 dimensions (16x), 3 active a row. Every architecture over its sparsity
+# setting in one sae.py sweep (shared batches, Adam at 3e-3, 512 rows a step); then each at its best setting with the
+# JL penalty added over three decades. "Best" = the highest mean max cosine of the true directions.
+REGIMES = [  # name, rows, d, true directions, active per row, d_sae, steps
+    ("96 in 48, 4 active", 40000, 48, 96, 4, 192, 1500),
+    ("512 in 32, 3 active (16x)", 100000, 32, 512, 3, 1024, 2000)]
+SYNTHETIC_RUN = ["--batch_size=512", "--lr=0.003", "--l1_warmup_iters=100", "--jl_warmup_iters=300",
+                 "--eval_tokens=4000", "--log_interval=500", "--resample_iters=()"]
+SETTINGS = {"relu": "l1_coeff", "topk": "k", "batchtopk": "k", "matryoshka": "k", "fsq": "k", "jumprelu": "l0_coeff",
+            "vae": "kl_coeff"}  # the key each architecture is swept over
+JL_SWEEP = "--jl_coeff=[1e2, 1e3, 1e4]"
+
+
+def synthetic_sweep(tmp, out, acts, d_sae, steps, flags, env):
+    """One sae.py process training a sweep on acts; -> [(name, checkpoint, final eval)]."""
+    r = subprocess.run([sys.executable, "sae.py", f"--acts={acts}", f"--out_dir={out}", f"--d_sae={d_sae}",
+                        f"--max_iters={steps}", f"--eval_interval={steps}", f"--dead_window={50 * 512}",
+                        *SYNTHETIC_RUN, *flags], env=env, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{flags}: {r.stderr.strip().splitlines()[-1]}")
+    names = json.load(open(f"{out}/sweep.json"))["names"] if os.path.exists(f"{out}/sweep.json") else [""]
+    return [(name, torch.load(os.path.join(out, name, "ckpt.pt"), weights_only=True),
+             json.loads(open(os.path.join(out, name, "log.jsonl")).readlines()[-1])) for name in names]
+
+
+def recovery(D, checkpoint, final):
+    W = torch.nn.functional.normalize(checkpoint["sae"]["W_dec"].float(), dim=1)
+    max_cos = (torch.from_numpy(D) @ W.T).max(dim=1).values  # (n_true,): each true direction's best row
+    cfg = checkpoint["config"]
+    key = SETTINGS[cfg["arch"]]
+    setting = f"{key}={cfg[key]}" + (f" jl_coeff={cfg['jl_coeff']:g}" if cfg["loss"] == "hybrid" else "")
+    return {"arch": cfg["arch"], "setting": setting, "mean_max_cos": max_cos.mean().item(),
+            "frac_above_0.9": (max_cos > 0.9).float().mean().item(), "l0": final["l0"], "fvu": final["fvu"]}
 
 
 def bench_synthetic(cfg):
-    X, D = synthetic_activations(n=40000, d=48, n_true=96, k=4, seed=0)
-    results = []
-    print("synthetic: 96 true directions in 48 dimensions, 4 active per row; SAEs of 192 features, 1500 steps")
-    print(f"  {'loss':<7} {'setting':<28} {'mean max cos':>12} {'frac > 0.9':>10} {'L0':>6} {'FVU':>7}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    with tempfile.TemporaryDirectory() as tmp:
-        np.save(os.path.join(tmp, "acts.npy"), X)
-        for loss, sweep in SWEEPS:
-            out = os.path.join(tmp, loss)
-            r = subprocess.run([sys.executable, "sae.py", f"--acts={tmp}/acts.npy", f"--out_dir={out}", f"--loss={loss}",
-                                *sweep, *SYNTHETIC_RUN], env=env, capture_output=True, text=True)
-            if r.returncode:
-                raise RuntimeError(f"{loss} {sweep}: {r.stderr.strip().splitlines()[-1]}")
-            for name in json.load(open(f"{out}/sweep.json"))["names"]:
-                checkpoint = torch.load(f"{out}/{name}/ckpt.pt", weights_only=True)
-                W = torch.nn.functional.normalize(checkpoint["sae"]["W_dec"], dim=1)
-                max_cos = (torch.from_numpy(D) @ W.T).max(dim=1).values  # (96,): each true direction's best row
-                final = json.loads(open(f"{out}/{name}/log.jsonl").readlines()[-1])
-                keys = ("l1_coeff",) if loss == "l1" else ("jl_coeff",) if loss == "jl" else ("l1_coeff", "jl_coeff")
-                label = " ".join(f"{k}={checkpoint['config'][k]}" for k in keys)
-                results.append({"loss": loss, "setting": label, "mean_max_cos": max_cos.mean().item(),
-                                "frac_above_0.9": (max_cos > 0.9).float().mean().item(), "l0": final["l0"],
-                                "fvu": final["fvu"]})
-                e = results[-1]
-                print(f"  {loss:<7} {label:<28} {e['mean_max_cos']:12.3f} {e['frac_above_0.9']:10.2f} {e['l0']:6.1f} "
-                      f"{e['fvu']:7.3f}")
+    results = []
+    for label, n, d, n_true, k_true, d_sae, steps in REGIMES:
+        X, D = synthetic_activations(n=n, d=d, n_true=n_true, k=k_true, seed=0)
+        ks = sorted({max(1, k_true // 2), k_true, 2 * k_true})
+        print(f"synthetic: {label}; SAEs of {d_sae} features, {steps} steps")
+        print(f"  {'arch':<11} {'setting':<30} {'mean max cos':>12} {'frac > 0.9':>10} {'L0':>6} {'FVU':>7}")
+        with tempfile.TemporaryDirectory() as tmp:
+            acts = os.path.join(tmp, "acts.npy")
+            np.save(acts, X)
+            sweep = [f"--arch={','.join(SETTINGS)}", "--l1_coeff=[0.1, 0.3, 1.0, 3.0]", f"--k={ks}",
+                     "--l0_coeff=[0.03, 0.3, 3.0]", "--kl_coeff=[0.01, 0.1, 1.0]"]
+            rows = [recovery(D, ckpt, final) for _, ckpt, final in
+                    synthetic_sweep(tmp, os.path.join(tmp, "all"), acts, d_sae, steps, sweep, env)]
+            for arch, key in SETTINGS.items():  # JL added to each architecture at its best setting
+                best = max((r for r in rows if r["arch"] == arch), key=lambda r: r["mean_max_cos"])
+                flags = [f"--arch={arch}", f"--{best['setting']}", "--loss=hybrid", JL_SWEEP]
+                rows += [recovery(D, ckpt, final) for _, ckpt, final in
+                         synthetic_sweep(tmp, os.path.join(tmp, arch), acts, d_sae, steps, flags, env)]
+        for e in rows:
+            e["regime"] = label
+            print(f"  {e['arch']:<11} {e['setting']:<30} {e['mean_max_cos']:12.3f} {e['frac_above_0.9']:10.2f} "
+                  f"{e['l0']:6.1f} {e['fvu']:7.3f}")
+        results += rows
     return results
 
 
@@ -475,6 +597,43 @@ def bench_llama_harvest(cfg, documents):
     return {"model": spec, "harvest_tok_s": n / harvest[0] * 1e3, "full_tok_s": n / full[0] * 1e3}
 
 
+def bench_arch_steps(cfg, device, widths=(8192, 32768), k=32):
+    """One training step (sae_loss + sae_step: forward, backward, Adam) of every architecture at GPT-2 small's width,
+    batch cfg.batch_size, on random activations at sae.py's scale (E|x| = sqrt(d)); a tenth of the features dead, so
+    AuxK runs. Time and peak memory above the weights, gradients and Adam's state (allocated before)."""
+    d = 768
+    x = torch.randn(cfg.batch_size, d, device=device)
+    results = {}
+    print(f"one training step per architecture, d_in {d}, batch {cfg.batch_size}, k {k} (the k-sparse ones), fp32:")
+    for width in widths:
+        dead = torch.zeros(width, dtype=torch.bool, device=device)
+        dead[::10] = True
+        for arch in ARCHS:
+            tcfg = TrainConfig(arch=arch, d_sae=width, k=k, l1_warmup_iters=1)
+            torch.manual_seed(0)
+            model = SAE.from_config(d, tcfg).to(device)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+            step = lambda: sae_step(model, optimizer, sae_loss(model, x, tcfg, 10, dead)[0], tcfg)
+            step()  # Adam's state allocated before memory is measured
+            ms = time_ms(step, cfg.iters, device)
+            mem = peak_mib(step, device)
+            print(f"  {arch + ', d_sae ' + str(width):<24} {ms[0]:9.1f} ms ({ms[1]:.1f}..{ms[2]:.1f})  {mem:7.0f} MiB")
+            results[f"{arch}_{width}"] = {"ms": ms[0], "ms_p20": ms[1], "ms_p80": ms[2], "peak_mib": mem}
+            del model, optimizer
+        base = results[f"relu_{width}"]["ms"]
+        print(f"  d_sae {width}: " + ", ".join(f"{a} {results[f'{a}_{width}']['ms'] / base:.2f}x" for a in ARCHS) +
+              " the relu step")
+    return results
+
+
+def bench_archs(cfg):
+    """--archs=True: the sparse kernels against their dense references, then every architecture's step."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    kernels.keep_freed_memory()  # as sae.py runs on the CPU
+    widths = (cfg.d_sae,) if cfg.quick else (8192, 32768)
+    return {"sparse_codes": bench_sparse_codes(cfg, device), "steps": bench_arch_steps(cfg, device, widths)}
+
+
 def bench_models(cfg):
     """--models=True: tokenizers, then a real Llama-family model's harvest."""
     kernels.keep_freed_memory()  # as sae.py runs on the CPU
@@ -497,10 +656,11 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     print(machine())
     report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "config": vars(cfg)}
-    special = next((name for name in ("models", "synthetic", "saelens") if getattr(cfg, name)), None)
+    special = next((name for name in ("models", "synthetic", "saelens", "archs") if getattr(cfg, name)), None)
     if special:
         try:
-            report[special] = {"models": bench_models, "synthetic": bench_synthetic, "saelens": bench_saelens}[special](cfg)
+            report[special] = {"models": bench_models, "synthetic": bench_synthetic, "saelens": bench_saelens,
+                               "archs": bench_archs}[special](cfg)
         except (ValueError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)

@@ -1,19 +1,21 @@
 """
-The SAE's two hot spots, one section each, always in this order: docstring with the math and shapes;
+The SAE's hot spots, one section each, always in this order: docstring with the math and shapes;
 the PyTorch reference `<op>_ref` (the specification: every eps, clamp and dtype is decided there); the
 Triton kernels; the launchers; a module-level torch.autograd.Function; `<op> = ...`.
 
 Dispatch: compiled Triton on CUDA tensors; with TRITON_INTERPRET=1 (set before triton is imported) the
 same kernels run interpreted on CPU tensors, which is how test_sae.py reaches them; otherwise on the CPU
 the ops run PyTorch code that wastes less than autograd's graph (encode-ReLU-decode: five matmuls, not
-six; JL: blocked over rows, never materialising the n x n Gram matrix). SAE_NO_TRITON=1 forces the
-references everywhere. `linear` is the CPU's dense fp32 matmul for encode-ReLU-decode's CPU path and
-GPT-2's layers (oneDNN where it works; see its section). References: the Triton tutorials
-(03-matrix-multiplication), llm.c's CPU reference beside each kernel, openai/sparse_autoencoder's
-kernels.py, modded-nanogpt's symmetric XXT.
+six; sparse codes: embedding_bag and sampled_addmm, never a dense code; JL: blocked over rows, never
+materialising the n x n Gram matrix). SAE_NO_TRITON=1 forces the references everywhere. `linear` is the
+CPU's dense fp32 matmul for encode-ReLU-decode's CPU path and GPT-2's layers (oneDNN where it works; see
+its section). References: the Triton tutorials (03-matrix-multiplication), llm.c's CPU reference beside
+each kernel, openai/sparse_autoencoder's kernels.py, modded-nanogpt's symmetric XXT.
 """
 import os
+import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -256,6 +258,262 @@ def encode_relu_decode(x, W_enc, b_enc, W_dec, b_dec, stats=False):
         return encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, stats)
     x_hat, f, l1, l0, fired = EncodeReluDecode.apply(x, W_enc, b_enc, W_dec, b_dec)
     return (x_hat, f, (l1, l0, fired)) if stats else (x_hat, f)
+
+
+# -----------------------------------------------------------------------------
+# sparse codes
+# The k-sparse SAEs' code f (N, n_latents), held padded: indices (N, K) int64 and values (N, K); a padding entry
+# has value 0 (and any valid index), and indices within a row are otherwise distinct. The caller computes pre
+# densely without autograd and selects (TopK, BatchTopK, Matryoshka); these ops carry the gradients:
+#   sparse_decode: x_hat[n] = sum_j values[n, j] W_dec[indices[n, j]] (+ b_dec)                      (N, d_model)
+#     dvalues[n, j] = dx_hat[n] . W_dec[indices[n, j]]                                    (N, K)       gather-dot
+#     dW_dec[i] = sum_{(n, j): indices[n, j] = i} values[n, j] dx_hat[n] = (f^T @ dx_hat)[i]  (n_latents, d_model)
+#     db_dec = sum_N dx_hat
+#   sparse_encode: values[n, j] = (x[n] - b_dec) . W_enc[:, indices[n, j]] + b_enc[indices[n, j]]  (N, K),
+#   gathered from pre when given; x gets no gradient; padding entries get whatever dvalues says (the caller zeroes
+#   them by multiplying by its keep mask, so their dvalues are 0)
+#     dW_enc^T = dF^T @ (x - b_dec), dF the code of dvalues: the same scatter as dW_dec      (n_latents, d_model)
+#     db_enc = sum_{(n, j): indices[n, j] = i} dvalues[n, j];  db_dec = -W_enc @ db_enc (a mat-vec)
+# Three primitives serve both ops: gather-sum, gather-dot, and the scatter f^T @ A, which sorts the entries by
+# latent (openai/sparse_autoencoder's triton_sparse_transpose_dense_matmul sorts the same way) and sums each
+# latent's segment, with no atomics. Nothing (N, n_latents) or (N, K, d_model) is formed on either path.
+# CPU, measured at N 4096, K 32, d_model 768, n_latents 8192 / 32768 (2 cores; bench.bench_sparse_codes):
+#   gather-sum:  embedding_bag __ / __ ms; CSR sparse.mm __ / __; gather + bmm in 256-row chunks __ / __
+#   gather-dot:  sampled_addmm __ / __ ms; gather + bmm in 256-row chunks __ / __
+#   scatter:     sort + embedding_bag over segments __ / __ ms; sort + CSR sparse.mm __ / __; index_add_ in
+#                256-row chunks __ / __; COO sparse.mm __ / __
+#   against __ / __ ms for one dense (4096, 768) @ (768, n_latents) matmul.
+
+def sparse_decode_ref(indices, values, W_dec, b_dec=None):
+    """The code scattered into a dense f (N, n_latents) (scatter_add: padding adds 0), then f @ W_dec + b_dec."""
+    f = torch.zeros(indices.shape[0], W_dec.shape[0], dtype=values.dtype, device=values.device)
+    f = f.scatter_add(1, indices, values)  # (N, n_latents)
+    x_hat = f @ W_dec                      # (N, n_latents) @ (n_latents, d_model) -> (N, d_model)
+    return x_hat if b_dec is None else x_hat + b_dec
+
+
+def sparse_encode_ref(x, W_enc, b_enc, b_dec, indices):
+    """The dense pre-activations, gathered at indices: ((x - b_dec) @ W_enc + b_enc)[n, indices[n, j]] (N, K)."""
+    pre = (x - b_dec) @ W_enc + b_enc  # (N, d_model) @ (d_model, n_latents) -> (N, n_latents)
+    return pre.gather(1, indices)
+
+
+@triton.jit
+def _gather_sum_kernel(
+        # pointers: indices (N, K), values (N, K), W (n_latents, d), out (N, d)
+        idx_ptr, val_ptr, w_ptr, out_ptr,
+        # sizes
+        K, d,
+        # strides
+        stride_in, stride_ik, stride_vn, stride_vk, stride_wm, stride_wd, stride_on, stride_od,
+        # meta
+        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # reference: sparse_decode_ref without b_dec. One row n, one block of d: out[n] = sum_j v_j W[i_j]
+    n, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        i = tl.load(idx_ptr + n * stride_in + kk * stride_ik, mask=kk < K, other=0)
+        v = tl.load(val_ptr + n * stride_vn + kk * stride_vk, mask=kk < K, other=0.0).to(tl.float32)
+        live = (kk < K) & (v != 0)  # padding and masked-out entries: no row read
+        w = tl.load(w_ptr + i[:, None] * stride_wm + rd[None, :] * stride_wd, mask=live[:, None] & (rd[None, :] < d),
+                    other=0.0)  # (BLOCK_K, BLOCK_D): K gathered rows
+        acc += tl.sum(v[:, None] * w.to(tl.float32), axis=0)
+    tl.store(out_ptr + n * stride_on + rd * stride_od, acc.to(out_ptr.dtype.element_ty), mask=rd < d)
+
+
+@triton.jit
+def _gather_dot_kernel(
+        # pointers: A (N, d), W (n_latents, d), indices (N, K), out (N, K)
+        a_ptr, w_ptr, idx_ptr, out_ptr,
+        # sizes
+        K, d,
+        # strides
+        stride_an, stride_ad, stride_wm, stride_wd, stride_in, stride_ik, stride_on, stride_ok,
+        # meta
+        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # reference: the values gradient of sparse_decode_ref (A = dx_hat), or sparse_encode_ref less b_enc
+    # (A = x - b_dec, W = W_enc^T). One row n, one block of K: out[n, j] = A[n] . W[i_j]
+    n, pid_k = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    i = tl.load(idx_ptr + n * stride_in + kk * stride_ik, mask=kk < K, other=0)
+    rd = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        dd = d0 + rd
+        a = tl.load(a_ptr + n * stride_an + dd * stride_ad, mask=dd < d, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + i[:, None] * stride_wm + dd[None, :] * stride_wd,
+                    mask=(kk[:, None] < K) & (dd[None, :] < d), other=0.0)  # (BLOCK_K, BLOCK_D)
+        acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+    tl.store(out_ptr + n * stride_on + kk * stride_ok, acc.to(out_ptr.dtype.element_ty), mask=kk < K)
+
+
+@triton.jit
+def _scatter_outer_kernel(
+        # pointers: rows (E,), weights (E,), offsets (n_latents + 1,) from _sort_by_index; A (N, d); out (n_latents, d)
+        rows_ptr, w_ptr, off_ptr, a_ptr, out_ptr,
+        # sizes
+        d,
+        # strides (out is contiguous)
+        stride_an, stride_ad,
+        # meta
+        BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    # reference: the W_dec gradient of sparse_decode_ref. Following openai/sparse_autoencoder's
+    # triton_sparse_transpose_dense_matmul_kernel (entries sorted by latent), but one program owns a latent's whole
+    # segment and a block of d, so it sums in registers and stores once: no atomics, the same sums every run.
+    i, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    start, end = tl.load(off_ptr + i), tl.load(off_ptr + i + 1)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for e0 in range(start, end, BLOCK_E):  # a latent chosen by many rows: a longer loop, in one program
+        ee = e0 + tl.arange(0, BLOCK_E)
+        r = tl.load(rows_ptr + ee, mask=ee < end, other=0)
+        w = tl.load(w_ptr + ee, mask=ee < end, other=0.0).to(tl.float32)
+        live = (ee < end) & (w != 0)
+        a = tl.load(a_ptr + r[:, None] * stride_an + rd[None, :] * stride_ad, mask=live[:, None] & (rd[None, :] < d),
+                    other=0.0)  # (BLOCK_E, BLOCK_D): the rows of A that chose latent i
+        acc += tl.sum(w[:, None] * a.to(tl.float32), axis=0)
+    tl.store(out_ptr + i * d + rd, acc, mask=rd < d)  # every latent's row written, empty segments as 0
+
+
+def _check_code(indices, values=None):
+    assert indices.dim() == 2 and indices.dtype == torch.int64, \
+        f"indices must be (N, K) int64, got {tuple(indices.shape)} {indices.dtype} (topk's indices are int64)"
+    assert values is None or values.shape == indices.shape, \
+        f"values {tuple(values.shape)} != indices {tuple(indices.shape)}"
+
+
+def _gather_sum(indices, values, W):
+    """out[n] = sum_j values[n, j] W[indices[n, j]]: (N, K), (N, K), (n_latents, d) -> (N, d) in W's dtype."""
+    _check_code(indices, values)
+    if not use_triton(W):  # embedding_bag: bags of K rows weighted by values, summed (see the header's timings)
+        return F.embedding_bag(indices, W, per_sample_weights=values.to(W.dtype), mode="sum")
+    N, K = indices.shape
+    d = W.shape[1]
+    out = torch.empty(N, d, device=W.device, dtype=W.dtype)
+    BLOCK_K, BLOCK_D = (8, 32) if INTERPRET else (min(32, triton.next_power_of_2(K)), 128)
+    grid = (N, triton.cdiv(d, BLOCK_D))
+    _gather_sum_kernel[grid](indices, values, W, out, K, d, *indices.stride(), *values.stride(), *W.stride(),
+                             *out.stride(), BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
+    return out
+
+
+def _gather_dot(A, W, indices):
+    """out[n, j] = A[n] . W[indices[n, j]]: (N, d), (n_latents, d), (N, K) -> (N, K) in A's dtype."""
+    _check_code(indices)
+    assert A.shape[1] == W.shape[1], f"A {tuple(A.shape)} and W {tuple(W.shape)} differ in d"
+    N, K = indices.shape
+    W = W if W.stride(1) == 1 else W.contiguous()  # W_enc^T: one pass, so that each gathered row is contiguous
+    if not use_triton(W):
+        # sampled_addmm: A @ W^T at the code's positions only, a CSR matrix with K entries a row. Its CPU kernel
+        # computes each entry on its own, so columns need not be sorted and padding may repeat one: outside the
+        # CSR invariants (hence check_invariants=False); test_sparse_codes's padding cases check it
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore")
+            pattern = torch.sparse_csr_tensor(torch.arange(0, N * K + 1, K, device=A.device), indices.reshape(-1),
+                                              torch.zeros(N * K, dtype=A.dtype, device=A.device), (N, W.shape[0]),
+                                              check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, A, W.T.to(A.dtype), beta=0.0).values().view(N, K)
+    out = torch.empty(N, K, device=A.device, dtype=A.dtype)
+    BLOCK_K, BLOCK_D = (8, 32) if INTERPRET else (min(32, triton.next_power_of_2(K)), 128)
+    grid = (N, triton.cdiv(K, BLOCK_K))
+    _gather_dot_kernel[grid](A, W, indices, out, K, A.shape[1], *A.stride(), *W.stride(), *indices.stride(),
+                             *out.stride(), BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
+    return out
+
+
+def _sort_by_index(indices, weights, n_latents):
+    """The code's entries grouped by latent (f^T in CSR): rows (N K,) the row of each entry, weights (N K,), and
+    offsets (n_latents + 1,), latent i's entries lying at offsets[i]:offsets[i + 1]. A stable sort: fixed sums."""
+    keys = indices.reshape(-1)
+    if keys.is_cuda:
+        order = torch.sort(keys, stable=True).indices  # (N K,)
+    else:  # numpy's one-thread sort: torch's CPU sort of integers is an OpenMP radix sort (fbgemm) whose barriers
+        # stall while another process holds a core. 131072 keys, 2 cores here: torch 1.6 ms idle but 180 ms busy;
+        # numpy 8.5 ms busy
+        order = torch.from_numpy(np.argsort(keys.numpy(), kind="stable"))
+    offsets = torch.zeros(n_latents + 1, dtype=torch.int64, device=indices.device)
+    offsets[1:] = torch.bincount(keys, minlength=n_latents).cumsum(0)
+    return order // indices.shape[1], weights.reshape(-1)[order], offsets
+
+
+def _scatter_outer(indices, weights, A, n_latents):
+    """out[i] = sum_{(n, j): indices[n, j] = i} weights[n, j] A[n], i.e. f^T @ A for the code f of weights:
+    (N, K), (N, K), (N, d) -> (n_latents, d) fp32."""
+    _check_code(indices, weights)
+    rows, w, offsets = _sort_by_index(indices, weights, n_latents)
+    if not use_triton(A):  # embedding_bag again, now one bag per latent: its segment of A's rows, weighted
+        return F.embedding_bag(rows, A, offsets[:-1], per_sample_weights=w.to(A.dtype), mode="sum").float()
+    d = A.shape[1]
+    out = torch.empty(n_latents, d, device=A.device, dtype=torch.float32)
+    BLOCK_E, BLOCK_D = (8, 32) if INTERPRET else (16, 128)
+    grid = (n_latents, triton.cdiv(d, BLOCK_D))
+    _scatter_outer_kernel[grid](rows, w.contiguous(), offsets, A, out, d, *A.stride(), BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D)
+    return out
+
+
+class SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, indices, values, W_dec, b_dec):
+        x_hat = _gather_sum(indices, values, W_dec)  # (N, K) rows of (n_latents, d_model) -> (N, d_model)
+        if b_dec is not None:
+            x_hat += b_dec
+        ctx.save_for_backward(indices, values, W_dec)
+        return x_hat
+
+    @staticmethod
+    def backward(ctx, dx_hat):
+        indices, values, W_dec = ctx.saved_tensors
+        dx_hat = dx_hat.contiguous()
+        _, need_values, need_W_dec, need_b_dec = ctx.needs_input_grad
+        dvalues = _gather_dot(dx_hat, W_dec, indices).to(values.dtype) if need_values else None  # (N, K)
+        dW_dec = _scatter_outer(indices, values, dx_hat, W_dec.shape[0]).to(W_dec.dtype) if need_W_dec else None
+        db_dec = dx_hat.sum(dim=0) if need_b_dec else None                                          # (d_model,)
+        return None, dvalues, dW_dec, db_dec
+
+
+def sparse_decode(indices, values, W_dec, b_dec=None):
+    """x_hat (N, d_model) = sum_j values[n, j] W_dec[indices[n, j]] (+ b_dec); see the section's header."""
+    if NO_TRITON:
+        return sparse_decode_ref(indices, values, W_dec, b_dec)
+    return SparseDecode.apply(indices, values, W_dec, b_dec)
+
+
+class SparseEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, indices, pre):
+        if pre is not None:  # the caller's dense pre-activations (N, n_latents): gathered, not recomputed
+            values = pre.gather(1, indices)
+        else:  # (N, d_model) . K gathered columns of W_enc (rows of W_enc^T)
+            values = _gather_dot(x - b_dec, W_enc.T, indices) + b_enc[indices]
+        ctx.save_for_backward(x, W_enc, b_dec, indices)
+        return values  # (N, K)
+
+    @staticmethod
+    def backward(ctx, dvalues):
+        x, W_enc, b_dec, indices = ctx.saved_tensors
+        n_latents = W_enc.shape[1]
+        dvalues = dvalues.contiguous()
+        _, need_W_enc, need_b_enc, need_b_dec, _, _ = ctx.needs_input_grad
+        dW_enc = db_enc = db_dec = None
+        if need_W_enc:  # (n_latents, d_model), returned as its transpose: AccumulateGrad copies it to W_enc's layout
+            dW_enc = _scatter_outer(indices, dvalues, x - b_dec, n_latents).to(W_enc.dtype).T
+        if need_b_enc or need_b_dec:
+            db_enc = torch.zeros(n_latents, dtype=torch.float32, device=x.device)
+            db_enc = db_enc.index_add_(0, indices.reshape(-1), dvalues.reshape(-1).float()).to(W_enc.dtype)
+        if need_b_dec:
+            db_dec = -(W_enc @ db_enc)  # (d_model, n_latents) @ (n_latents,): the batch summed first
+        return None, dW_enc, db_enc, db_dec, None, None
+
+
+def sparse_encode(x, W_enc, b_enc, b_dec, indices, pre=None):
+    """values (N, K) = (x - b_dec) @ W_enc[:, indices] + b_enc[indices], the pre-activations at the selected
+    latents; gathered from pre (N, n_latents, no gradient) when given. x gets no gradient."""
+    if NO_TRITON:
+        return sparse_encode_ref(x, W_enc, b_enc, b_dec, indices)
+    return SparseEncode.apply(x, W_enc, b_enc, b_dec, indices, pre)
 
 
 # -----------------------------------------------------------------------------

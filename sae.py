@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import encode_relu_decode, jl_penalty, keep_freed_memory, linear
+from kernels import encode_relu_decode, jl_penalty, keep_freed_memory, linear, sparse_decode, sparse_encode
 from prepare import read_shard
 
 # -----------------------------------------------------------------------------
@@ -80,11 +80,26 @@ class TrainConfig:
     normalize: bool = True             # scale activations to E|x| = sqrt(d_in), estimated at start
     exclude_pos0: bool = True          # drop position 0, whose norm is an outlier in GPT-2 (and Llamas: attention sink)
     # the SAE and its loss
+    arch: str = "relu"                 # relu, topk, batchtopk, jumprelu, matryoshka, fsq, vae (README "architectures")
     d_sae: int = 8192                  # features
     b_dec_init: str = "geometric_median"  # or mean, zeros: b_dec from a first sample of activations
-    loss: str = "l1"                   # l1, jl or hybrid
+    loss: str = "l1"                   # l1: the architecture's sparsity term (relu: L1; jumprelu: L0; vae: KL; none for
+                                       # the k-sparse ones); jl: the JL penalty instead; hybrid: both
     l1_coeff: float = 5.0              # on mean_batch sum_features f; Anthropic's April 2024 update uses 5 at E|x| = sqrt(d)
-    l1_warmup_iters: int = 1000        # l1 coefficient ramps linearly from 0
+    l1_warmup_iters: int = 1000        # the sparsity coefficient (l1, l0 or kl) ramps linearly from 0
+    l1_by_decoder_norm: bool = False   # relu: L1 of f_i |W_dec,i| with free decoder norms, rows initialised at norm
+                                       # 0.1 (Anthropic, April 2024; SAELens 6's standard SAE); folded at export
+    k: int = 32                        # topk, fsq: active features per token; batchtopk, matryoshka: per token on average
+    k_aux: int = 256                   # AuxK: the k_aux largest pre-activations of dead features fit the residual
+    auxk_coeff: float = 1 / 32         # ... with this weight (Gao et al. 2024); 0 = off. Dead: see dead_window
+    threshold_rate: float = 0.01       # batchtopk, matryoshka: EMA rate of the inference threshold (README)
+    l0_coeff: float = 1.0              # jumprelu: on mean_batch L0
+    jumprelu_bandwidth: float = 0.05   # jumprelu: width of the straight-through kernel, in normalised units
+    jumprelu_init_threshold: float = 0.1  # jumprelu: every threshold's start
+    matryoshka_prefixes: tuple = ()    # matryoshka: nested dictionary sizes; () = d_sae x (1, 3, 7, 15, 32) / 32
+    fsq_levels: int = 8                # fsq: levels of each active feature's code, 0 (off) included
+    kl_coeff: float = 1.0              # vae: on mean_batch sum_features KL(q(z_i | x) || prior)
+    vae_prior_mean: float = -1.0       # vae: the prior N(m, 1) per feature; f = relu(z), so m < 0 favours f = 0
     jl_coeff: float = 1000.0           # on the JL mean; its pull on one row is ~2 jl_coeff / d_sae (README)
     jl_on: str = "dec"                 # dec: rows of W_dec; enc: columns of W_enc
     jl_warmup_mult: float = 10.0       # JL coefficient starts at this multiple of jl_coeff ...
@@ -193,21 +208,49 @@ def coerce(key, value, default):
 
 # keys that may differ between the SAEs of one process: they share the model's forward, the buffer and the batches
 L1_KEYS, JL_KEYS = ("l1_coeff", "l1_warmup_iters"), ("jl_coeff", "jl_on", "jl_warmup_mult", "jl_warmup_iters", "jl_sample")
-SWEEPABLE = ("loss", "d_sae", "b_dec_init", "lr", "lr_enc", "lr_dec", "beta1", "beta2", "grad_clip") + L1_KEYS + JL_KEYS
-UNUSED_BY = {"l1": JL_KEYS, "jl": L1_KEYS, "hybrid": ()}  # keys a loss does not read
+AUXK_KEYS = ("k", "k_aux", "auxk_coeff")
+ARCH_KEYS = {  # the keys each architecture reads, its sparsity coefficient first (none for the k-sparse ones)
+    "relu": ("l1_coeff", "l1_by_decoder_norm"), "topk": AUXK_KEYS, "batchtopk": AUXK_KEYS + ("threshold_rate",),
+    "matryoshka": AUXK_KEYS + ("threshold_rate", "matryoshka_prefixes"), "fsq": AUXK_KEYS + ("fsq_levels",),
+    "jumprelu": ("l0_coeff", "jumprelu_bandwidth", "jumprelu_init_threshold"), "vae": ("kl_coeff", "vae_prior_mean")}
+ARCHS = tuple(ARCH_KEYS)
+K_SPARSE = ("topk", "batchtopk", "matryoshka", "fsq")  # a code of about k features a token, decoded by gathering rows
+SPARSITY_COEFF = {"relu": "l1_coeff", "jumprelu": "l0_coeff", "vae": "kl_coeff"}
+SWEEPABLE = ("arch", "loss", "d_sae", "b_dec_init", "lr", "lr_enc", "lr_dec", "beta1", "beta2", "grad_clip") + \
+    L1_KEYS + JL_KEYS + tuple(dict.fromkeys(k for keys in ARCH_KEYS.values() for k in keys if k != "matryoshka_prefixes"))
+
+
+def unused_keys(run):
+    """The swept keys an SAE does not read: other architectures' keys, the JL keys without JL, the sparsity
+    coefficient (and its warmup) with --loss=jl."""
+    arch, loss = run.get("arch", TrainConfig.arch), run.get("loss", TrainConfig.loss)
+    read = set(ARCH_KEYS[arch]) | ({"l1_warmup_iters"} if arch in SPARSITY_COEFF else set())
+    if loss == "jl":
+        read -= {SPARSITY_COEFF.get(arch), "l1_warmup_iters"}
+    if loss != "l1":
+        read |= set(JL_KEYS)
+    return {k for keys in (*ARCH_KEYS.values(), L1_KEYS, JL_KEYS) for k in keys} - read
+
+
+def canonical_loss(arch, loss):
+    """A k-sparse architecture has no sparsity term: JL alone is JL with its k, the same SAE as hybrid."""
+    return "hybrid" if arch in K_SPARSE and loss == "jl" else loss
 
 
 def expand_sweep(overrides):
     """{key: value or list} -> [(name, {key: value})], one per combination of the listed values, in order. A
-    combination that differs from an earlier one only in keys its loss does not read (jl_coeff for an l1 SAE)
-    is the same SAE and is dropped. The name spells the swept values the SAE reads: "hybrid-l1_coeff5.0"; it
-    is "" when nothing is swept."""
+    combination that differs from an earlier one only in keys its SAE does not read (jl_coeff for an l1 SAE, k
+    for a relu one) is the same SAE and is dropped. The name spells the swept values the SAE reads:
+    "hybrid-l1_coeff5.0", "topk-k16"; it is "" when nothing is swept."""
     axes = [k for k, v in overrides.items() if isinstance(v, list)]
     runs, names = [], set()
     for combo in itertools.product(*(overrides[k] for k in axes)):
         run = {**overrides, **dict(zip(axes, combo))}
-        unused = UNUSED_BY.get(run.get("loss", TrainConfig.loss), ())
-        name = "-".join(str(run[k]) if k == "loss" else f"{k}{run[k]}" for k in axes if k not in unused)
+        if "loss" in run:
+            run["loss"] = canonical_loss(run.get("arch", TrainConfig.arch), run["loss"])
+        unused = unused_keys(run)
+        run = {k: v for k, v in run.items() if not (k in axes and k in unused)}  # swept for others: the default
+        name = "-".join(str(run[k]) if k in ("arch", "loss") else f"{k}{run[k]}" for k in axes if k not in unused)
         if name not in names:
             names.add(name)
             runs.append((name, run))
@@ -226,7 +269,7 @@ def parse_args(cfg, argv):
 
 def check_config(cfg, world_size=1):
     """Invariants of a config, as one-line ValueErrors listing what is valid."""
-    for key, valid in (("loss", LOSSES), ("jl_on", JL_ON), ("decay", DECAYS), ("b_dec_init", B_DEC_INITS),
+    for key, valid in (("arch", ARCHS), ("loss", LOSSES), ("jl_on", JL_ON), ("decay", DECAYS), ("b_dec_init", B_DEC_INITS),
                        ("mode", MODES), ("cache_dtype", CACHE_DTYPES)):
         if getattr(cfg, key) not in valid:
             raise ValueError(f"--{key}={getattr(cfg, key)!r}: valid values are {', '.join(valid)}")
@@ -244,6 +287,19 @@ def check_config(cfg, world_size=1):
                 "log_interval", "dead_window", "resample_samples", "cache_tokens", "cache_shard_tokens"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"--{key} must be positive")
+    if cfg.arch in K_SPARSE and not 0 < cfg.k <= cfg.d_sae:
+        raise ValueError(f"--k={cfg.k} must be in 1..d_sae ({cfg.d_sae})")
+    if cfg.arch == "fsq" and cfg.fsq_levels < 2:
+        raise ValueError(f"--fsq_levels={cfg.fsq_levels}: at least 2 (off and one level on)")
+    if cfg.arch == "jumprelu" and (cfg.jumprelu_bandwidth <= 0 or cfg.jumprelu_init_threshold <= 0):
+        raise ValueError("--jumprelu_bandwidth and --jumprelu_init_threshold must be positive")
+    if cfg.arch == "matryoshka":
+        prefixes = matryoshka_prefixes(cfg.matryoshka_prefixes, cfg.d_sae)
+        if list(prefixes) != sorted(set(prefixes)) or prefixes[0] <= 0 or prefixes[-1] != cfg.d_sae:
+            raise ValueError(f"--matryoshka_prefixes={cfg.matryoshka_prefixes}: increasing sizes, the last d_sae "
+                             f"({cfg.d_sae})")
+    if cfg.l1_by_decoder_norm and cfg.arch != "relu":
+        raise ValueError(f"--l1_by_decoder_norm is an option of --arch=relu (--arch={cfg.arch} keeps unit-norm rows)")
     if cfg.exclude_pos0 and cfg.block_size < 2:
         raise ValueError("--block_size must be at least 2 with --exclude_pos0=True")
 
@@ -780,21 +836,97 @@ class DataLoaderLite:
 
 
 # -----------------------------------------------------------------------------
-# the SAE (Bricken et al. 2023): f = relu((x - b_dec) @ W_enc + b_enc), x_hat = f @ W_dec + b_dec
+# the SAEs. Every architecture shares the affine maps of Bricken et al. 2023, with a pre-encoder bias,
+#   pre = (x - b_dec) @ W_enc + b_enc (N, d_sae),   x_hat = f @ W_dec + b_dec (N, d_in),
+# and differs in the code f, the loss's terms and what inference keeps (README "architectures"):
+#   relu        f = relu(pre); + l1 sum_i f_i (or sum_i f_i |W_dec,i| with free decoder norms)
+#   topk        the k largest pre of each token, relu'd (Gao et al. 2024); + AuxK
+#   batchtopk   the k N largest relu(pre) of the batch (Bussmann et al. 2024); inference: pre where pre > theta,
+#               one global theta estimated in training; + AuxK
+#   matryoshka  batchtopk, the reconstruction error averaged over nested prefixes of the dictionary
+#               (Bussmann et al. 2025); + AuxK
+#   jumprelu    pre where pre > theta_i, theta_i learned through straight-through estimators
+#               (Rajamanoharan et al. 2024); + l0 #(f > 0)
+#   fsq         topk, then each active value bounded and rounded to one of fsq_levels levels with a
+#               straight-through gradient (finite scalar quantisation, Mentzer et al. 2023); + AuxK
+#   vae         f = relu(z), z ~ N(pre, sigma_i^2) in training and z = pre at inference (Kingma & Welling 2014);
+#               + kl KL(N(pre, sigma^2) || N(m, 1)), m < 0 so that most features sit below 0
+# The k-sparse ones (K_SPARSE) never form a dense code in training: pre comes without autograd, the selection
+# gives (indices, values) (N, K), and kernels.sparse_encode / sparse_decode carry the gradients through the
+# selected entries only. Decoder rows are kept at unit norm except with --l1_by_decoder_norm.
+
+def matryoshka_prefixes(spec, d_sae):
+    """The nested dictionary sizes: spec, or () for the SAEBench recipe's groups of 1/32, 1/16, 1/8, 1/4 and the
+    rest of d_sae, i.e. prefixes at d_sae x (1, 3, 7, 15, 32) / 32."""
+    return tuple(spec) if spec else tuple(max(1, d_sae * n // 32) for n in (1, 3, 7, 15)) + (d_sae,)
+
 
 class SAE(nn.Module):
-    def __init__(self, d_in, d_sae):
+    def __init__(self, d_in, d_sae, arch="relu", k=32, free_norms=False, init_threshold=0.1, fsq_levels=8,
+                 prefixes=()):
         super().__init__()
-        W_dec = F.normalize(torch.randn(d_sae, d_in), dim=1)  # unit-norm random dictionary rows
+        self.arch, self.k, self.free_norms, self.fsq_levels, self.prefixes = arch, k, free_norms, fsq_levels, prefixes
+        # random unit-norm dictionary rows; free norms start at 0.1, SAELens 6's decoder_init_norm
+        W_dec = F.normalize(torch.randn(d_sae, d_in), dim=1) * (0.1 if free_norms else 1.0)
         self.W_enc = nn.Parameter(W_dec.T.clone())            # (d_in, d_sae): the decoder's transpose
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(W_dec)                      # (d_sae, d_in)
         self.b_dec = nn.Parameter(torch.zeros(d_in))          # pre-encoder bias, subtracted before encoding
+        if arch == "jumprelu":  # the threshold itself, not its log: under Adam a log threshold hardly moves
+            self.threshold = nn.Parameter(torch.full((d_sae,), float(init_threshold)))  # (SAELens PR #718)
+        if arch in ("batchtopk", "matryoshka"):  # the global inference threshold; 0 until training estimates it
+            self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
+        if arch == "fsq":  # each feature's top level; E|x|^2 = d_in shared by k features starts it at sqrt(d_in / k)
+            self.log_scale = nn.Parameter(torch.full((d_sae,), 0.5 * math.log(d_in / k)))
+        if arch == "vae":  # the posterior's standard deviation per feature, starting small
+            self.log_sigma = nn.Parameter(torch.full((d_sae,), math.log(0.1)))
+
+    @classmethod
+    def from_config(cls, d_in, cfg):
+        return cls(d_in, cfg.d_sae, cfg.arch, cfg.k, cfg.l1_by_decoder_norm, cfg.jumprelu_init_threshold,
+                   cfg.fsq_levels, matryoshka_prefixes(cfg.matryoshka_prefixes, cfg.d_sae))
+
+    def latent_params(self):
+        """The per-feature parameters besides W_enc's columns, b_enc and W_dec's rows (d_sae,)."""
+        return [getattr(self, n) for n in ("threshold", "log_scale", "log_sigma")
+                if isinstance(getattr(self, n, None), nn.Parameter)]
+
+    def pre(self, x):
+        """The dense pre-activations, (x - b_dec) @ W_enc + b_enc: (N, d_in) @ (d_in, d_sae) -> (N, d_sae)."""
+        return linear(x - self.b_dec, self.W_enc.T, self.b_enc)
+
+    def encode(self, x):
+        """The inference code f (N, d_sae) of every architecture but relu (the fused kernel's)."""
+        pre = self.pre(x)
+        if self.arch in ("topk", "fsq"):
+            values, indices = pre.topk(self.k, dim=1)  # (N, k), then relu: SAELens's and OpenAI's order
+            values = fsq_code(values, self.log_scale[indices], self.fsq_levels) if self.arch == "fsq" else values.relu()
+            return torch.zeros_like(pre).scatter_(1, indices, values)
+        if self.arch in ("batchtopk", "matryoshka"):
+            if self.threshold == 0:  # not estimated yet: the training selection over this batch
+                indices, keep, _ = batch_topk_select(pre, self.k)
+                return torch.zeros_like(pre).scatter_(1, indices, pre.gather(1, indices) * keep)
+            return pre * (pre > self.threshold)  # a JumpReLU with one threshold (> 0: relu included)
+        if self.arch == "jumprelu":
+            return pre.relu() * (pre > self.threshold)
+        return pre.relu()  # vae: the posterior mean's code
 
     def forward(self, x, stats=False):
-        """x (N, d_in) -> (x_hat (N, d_in), f (N, d_sae)), through the one kernel call site; with stats also
-        (l1 (N,), l0 (N,), fired (d_sae,)) from the same pass (kernels.py)."""
-        return encode_relu_decode(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, stats)
+        """x (N, d_in) -> (x_hat (N, d_in), f (N, d_sae)); with stats also (l1 (N,), l0 (N,), fired (d_sae,)).
+        relu runs the fused kernel (kernels.py); with free norms f is scaled by the rows' norms, the code of the
+        unit-norm dictionary that the L1 term and every reader of f see."""
+        if self.arch == "relu":
+            x_hat, f, (l1, l0, fired) = encode_relu_decode(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, True)
+            if self.free_norms:
+                f = f * self.W_dec.norm(dim=1)  # (N, d_sae) * (d_sae,)
+                l1 = f.sum(dim=1)
+            return (x_hat, f, (l1, l0, fired)) if stats else (x_hat, f)
+        f = self.encode(x)
+        x_hat = linear(f, self.W_dec.T, self.b_dec)  # (N, d_sae) @ (d_sae, d_in)
+        if not stats:
+            return x_hat, f
+        active = f > 0
+        return x_hat, f, (f.sum(dim=1), active.sum(dim=1, dtype=torch.int32), active.sum(dim=0, dtype=torch.int32))
 
     def dictionary(self, on="dec"):
         """The unit-norm rows the JL penalty sees: W_dec's rows, or W_enc's columns. (d_sae, d_in)"""
@@ -812,43 +944,194 @@ class SAE(nn.Module):
     def unit_norm_decoder_(self):
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
+    @torch.no_grad()
+    def fold_decoder_norms_(self):
+        """Free norms folded into the encoder: rows of unit norm, the same x_hat, f scaled by the norms n:
+        W_enc[:, i] *= n_i, b_enc_i *= n_i, threshold_i *= n_i, W_dec[i] /= n_i (SAELens's fold_W_dec_norm)."""
+        n = self.W_dec.norm(dim=1).clamp_min(1e-12)
+        self.W_enc.mul_(n), self.b_enc.mul_(n), self.W_dec.div_(n[:, None])
+        if self.arch == "jumprelu":
+            self.threshold.mul_(n)
+        return self
 
-def sae_loss(sae, x, cfg, it):
-    """-> (loss, terms, fired). mse = mean over the batch of sum over d_in of (x_hat - x)^2; l1 = mean over the
-    batch of sum over features of f (f >= 0), summed inside the encoder's pass; l0 = mean number of active
-    features; jl = the JL mean of kernels.jl_penalty, the one call site; fired (d_sae,) = how many of the batch
-    activated each feature."""
+
+def batch_topk_select(pre, k):
+    """BatchTopK's selection: the k N largest positive entries of pre (N, d_sae). -> (indices (N, K), keep (N, K)
+    bool, t), K the most any row keeps, t the smallest kept value. A flat top-(k N) of N d_sae entries costs 15x
+    a per-row top-k on the CPU, so candidates come per row (4k, widened if some row keeps all of its own)."""
+    N, m = pre.shape
+    width = min(m, 4 * k)
+    while True:
+        values, indices = pre.topk(width, dim=1)  # (N, width), sorted
+        t = values.flatten().topk(min(k * N, values.numel())).values[-1]
+        if width == m or (values[:, -1] < t).all():  # no row can hold a kept entry beyond its candidates
+            break
+        width = min(m, 4 * width)
+    keep = (values >= t) & (values > 0)
+    K = max(int(keep.sum(dim=1).max()), 1)
+    return indices[:, :K], keep[:, :K], t
+
+
+def fsq_code(values, scale_log, levels):
+    """Finite scalar quantisation of active values (N, K): bounded to [0, a) by a tanh(relu(v) / a), a = e^scale_log
+    the feature's top level, then rounded to a (0, 1, ..., L - 1) / (L - 1), the rounding's gradient passed
+    straight through (Mentzer et al. 2023). Level 0 is off: a small value rounds to an inactive feature."""
+    a = scale_log.exp()
+    u = torch.tanh(values.relu() / a) * (levels - 1)
+    return a * (u + (u.round() - u).detach()) / (levels - 1)
+
+
+class JumpReLU(torch.autograd.Function):
+    """f = pre H(pre - theta); df/dpre = H, df/dtheta = -(theta / eps) K((pre - theta) / eps) with the rectangle
+    kernel K(u) = 1[|u| < 1/2] (Rajamanoharan et al. 2024, eq. 11; the rule dictionary_learning and SAELens use)."""
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        near = ((pre - theta).abs() < ctx.eps / 2).to(grad.dtype)  # (N, d_sae)
+        return grad * (pre > theta), -(theta / ctx.eps) * (near * grad).sum(dim=0), None
+
+
+class Step(torch.autograd.Function):
+    """H(pre - theta), the L0 term; dH/dtheta = -(1 / eps) K((pre - theta) / eps), dH/dpre = 0 (same paper)."""
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        near = ((pre - theta).abs() < ctx.eps / 2).to(grad.dtype)
+        return None, -(near * grad).sum(dim=0) / ctx.eps, None
+
+
+def mse_of(x_hat, x):
+    return (x_hat - x).pow(2).sum(dim=-1).mean()
+
+
+def relu_terms(sae, x, cfg, it, dead):
     x_hat, _, (l1_rows, l0_rows, fired) = sae(x, stats=True)  # (N, d_in), (N,), (N,), (d_sae,)
-    mse = (x_hat - x).pow(2).sum(dim=-1).mean()
     l1 = l1_rows.mean()
-    loss = mse + (l1_coeff_at(cfg, it) * l1 if cfg.loss in ("l1", "hybrid") else 0.0)
-    jl = torch.zeros((), device=x.device)
+    return {"mse": mse_of(x_hat, x), "l1": l1, "sparsity": l1, "l0": l0_rows.float().mean(), "fired": fired}
+
+
+def sparse_terms(sae, x, cfg, it, dead):
+    """The k-sparse architectures, with AuxK: the k_aux largest pre-activations of dead features (relu'd, no
+    b_dec) fit the residual x - x_hat (detached), in the units of mse, weighted auxk_coeff (Gao et al. 2024)."""
+    with torch.no_grad():
+        pre = sae.pre(x)  # (N, d_sae): the step's one dense matmul
+    if sae.arch in ("batchtopk", "matryoshka"):
+        indices, keep, t = batch_topk_select(pre, sae.k)
+        if sae.training and t > 0:  # the inference threshold: an EMA of the smallest kept value (README)
+            sae.threshold.copy_(t if sae.threshold == 0 else sae.threshold + cfg.threshold_rate * (t - sae.threshold))
+    else:
+        top, indices = pre.topk(sae.k, dim=1)  # (N, k)
+        keep = top > 0
+    values = sparse_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, indices, pre=pre) * keep  # (N, K), with gradients
+    if sae.arch == "fsq":
+        values = fsq_code(values, sae.log_scale[indices], sae.fsq_levels)
+        keep = values.detach() > 0
+    x_hat = sparse_decode(indices, values, sae.W_dec, sae.b_dec)  # (N, d_in)
+    mse = mse_of(x_hat, x)
+    terms = {"mse": mse, "l1": values.sum(dim=1).mean(), "l0": keep.sum(dim=1).float().mean(),
+             "fired": torch.bincount(indices[keep], minlength=pre.shape[1])}
+    if sae.arch == "matryoshka":  # each prefix reconstructs alone; the full dictionary is the last prefix
+        inner = [mse_of(sparse_decode(indices, values * (indices < size), sae.W_dec, sae.b_dec), x)
+                 for size in sae.prefixes[:-1]]
+        terms["recon"] = (sum(inner) + mse) / len(sae.prefixes)
+    n_dead = int(dead.sum()) if dead is not None else 0
+    if n_dead and cfg.auxk_coeff > 0:
+        dead_ids = dead.nonzero().squeeze(1)
+        aux_top, aux_at = pre[:, dead_ids].topk(min(cfg.k_aux, n_dead), dim=1)  # (N, k_aux)
+        aux_indices = dead_ids[aux_at]
+        aux_values = sparse_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, aux_indices, pre=pre) * (aux_top > 0)
+        residual = (x - x_hat).detach()
+        terms["aux"] = mse_of(sparse_decode(aux_indices, aux_values, sae.W_dec), residual)
+    return terms
+
+
+def jumprelu_terms(sae, x, cfg, it, dead):
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc                 # (N, d_in) @ (d_in, d_sae)
+    eps = cfg.jumprelu_bandwidth
+    f = JumpReLU.apply(pre, sae.threshold, eps)
+    x_hat = f @ sae.W_dec + sae.b_dec                              # (N, d_sae) @ (d_sae, d_in)
+    l0 = Step.apply(pre, sae.threshold, eps).sum(dim=1).mean()
+    active = f.detach() > 0
+    return {"mse": mse_of(x_hat, x), "l1": f.sum(dim=1).mean(), "sparsity": l0, "l0": l0.detach(),
+            "fired": active.sum(dim=0)}
+
+
+def vae_terms(sae, x, cfg, it, dead):
+    """The reparameterised sample z = mu + sigma eps, eps drawn from (seed, iteration) so a resumed run draws
+    the same; KL(N(mu, sigma^2) || N(m, 1)) = (sigma^2 + (mu - m)^2 - 1) / 2 - log sigma, summed over features."""
+    mu = (x - sae.b_dec) @ sae.W_enc + sae.b_enc                  # (N, d_in) @ (d_in, d_sae)
+    eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(cfg.seed + it)).to(mu.device)
+    f = (mu + sae.log_sigma.exp() * eps).relu()
+    x_hat = f @ sae.W_dec + sae.b_dec                              # (N, d_sae) @ (d_sae, d_in)
+    kl = (0.5 * ((2 * sae.log_sigma).exp() + (mu - cfg.vae_prior_mean).pow(2) - 1) - sae.log_sigma).sum(dim=1).mean()
+    active = mu.detach() > 0  # what inference keeps (z = mu): the tracker counts these
+    return {"mse": mse_of(x_hat, x), "l1": f.sum(dim=1).mean(), "sparsity": kl, "l0": active.sum(dim=1).float().mean(),
+            "fired": active.sum(dim=0)}
+
+
+ARCH_TERMS = {"relu": relu_terms, "jumprelu": jumprelu_terms, "vae": vae_terms,
+              **{arch: sparse_terms for arch in K_SPARSE}}
+
+
+def sae_loss(sae, x, cfg, it, dead=None):
+    """-> (loss, terms, fired). mse = mean over the batch of sum over d_in of (x_hat - x)^2 (matryoshka: averaged
+    over its prefixes); l1 = mean over the batch of sum over features of f; l0 = mean number of active features;
+    the architecture's sparsity term (relu: l1, jumprelu: L0, vae: KL) with --loss=l1 or hybrid; jl = the JL mean
+    of kernels.jl_penalty with --loss=jl or hybrid; aux = AuxK (k-sparse architectures, dead (d_sae,) bool given);
+    fired (d_sae,) = how many of the batch activated each feature."""
+    terms = ARCH_TERMS[sae.arch](sae, x, cfg, it, dead)
+    loss = terms.pop("recon", terms["mse"])
+    if cfg.loss in ("l1", "hybrid") and "sparsity" in terms:
+        loss = loss + sparsity_coeff_at(cfg, it) * terms["sparsity"]
+    if "aux" in terms:
+        loss = loss + cfg.auxk_coeff * terms["aux"]
+    terms["jl"] = torch.zeros((), device=x.device)
     if cfg.loss in ("jl", "hybrid"):
-        jl = jl_penalty(sae.dictionary(cfg.jl_on), cfg.jl_sample, torch.Generator().manual_seed(cfg.seed + it))
-        loss = loss + jl_coeff_at(cfg, it) * jl
-    return loss, {"mse": mse, "l1": l1, "jl": jl, "l0": l0_rows.float().mean()}, fired
+        terms["jl"] = jl_penalty(sae.dictionary(cfg.jl_on), cfg.jl_sample, torch.Generator().manual_seed(cfg.seed + it))
+        loss = loss + jl_coeff_at(cfg, it) * terms["jl"]
+    terms.pop("sparsity", None)
+    return loss, terms, terms.pop("fired")
 
 
 def sae_step(sae, optimizer, loss, cfg, world_size=1):
-    """One update: backward; gradients averaged over ranks; the decoder's along-row component removed;
-    clipping; Adam; decoder rows renormalised."""
+    """One update: backward; gradients (and estimated thresholds) averaged over ranks; the decoder's along-row
+    component removed; clipping; Adam; decoder rows renormalised (both skipped with free norms); JumpReLU's
+    thresholds kept >= 0."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if world_size > 1:  # average the gradients of the four parameters (gloo has no AVG)
+    if world_size > 1:  # average the gradients (gloo has no AVG), and the buffers each rank estimated
         import torch.distributed as dist
-        for p in sae.parameters():
-            dist.all_reduce(p.grad)
-            p.grad /= world_size
-    sae.remove_parallel_grad_()
+        for t in [p.grad for p in sae.parameters() if p.grad is not None] + list(sae.buffers()):
+            dist.all_reduce(t)
+            t /= world_size
+    if not sae.free_norms:
+        sae.remove_parallel_grad_()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     optimizer.step()
-    sae.unit_norm_decoder_()
+    if not sae.free_norms:
+        sae.unit_norm_decoder_()
+    if sae.arch == "jumprelu":
+        with torch.no_grad():
+            sae.threshold.clamp_(min=0)
 
 
-def l1_coeff_at(cfg, it):
-    """Linear warmup from 0 over l1_warmup_iters (Anthropic, April 2024 update)."""
-    return cfg.l1_coeff * min(1.0, (it + 1) / max(cfg.l1_warmup_iters, 1))
+def sparsity_coeff_at(cfg, it):
+    """The architecture's sparsity coefficient (l1_coeff, l0_coeff or kl_coeff), warmed up linearly from 0 over
+    l1_warmup_iters (Anthropic, April 2024 update; Gemma Scope warms up its L0 coefficient too)."""
+    return getattr(cfg, SPARSITY_COEFF[cfg.arch]) * min(1.0, (it + 1) / max(cfg.l1_warmup_iters, 1))
 
 
 def jl_coeff_at(cfg, it):
@@ -1212,10 +1495,12 @@ def resample_dead_(sae, optimizer, dead, x):
     pick = torch.multinomial(err.clamp_min(1e-12), len(idx), replacement=True, generator=g)
     v = F.normalize(x[pick], dim=1)  # (n_dead, d_in)
     alive_norm = sae.W_enc[:, ~dead].norm(dim=0).mean() if (~dead).any() else torch.tensor(1.0)
-    sae.W_dec[idx] = v
+    row_norm = sae.W_dec[~dead].norm(dim=1).mean() if sae.free_norms and (~dead).any() else 1.0  # free norms: the alive mean
+    sae.W_dec[idx] = v * row_norm
     sae.W_enc[:, idx] = v.T * 0.2 * alive_norm
     sae.b_enc[idx] = 0
-    for p, index in ((sae.W_dec, (idx,)), (sae.W_enc, (slice(None), idx)), (sae.b_enc, (idx,))):
+    per_feature = [(p, (idx,)) for p in sae.latent_params()]  # thresholds, scales: kept, their moments reset
+    for p, index in [(sae.W_dec, (idx,)), (sae.W_enc, (slice(None), idx)), (sae.b_enc, (idx,))] + per_feature:
         for moment in ("exp_avg", "exp_avg_sq"):
             if moment in optimizer.state.get(p, {}):
                 optimizer.state[p][moment][index] = 0
@@ -1447,17 +1732,32 @@ HOOK_NAMES = {"resid_pre": "blocks.{}.hook_resid_pre", "resid_mid": "blocks.{}.h
               "mlp_out": "blocks.{}.hook_mlp_out", "resid_post": "blocks.{}.hook_resid_post"}
 
 
+# the SAELens architecture each of ours is saved as, and the keys of its cfg.json beyond the standard SAE's: a
+# batchtopk or matryoshka SAE is, at inference, a JumpReLU with one threshold for all features (SAELens saves them
+# so); a vae at inference is a ReLU SAE; fsq's rounding has no SAELens counterpart
+SAELENS_ARCH = {"relu": "standard", "vae": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+                "matryoshka": "jumprelu"}
+
+
 def export_saelens(checkpoint, export_dir):
-    """Writes cfg.json + sae_weights.safetensors as SAELens's StandardSAE reads them, for the activation that
-    TransformerLens's hook gives. Our SAE sees s*x (s the activation scale); folded in, it reads x:
+    """Writes cfg.json + sae_weights.safetensors as SAELens reads them (its standard, topk or jumprelu SAE, see
+    SAELENS_ARCH), for the activation that TransformerLens's hook gives. Free decoder norms are folded first
+    (SAE.fold_decoder_norms_). Our SAE sees s*x (s the activation scale); folded in, it reads x:
     W_enc' = s W_enc, b_dec' = b_dec / s, W_dec' = W_dec / s. At mlp_in, TransformerLens's hook
     (blocks.L.ln2.hook_normalized) holds the norm's output n before its gain g and bias b, x = g * n + b (RMSNorm:
     b = 0): folded too, exactly, as an affine change of coordinates: W_enc'' = diag(g) W_enc', W_dec'' = W_dec' / g,
-    b_dec'' = (b_dec' - b) / g, so that the SAE reads n and writes n_hat = (x_hat - b) / g."""
+    b_dec'' = (b_dec' - b) / g, so that the SAE reads n and writes n_hat = (x_hat - b) / g. Neither fold changes
+    the pre-activations, so thresholds carry over as they are."""
     from safetensors.torch import save_file
-    cfg, s, sd = TrainConfig(**checkpoint["config"]), checkpoint["act_scale"], checkpoint["sae"]
+    sae, cfg, s = load_sae(checkpoint)  # norms folded
+    if cfg.arch not in SAELENS_ARCH:
+        raise ValueError(f"--arch={cfg.arch} has no SAELens format (its code is rounded to {cfg.fsq_levels} levels); "
+                         f"export supports {', '.join(SAELENS_ARCH)}")
+    sd = {k: v.detach() for k, v in sae.state_dict().items()}
     weights = {"W_enc": sd["W_enc"] * s, "b_enc": sd["b_enc"].clone(), "W_dec": sd["W_dec"] / s,
                "b_dec": sd["b_dec"] / s}
+    if SAELENS_ARCH[cfg.arch] == "jumprelu":  # one threshold per feature (batchtopk's global one, repeated)
+        weights["threshold"] = sd["threshold"].float().expand(sd["b_enc"].shape).clone()
     from_model = has_model(cfg)
     model = load_lm(cfg) if from_model and cfg.site == "mlp_in" else None
     if model is not None:
@@ -1470,15 +1770,17 @@ def export_saelens(checkpoint, export_dir):
     metadata = {"model_name": cfg.init_from if from_model else cfg.acts, "hook_name": HOOK_NAMES[cfg.site].format(cfg.layer),
                 "hook_layer": cfg.layer, "context_size": cfg.block_size, "prepend_bos": False,
                 "dataset_path": cfg.data_dir if from_model else cfg.acts, "trained_with": "gpt_sae",
-                "loss": cfg.loss, "iter_num": checkpoint["iter_num"]}
+                "arch": cfg.arch, "loss": cfg.loss, "iter_num": checkpoint["iter_num"]}
     if from_model and cfg.site in ("resid_pre", "resid_mid", "resid_post", "mlp_out") and \
             (cfg.init_from == "scratch" or model_family(cfg.init_from) == "gpt2"):
         # TransformerLens centres what GPT-2 (a LayerNorm model) writes into the residual stream by default;
         # our SAE read the uncentred stream, which TransformerLens gives with this option
         metadata["model_from_pretrained_kwargs"] = {"center_writing_weights": False}
     sae_cfg = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-               "normalize_activations": "none", "reshape_activations": "none", "architecture": "standard",
+               "normalize_activations": "none", "reshape_activations": "none", "architecture": SAELENS_ARCH[cfg.arch],
                "metadata": metadata}
+    if cfg.arch == "topk":
+        sae_cfg["k"] = cfg.k
     os.makedirs(export_dir, exist_ok=True)
     weights_path, cfg_path = os.path.join(export_dir, "sae_weights.safetensors"), os.path.join(export_dir, "cfg.json")
     save_file({k: v.contiguous() for k, v in weights.items()}, weights_path + ".tmp")
@@ -1532,8 +1834,10 @@ def load_sae(checkpoint):
     """-> (SAE, its TrainConfig, activation scale) from a checkpoint dict."""
     cfg = TrainConfig(**checkpoint["config"])
     d_in, d_sae = checkpoint["sae"]["W_enc"].shape
-    sae = SAE(d_in, d_sae)
+    sae = SAE.from_config(d_in, cfg)
     sae.load_state_dict(checkpoint["sae"])
+    if sae.free_norms:
+        sae.fold_decoder_norms_()  # free norms folded: every helper reads unit-norm rows and the code in their units
     return sae.eval().requires_grad_(False), cfg, checkpoint["act_scale"]
 
 
@@ -1713,9 +2017,9 @@ class Run:
     def __init__(self, cfg, checkpoint, d_in, device, sweep=False):
         self.cfg, self.prefix = cfg, f"{os.path.basename(cfg.out_dir)} | " if sweep else ""
         torch.manual_seed(cfg.seed)  # the same init on every rank, in every run of this seed, for every SAE of a sweep
-        self.sae = SAE(d_in, cfg.d_sae).to(device)
-        self.optimizer = torch.optim.Adam([
-            {"params": [self.sae.W_enc, self.sae.b_enc], "lr": cfg.lr_enc or cfg.lr},
+        self.sae = SAE.from_config(d_in, cfg).to(device)
+        self.optimizer = torch.optim.Adam([  # an architecture's per-feature parameters learn at the encoder's rate
+            {"params": [self.sae.W_enc, self.sae.b_enc, *self.sae.latent_params()], "lr": cfg.lr_enc or cfg.lr},
             {"params": [self.sae.W_dec, self.sae.b_dec], "lr": cfg.lr_dec or cfg.lr}], betas=(cfg.beta1, cfg.beta2))
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.tracker = FeatureTracker(cfg.d_sae, cfg.dead_window, device=device)
@@ -1849,9 +2153,9 @@ def main(argv):
             t0, last_log = time.time(), it - 1  # evaluation is not training time
         if it == cfg.max_iters:
             break
-        if it in cfg.resample_iters:
+        if it in cfg.resample_iters and any(run.cfg.arch not in K_SPARSE for run in runs):
             x = source.sample(cfg.resample_samples, torch.Generator().manual_seed(cfg.seed + it)).to(device) * scale
-            for run in runs:
+            for run in [run for run in runs if run.cfg.arch not in K_SPARSE]:  # the k-sparse ones have AuxK
                 dead = run.tracker.dead()
                 n = resample_dead_(run.sae, run.optimizer, dead, x)
                 if ddp:  # every rank resampled the same features from its own inputs: rank 0's rows for all
@@ -1865,7 +2169,8 @@ def main(argv):
             lr_mult = get_lr_mult(run.cfg, it)
             for group, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
                 group["lr"] = base_lr * lr_mult
-            loss, terms, fired = sae_loss(run.train_sae, x, run.cfg, it)
+            dead = run.tracker.dead() if run.cfg.arch in K_SPARSE else None
+            loss, terms, fired = sae_loss(run.train_sae, x, run.cfg, it, dead)
             finite = torch.isfinite(loss.detach()).float()
             if ddp:
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)

@@ -1133,7 +1133,7 @@ def test_parse_args_types_and_unknown_keys(tmp_path):
     config_file.write_text("layer = 9\nbuffer_tokens = 2**14  # a comment\n")
     assert parse_args(TrainConfig(), [str(config_file), "--layer=2"]).__dict__ == {
         **TrainConfig().__dict__, "layer": 2, "buffer_tokens": 16384}
-    with pytest.raises(ValueError, match="unknown config key 'layr'; valid keys: acts, b_dec_init"):
+    with pytest.raises(ValueError, match="unknown config key 'layr'; valid keys: acts, arch, auxk_coeff, b_dec_init"):
         parse_args(TrainConfig(), ["--layr=3"])
     with pytest.raises(ValueError, match="expected int, got str"):
         parse_args(TrainConfig(), ["--layer=six"])
@@ -1280,6 +1280,209 @@ def test_feature_tracker_window_and_restart():
 
 
 # -----------------------------------------------------------------------------
+# the architectures: each loss against a dense reference written from its paper's definition (autograd for the
+# gradients), selections against exhaustive ones, inference against SAELens's documented forward
+
+def random_sae(arch, d_in=10, d_sae=40, **kw):
+    torch.manual_seed(1)
+    model = SAE(d_in, d_sae, arch=arch, **kw)
+    with torch.no_grad():
+        model.b_enc.normal_(0, 0.3), model.b_dec.normal_(0, 0.3)
+    return model
+
+
+def grads_of(loss, model):
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def dense_sae_reference(model, x, f_of_pre, dead=None, k_aux=0, prefixes=()):
+    """mse (+ AuxK) from a dense code f = f_of_pre(pre) (N, d_sae): the definitions, no selection shortcuts.
+    -> (recon loss (prefix mean), mse, aux)"""
+    pre = (x - model.b_dec) @ model.W_enc + model.b_enc
+    f = f_of_pre(pre)
+    mse = ((f @ model.W_dec + model.b_dec - x) ** 2).sum(1).mean()
+    recon = mse
+    if prefixes:
+        cols = torch.arange(f.shape[1])
+        recon = sum(((((f * (cols < p)) @ model.W_dec + model.b_dec) - x) ** 2).sum(1).mean() for p in prefixes) / len(prefixes)
+    aux = torch.zeros(())
+    if dead is not None and dead.any():
+        masked = pre.masked_fill(~dead, float("-inf"))
+        top = masked.topk(min(k_aux, int(dead.sum())), dim=1)
+        f_aux = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+        residual = (x - (f @ model.W_dec + model.b_dec)).detach()
+        aux = ((f_aux @ model.W_dec - residual) ** 2).sum(1).mean()
+    return recon, mse, aux
+
+
+def topk_dense(pre, k):
+    top = pre.topk(k, dim=1)
+    return torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+
+
+def batch_topk_dense(pre, k):
+    flat = pre.relu().flatten()
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[flat.topk(k * pre.shape[0]).indices] = True
+    return pre.relu() * keep.view_as(pre) * (pre > 0)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+def test_k_sparse_losses_and_gradients_match_dense_references(arch):
+    model = random_sae(arch, k=3, prefixes=(4, 13, 40))
+    x = torch.randn(23, 10) * 2
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[[1, 5, 8, 20, 33, 39]] = True
+    cfg = TrainConfig(arch=arch, k=3, k_aux=4, auxk_coeff=0.25, matryoshka_prefixes=(4, 13, 40))
+    loss, terms, fired = sae.sae_loss(model, x, cfg, it=0, dead=dead)
+    ours = grads_of(loss, model)
+    select = (lambda p: topk_dense(p, 3)) if arch == "topk" else (lambda p: batch_topk_dense(p, 3))
+    recon, mse, aux = dense_sae_reference(model, x, select, dead, k_aux=4, prefixes=(4, 13, 40) if arch == "matryoshka" else ())
+    reference = grads_of(recon + 0.25 * aux, model)
+    assert loss.item() == pytest.approx((recon + 0.25 * aux).item(), rel=1e-5)
+    assert terms["mse"].item() == pytest.approx(mse.item(), rel=1e-5) and terms["aux"].item() == pytest.approx(aux.item(), rel=1e-5)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(ours[name], reference[name], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        f = select((x - model.b_dec) @ model.W_enc + model.b_enc)
+    assert fired.tolist() == (f > 0).sum(0).tolist() and terms["l0"].item() == pytest.approx((f > 0).sum(1).float().mean().item())
+    if arch == "topk":
+        assert terms["l0"].item() <= 3
+
+
+def test_batch_topk_selection_is_exact_when_one_row_holds_most_of_the_batch():
+    torch.manual_seed(0)
+    pre = torch.randn(16, 300)
+    pre[3] += 10  # row 3 holds far more than 4k of the batch's top k N entries: the candidates must widen
+    indices, keep, t = sae.batch_topk_select(pre, k=2)
+    chosen = torch.zeros_like(pre, dtype=torch.bool)
+    chosen[torch.arange(16)[:, None].expand_as(indices)[keep], indices[keep]] = True
+    expected = torch.zeros(16 * 300, dtype=torch.bool)
+    expected[pre.flatten().topk(32).indices] = True
+    assert torch.equal(chosen, expected.view(16, 300)) and chosen[3].sum() > 8
+    assert t == pre.flatten().topk(32).values[-1]
+
+
+def test_batchtopk_threshold_is_the_ema_of_the_smallest_kept_value_and_used_at_inference():
+    model = random_sae("batchtopk", k=3)
+    cfg = TrainConfig(arch="batchtopk", k=3, threshold_rate=0.1, auxk_coeff=0.0)
+    expected = 0.0
+    for it in range(4):
+        x = torch.randn(17, 10) * 2
+        with torch.no_grad():
+            t = batch_topk_dense((x - model.b_dec) @ model.W_enc + model.b_enc, 3)
+        smallest = t[t > 0].min().item()
+        expected = smallest if it == 0 else expected + 0.1 * (smallest - expected)
+        sae.sae_loss(model, x, cfg, it)
+        assert model.threshold.item() == pytest.approx(expected, rel=1e-6)
+    x = torch.randn(9, 10)
+    with torch.no_grad():
+        pre = (x - model.b_dec) @ model.W_enc + model.b_enc
+        x_hat, f = model(x)
+    torch.testing.assert_close(f, pre * (pre > expected))  # a JumpReLU with the one threshold
+
+
+def test_jumprelu_straight_through_gradients_by_hand():
+    model = random_sae("jumprelu", init_threshold=0.3)
+    with torch.no_grad():
+        model.threshold.uniform_(0.1, 0.5)
+    x = torch.randn(31, 10) * 2
+    cfg = TrainConfig(arch="jumprelu", l0_coeff=0.7, l1_warmup_iters=1, jumprelu_bandwidth=0.2)
+    loss, terms, _ = sae.sae_loss(model, x, cfg, it=0)
+    ours = grads_of(loss, model)
+    with torch.no_grad():  # the paper's estimators, written out: K(u) = 1[|u| < 1/2], eps = 0.2
+        theta, eps = model.threshold, 0.2
+        pre = (x - model.b_dec) @ model.W_enc + model.b_enc
+        on = (pre > theta).float()
+        f = pre * on
+        x_hat = f @ model.W_dec + model.b_dec
+        dx_hat = 2 * (x_hat - x) / len(x)
+        df = dx_hat @ model.W_dec.T
+        near = ((pre - theta).abs() < eps / 2).float()
+        dtheta = (-(theta / eps) * near * df).sum(0) + 0.7 * (-(1 / eps) * near).sum(0) / len(x)
+        dpre = df * on
+    assert loss.item() == pytest.approx(((x_hat - x) ** 2).sum(1).mean().item() + 0.7 * on.sum(1).mean().item(), rel=1e-5)
+    torch.testing.assert_close(ours["threshold"], dtheta, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours["b_enc"], dpre.sum(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours["W_dec"], f.T @ dx_hat, atol=1e-5, rtol=1e-4)
+
+
+def test_fsq_code_is_on_its_levels_with_straight_through_gradients():
+    torch.manual_seed(0)
+    values = (torch.randn(50, 4) * 3).requires_grad_(True)
+    scale_log = torch.randn(50, 4).mul(0.3).requires_grad_(True)
+    code = sae.fsq_code(values, scale_log, 5)
+    a = scale_log.exp()
+    levels = (code / a).detach() * 4
+    torch.testing.assert_close(levels, levels.round(), atol=1e-5, rtol=0)  # on (0, 1, 2, 3, 4) / 4 of a
+    assert (code[values <= 0] == 0).all() and ((levels > 0) == (torch.tanh(values.relu() / a) * 4 >= 0.5)).all()
+    code.sum().backward()
+    smooth = lambda v, s: (s.exp() * torch.tanh(v.relu() / s.exp())).sum()  # the code without rounding
+    v2, s2 = values.detach().clone().requires_grad_(True), scale_log.detach().clone().requires_grad_(True)
+    smooth(v2, s2).backward()
+    torch.testing.assert_close(values.grad, v2.grad)  # the rounding passes gradients straight through
+    torch.testing.assert_close(scale_log.grad, s2.grad + (code - a * torch.tanh(values.relu() / a)).detach())
+
+
+def test_vae_kl_matches_torch_distributions():
+    model = random_sae("vae")
+    with torch.no_grad():
+        model.log_sigma.uniform_(-2, 0.5)
+    x = torch.randn(12, 10)
+    cfg = TrainConfig(arch="vae", kl_coeff=0.3, vae_prior_mean=-1.5, l1_warmup_iters=1)
+    loss, terms, fired = sae.sae_loss(model, x, cfg, it=7)
+    from torch.distributions import Normal, kl_divergence
+    with torch.no_grad():
+        mu = (x - model.b_dec) @ model.W_enc + model.b_enc
+        kl = kl_divergence(Normal(mu, model.log_sigma.exp()), Normal(torch.full_like(mu, -1.5), 1.0)).sum(1).mean()
+    assert (loss - terms["mse"]).item() == pytest.approx(0.3 * kl.item(), rel=1e-5)
+    assert fired.tolist() == (mu > 0).sum(0).tolist()  # the tracker counts the inference code, relu(mu)
+    again = sae.sae_loss(model, x, cfg, it=7)[0]
+    assert again.item() == loss.item() and sae.sae_loss(model, x, cfg, it=8)[0].item() != loss.item()  # noise by iteration
+
+
+def test_l1_by_decoder_norm_loss_free_rows_and_fold():
+    model = random_sae("relu", free_norms=True)
+    assert model.W_dec.norm(dim=1).sub(0.1).abs().max() < 1e-6  # SAELens 6's decoder_init_norm
+    with torch.no_grad():
+        model.W_dec.mul_(torch.rand(40, 1) * 3 + 0.1)
+    x = torch.randn(19, 10)
+    cfg = TrainConfig(arch="relu", l1_by_decoder_norm=True, l1_coeff=0.4, l1_warmup_iters=1, loss="l1")
+    loss, terms, _ = sae.sae_loss(model, x, cfg, it=0)
+    ours = grads_of(loss, model)
+    def reference():
+        f = torch.relu((x - model.b_dec) @ model.W_enc + model.b_enc)
+        return ((f @ model.W_dec + model.b_dec - x) ** 2).sum(1).mean() + 0.4 * (f * model.W_dec.norm(dim=1)).sum(1).mean()
+    expected = reference()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    for name, g in grads_of(expected, model).items():
+        torch.testing.assert_close(ours[name], g, atol=1e-5, rtol=1e-4)
+    norms = model.W_dec.norm(dim=1).detach().clone()
+    sae.sae_step(model, torch.optim.Adam(model.parameters(), lr=1e-2), sae.sae_loss(model, x, cfg, 0)[0], cfg)
+    assert not torch.allclose(model.W_dec.norm(dim=1), torch.ones(40)) and not torch.equal(model.W_dec.norm(dim=1), norms)
+    with torch.no_grad():
+        x_hat, f = model(x)
+        model.fold_decoder_norms_()
+        x_hat_folded, f_folded = model(x)
+    torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(40))
+    torch.testing.assert_close(x_hat_folded, x_hat, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(f_folded, f, atol=1e-5, rtol=1e-5)  # f was already in unit-row units
+
+
+def test_sweep_over_architectures_names_and_drops_what_they_do_not_read():
+    runs = sae.expand_sweep(sae.parse_overrides(TrainConfig(), ["--arch=relu,topk", "--k=[8, 16]", "--l1_coeff=[1, 2]"]))
+    assert [name for name, _ in runs] == ["relu-l1_coeff1.0", "relu-l1_coeff2.0", "topk-k8", "topk-k16"]
+    runs = sae.expand_sweep(sae.parse_overrides(TrainConfig(), ["--arch=topk", "--loss=l1,jl,hybrid"]))
+    assert [name for name, _ in runs] == ["l1", "hybrid"]  # JL alone on a k-sparse SAE is hybrid
+    with pytest.raises(ValueError, match="l1_by_decoder_norm is an option of --arch=relu"):
+        sae.check_config(TrainConfig(arch="topk", l1_by_decoder_norm=True))
+    with pytest.raises(ValueError, match="--arch='gated': valid values are relu, topk"):
+        sae.check_config(TrainConfig(arch="gated"))
+
+
+# -----------------------------------------------------------------------------
 # training runs, through the command line
 
 def cpu_env():
@@ -1347,11 +1550,12 @@ def test_resume_continues_exactly(source, synthetic, tiny_shards, tmp_path):
     assert log_full == log_half  # evaluations at 0, 20 and 40, the same numbers
 
 
-@pytest.mark.parametrize("loss,names", [("hybrid", [""]), ("l1,hybrid", ["l1", "hybrid"])])
-def test_two_gloo_processes_match_one(loss, names, synthetic, tmp_path):
+@pytest.mark.parametrize("flags,names", [("--loss=hybrid", [""]), ("--loss=l1,hybrid", ["l1", "hybrid"]),
+                                         ("--arch=topk,jumprelu", ["topk", "jumprelu"])])  # rows encoded apart
+def test_two_gloo_processes_match_one(flags, names, synthetic, tmp_path):
     # 10 steps: the ranks' matmuls of half the batch round differently from one matmul of all of it (by 1e-7),
     # and over a few dozen steps at lr 3e-3 Adam's normalisation grows that in entries whose gradient is near 0
-    args = [f"--acts={synthetic[0]}", *ACTS_RUN, f"--loss={loss}", "--max_iters=10", "--eval_interval=10",
+    args = [f"--acts={synthetic[0]}", *ACTS_RUN, flags, "--k=4", "--max_iters=10", "--eval_interval=10",
             "--resample_iters=()"]
     assert run_sae(*args, f"--out_dir={tmp_path / 'one'}").returncode == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -1359,9 +1563,109 @@ def test_two_gloo_processes_match_one(loss, names, synthetic, tmp_path):
     assert r.returncode == 0, r.stderr
     for name in names:
         a, b = load_ckpt(tmp_path / "one" / name), load_ckpt(tmp_path / "two" / name)
-        for key in ("W_enc", "b_enc", "W_dec", "b_dec"):  # the same global batch; only the summation order differs
+        for key in a["sae"]:  # the same global batch; only the summation order differs
             torch.testing.assert_close(a["sae"][key], b["sae"][key], atol=1e-5, rtol=1e-4)
     assert r.stdout.count("eval    10") == len(names)  # rank 0 alone logs, one line per SAE
+
+
+ARCH_SWEEP = ["--arch=relu,topk,batchtopk,matryoshka,jumprelu,fsq,vae", "--l1_by_decoder_norm=[False, True]", "--k=4",
+              "--l0_coeff=0.1", "--kl_coeff=0.01", "--jumprelu_init_threshold=0.05"]
+ARCH_NAMES = ["relu-l1_by_decoder_normFalse", "relu-l1_by_decoder_normTrue", "topk", "batchtopk", "matryoshka",
+              "jumprelu", "fsq", "vae"]
+
+
+def arch_sweep_args(synthetic):
+    return [f"--acts={synthetic[0]}", *ACTS_RUN, *ARCH_SWEEP, "--dead_window=2048", "--eval_interval=20",
+            "--resample_iters=(30,)", "--l1_warmup_iters=10"]
+
+
+@pytest.fixture(scope="module")
+def arch_sweep(synthetic, tmp_path_factory):
+    """Every architecture, 40 steps on the synthetic activations in one sweep: its out_dir."""
+    full = tmp_path_factory.mktemp("arch_sweep")
+    r = run_sae(*arch_sweep_args(synthetic), f"--out_dir={full}", "--max_iters=40")
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(full / "sweep.json"))["names"] == ARCH_NAMES
+    return full
+
+
+def test_every_architecture_trains_and_resumes_exactly_in_one_sweep(arch_sweep, synthetic, tmp_path):
+    # AuxK (a 4-step dead window), resampling at 30 (relu, jumprelu, vae), the thresholds' EMA, the vae's noise: all
+    # continue where they stopped
+    full, half = arch_sweep, tmp_path / "half"
+    assert run_sae(*arch_sweep_args(synthetic), f"--out_dir={half}", "--max_iters=20").returncode == 0
+    r = run_sae("--init_from=resume", f"--out_dir={half}", "--max_iters=40")
+    assert r.returncode == 0, r.stderr
+    for name in ARCH_NAMES:
+        a, b = load_ckpt(full / name), load_ckpt(half / name)
+        assert a["config"]["arch"] == name.split("-")[0] and a["iter_num"] == b["iter_num"] == 40
+        assert a["sae"].keys() == b["sae"].keys()
+        for key in a["sae"]:
+            assert torch.equal(a["sae"][key], b["sae"][key]), (name, key)
+        assert open(full / name / "log.jsonl").read() == open(half / name / "log.jsonl").read()
+        final = json.loads(open(full / name / "log.jsonl").readlines()[-1])
+        assert final["fvu"] < 1.0 and final["l0"] > 0, (name, final)
+    free = load_ckpt(full / "relu-l1_by_decoder_normTrue")["sae"]["W_dec"].norm(dim=1)
+    assert free.std() > 1e-3  # free norms moved apart; the unit-norm ones did not
+    torch.testing.assert_close(load_ckpt(full / "topk")["sae"]["W_dec"].norm(dim=1), torch.ones(192))
+    assert load_ckpt(full / "batchtopk")["sae"]["threshold"] > 0
+    assert "resampled" in r.stdout and "topk | resampled" not in r.stdout  # AuxK, not resampling, for k-sparse
+
+
+def saelens_forward(cfg, w, x):
+    """SAELens 6's inference forward for the architectures we export, as its sae_lens/saes/*.py compute it:
+    standard relu(pre); topk: the k largest pre, relu'd, scattered; jumprelu: relu(pre) * (pre > threshold)."""
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]  # apply_b_dec_to_input
+    if cfg["architecture"] == "topk":
+        top = pre.topk(cfg["k"], dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    elif cfg["architecture"] == "jumprelu":
+        f = pre.relu() * (pre > w["threshold"])
+    else:
+        f = pre.relu()
+    return f @ w["W_dec"] + w["b_dec"], f
+
+
+@pytest.mark.parametrize("name,architecture", [("relu-l1_by_decoder_normTrue", "standard"), ("topk", "topk"),
+                                               ("batchtopk", "jumprelu"), ("matryoshka", "jumprelu"),
+                                               ("jumprelu", "jumprelu"), ("vae", "standard")])
+def test_export_of_each_architecture_is_saelens_forward(arch_sweep, synthetic, name, architecture, tmp_path):
+    from safetensors.torch import load_file
+    r = run_sae("--mode=export", f"--ckpt={arch_sweep / name / 'ckpt.pt'}", f"--export_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    cfg, w = json.load(open(tmp_path / "cfg.json")), load_file(tmp_path / "sae_weights.safetensors")
+    assert cfg["architecture"] == architecture and (cfg.get("k") == 4) == (architecture == "topk")
+    assert sorted(w) == sorted(["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if architecture == "jumprelu" else []))
+    ckpt = load_ckpt(arch_sweep / name)
+    model, _, s = sae.load_sae(ckpt)
+    x = torch.from_numpy(np.load(synthetic[0])[:300])  # raw activations, as SAELens would read them
+    x_hat_ref, f_ref = saelens_forward(cfg, w, x)
+    with torch.no_grad():
+        x_hat, f = model(x * s)  # ours on the scaled activations, norms folded by load_sae
+    assert (f > 0).sum() > 0
+    torch.testing.assert_close(f, f_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x_hat / s, x_hat_ref, atol=1e-4, rtol=1e-4)
+    if name.startswith("relu"):  # the free norms are folded: unit rows in the export, up to the scale
+        torch.testing.assert_close(w["W_dec"].norm(dim=1) * s, torch.ones(192), atol=1e-5, rtol=1e-5)
+
+
+def test_jumprelu_thresholds_learn_and_the_l0_penalty_sparsifies(synthetic, tmp_path):
+    # the known pitfall: thresholds that never move (a log parameterisation under Adam, or a bandwidth too narrow
+    # for the pre-activations' scale). From 0.1, with L0 penalties a decade apart:
+    r = run_sae(f"--acts={synthetic[0]}", f"--out_dir={tmp_path}", *ACTS_RUN, "--arch=jumprelu", "--l0_coeff=[0.1, 1.0]",
+                "--max_iters=400", "--eval_interval=400", "--resample_iters=()")
+    assert r.returncode == 0, r.stderr
+    thresholds = {c: load_ckpt(tmp_path / f"l0_coeff{c}")["sae"]["threshold"] for c in (0.1, 1.0)}
+    l0 = {c: json.loads(open(tmp_path / f"l0_coeff{c}" / "log.jsonl").readlines()[-1])["l0"] for c in (0.1, 1.0)}
+    for c, theta in thresholds.items():
+        assert (theta - 0.1).abs().mean() > 0.05 and theta.std() > 0.02, (c, theta.mean(), theta.std())
+    assert thresholds[1.0].mean() > thresholds[0.1].mean() and l0[1.0] < l0[0.1] < 96, l0
+
+
+def test_export_of_fsq_is_refused_in_one_line(arch_sweep, tmp_path):
+    r = run_sae("--mode=export", f"--ckpt={arch_sweep / 'fsq' / 'ckpt.pt'}", f"--export_dir={tmp_path}")
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: --arch=fsq has no SAELens format")
+    assert len(r.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)
 
 
 def test_sweep_flags_expand_to_one_sae_per_combination():
@@ -1373,7 +1677,7 @@ def test_sweep_flags_expand_to_one_sae_per_combination():
     assert [name for name, _ in runs] == ["l1-l1_coeff1.0", "l1-l1_coeff5.0", "jl", "hybrid-l1_coeff1.0",
                                           "hybrid-l1_coeff5.0"]
     assert runs[4][1] == {"loss": "hybrid", "l1_coeff": 5.0, "jl_coeff": 10.0}
-    assert sae.expand_sweep(parse("--loss=l1", "--jl_coeff=[1, 2]")) == [("", {"loss": "l1", "jl_coeff": 1.0})]
+    assert sae.expand_sweep(parse("--loss=l1", "--jl_coeff=[1, 2]")) == [("", {"loss": "l1"})]  # swept, unread
     assert parse("--lr=[1e-4]", "--l1_coeff=(5, 5, 1)") == {"lr": 1e-4, "l1_coeff": [5.0, 1.0]}  # repeats dropped
     with pytest.raises(ValueError, match=r"--max_iters=\[1, 2\]: expected int, got list"):
         parse("--max_iters=[1, 2]")  # not SWEEPABLE: the SAEs of a sweep share the data
@@ -1719,6 +2023,174 @@ def test_bench_saelens_without_it_or_without_data_is_one_line(tiny_shards, tmp_p
 
 
 # -----------------------------------------------------------------------------
+# sparse codes (kernels.sparse_decode, sparse_encode): both paths against the dense references
+
+SIZES = [(37, 23, 101, 5), (50, 70, 130, 19)]  # N, d, n_latents, K: the second loops over K and d in the kernels
+
+
+def sparse_code(N, m, K, hot=7, seed=0, dtype=torch.float32):
+    """indices (N, K) int64, distinct within a row, and values (N, K): latent `hot` is chosen by three rows in four
+    (more rows than one block of the scatter holds); every third row ends in two padding entries of value 0, one
+    repeating the row's first index and one at latent 0."""
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.stack([torch.randperm(m - 1, generator=g)[:K] for _ in range(N)])  # (N, K) in [0, m - 1)
+    indices += (indices >= hot).long()  # skips `hot`, so that setting it below keeps rows distinct
+    indices[torch.arange(N) % 4 != 0, 0] = hot
+    values = torch.randn(N, K, generator=g, dtype=dtype)
+    pad = torch.arange(N) % 3 == 0
+    indices[pad, -1], indices[pad, -2] = indices[pad, 0], 0
+    values[pad, -2:] = 0
+    return indices, values
+
+
+def dense_params(d, m, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shapes = (((d, m), 0.3), ((m,), 0.1), ((m, d), 0.3), ((d,), 0.1))  # W_enc, b_enc, W_dec, b_dec
+    return [torch.randn(*shape, generator=g) * scale for shape, scale in shapes]
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("N,d,m,K", SIZES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_decode_matches_reference(path, N, d, m, K, bias):
+    indices, values = sparse_code(N, m, K)
+    _, _, W_dec, b_dec = dense_params(d, m)
+    R = torch.randn(N, d)  # the upstream gradient dx_hat
+    results = []
+    for fn in (kernels.sparse_decode_ref, kernels.sparse_decode):
+        leaves = [t.clone().requires_grad_() for t in (values, W_dec, b_dec)]
+        x_hat = fn(indices, leaves[0], leaves[1], leaves[2] if bias else None)
+        (x_hat * R).sum().backward()
+        results.append((x_hat, leaves))
+    assert "SparseDecode" in type(x_hat.grad_fn).__name__
+    (x_ref, ref), (x_hat, ours) = results
+    # fp32: sums of at most K = 19 products (forward), 70 (dvalues) or 28 rows of the hot latent (dW_dec): 1e-5
+    torch.testing.assert_close(x_hat, x_ref, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(("values", "W_dec", "b_dec"), ours, ref):
+        if name == "b_dec" and not bias:
+            assert a.grad is None
+            continue
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("N,d,m,K", SIZES)
+@pytest.mark.parametrize("given_pre", [True, False])
+def test_sparse_encode_matches_reference(path, N, d, m, K, given_pre):
+    indices, _ = sparse_code(N, m, K)
+    W_enc, b_enc, _, b_dec = dense_params(d, m)
+    x = torch.randn(N, d)
+    Q = torch.randn(N, K)  # the upstream gradient dvalues, nonzero at padding too: repeated indices sum
+    pre = ((x - b_dec) @ W_enc + b_enc) if given_pre else None  # (N, m), no gradient, as the caller's
+    results = []
+    for fn in (kernels.sparse_encode_ref, kernels.sparse_encode):
+        leaves = [t.clone().requires_grad_() for t in (W_enc, b_enc, b_dec)]
+        values = fn(x, *leaves, indices, pre=pre) if fn is kernels.sparse_encode else fn(x, *leaves, indices)
+        (values * Q).sum().backward()
+        results.append((values, leaves))
+    assert "SparseEncode" in type(values.grad_fn).__name__
+    (v_ref, ref), (values, ours) = results
+    # fp32: dot products over d <= 70 (forward, db_dec over m = 130) and sums over <= 28 rows (dW_enc): 1e-5
+    torch.testing.assert_close(values, v_ref, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(("W_enc", "b_enc", "b_dec"), ours, ref):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+    assert ours[0].grad.stride() == W_enc.stride()  # the transposed scatter lands in W_enc's layout
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_sparse_encode_pre_is_the_recomputed_gather(path):
+    """pre= gathers what recomputing gives; the backward never reads the forward's values, so its gradients are
+    the same bits."""
+    N, d, m, K = SIZES[1]
+    indices, _ = sparse_code(N, m, K)
+    W_enc, b_enc, _, b_dec = dense_params(d, m)
+    x = torch.randn(N, d)
+    pre = kernels.linear(x - b_dec, W_enc.T, b_enc)  # (N, m), as sae.SAE.pre computes it (oneDNN where it works)
+    grads = []
+    for given in (pre, None):
+        leaves = [t.clone().requires_grad_() for t in (W_enc, b_enc, b_dec)]
+        values = kernels.sparse_encode(x, *leaves, indices, pre=given)
+        values.square().sum().backward()
+        grads.append((values.detach(), [p.grad for p in leaves]))
+    (v_pre, g_pre), (v_new, g_new) = grads
+    torch.testing.assert_close(v_pre, v_new, atol=1e-5, rtol=1e-5)  # two fp32 dot products of 70 terms
+    # dvalues = 2 values differ by those roundings only, so the gradients agree to the same tolerance
+    for a, b in zip(g_pre, g_new):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_sparse_ops_gradcheck_float64(monkeypatch):
+    """The CPU path's gradients against finite differences (independent of the dense references), in float64."""
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(kernels, "NO_TRITON", False)
+    N, d, m, K = 9, 4, 11, 3
+    indices, values = sparse_code(N, m, K, dtype=torch.float64)
+    W_enc, b_enc, W_dec, b_dec = (p.double().requires_grad_() for p in dense_params(d, m))
+    x = torch.randn(N, d, dtype=torch.float64)
+    decode = lambda v, W, b: kernels.sparse_decode(indices, v, W, b)
+    assert torch.autograd.gradcheck(decode, (values.requires_grad_(), W_dec, b_dec))
+    encode = lambda W, be, bd: kernels.sparse_encode(x, W, be, bd, indices)
+    assert torch.autograd.gradcheck(encode, (W_enc, b_enc, b_dec))
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_sparse_primitives_against_loops(path):
+    """The three primitives against plain Python loops over the entries, in float64 (the CPU path) or the
+    kernels' fp32 accumulation (Triton): a check that does not share the dense references' scatter and gather."""
+    N, d, m, K = 13, 10, 17, 4
+    indices, values = sparse_code(N, m, K)
+    A, W = torch.randn(N, d), torch.randn(m, d)
+    gather_sum, gather_dot, scatter = torch.zeros(N, d), torch.zeros(N, K), torch.zeros(m, d, dtype=torch.float64)
+    for n in range(N):
+        for j in range(K):
+            i = indices[n, j]
+            gather_sum[n] += values[n, j] * W[i]
+            gather_dot[n, j] = (A[n].double() @ W[i].double()).float()
+            scatter[i] += values[n, j].double() * A[n].double()
+    torch.testing.assert_close(kernels._gather_sum(indices, values, W), gather_sum, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernels._gather_dot(A, W, indices), gather_dot, atol=1e-5, rtol=1e-5)
+    out = kernels._scatter_outer(indices, values, A, m)
+    assert out.dtype == torch.float32 and out.shape == (m, d)
+    torch.testing.assert_close(out, scatter.float(), atol=1e-5, rtol=1e-5)
+    unused = torch.ones(m, dtype=torch.bool)
+    unused[indices.reshape(-1)] = False
+    assert unused.any() and (out[unused] == 0).all()  # latents no row chose: zero rows, written (out is not zeroed)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("wants", ["W", "b_enc", "b_dec"])
+def test_sparse_ops_give_only_the_gradients_asked_for(path, wants):
+    """One parameter of each op requires a gradient: it gets the same gradient as when all do, the others none."""
+    N, d, m, K = SIZES[0]
+    indices, values = sparse_code(N, m, K)
+    W_enc, b_enc, W_dec, b_dec = dense_params(d, m)
+    x, R, Q = torch.randn(N, d), torch.randn(N, d), torch.randn(N, K)
+    def grads(encode_leaves, decode_leaves):
+        (kernels.sparse_encode(x, *encode_leaves, indices) * Q).sum().backward()
+        (kernels.sparse_decode(indices, *decode_leaves) * R).sum().backward()
+        return [p.grad for p in (*encode_leaves, *decode_leaves)]
+    every = grads([t.clone().requires_grad_() for t in (W_enc, b_enc, b_dec)],
+                  [t.clone().requires_grad_() for t in (values, W_dec, b_dec)])
+    encode_asks = {"W": (True, False, False), "b_enc": (False, True, False), "b_dec": (False, False, True)}[wants]
+    decode_asks = {"W": (False, True, False), "b_enc": (True, False, False), "b_dec": (False, False, True)}[wants]
+    one = grads([t.clone().requires_grad_(a) for t, a in zip((W_enc, b_enc, b_dec), encode_asks)],
+                [t.clone().requires_grad_(a) for t, a in zip((values, W_dec, b_dec), decode_asks)])
+    for g, g_all, asked in zip(one, every, encode_asks + decode_asks):
+        assert (g is None) != asked
+        if asked:
+            assert torch.equal(g, g_all)
+
+
+def test_no_triton_forces_the_sparse_references(monkeypatch):
+    monkeypatch.setattr(kernels, "NO_TRITON", True)
+    indices, values = sparse_code(5, 11, 3)
+    W_enc, b_enc, W_dec, b_dec = (p.requires_grad_() for p in dense_params(4, 11))
+    assert type(kernels.sparse_decode(indices, values, W_dec, b_dec).grad_fn).__name__ == "AddBackward0"
+    values = kernels.sparse_encode(torch.randn(5, 4), W_enc, b_enc, b_dec, indices)
+    assert type(values.grad_fn).__name__ == "GatherBackward0"
+
+
+# -----------------------------------------------------------------------------
 # research helpers: export to SAELens's format, steering
 
 @pytest.fixture(scope="module")
@@ -1824,6 +2296,21 @@ def test_steer_mode_prints_both_continuations(tiny_run, enc):
     assert "--- unsteered\nHello world" in r.stdout and "--- feature 3 x 50\nHello world" in r.stdout
     r = run_sae("--mode=steer", f"--out_dir={tiny_run}", "--feature=999")
     assert r.returncode == 1 and "--feature=999: the SAE has features 0..95" in r.stderr
+
+
+
+def test_a_batchtopk_sae_on_the_model_evaluates_steers_and_makes_a_dashboard(tiny_shards, enc, tmp_path):
+    # through the model: CE and KL with its JumpReLU-threshold inference code spliced in, then the helpers
+    r = run_sae(*TINY_GPT_RUN, f"--data_dir={tiny_shards}", f"--out_dir={tmp_path}", "--arch=batchtopk", "--k=8",
+                "--max_iters=60", "--eval_interval=60", "--loss=l1")
+    assert r.returncode == 0, r.stderr
+    final = json.loads(open(tmp_path / "log.jsonl").readlines()[-1])
+    assert np.isfinite(final["ce_sae"]) and np.isfinite(final["kl"]) and 0 < final["l0"] < 96
+    r = run_sae("--mode=steer", f"--out_dir={tmp_path}", "--feature=3", "--scale=50.0", "--prompt=Hello world",
+                "--max_new_tokens=8")
+    assert r.returncode == 0 and "--- feature 3 x 50\nHello world" in r.stdout, r.stderr
+    r = run_sae("--mode=dashboard", f"--out_dir={tmp_path}", "--features=top_freq:3", "--dashboard_tokens=640")
+    assert r.returncode == 0 and (tmp_path / "dashboard.html").stat().st_size > 1000, r.stderr
 
 
 # -----------------------------------------------------------------------------
