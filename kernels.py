@@ -277,12 +277,14 @@ def encode_relu_decode(x, W_enc, b_enc, W_dec, b_dec, stats=False):
 # Three primitives serve both ops: gather-sum, gather-dot, and the scatter f^T @ A, which sorts the entries by
 # latent (openai/sparse_autoencoder's triton_sparse_transpose_dense_matmul sorts the same way) and sums each
 # latent's segment, with no atomics. Nothing (N, n_latents) or (N, K, d_model) is formed on either path.
-# CPU, measured at N 4096, K 32, d_model 768, n_latents 8192 / 32768 (2 cores; bench.bench_sparse_codes):
-#   gather-sum:  embedding_bag __ / __ ms; CSR sparse.mm __ / __; gather + bmm in 256-row chunks __ / __
-#   gather-dot:  sampled_addmm __ / __ ms; gather + bmm in 256-row chunks __ / __
-#   scatter:     sort + embedding_bag over segments __ / __ ms; sort + CSR sparse.mm __ / __; index_add_ in
-#                256-row chunks __ / __; COO sparse.mm __ / __
-#   against __ / __ ms for one dense (4096, 768) @ (768, n_latents) matmul.
+# CPU, the medians of two runs of bench.bench_sparse_codes on an idle 2-core AMD EPYC, at N 4096, K 32, d_model 768,
+# n_latents 8192 / 32768, in ms:
+#   gather-sum: embedding_bag 6-8 / 15-16; CSR sparse.mm 20-21 / 37-45; gather + bmm in 256-row chunks 64-76 / 69-88
+#   gather-dot: sampled_addmm 12-15 / 22-23; gather + bmm in 256-row chunks 109-141 / 136-149
+#   scatter:    sort + embedding_bag 14-15 / 19-22; sort + CSR sparse.mm 18-19 / 25-29; index_add_ in 256-row
+#               chunks 33-49 / 58-70; COO sparse.mm 29-41 / 54-88
+#   whole ops, fwd+bwd: decode 32-58 / 56-64 (dense reference 809-996 / 3853-4070); encode, gathered from pre,
+#   18-20 / 27-28 (reference 838-1067 / 3488-3676); one dense (4096, 768) @ (768, n_latents) matmul 266-276 / 968-1493.
 
 def sparse_decode_ref(indices, values, W_dec, b_dec=None):
     """The code scattered into a dense f (N, n_latents) (scatter_add: padding adds 0), then f @ W_dec + b_dec."""

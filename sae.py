@@ -1834,7 +1834,7 @@ def load_sae(checkpoint):
     """-> (SAE, its TrainConfig, activation scale) from a checkpoint dict."""
     cfg = TrainConfig(**checkpoint["config"])
     d_in, d_sae = checkpoint["sae"]["W_enc"].shape
-    sae = SAE.from_config(d_in, cfg)
+    sae = SAE.from_config(d_in, replace(cfg, d_sae=d_sae))  # the weights' shape, whatever the config says
     sae.load_state_dict(checkpoint["sae"])
     if sae.free_norms:
         sae.fold_decoder_norms_()  # free norms folded: every helper reads unit-norm rows and the code in their units

@@ -1704,7 +1704,7 @@ def test_sweep_trains_each_sae_as_if_alone_and_resumes(source, synthetic, tiny_s
         a, b = load_ckpt(tmp_path / name), load_ckpt(full / name)
         for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
             assert torch.equal(a["sae"][key], b["sae"][key]), (name, key)
-        read = lambda config: {k: v for k, v in config.items() if k not in ("out_dir", *sae.UNUSED_BY[config["loss"]])}
+        read = lambda config: {k: v for k, v in config.items() if k not in ("out_dir", *sae.unused_keys(config))}
         assert read(a["config"]) == read(b["config"])
         assert open(tmp_path / name / "log.jsonl").read() == open(full / name / "log.jsonl").read()
     assert run_sae(*args, *sweep, f"--out_dir={half}", "--max_iters=20").returncode == 0
