@@ -399,7 +399,7 @@ SETTINGS = {"relu": "l1_coeff", "topk": "k", "batchtopk": "k", "matryoshka": "k"
 JL_SWEEP = "--jl_coeff=[1e2, 1e3, 1e4]"
 
 
-def synthetic_sweep(tmp, out, acts, d_sae, steps, flags, env):
+def synthetic_sweep(out, acts, d_sae, steps, flags, env):
     """One sae.py process training a sweep on acts; -> [(name, checkpoint, final eval)]."""
     r = subprocess.run([sys.executable, "sae.py", f"--acts={acts}", f"--out_dir={out}", f"--d_sae={d_sae}",
                         f"--max_iters={steps}", f"--eval_interval={steps}", f"--dead_window={50 * 512}",
@@ -435,12 +435,12 @@ def bench_synthetic(cfg):
             sweep = [f"--arch={','.join(SETTINGS)}", "--l1_coeff=[0.1, 0.3, 1.0, 3.0]", f"--k={ks}",
                      "--l0_coeff=[0.03, 0.3, 3.0]", "--kl_coeff=[0.01, 0.1, 1.0]"]
             rows = [recovery(D, ckpt, final) for _, ckpt, final in
-                    synthetic_sweep(tmp, os.path.join(tmp, "all"), acts, d_sae, steps, sweep, env)]
+                    synthetic_sweep(os.path.join(tmp, "all"), acts, d_sae, steps, sweep, env)]
             for arch, key in SETTINGS.items():  # JL added to each architecture at its best setting
                 best = max((r for r in rows if r["arch"] == arch), key=lambda r: r["mean_max_cos"])
                 flags = [f"--arch={arch}", f"--{best['setting']}", "--loss=hybrid", JL_SWEEP]
                 rows += [recovery(D, ckpt, final) for _, ckpt, final in
-                         synthetic_sweep(tmp, os.path.join(tmp, arch), acts, d_sae, steps, flags, env)]
+                         synthetic_sweep(os.path.join(tmp, arch), acts, d_sae, steps, flags, env)]
         for e in rows:
             e["regime"] = label
             print(f"  {e['arch']:<11} {e['setting']:<30} {e['mean_max_cos']:12.3f} {e['frac_above_0.9']:10.2f} "

@@ -411,7 +411,7 @@ def _gather_dot(A, W, indices):
     if not use_triton(W):
         # sampled_addmm: A @ W^T at the code's positions only, a CSR matrix with K entries a row. Its CPU kernel
         # computes each entry on its own, so columns need not be sorted and padding may repeat one: outside the
-        # CSR invariants (hence check_invariants=False); test_sparse_codes's padding cases check it
+        # CSR invariants (hence check_invariants=False); test_sae.py's sparse-code padding cases check it
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore")
             pattern = torch.sparse_csr_tensor(torch.arange(0, N * K + 1, K, device=A.device), indices.reshape(-1),

@@ -981,6 +981,11 @@ def fsq_code(values, scale_log, levels):
     return a * (u + (u.round() - u).detach()) / (levels - 1)
 
 
+def near_threshold(pre, theta, eps):
+    """The rectangle kernel K((pre - theta) / eps) = 1[|pre - theta| < eps / 2] of both estimators below."""
+    return ((pre - theta).abs() < eps / 2).to(pre.dtype)
+
+
 class JumpReLU(torch.autograd.Function):
     """f = pre H(pre - theta); df/dpre = H, df/dtheta = -(theta / eps) K((pre - theta) / eps) with the rectangle
     kernel K(u) = 1[|u| < 1/2] (Rajamanoharan et al. 2024, eq. 11; the rule dictionary_learning and SAELens use)."""
@@ -993,7 +998,7 @@ class JumpReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         pre, theta = ctx.saved_tensors
-        near = ((pre - theta).abs() < ctx.eps / 2).to(grad.dtype)  # (N, d_sae)
+        near = near_threshold(pre, theta, ctx.eps)  # (N, d_sae)
         return grad * (pre > theta), -(theta / ctx.eps) * (near * grad).sum(dim=0), None
 
 
@@ -1008,8 +1013,7 @@ class Step(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         pre, theta = ctx.saved_tensors
-        near = ((pre - theta).abs() < ctx.eps / 2).to(grad.dtype)
-        return None, -(near * grad).sum(dim=0) / ctx.eps, None
+        return None, -(near_threshold(pre, theta, ctx.eps) * grad).sum(dim=0) / ctx.eps, None
 
 
 def mse_of(x_hat, x):
@@ -1058,7 +1062,7 @@ def sparse_terms(sae, x, cfg, it, dead):
 
 
 def jumprelu_terms(sae, x, cfg, it, dead):
-    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc                 # (N, d_in) @ (d_in, d_sae)
+    pre = sae.pre(x)  # with autograd: both its gradients are dense here
     eps = cfg.jumprelu_bandwidth
     f = JumpReLU.apply(pre, sae.threshold, eps)
     x_hat = f @ sae.W_dec + sae.b_dec                              # (N, d_sae) @ (d_sae, d_in)
@@ -1071,7 +1075,7 @@ def jumprelu_terms(sae, x, cfg, it, dead):
 def vae_terms(sae, x, cfg, it, dead):
     """The reparameterised sample z = mu + sigma eps, eps drawn from (seed, iteration) so a resumed run draws
     the same; KL(N(mu, sigma^2) || N(m, 1)) = (sigma^2 + (mu - m)^2 - 1) / 2 - log sigma, summed over features."""
-    mu = (x - sae.b_dec) @ sae.W_enc + sae.b_enc                  # (N, d_in) @ (d_in, d_sae)
+    mu = sae.pre(x)
     eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(cfg.seed + it)).to(mu.device)
     f = (mu + sae.log_sigma.exp() * eps).relu()
     x_hat = f @ sae.W_dec + sae.b_dec                              # (N, d_sae) @ (d_sae, d_in)
@@ -2145,6 +2149,7 @@ def main(argv):
             run_eval(iter_num)
         return
     start_iter, t0, last_log = iter_num, time.time(), iter_num - 1
+    resampled = [run for run in runs if run.cfg.arch not in K_SPARSE]  # the k-sparse ones have AuxK instead
     for it in range(start_iter, cfg.max_iters + 1):
         if master_process and (it % cfg.eval_interval == 0 or it == cfg.max_iters) and (it > start_iter or it == 0):
             run_eval(it)
@@ -2153,9 +2158,9 @@ def main(argv):
             t0, last_log = time.time(), it - 1  # evaluation is not training time
         if it == cfg.max_iters:
             break
-        if it in cfg.resample_iters and any(run.cfg.arch not in K_SPARSE for run in runs):
+        if it in cfg.resample_iters and resampled:
             x = source.sample(cfg.resample_samples, torch.Generator().manual_seed(cfg.seed + it)).to(device) * scale
-            for run in [run for run in runs if run.cfg.arch not in K_SPARSE]:  # the k-sparse ones have AuxK
+            for run in resampled:
                 dead = run.tracker.dead()
                 n = resample_dead_(run.sae, run.optimizer, dead, x)
                 if ddp:  # every rank resampled the same features from its own inputs: rank 0's rows for all
