@@ -48,6 +48,7 @@ class BenchConfig:
     quick: bool = False        # under a minute: one repetition at d_sae 2048, batch 1024, jl_big 8192, no full forward
     json: str = ""             # also write every figure as one JSON object here
     synthetic: bool = False    # instead: the synthetic benchmark with a known dictionary, each architecture over its sweep
+    regime: int = 0            # --synthetic: 0 = every regime of REGIMES, else only that one (1, 2)
     archs: bool = False        # instead: the sparse kernels, and one training step of every architecture (d_sae 8192, 32768)
     saelens: bool = False      # instead: sae.py against SAELens's runner, end to end (needs sae-lens installed)
     data_dir: str = "data/local"  # --saelens: the token shards both read (prepare.py)
@@ -424,7 +425,9 @@ def recovery(D, checkpoint, final):
 def bench_synthetic(cfg):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     results = []
-    for label, n, d, n_true, k_true, d_sae, steps in REGIMES:
+    if not 0 <= cfg.regime <= len(REGIMES):
+        raise ValueError(f"--regime={cfg.regime}: 0 (all) or one of 1..{len(REGIMES)}")
+    for label, n, d, n_true, k_true, d_sae, steps in (REGIMES[cfg.regime - 1:cfg.regime] if cfg.regime else REGIMES):
         X, D = synthetic_activations(n=n, d=d, n_true=n_true, k=k_true, seed=0)
         ks = sorted({max(1, k_true // 2), k_true, 2 * k_true})
         print(f"synthetic: {label}; SAEs of {d_sae} features, {steps} steps")
@@ -617,8 +620,11 @@ def bench_arch_steps(cfg, device, widths=(8192, 32768), k=32):
             step()  # Adam's state allocated before memory is measured
             ms = time_ms(step, cfg.iters, device)
             mem = peak_mib(step, device)
-            print(f"  {arch + ', d_sae ' + str(width):<24} {ms[0]:9.1f} ms ({ms[1]:.1f}..{ms[2]:.1f})  {mem:7.0f} MiB")
-            results[f"{arch}_{width}"] = {"ms": ms[0], "ms_p20": ms[1], "ms_p80": ms[2], "peak_mib": mem}
+            pre_mib = cfg.batch_size * width * 4 / 2**20  # the dense encoder pre-activations, (N, d_sae) fp32
+            print(f"  {arch + ', d_sae ' + str(width):<24} {ms[0]:9.1f} ms ({ms[1]:.1f}..{ms[2]:.1f})  {mem:7.0f} MiB"
+                  f"  ({mem / pre_mib:.2f}x the pre-activations' {pre_mib:.0f} MiB)")
+            results[f"{arch}_{width}"] = {"ms": ms[0], "ms_p20": ms[1], "ms_p80": ms[2], "peak_mib": mem,
+                                          "pre_mib": pre_mib}
             del model, optimizer
         base = results[f"relu_{width}"]["ms"]
         print(f"  d_sae {width}: " + ", ".join(f"{a} {results[f'{a}_{width}']['ms'] / base:.2f}x" for a in ARCHS) +

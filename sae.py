@@ -87,8 +87,11 @@ class TrainConfig:
                                        # the k-sparse ones); jl: the JL penalty instead; hybrid: both
     l1_coeff: float = 5.0              # on mean_batch sum_features f; Anthropic's April 2024 update uses 5 at E|x| = sqrt(d)
     l1_warmup_iters: int = 1000        # the sparsity coefficient (l1, l0 or kl) ramps linearly from 0
-    l1_by_decoder_norm: bool = False   # relu: L1 of f_i |W_dec,i| with free decoder norms, rows initialised at norm
-                                       # 0.1 (Anthropic, April 2024; SAELens 6's standard SAE); folded at export
+    l1_by_decoder_norm: bool = True    # relu: L1 of f_i |W_dec,i| with free decoder norms (Anthropic, April 2024;
+                                       # SAELens 6's standard SAE), folded at export; False: unit-norm rows, plain L1
+                                       # (2023). The other architectures keep unit-norm rows (README "the ReLU recipe")
+    init_norm: float = 0.0             # the encoder columns' initial norm (W_enc = init_norm W_dec^T, unit rows), and the
+                                       # free decoder rows' too; 0 = the architecture's default (INIT_NORM, README)
     k: int = 32                        # topk, fsq: active features per token; batchtopk, matryoshka: per token on average
     k_aux: int = 256                   # AuxK: the k_aux largest pre-activations of dead features fit the residual
     auxk_coeff: float = 1 / 32         # ... with this weight (Gao et al. 2024); 0 = off. Dead: see dead_window
@@ -216,7 +219,12 @@ ARCH_KEYS = {  # the keys each architecture reads, its sparsity coefficient firs
 ARCHS = tuple(ARCH_KEYS)
 K_SPARSE = ("topk", "batchtopk", "matryoshka", "fsq")  # a code of about k features a token, decoded by gathering rows
 SPARSITY_COEFF = {"relu": "l1_coeff", "jumprelu": "l0_coeff", "vae": "kl_coeff"}
-SWEEPABLE = ("arch", "loss", "d_sae", "b_dec_init", "lr", "lr_enc", "lr_dec", "beta1", "beta2", "grad_clip") + \
+# --init_norm=0: each architecture's initial encoder norm with unit-norm decoder rows (free rows start at 0.1). relu
+# starts at 0.1: at 1 the tied init reconstructs with FVU 13 (half of the features on, every one pointing its own
+# way), and on SmolLM2 that start cost 0.1 FVU at L0 40 after 2,000 steps (README "the ReLU recipe"). The k-sparse
+# ones start tied at 1, as OpenAI's and dictionary_learning's TopK do; jumprelu and vae too (not measured at 0.1)
+INIT_NORM = {arch: 0.1 if arch == "relu" else 1.0 for arch in ARCHS}
+SWEEPABLE = ("arch", "loss", "d_sae", "b_dec_init", "init_norm", "lr", "lr_enc", "lr_dec", "beta1", "beta2", "grad_clip") + \
     L1_KEYS + JL_KEYS + tuple(dict.fromkeys(k for keys in ARCH_KEYS.values() for k in keys if k != "matryoshka_prefixes"))
 
 
@@ -298,8 +306,6 @@ def check_config(cfg, world_size=1):
         if list(prefixes) != sorted(set(prefixes)) or prefixes[0] <= 0 or prefixes[-1] != cfg.d_sae:
             raise ValueError(f"--matryoshka_prefixes={cfg.matryoshka_prefixes}: increasing sizes, the last d_sae "
                              f"({cfg.d_sae})")
-    if cfg.l1_by_decoder_norm and cfg.arch != "relu":
-        raise ValueError(f"--l1_by_decoder_norm is an option of --arch=relu (--arch={cfg.arch} keeps unit-norm rows)")
     if cfg.exclude_pos0 and cfg.block_size < 2:
         raise ValueError("--block_size must be at least 2 with --exclude_pos0=True")
 
@@ -863,12 +869,15 @@ def matryoshka_prefixes(spec, d_sae):
 
 class SAE(nn.Module):
     def __init__(self, d_in, d_sae, arch="relu", k=32, free_norms=False, init_threshold=0.1, fsq_levels=8,
-                 prefixes=()):
+                 prefixes=(), init_norm=0.0):
         super().__init__()
         self.arch, self.k, self.free_norms, self.fsq_levels, self.prefixes = arch, k, free_norms, fsq_levels, prefixes
-        # random unit-norm dictionary rows; free norms start at 0.1, SAELens 6's decoder_init_norm
-        W_dec = F.normalize(torch.randn(d_sae, d_in), dim=1) * (0.1 if free_norms else 1.0)
-        self.W_enc = nn.Parameter(W_dec.T.clone())            # (d_in, d_sae): the decoder's transpose
+        init_norm = init_norm or (0.1 if free_norms else INIT_NORM[arch])  # free norms: SAELens 6's 0.1
+        # random dictionary directions; the encoder starts as their transpose scaled to init_norm ("tied" init), and
+        # free decoder rows start at that norm too (SAELens 6's decoder_init_norm); unit-norm rows start at 1
+        W_dec = F.normalize(torch.randn(d_sae, d_in), dim=1)
+        self.W_enc = nn.Parameter(W_dec.T * init_norm)       # (d_in, d_sae)
+        W_dec = W_dec * (init_norm if free_norms else 1.0)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(W_dec)                      # (d_sae, d_in)
         self.b_dec = nn.Parameter(torch.zeros(d_in))          # pre-encoder bias, subtracted before encoding
@@ -883,8 +892,9 @@ class SAE(nn.Module):
 
     @classmethod
     def from_config(cls, d_in, cfg):
-        return cls(d_in, cfg.d_sae, cfg.arch, cfg.k, cfg.l1_by_decoder_norm, cfg.jumprelu_init_threshold,
-                   cfg.fsq_levels, matryoshka_prefixes(cfg.matryoshka_prefixes, cfg.d_sae))
+        free_norms = cfg.l1_by_decoder_norm and cfg.arch == "relu"  # the others keep unit-norm rows
+        return cls(d_in, cfg.d_sae, cfg.arch, cfg.k, free_norms, cfg.jumprelu_init_threshold,
+                   cfg.fsq_levels, matryoshka_prefixes(cfg.matryoshka_prefixes, cfg.d_sae), cfg.init_norm)
 
     def latent_params(self):
         """The per-feature parameters besides W_enc's columns, b_enc and W_dec's rows (d_sae,)."""
@@ -1634,7 +1644,7 @@ def resolve_runs(argv):
         checkpoint = load_checkpoint(path)
         if len(paths) > 1 and checkpoint["iter_num"] != committed:
             raise ValueError(f"{path} is at iter {checkpoint['iter_num']}, {base.out_dir}/sweep.json at {committed}")
-        saved = TrainConfig(**checkpoint["config"])
+        saved = saved_config(checkpoint)
         changed = [k for k in LOCKED_ON_RESUME if k in scalars and scalars[k] != getattr(saved, k)]
         if changed:
             raise ValueError(f"cannot change {', '.join(changed)} of a saved run; start a new --out_dir instead")
@@ -1834,9 +1844,19 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
     return idx
 
 
+# the defaults a checkpoint trained before a key existed was trained with (l1_by_decoder_norm's default was False
+# until the ReLU recipe's measurement; init_norm did not exist, relu started at 1)
+LEGACY_DEFAULTS = {"l1_by_decoder_norm": False, "init_norm": 1.0}
+
+
+def saved_config(checkpoint):
+    """A checkpoint's TrainConfig; keys it predates take the values it was trained with (LEGACY_DEFAULTS)."""
+    return TrainConfig(**{**LEGACY_DEFAULTS, **checkpoint["config"]})
+
+
 def load_sae(checkpoint):
     """-> (SAE, its TrainConfig, activation scale) from a checkpoint dict."""
-    cfg = TrainConfig(**checkpoint["config"])
+    cfg = saved_config(checkpoint)
     d_in, d_sae = checkpoint["sae"]["W_enc"].shape
     sae = SAE.from_config(d_in, replace(cfg, d_sae=d_sae))  # the weights' shape, whatever the config says
     sae.load_state_dict(checkpoint["sae"])
