@@ -219,9 +219,9 @@ ARCH_KEYS = {  # the keys each architecture reads, its sparsity coefficient firs
 ARCHS = tuple(ARCH_KEYS)
 K_SPARSE = ("topk", "batchtopk", "matryoshka", "fsq")  # a code of about k features a token, decoded by gathering rows
 SPARSITY_COEFF = {"relu": "l1_coeff", "jumprelu": "l0_coeff", "vae": "kl_coeff"}
-# --init_norm=0: each architecture's initial encoder norm with unit-norm decoder rows (free rows start at 0.1). relu
-# starts at 0.1: at 1 the tied init reconstructs with FVU 13 (half of the features on, every one pointing its own
-# way), and on SmolLM2 that start cost 0.1 FVU at L0 40 after 2,000 steps (README "the ReLU recipe"). The k-sparse
+# --init_norm=0: each architecture's initial encoder norm (and relu's free decoder rows'). relu starts at 0.1, SAELens
+# 6's decoder_init_norm: at 1 the tied init reconstructs with FVU 13 (half of the features on), and on SmolLM2 that
+# start was still 0.09 FVU behind at L0 40 after 2,000 steps (README "the ReLU recipe"). The k-sparse
 # ones start tied at 1, as OpenAI's and dictionary_learning's TopK do; jumprelu and vae too (not measured at 0.1)
 INIT_NORM = {arch: 0.1 if arch == "relu" else 1.0 for arch in ARCHS}
 SWEEPABLE = ("arch", "loss", "d_sae", "b_dec_init", "init_norm", "lr", "lr_enc", "lr_dec", "beta1", "beta2", "grad_clip") + \
@@ -872,7 +872,7 @@ class SAE(nn.Module):
                  prefixes=(), init_norm=0.0):
         super().__init__()
         self.arch, self.k, self.free_norms, self.fsq_levels, self.prefixes = arch, k, free_norms, fsq_levels, prefixes
-        init_norm = init_norm or (0.1 if free_norms else INIT_NORM[arch])  # free norms: SAELens 6's 0.1
+        init_norm = init_norm or INIT_NORM[arch]
         # random dictionary directions; the encoder starts as their transpose scaled to init_norm ("tied" init), and
         # free decoder rows start at that norm too (SAELens 6's decoder_init_norm); unit-norm rows start at 1
         W_dec = F.normalize(torch.randn(d_sae, d_in), dim=1)

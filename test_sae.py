@@ -1479,9 +1479,9 @@ def test_init_norm_scales_the_tied_encoder(free_norms):
     model = SAE(10, 40, "relu", free_norms=free_norms, init_norm=0.25)
     torch.testing.assert_close(model.W_enc, directions.T * 0.25)
     torch.testing.assert_close(model.W_dec, directions * (0.25 if free_norms else 1.0))
-    torch.manual_seed(3)  # 0 = the default: free rows at 0.1, unit rows with INIT_NORM's encoder
+    torch.manual_seed(3)  # 0 = the default: INIT_NORM (relu: 0.1)
     default = SAE(10, 40, "relu", free_norms=free_norms)
-    torch.testing.assert_close(default.W_enc, directions.T * (0.1 if free_norms else sae.INIT_NORM["relu"]))
+    torch.testing.assert_close(default.W_enc, directions.T * 0.1)
 
 
 def test_checkpoints_older_than_a_key_keep_the_values_they_were_trained_with():
