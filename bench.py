@@ -1,12 +1,12 @@
 """
 Speed, never correctness (that is test_sae.py). Prints the machine, then, at GPT-2 small's shapes
 (d_in 768, d_sae 8192, 4096-token batches of 128-token contexts):
-1. a measured matmul peak: fp32 (N, d_in) @ (d_in, d_sae) on CPU, bf16 on CUDA;
+1. measured matmul peaks, (N, d_in) @ (d_in, d_sae): fp32 and bf16 on CPU (torch.mm and oneDNN), bf16 on CUDA;
 2. per op, the reference against our path: on CUDA the Triton kernels (triton.testing.do_bench, p50/p20/p80),
    on CPU the five-matmul encode-ReLU-decode and the blocked and sampled JL; ms, GFLOP/s, speed-up, peak memory;
 3. JL value+gradient memory at d_sae 65536 (8192 with --quick): the dense reference (if it fits) vs ours;
 4. end to end: harvest tokens/s (stopped at the layer vs the full forward) and training tokens/s for each
-   loss, with MFU against the peak of 1; the per-SAE cost of three SAEs on one pass against one.
+   loss in sae.py's --dtype=auto, with MFU against that dtype's peak; three SAEs on one pass against one.
 With --models=True, instead: tokenizing tokens/s (tiktoken gpt2, SmolLM2's tokenizer.json) and a real Llama-family
 model's harvest against its full forward. With --synthetic=True, instead: SAEs trained through `sae.py --acts` on activations built from a known set
 of directions, each loss over its coefficient sweep (one process per loss, its SAEs on the same batches), scored by how well
@@ -16,6 +16,7 @@ $ python bench.py                # about five minutes on 2 CPU cores
 $ python bench.py --quick=True --json=bench.json
 $ python bench.py --synthetic=True  # under a minute on 2 CPU cores
 $ SMOLLM2_DIR=... python bench.py --models=True  # tokenizers, and SmolLM2-135M's harvest at layer 15
+$ sl/bin/python bench.py --saelens=True --data_dir=data/local  # against SAELens end to end (README), ~16 min
 """
 import json
 import os
@@ -31,7 +32,8 @@ import torch
 import kernels
 import numpy as np
 
-from sae import ARCHS, GPT, GPTConfig, SAE, TrainConfig, parse_args, sae_loss, sae_step, synthetic_activations
+from sae import ARCHS, GPT, GPTConfig, SAE, TrainConfig, auto_dtype, parse_args, sae_loss, sae_step, \
+    synthetic_activations
 
 
 @dataclass
@@ -54,6 +56,7 @@ class BenchConfig:
     data_dir: str = "data/local"  # --saelens: the token shards both read (prepare.py)
     steps: int = 96            # --saelens: steps timed (a multiple of 32), after 33 of warm-up
     saelens_worker: str = ""   # internal: run SAELens on this .npy of tokens and print its rate
+    dtype: str = "auto"        # --saelens: sae.py's --dtype; where it is bfloat16, SAELens gets autocast and autocast_lm
     models: bool = False       # instead: real models: tokenizing tokens/s, and --llama's harvest at --llama_layer
     llama: str = ""            # --models: a Llama-family directory or Hub id; "" = $SMOLLM2_DIR, else SmolLM2 on the Hub
     llama_layer: int = 15      # --models: the harvest stops here (15: the middle of SmolLM2-135M's 30 blocks)
@@ -123,28 +126,30 @@ def row(label, ms, flops, base_ms=None, mem=None):
 
 
 def bench_peak(cfg, device):
-    """The matmul peak that MFU is measured against: the SAE's encoder matmul, fp32 on CPU, bf16 on CUDA. On
-    the CPU both of torch's fp32 matmul libraries are timed, MKL (torch.mm) and oneDNN (kernels.linear), and
-    the faster is the peak."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    a = torch.randn(cfg.batch_size, 768, device=device, dtype=dtype)
-    b = torch.randn(768, cfg.d_sae, device=device, dtype=dtype)
-    c = torch.empty(cfg.batch_size, cfg.d_sae, device=device, dtype=dtype)  # preallocated: no page faults timed
+    """The matmul peaks that MFU is measured against, at the SAE's encoder matmul: bf16 on CUDA; on the CPU fp32
+    and bf16, each through torch.mm and oneDNN (kernels.linear's op), the faster of the two its peak. -> {dtype:
+    GFLOP/s}"""
+    dtypes = [torch.bfloat16] if device == "cuda" else [torch.float32, torch.bfloat16]
     flops = 2 * cfg.batch_size * 768 * cfg.d_sae
-    candidates = {"torch.mm": lambda: torch.mm(a, b, out=c)}
-    if device == "cpu" and kernels.ONEDNN:
-        bt = b.T.contiguous()  # (d_sae, 768): linear's weight layout
-        candidates["oneDNN linear"] = lambda: kernels.linear(a, bt)
-    peaks = {}
     if device == "cpu":  # its fresh output reuses freed memory, as in sae.py, instead of page-faulting in
         kernels.keep_freed_memory()
-    for name, fn in candidates.items():
-        best = min(time_ms(fn, 1, device)[0] for _ in range(10))  # a peak: the best of 10
-        peaks[name] = flops / best / 1e6
-        print(f"matmul peak ({cfg.batch_size}x768 @ 768x{cfg.d_sae}, {dtype}, {name}): {peaks[name]:,.0f} GFLOP/s")
+    peaks = {}
+    for dtype in dtypes:
+        a = torch.randn(cfg.batch_size, 768, device=device, dtype=dtype)
+        b = torch.randn(768, cfg.d_sae, device=device, dtype=dtype)
+        c = torch.empty(cfg.batch_size, cfg.d_sae, device=device, dtype=dtype)  # preallocated: no page faults timed
+        candidates = {"torch.mm": lambda: torch.mm(a, b, out=c)}
+        if device == "cpu" and kernels.ONEDNN:
+            bt = b.T.contiguous()  # (d_sae, 768): linear's weight layout
+            candidates["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [None], "")
+        for name, fn in candidates.items():
+            best = min(time_ms(fn, 1, device)[0] for _ in range(10))  # a peak: the best of 10
+            peaks[(dtype, name)] = flops / best / 1e6
+            print(f"matmul peak ({cfg.batch_size}x768 @ 768x{cfg.d_sae}, {dtype}, {name}): "
+                  f"{peaks[(dtype, name)]:,.0f} GFLOP/s")
     if device == "cpu":  # the ops below are timed and measured at glibc's defaults
         kernels.keep_freed_memory(keep=False)
-    return max(peaks.values())
+    return {str(dtype).split(".")[1]: max(v for (dt, _), v in peaks.items() if dt == dtype) for dtype in dtypes}
 
 
 def bench_ops(cfg, device):
@@ -315,14 +320,16 @@ def bench_sparse_codes(cfg, device):
     return results
 
 
-def bench_end_to_end(cfg, device, peak_gflops):
+def bench_end_to_end(cfg, device, peaks):
     if device == "cpu":  # the trainer's allocator setting (sae.py): freed temporaries reused, no page faults;
         kernels.keep_freed_memory()  # the ops above are timed and measured at glibc's defaults
     model = GPT(GPTConfig()) if cfg.init_from == "random" else GPT.from_pretrained(cfg.init_from)
     model = model.to(device).eval().requires_grad_(False)
     contexts = cfg.batch_size // cfg.block_size
     idx = torch.randint(0, model.config.vocab_size, (contexts, cfg.block_size), device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    dtype = auto_dtype(device)  # sae.py's --dtype=auto: the harvest and the SAE step in it, MFU against its peak
+    autocast = torch.autocast(device, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    peak_gflops = peaks[dtype]
     from torch.utils.flop_counter import FlopCounterMode
     onednn, kernels.ONEDNN = kernels.ONEDNN, False  # torch's counter sees aten's matmuls, not oneDNN's op
     with torch.no_grad(), autocast, FlopCounterMode(display=False) as counter:
@@ -330,7 +337,8 @@ def bench_end_to_end(cfg, device, peak_gflops):
     kernels.ONEDNN = onednn
     harvest_flops = counter.get_total_flops()
     results = {}
-    print(f"end to end, {contexts}x{cfg.block_size} tokens a step, layer {cfg.layer} {cfg.site}, d_sae {cfg.d_sae}:")
+    print(f"end to end, {contexts}x{cfg.block_size} tokens a step, layer {cfg.layer} {cfg.site}, d_sae {cfg.d_sae}, "
+          f"{dtype} matmuls (MFU against {peak_gflops:,.0f} GFLOP/s):")
     with torch.no_grad(), autocast:
         harvest = time_ms(lambda: model.harvest(idx, cfg.layer, cfg.site), cfg.iters, device)
         print(f"  harvest, stop at layer {cfg.layer}     {harvest[0]:9.1f} ms  {cfg.batch_size / harvest[0] * 1e3:10,.0f} tok/s")
@@ -348,7 +356,8 @@ def bench_end_to_end(cfg, device, peak_gflops):
             acts = model.harvest(idx, cfg.layer, cfg.site).reshape(-1, d).float()
         for loss in losses:
             sae, optimizer, tcfg = trainees[loss]
-            loss_value, _, _ = sae_loss(sae, acts, tcfg, 10)
+            with autocast:
+                loss_value, _, _ = sae_loss(sae, acts, tcfg, 10)
             sae_step(sae, optimizer, loss_value, tcfg)
 
     for loss in ("l1", "jl", "hybrid"):
@@ -359,7 +368,8 @@ def bench_end_to_end(cfg, device, peak_gflops):
         trainees[loss] = sae, optimizer, tcfg
         x = torch.randn(cfg.batch_size, d, device=device)
         def sae_only():
-            loss_value, _, _ = sae_loss(sae, x, tcfg, 10)
+            with autocast:
+                loss_value, _, _ = sae_loss(sae, x, tcfg, 10)
             sae_step(sae, optimizer, loss_value, tcfg)
         jl_flops = 0 if loss == "l1" else (6 * sample * cfg.d_sae * d if sample else 3 * cfg.d_sae ** 2 * d)
         sae_flops = 10 * cfg.batch_size * d * cfg.d_sae + jl_flops
@@ -460,10 +470,11 @@ def bench_synthetic(cfg):
 WARMUP = 32
 
 
-def saelens_worker(tokens_path, steps):
+def saelens_worker(tokens_path, steps, bf16):
     """SAELens 6.54 through its own LanguageModelSAETrainingRunner (`pip install sae-lens==6.54.12`, not a
     dependency). Its model is a HookedTransformer of GPT-2 small's shape built directly, with layer norm folded
-    as from_pretrained("gpt2") gives it (normalization LNPre), so nothing is downloaded. Prints its rate."""
+    as from_pretrained("gpt2") gives it (normalization LNPre), so nothing is downloaded. bf16: its two autocast
+    options on (the model's forward, the SAE's step; parameters fp32, as ours). Prints its rate."""
     from datasets import Dataset
     import importlib.util
     if importlib.util.find_spec("sae_lens") is None:
@@ -490,12 +501,24 @@ def saelens_worker(tokens_path, steps):
         # as its log line says): 2064 of them are our 2**18-token buffer
         streaming=False, context_size=128, seqpos_slice=(1, None), prepend_bos=False, n_batches_in_buffer=2**18 // 127,
         store_batch_size_prompts=32, training_tokens=4096 * (WARMUP + 1 + steps), train_batch_size_tokens=4096, lr=1e-4,
-        device="cpu", dtype="float32", logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0,
+        device="cpu", dtype="float32", autocast=bf16, autocast_lm=bf16, logger=LoggingConfig(log_to_wandb=False),
+        n_checkpoints=0,
         save_final_checkpoint=False, output_path=None, checkpoint_path=None, verbose=False)
     LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model).run()
     stamps.append(time.perf_counter())  # the end of the last step
     # stamps[i]: step i starts, its batch fetched; stamps[WARMUP + 1] to the end: fetching and training steps 33 on
     print(f"saelens_tok_s {4096 * (len(stamps) - 2 - WARMUP) / (stamps[-1] - stamps[WARMUP + 1]):.1f}")
+
+
+def run_measured(args, env):
+    """Runs a command to its end -> (exit status, stdout, stderr, its peak resident memory in GiB): the kernel's
+    high-water mark of that one process (wait4's rusage), whatever it allocated or freed on the way."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        return proc.returncode, out.read(), err.read(), usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def bench_saelens(cfg):
@@ -504,32 +527,41 @@ def bench_saelens(cfg):
     shards = sorted(glob.glob(os.path.join(cfg.data_dir, "*_train_*.bin")))
     if not shards:
         raise ValueError(f"--data_dir={cfg.data_dir}: no train shards (run prepare.py; offline: see the README)")
+    dtype = auto_dtype("cpu") if cfg.dtype == "auto" else cfg.dtype
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     print(f"end to end against SAELens, GPT-2 small's shape (random weights), layer 6 mlp_in, d_sae 8192, l1, "
-          f"4096-token steps, rates over steps {WARMUP + 1} to {WARMUP + cfg.steps}:")
+          f"4096-token steps, buffers of 2**18 activations, {dtype} matmuls, rates over steps {WARMUP + 1} to "
+          f"{WARMUP + cfg.steps}, peak resident memory of the whole run:")
     with tempfile.TemporaryDirectory() as tmp:
         np.save(os.path.join(tmp, "tokens.npy"), np.concatenate([read_shard(p) for p in shards]))
-        r = subprocess.run([sys.executable, "bench.py", f"--saelens_worker={tmp}/tokens.npy", f"--steps={cfg.steps}"],
-                           env=env, capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"SAELens: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
-        theirs = float(r.stdout.split("saelens_tok_s")[1])
-        print(f"  SAELens (its runner)       {theirs:9,.0f} tok/s")
-        r = subprocess.run([sys.executable, "sae.py", "--init_from=scratch", f"--data_dir={cfg.data_dir}",
-                            f"--out_dir={tmp}/ours", "--loss=l1", f"--max_iters={WARMUP + 2 + cfg.steps}",
-                            f"--eval_interval={10 * cfg.steps}", f"--log_interval={WARMUP}", "--eval_tokens=128",
-                            "--resample_iters=()", "--l1_warmup_iters=1"], env=env, capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"sae.py: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
+        rc, out, err, theirs_gib = run_measured(
+            [sys.executable, "bench.py", f"--saelens_worker={tmp}/tokens.npy", f"--steps={cfg.steps}",
+             f"--dtype={dtype}"], env)
+        if rc:
+            raise RuntimeError(f"SAELens: {(err.strip().splitlines() or ['no output'])[-1]}")
+        theirs = float(out.split("saelens_tok_s")[1])
+        print(f"  SAELens (its runner)       {theirs:9,.0f} tok/s   peak {theirs_gib:.2f} GiB")
+        # sae.py at its defaults but for the run's length, the log interval and the evaluation: at 4,096 tokens
+        # (one batch of 32 contexts, the default's 2**15 in eight) once at the start and once at the end, outside
+        # the timed steps, so its peak memory is in the figure
+        rc, out, err, ours_gib = run_measured(
+            [sys.executable, "sae.py", "--init_from=scratch", f"--data_dir={cfg.data_dir}", f"--out_dir={tmp}/ours",
+             "--loss=l1", f"--max_iters={WARMUP + 2 + cfg.steps}", f"--eval_interval={10 * cfg.steps}",
+             f"--log_interval={WARMUP}", "--eval_tokens=4096", "--resample_iters=()", "--l1_warmup_iters=1",
+             f"--dtype={dtype}"], env)
+        if rc:
+            raise RuntimeError(f"sae.py: {(err.strip().splitlines() or ['no output'])[-1]}")
         # each log line's rate covers the steps since the previous line (0, 32, 64, ...: each window ends with a
         # refill): tokens over time from step 33 to 32 + steps
         logged = [(int(line.split()[1]), float(line.rsplit("|", 1)[1].split()[0].replace(",", "")))
-                  for line in r.stdout.splitlines() if line.startswith("iter ")]
+                  for line in out.splitlines() if line.startswith("iter ")]
         windows = [(it - prev, rate) for (prev, _), (it, rate) in zip(logged, logged[1:])
                    if WARMUP <= prev < it <= WARMUP + cfg.steps]
         ours = sum(steps for steps, _ in windows) / sum(steps / rate for steps, rate in windows)
-        print(f"  sae.py                     {ours:9,.0f} tok/s   {ours / theirs:.2f}x SAELens")
-    return {"saelens_tok_s": theirs, "ours_tok_s": ours, "speedup": ours / theirs}
+        print(f"  sae.py                     {ours:9,.0f} tok/s   peak {ours_gib:.2f} GiB   {ours / theirs:.2f}x "
+              f"SAELens's rate, {ours_gib / theirs_gib:.2f}x its memory")
+    return {"dtype": dtype, "saelens_tok_s": theirs, "ours_tok_s": ours, "speedup": ours / theirs,
+            "saelens_peak_gib": theirs_gib, "ours_peak_gib": ours_gib}
 
 
 def shared_documents():
@@ -654,7 +686,7 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if cfg.saelens_worker:
-        saelens_worker(cfg.saelens_worker, cfg.steps)
+        saelens_worker(cfg.saelens_worker, cfg.steps, cfg.dtype == "bfloat16")
         sys.exit(0)
     if cfg.quick:  # a smoke run of every part; the figures are not comparable with a full run's
         cfg.iters, cfg.d_sae, cfg.batch_size, cfg.jl_big = 1, 2048, 1024, 8192
@@ -673,7 +705,7 @@ if __name__ == "__main__":
         if cfg.json:
             json.dump(report, open(cfg.json, "w"), indent=1)
         sys.exit(0)
-    report["peak_gflops"] = bench_peak(cfg, device)
+    report["peak_gflops"] = bench_peak(cfg, device)  # {dtype: GFLOP/s}
     report["ops"] = bench_ops(cfg, device)
     report["jl_memory"] = bench_jl_memory(cfg, device)
     report["end_to_end"] = bench_end_to_end(cfg, device, report["peak_gflops"])

@@ -30,12 +30,23 @@ def use_triton(t):
 
 
 # -----------------------------------------------------------------------------
-# dense fp32 matmuls on the CPU
-# torch's fp32 matmul calls MKL, which runs its AVX2 code on AMD processors; oneDNN, which torch also
-# bundles (torch.compile's CPU linear layers call it through this same op), uses AVX-512 where the CPU has it:
-# 375 against 200 GFLOP/s on the development machine's AMD EPYC (bench.py measures both). Its linear
-# computes x @ weight^T + bias with an optional fused activation, reading strided views, in fp32 (no
-# reduced-precision math). SAE_NO_ONEDNN=1 keeps torch's matmul.
+# dense matmuls on the CPU: which dtype, which library
+# Two rules, each from a documented feature of the CPU and measured on both kinds this project runs on, at the
+# SAE's shape (4096 x 768 @ 768 x 8192, 2 threads):
+# - dtype: bf16 where the CPU multiplies bf16 natively, with AMX tiles (Intel Sapphire Rapids on) or AVX512-BF16
+#   dot products (AMD Zen 4 on, Intel Cooper Lake): a bf16 matmul ran at 1,280 against 310 GFLOP/s in fp32 on an
+#   Intel Xeon with AMX (issue 11) and at 351-445 against 164-222 on the development AMD EPYC (Zen 4, no AMX;
+#   `python bench.py` prints both peaks). Elsewhere bf16 is emulated, slower than fp32: fp32 there.
+#   `cpu_bf16_native()` is the test; sae.py's --dtype=auto reads it. Inputs are rounded to bf16, products summed
+#   in fp32, the result rounded to bf16 (torch.autocast's contract); parameters and Adam stay fp32.
+# - library for fp32: torch's fp32 matmul calls MKL, which runs its AVX-512 code on Intel processors only (it
+#   checks the vendor) and AVX2 on AMD; oneDNN, which torch also bundles (torch.compile's CPU linear layers call
+#   it through this same op), uses AVX-512 wherever the CPU has it. On the AMD EPYC oneDNN measured 375 against
+#   200 GFLOP/s one day, 184-222 against 164-199 another (the host's speed varies; the ratio was always > 1);
+#   on the Intel Xeon oneDNN was slower, 280 against MKL's 310. So: oneDNN for fp32 unless the CPU is Intel's.
+#   bf16 goes through oneDNN everywhere (torch's bf16 matmul on the CPU calls it too; ours fuses the bias and the
+#   activation). Its linear computes x @ weight^T + bias with an optional fused activation, reading strided views.
+# SAE_NO_ONEDNN=1 keeps torch's matmul for everything.
 
 def _onednn_works():
     if os.environ.get("SAE_NO_ONEDNN") == "1" or not torch.backends.mkldnn.is_available():
@@ -47,7 +58,25 @@ def _onednn_works():
         return False
 
 
-ONEDNN = _onednn_works()
+def cpu_vendor():
+    """GenuineIntel, AuthenticAMD, ... from /proc/cpuinfo; "" where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def cpu_bf16_native():
+    """True where the CPU has AMX tiles or AVX512-BF16 (torch's own cpuinfo checks; private, so guarded)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        return False
+
+
+ONEDNN = _onednn_works()                                   # the op, for bf16 everywhere
+ONEDNN_FP32 = ONEDNN and cpu_vendor() != "GenuineIntel"    # and for fp32 where MKL takes its AVX2 path
 
 
 def keep_freed_memory(keep=True):
@@ -68,10 +97,14 @@ def keep_freed_memory(keep=True):
 
 def linear(x, weight, bias=None, act="none"):
     """act(x @ weight^T + bias): x (M, K), weight (N, K), any strides; act is none, relu, gelu_tanh or silu.
-    oneDNN for fp32 CPU tensors that need no gradient, where it works (its op has no autograd); else torch. -> (M, N)"""
+    Under CPU autocast to bf16, in bf16 as autocast would (the result bf16). oneDNN for CPU tensors that need no
+    gradient (its op has no autograd), in bf16, or in fp32 where ONEDNN_FP32; else torch. -> (M, N)"""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not needs_grad \
-            and not torch.is_autocast_enabled("cpu"):
+    autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+    if ONEDNN and x.device.type == "cpu" and not needs_grad and \
+            (dtype == torch.bfloat16 or (dtype == torch.float32 and ONEDNN_FP32)):
+        x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
         attr, algorithm = {"gelu_tanh": ("gelu", "tanh"), "silu": ("swish", "")}.get(act, (act, ""))  # oneDNN's names
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [None], algorithm)
     y = x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)  # (M, K) @ (K, N)
@@ -214,11 +247,14 @@ class EncodeReluDecode(torch.autograd.Function):
             f, l1, l0, fired = _sae_matmul(x, W_enc, shift=b_dec, bias=b_enc, relu=True, stats=True)  # (N, n_latents)
             x_hat = _sae_matmul(f, W_dec, bias=b_dec)                                                 # (N, d_model)
             l1 = l1.to(f.dtype)
-        else:
+        else:  # under CPU autocast the matmuls run in bf16 (f and x_hat come out bf16), and so does the backward
+            ctx.autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
             f = linear(x - b_dec, W_enc.T, b_enc, "relu")  # (N, d_model) @ (d_model, n_latents), bias and ReLU fused
             x_hat = linear(f, W_dec.T, b_dec)               # (N, n_latents) @ (n_latents, d_model)
             active = torch.sign(f)  # 1 where the feature fired (f >= 0): summed as floats, no bool-to-int copies
-            l1, l0, fired = f.sum(dim=1), active.sum(dim=1).int(), active.sum(dim=0).int()  # exact below 2**24
+            # summed in fp32 (exact below 2**24; bf16 holds integers exactly only to 256)
+            l1 = f.sum(dim=1, dtype=torch.float32)
+            l0, fired = (active.sum(dim=dim, dtype=torch.float32).int() for dim in (1, 0))
             ctx.active = active  # not an input or output: a plain attribute is enough
         ctx.save_for_backward(x, W_enc, W_dec, b_dec, f)
         ctx.mark_non_differentiable(l0, fired)
@@ -236,19 +272,21 @@ class EncodeReluDecode(torch.autograd.Function):
             dW_dec = _sae_matmul(f.T, dx_hat)                               # (n_latents, N) @ (N, d_model)
             dW_enc = _sae_matmul(x.T, dpre, shift=b_dec, shift_rows=True)  # (d_model, N) @ (N, n_latents)
         else:
-            dpre = linear(dx_hat, W_dec)                                    # (N, d_model) @ (d_model, n_latents)
-            if df is not None:
-                dpre += df
-            if dl1 is not None:
-                dpre += dl1[:, None]
-            dpre.mul_(ctx.active)  # ReLU's backward, in place, by the forward's 0/1 floats (bool would copy)
-            # oneDNN copies a transposed input but reads a transposed weight in place: the big (N, n_latents)
-            # operands go in as weights, and only (N, d_model) blocks are transposed
-            dW_dec = linear(dx_hat.T.contiguous(), f.T).T.contiguous()     # ((d_model, N) @ (N, n_latents))^T
-            dW_enc = linear((x - b_dec).T.contiguous(), dpre.T)            # (d_model, N) @ (N, n_latents)
-        db_enc = dpre.sum(dim=0)                                            # (n_latents,)
-        db_dec = dx_hat.sum(dim=0) - W_enc @ db_enc                         # (d_model,): a mat-vec, not a matmul
-        return None, dW_enc, db_enc, dW_dec, db_dec
+            with torch.autocast("cpu", dtype=ctx.autocast or torch.bfloat16, enabled=ctx.autocast is not None):
+                dpre = linear(dx_hat, W_dec)                                # (N, d_model) @ (d_model, n_latents)
+                if df is not None:
+                    dpre += df
+                if dl1 is not None:
+                    dpre += dl1[:, None]
+                dpre.mul_(ctx.active)  # ReLU's backward, in place, by the forward's 0/1 floats (bool would copy)
+                # oneDNN copies a transposed input but reads a transposed weight in place: the big (N, n_latents)
+                # operands go in as weights, and only (N, d_model) blocks are transposed
+                dW_dec = linear(dx_hat.T.contiguous(), f.T).T.contiguous()  # ((d_model, N) @ (N, n_latents))^T
+                dW_enc = linear((x - b_dec).T.contiguous(), dpre.T)         # (d_model, N) @ (N, n_latents)
+        # the parameters' dtype, fp32, whatever the matmuls ran in; the bias gradients summed in fp32
+        db_enc = dpre.sum(dim=0, dtype=W_enc.dtype)                          # (n_latents,)
+        db_dec = dx_hat.sum(dim=0, dtype=W_enc.dtype) - W_enc @ db_enc       # (d_model,): a mat-vec, not a matmul
+        return None, dW_enc.to(W_enc.dtype), db_enc, dW_dec.to(W_dec.dtype), db_dec
 
 
 def encode_relu_decode(x, W_enc, b_enc, W_dec, b_dec, stats=False):

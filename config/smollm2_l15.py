@@ -15,3 +15,4 @@ eval_interval = 500
 eval_tokens = 8192          # val contexts for FVU, CE and KL: each costs three forwards of the model here
 resample_iters = (500, 1000)
 dead_window = 1_000_000
+dtype = "float32"           # its README results were measured in fp32, before --dtype=auto chose bf16 on bf16 CPUs

@@ -17,3 +17,4 @@ eval_interval = 1000
 eval_tokens = 8192
 resample_iters = ()
 dead_window = 1_000_000
+dtype = "float32"           # its README results were measured in fp32, before --dtype=auto chose bf16 on bf16 CPUs
