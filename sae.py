@@ -1379,7 +1379,10 @@ def write_activation_cache(cfg, device, autocast):
     os.makedirs(cfg.cache_dir, exist_ok=True)
     path = lambda name: os.path.join(cfg.cache_dir, name)
     settings = {k: getattr(cfg, k) for k in CACHE_SETTINGS}
+    settings["harvest_dtype"] = resolved_dtype(cfg, torch.device(device).type)  # the shards of one cache share it
     manifest = read_cache_manifest(cfg.cache_dir, complete=False) if os.path.exists(path("manifest.json")) else None
+    if manifest:  # caches from before issue 11 recorded no harvest dtype: taken as this run's
+        manifest["settings"].setdefault("harvest_dtype", settings["harvest_dtype"])
     if manifest and manifest["settings"] != settings:
         changed = sorted(k for k in settings if manifest["settings"].get(k) != settings[k])
         raise ValueError(f"{cfg.cache_dir} holds a cache of other settings ({', '.join(changed)} differ); use another "
@@ -2090,6 +2093,11 @@ def auto_dtype(device_type):
     return "bfloat16" if device_type == "cuda" or cpu_bf16_native() else "float32"
 
 
+def resolved_dtype(cfg, device_type):
+    """--dtype with auto decided for this device."""
+    return cfg.dtype if cfg.dtype != "auto" else auto_dtype(device_type)
+
+
 def init_device(cfg):
     """-> (ddp, rank, world size, device, autocast). Under torchrun, a process group: nccl on GPUs, gloo on CPUs
     (so a 2-process run is testable here). Autocast (the model's forwards and the SAE's training step) at
@@ -2109,7 +2117,7 @@ def init_device(cfg):
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if device_type == "cpu":
         keep_freed_memory()  # each step's large temporaries reuse the last step's memory, without page faults
-    dtype = cfg.dtype if cfg.dtype != "auto" else auto_dtype(device_type)
+    dtype = resolved_dtype(cfg, device_type)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype={dtype!r}: valid values are auto, float32, bfloat16, float16")
     return ddp, rank, world, device, torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")

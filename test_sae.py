@@ -2754,6 +2754,8 @@ def test_activation_cache_holds_the_hooked_activations_and_resumes(tiny_llama, l
     assert r.returncode == 0 and "nothing to do" in r.stdout
     r = run_sae(*args, f"--cache_dir={killed}", "--layer=0")
     assert r.returncode == 1 and "other settings (layer differ)" in r.stderr.strip().splitlines()[-1]
+    r = run_sae(*args[:-1], f"--cache_dir={killed}", "--dtype=bfloat16")  # shards harvested in fp32 stay fp32
+    assert r.returncode == 1 and "other settings (harvest_dtype differ)" in r.stderr.strip().splitlines()[-1]
 
 
 def test_training_on_a_cache_evaluates_through_its_model(tiny_llama, llama_shards, tmp_path):
