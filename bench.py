@@ -32,8 +32,8 @@ import torch
 import kernels
 import numpy as np
 
-from sae import ARCHS, GPT, GPTConfig, SAE, TrainConfig, auto_dtype, parse_args, sae_loss, sae_step, \
-    synthetic_activations
+from sae import ARCHS, GPT, GPTConfig, SAE, TrainConfig, auto_dtype, parse_args, resolved_dtype, sae_loss, \
+    sae_step, synthetic_activations
 
 
 @dataclass
@@ -510,15 +510,17 @@ def saelens_worker(tokens_path, steps, bf16):
     print(f"saelens_tok_s {4096 * (len(stamps) - 2 - WARMUP) / (stamps[-1] - stamps[WARMUP + 1]):.1f}")
 
 
-def run_measured(args, env):
-    """Runs a command to its end -> (exit status, stdout, stderr, its peak resident memory in GiB): the kernel's
-    high-water mark of that one process (wait4's rusage), whatever it allocated or freed on the way."""
+def run_measured(label, args, env):
+    """Runs a command to its end -> (stdout, its peak resident memory in GiB): the kernel's high-water mark of
+    that one process (wait4's rusage), whatever it allocated or freed on the way. A failure raises with its
+    last line of stderr."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=err, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
-        return proc.returncode, out.read(), err.read(), usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+        if os.waitstatus_to_exitcode(status):
+            raise RuntimeError(f"{label}: {(err.read().strip().splitlines() or ['no output'])[-1]}")
+        return out.read(), usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def bench_saelens(cfg):
@@ -527,30 +529,25 @@ def bench_saelens(cfg):
     shards = sorted(glob.glob(os.path.join(cfg.data_dir, "*_train_*.bin")))
     if not shards:
         raise ValueError(f"--data_dir={cfg.data_dir}: no train shards (run prepare.py; offline: see the README)")
-    dtype = auto_dtype("cpu") if cfg.dtype == "auto" else cfg.dtype
+    dtype = resolved_dtype(cfg, "cpu")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     print(f"end to end against SAELens, GPT-2 small's shape (random weights), layer 6 mlp_in, d_sae 8192, l1, "
           f"4096-token steps, buffers of 2**18 activations, {dtype} matmuls, rates over steps {WARMUP + 1} to "
           f"{WARMUP + cfg.steps}, peak resident memory of the whole run:")
     with tempfile.TemporaryDirectory() as tmp:
         np.save(os.path.join(tmp, "tokens.npy"), np.concatenate([read_shard(p) for p in shards]))
-        rc, out, err, theirs_gib = run_measured(
-            [sys.executable, "bench.py", f"--saelens_worker={tmp}/tokens.npy", f"--steps={cfg.steps}",
-             f"--dtype={dtype}"], env)
-        if rc:
-            raise RuntimeError(f"SAELens: {(err.strip().splitlines() or ['no output'])[-1]}")
+        out, theirs_gib = run_measured("SAELens", [sys.executable, "bench.py", f"--saelens_worker={tmp}/tokens.npy",
+                                                   f"--steps={cfg.steps}", f"--dtype={dtype}"], env)
         theirs = float(out.split("saelens_tok_s")[1])
         print(f"  SAELens (its runner)       {theirs:9,.0f} tok/s   peak {theirs_gib:.2f} GiB")
         # sae.py at its defaults but for the run's length, the log interval and the evaluation: at 4,096 tokens
         # (one batch of 32 contexts, the default's 2**15 in eight) once at the start and once at the end, outside
         # the timed steps, so its peak memory is in the figure
-        rc, out, err, ours_gib = run_measured(
-            [sys.executable, "sae.py", "--init_from=scratch", f"--data_dir={cfg.data_dir}", f"--out_dir={tmp}/ours",
-             "--loss=l1", f"--max_iters={WARMUP + 2 + cfg.steps}", f"--eval_interval={10 * cfg.steps}",
-             f"--log_interval={WARMUP}", "--eval_tokens=4096", "--resample_iters=()", "--l1_warmup_iters=1",
-             f"--dtype={dtype}"], env)
-        if rc:
-            raise RuntimeError(f"sae.py: {(err.strip().splitlines() or ['no output'])[-1]}")
+        out, ours_gib = run_measured("sae.py", [
+            sys.executable, "sae.py", "--init_from=scratch", f"--data_dir={cfg.data_dir}", f"--out_dir={tmp}/ours",
+            "--loss=l1", f"--max_iters={WARMUP + 2 + cfg.steps}", f"--eval_interval={10 * cfg.steps}",
+            f"--log_interval={WARMUP}", "--eval_tokens=4096", "--resample_iters=()", "--l1_warmup_iters=1",
+            f"--dtype={dtype}"], env)
         # each log line's rate covers the steps since the previous line (0, 32, 64, ...: each window ends with a
         # refill): tokens over time from step 33 to 32 + steps
         logged = [(int(line.split()[1]), float(line.rsplit("|", 1)[1].split()[0].replace(",", "")))

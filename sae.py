@@ -1212,28 +1212,32 @@ class ActivationBuffer:
     half's rows in an order seeded by (seed, t)): every activation is served once (except the first
     quarter of half 0), and the state is (t, served, loader position before half t-1): resume re-harvests
     two halves and continues exactly.
-    Memory: the two halves are one (2, half, d) fp32 block, allocated once (800 MiB at the defaults) and refilled
-    in place (half t into slot t % 2, over half t-2, all of it served by then); a batch is gathered from it by
-    the period's serving order, an index, so no shuffled copy of a half is ever made. Allocating and freeing
+    Memory: the two halves are one (2 * half, d) fp32 block, allocated once (800 MiB at the defaults) and refilled
+    in place (half t from row first_row(t), over half t-2, all of it served by then); a batch is gathered from it
+    by the period's serving order, an index, so no shuffled copy of a half is ever made. Allocating and freeing
     400 MiB halves at each refill fragmented the heap: resident memory grew by 0.4-0.7 GiB a refill."""
 
     def __init__(self, harvest, loader, n_tokens, batch_size, seed, exclude_pos0):
         self.harvest, self.loader, self.batch_size = harvest, loader, batch_size
         self.half, self.seed, self.exclude_pos0 = n_tokens // 2, seed, exclude_pos0
-        self.store = None  # (2, half, d) fp32, allocated at the first harvest (d and the device come from it)
+        self.store = None  # (2 * half, d) fp32, allocated at the first harvest (d and the device come from it)
 
-    def fill(self, slot):
-        """Harvests whole contexts into store[slot] until it is full; the surplus of the last context batch is
-        dropped."""
-        n = 0
+    def first_row(self, t):
+        """Where half t lives in the store: rows first_row(t) to first_row(t) + half."""
+        return (t % 2) * self.half
+
+    def fill(self, t):
+        """Harvests whole contexts into half t's rows of the store until they are full; the surplus of the last
+        context batch is dropped."""
+        n, start = 0, self.first_row(t)
         while n < self.half:
             acts = self.harvest(self.loader.next_batch())  # (B, T, d)
             acts = acts[:, 1:] if self.exclude_pos0 else acts
             acts = acts.reshape(-1, acts.shape[-1])        # (B*T', d)
             if self.store is None:
-                self.store = torch.empty(2, self.half, acts.shape[-1], device=acts.device)
+                self.store = torch.empty(2 * self.half, acts.shape[-1], device=acts.device)
             take = min(len(acts), self.half - n)
-            self.store[slot, n:n + take] = acts[:take]     # cast to fp32 in the copy
+            self.store[start + n:start + n + take] = acts[:take]  # cast to fp32 in the copy
             n += take
 
     def order(self, t):
@@ -1243,35 +1247,33 @@ class ActivationBuffer:
         state = state or {"period": 1, "served": 0, "loader": self.loader.state_dict()}
         self.loader.load_state_dict(state["loader"])
         self.period, self.served, self.prev_loader = state["period"], state["served"], state["loader"]
-        self.fill((self.period - 1) % 2)  # half t-1
+        self.fill(self.period - 1)  # half t-1
         self.cur_loader = self.loader.state_dict()
-        self.fill(self.period % 2)        # half t
+        self.fill(self.period)      # half t
         self.make_order()
 
     def make_order(self):
-        """The period's serving order, as rows of store viewed (2 * half, d): a shuffle of half t-1's second
-        quarter and half t's first."""
+        """The period's serving order, as rows of the store: a shuffle of half t-1's second quarter and half t's
+        first."""
         q, t = self.half // 2, self.period
-        prev, cur = ((t - 1) % 2) * self.half, (t % 2) * self.half  # each half's first row in the flat store
-        rows = torch.cat([self.order(t - 1)[q:] + prev, self.order(t)[:q] + cur])  # (half,)
+        rows = torch.cat([self.order(t - 1)[q:] + self.first_row(t - 1), self.order(t)[:q] + self.first_row(t)])
         self.serving = rows[torch.randperm(self.half, generator=torch.Generator().manual_seed(-self.seed - t - 1))]
 
     def next_batch(self):
         if self.served == self.half:  # half a buffer served: refill the older half
             self.period, self.served = self.period + 1, 0
             self.prev_loader, self.cur_loader = self.cur_loader, self.loader.state_dict()
-            self.fill(self.period % 2)
+            self.fill(self.period)
             self.make_order()
         rows = self.serving[self.served:self.served + self.batch_size].to(self.store.device)
         self.served += self.batch_size
-        return self.store.view(-1, self.store.shape[-1])[rows]  # (batch_size, d), a copy
+        return self.store[rows]  # (batch_size, d), a copy
 
     def sample(self, n, generator):
         """n random activations from the buffer (for init and resampling), i < half from half t-1 and the rest
         from half t; consumes nothing."""
         i = torch.randint(2 * self.half, (n,), generator=generator)  # over both halves
-        prev = ((self.period - 1) % 2) * self.half
-        return self.store.view(-1, self.store.shape[-1])[((i + prev) % (2 * self.half)).to(self.store.device)]
+        return self.store[((i + self.first_row(self.period - 1)) % (2 * self.half)).to(self.store.device)]
 
     def state_dict(self):
         return {"period": self.period, "served": self.served, "loader": self.prev_loader}
@@ -1598,17 +1600,16 @@ def evaluate(saes, trackers, scale, cfg, model=None, val_batches=(), val_acts=No
         # the vocabulary-sized work, EVAL_POSITIONS positions at a time: over a whole batch of 32 contexts, each
         # (B, T, vocab) fp32 tensor is 823 MiB at GPT-2's vocabulary, and logits, log-softmax, their exp and
         # products for the clean, ablated and spliced runs took 7.4 GiB at once (measured)
+        log_probs = lambda h, part: F.log_softmax(model.lm_head(h[part]), -1)  # (P, C) @ (C, vocab) -> (P, vocab)
+        nll = lambda logp, part: F.nll_loss(logp, targets[part], ignore_index=-1, reduction="sum").item()
         for rows in range(0, len(targets), EVAL_POSITIONS):
             part = slice(rows, rows + EVAL_POSITIONS)
-            def log_probs(h):
-                return F.log_softmax(model.lm_head(h[part]), -1)  # (P, C) @ (C, vocab) -> (P, vocab)
-            nll = lambda logp: F.nll_loss(logp, targets[part], ignore_index=-1, reduction="sum").item()
-            logp_clean = log_probs(h_clean)
-            shared["ce_clean"] += nll(logp_clean)
-            shared["ce_zero"] += nll(log_probs(h_zero))
+            logp_clean = log_probs(h_clean, part)
+            shared["ce_clean"] += nll(logp_clean, part)
+            shared["ce_zero"] += nll(log_probs(h_zero, part), part)
             for s, h in zip(stats, h_saes):
-                logp_sae = log_probs(h)
-                s["ce_sae"] += nll(logp_sae)
+                logp_sae = log_probs(h, part)
+                s["ce_sae"] += nll(logp_sae, part)
                 # KL(clean || spliced) = sum_vocab p_clean (log p_clean - log p_sae), at every position
                 s["kl"] += F.kl_div(logp_sae, logp_clean, log_target=True, reduction="sum").item()
         shared["n_ce"], shared["n_kl"] = shared["n_ce"] + (targets >= 0).sum().item(), shared["n_kl"] + idx.numel()
