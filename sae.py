@@ -64,6 +64,9 @@ class TrainConfig:
     features: str = "0:64"             # --mode=dashboard: a range a:b, or top_freq:K (the K most frequent features)
     dashboard_tokens: int = 2**15      # val tokens the dashboard runs the SAE over
     dashboard_file: str = ""           # "" = out_dir/dashboard.html
+    plot_runs: str = "out"             # --mode=plot: directories searched for runs (log.jsonl), comma-separated globs
+    plot_dir: str = "figures"          # ... the figures (PNG, matplotlib) and the matched-sparsity table go here
+    plot_l0: float = 32.0              # ... the L0 at which the table compares methods (interpolated on each frontier)
     seed: int = 1337
     device: str = "auto"               # auto = cuda if available, else cpu
     dtype: str = "auto"                # autocast dtype of the model's and the SAE's matmuls (parameters, Adam: fp32);
@@ -110,7 +113,8 @@ class TrainConfig:
     jl_on: str = "dec"                 # dec: rows of W_dec; enc: columns of W_enc
     jl_warmup_mult: float = 10.0       # JL coefficient starts at this multiple of jl_coeff ...
     jl_warmup_iters: int = 2000        # ... and decays (cosine) to jl_coeff over these iterations
-    jl_sample: int = 0                 # 0 = exact JL; else an unbiased estimate from this many rows a step
+    jl_sample: int = 0                 # 0 = exact JL; else an unbiased estimate from this many rows a step (it does
+                                       # not train like the exact penalty: README "the JL penalty, measured")
     # optimization
     max_iters: int = 20000
     batch_size: int = 4096             # activations per step, all ranks
@@ -132,11 +136,15 @@ class TrainConfig:
     # evaluation and logging
     eval_interval: int = 1000
     eval_tokens: int = 2**15           # fixed slice of the val shard (or held-out rows of --acts)
+    eval_block_size: int = 0           # evaluation's context length; 0 = block_size. Metrics come by position bucket
+                                       # too, so --eval_only with 512 scores an SAE trained on 128 past its contexts
     log_interval: int = 10
+    wandb_log: bool = False            # also log to Weights & Biases (pip install wandb; WANDB_MODE=offline: to disk)
+    wandb_project: str = "gpt_sae"     # ... one W&B run per SAE, named after its out_dir, grouped by the sweep's
 
 
 LOSSES, JL_ON, DECAYS = ("l1", "jl", "hybrid"), ("dec", "enc"), ("constant", "cosine", "linear")
-MODES = ("train", "cache", "export", "steer", "dashboard")
+MODES = ("train", "cache", "export", "steer", "dashboard", "plot")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 
 
@@ -1371,6 +1379,13 @@ def write_npy(path, array):
     os.replace(path + ".tmp", path)
 
 
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar (tqdm comes with datasets) for the long work that is not training: caching,
+    evaluation, dashboards. Shown on a terminal only (disable=None), so redirected logs stay line by line."""
+    from tqdm import tqdm
+    return tqdm(iterable, disable=None, dynamic_ncols=True, **kwargs)
+
+
 @torch.no_grad()
 def write_activation_cache(cfg, device, autocast):
     """--mode=cache: the model's activations at (layer, site) over the val split's first eval_tokens tokens and
@@ -1427,10 +1442,15 @@ def write_activation_cache(cfg, device, autocast):
     loader.load_state_dict(manifest["loader"])
     batches_per_shard = max(1, cfg.cache_shard_tokens // rows_per_batch)
     t0, rows_before = time.time(), manifest["train"]["rows"]
+    bar = progress(total=manifest["rows_target"], initial=rows_before, unit="row", unit_scale=True, desc="cache")
     while manifest["train"]["rows"] < manifest["rows_target"]:
         need = manifest["rows_target"] - manifest["train"]["rows"]
         n_batches = min(batches_per_shard, -(-need // rows_per_batch))
-        shard = np.concatenate([harvest(loader.next_batch()) for _ in range(n_batches)])[:need]  # (rows, d_in)
+        shard = []
+        for _ in range(n_batches):
+            shard.append(harvest(loader.next_batch()))
+            bar.update(min(rows_per_batch, need - rows_per_batch * (len(shard) - 1)))
+        shard = np.concatenate(shard)[:need]  # (rows, d_in)
         name = f"acts_train_{len(manifest['train']['files']) + 1:06d}.npy"
         write_npy(path(name), shard)
         train = manifest["train"]
@@ -1440,6 +1460,7 @@ def write_activation_cache(cfg, device, autocast):
         write_json(path("manifest.json"), manifest)  # the shard counts only once the manifest names it
         print(f"cache: {name} | {train['rows']:,} of {manifest['rows_target']:,} rows | "
               f"{(train['rows'] - rows_before) / (time.time() - t0):,.0f} rows/s")
+    bar.close()
     manifest["complete"] = True
     write_json(path("manifest.json"), manifest)
     print(f"wrote {manifest['train']['rows']:,} train and {manifest['val']['rows']:,} val activations of "
@@ -1546,6 +1567,14 @@ def resample_dead_(sae, optimizer, dead, x):
 # -----------------------------------------------------------------------------
 # evaluation
 
+def position_buckets(T, first):
+    """[(lo, hi)]: the positions first..63, 64..127, 128..255, ... of a T-token context, the last cut at T."""
+    edges = [first, 64]
+    while edges[-1] < T:
+        edges.append(2 * edges[-1])
+    return [(lo, min(hi, T)) for lo, hi in zip(edges, edges[1:]) if lo < T]
+
+
 EVAL_POSITIONS = 512  # positions whose logits evaluation makes at once: 103 MiB a (P, vocab) fp32 tensor at GPT-2's
 
 
@@ -1555,14 +1584,21 @@ def evaluate(saes, trackers, scale, cfg, model=None, val_batches=(), val_acts=No
     mse (as in training), fvu = sum |x - x_hat|^2 / sum |x - mean x|^2, l0, l1; dead/dense fractions from its
     tracker; mean max |cos| between dictionary rows. With the model: cross-entropy clean, with the SAE's
     reconstruction spliced in at the site, with the site zero-ablated; ce_recovered = (ce_zero - ce_sae) /
-    (ce_zero - ce_clean); kl = KL(clean || spliced) per token. The clean and ablated forwards are shared: n SAEs
-    cost 2 + n forwards, in the parameters' dtype (main() calls it outside autocast), their logits made
-    EVAL_POSITIONS positions at a time. -> [metrics], one per SAE."""
+    (ce_zero - ce_clean); kl = KL(clean || spliced) per token; and "positions": the same by position bucket
+    (position_buckets: 1-63, 64-127, 128-255, ...). The clean and ablated forwards are shared: n SAEs cost 2 + n
+    forwards, in the parameters' dtype (main() calls it outside autocast), their logits made EVAL_POSITIONS
+    positions at a time. -> [metrics], one per SAE."""
     keep = slice(1, None) if cfg.exclude_pos0 else slice(None)  # positions the SAE reads and writes
-    stats = [dict.fromkeys(("n", "sq_err", "sum_x", "sq_x", "l0", "l1", "ce_sae", "kl"), 0.0) for _ in saes]
-    shared = dict.fromkeys(("ce_clean", "ce_zero", "n_ce", "n_kl"), 0.0)
+    stats = [dict.fromkeys(("n", "sq_err", "sum_x", "sq_x", "l0", "l1"), 0.0) for _ in saes]
+    # by position in the context, summed over the contexts (float64): the CE terms, and the FVU's parts
+    T = val_batches[0].shape[1] if len(val_batches) else 0
+    by_pos = lambda *shape: torch.zeros(T, *shape, dtype=torch.float64)
+    shared = {"ce_clean": by_pos(), "ce_zero": by_pos(), "n_ce": by_pos(), "n_kl": by_pos()}
+    for sae, s in zip(saes, stats):
+        s["pos"] = {"ce_sae": by_pos(), "kl": by_pos(), "n": by_pos(), "sq_err": by_pos(), "sq_x": by_pos(),
+                    "sum_x": by_pos(sae.W_dec.shape[1])}
 
-    def score(sae, s, x):  # x (N, d) in normalised units
+    def score(sae, s, x, pos=None):  # x (N, d) in normalised units; pos (N,) their positions in their contexts
         x_hat, f = sae(x)
         s["n"] += len(x)
         s["sq_err"] += (x - x_hat).double().pow(2).sum().item()
@@ -1570,6 +1606,11 @@ def evaluate(saes, trackers, scale, cfg, model=None, val_batches=(), val_acts=No
         s["sq_x"] += x.double().pow(2).sum().item()
         s["l0"] += (f > 0).sum().item()
         s["l1"] += f.double().sum().item()
+        if pos is not None:
+            p = s["pos"]
+            for key, rows in (("sq_err", (x - x_hat).double().pow(2).sum(dim=1)), ("sq_x", x.double().pow(2).sum(dim=1)),
+                              ("n", torch.ones(len(x), dtype=torch.float64)), ("sum_x", x.double())):
+                p[key].index_add_(0, pos.cpu(), rows.cpu())
         return x_hat
 
     if val_acts is not None:
@@ -1577,7 +1618,7 @@ def evaluate(saes, trackers, scale, cfg, model=None, val_batches=(), val_acts=No
             x = val_acts[i:i + cfg.batch_size].to(scale.device) * scale
             for sae, s in zip(saes, stats):
                 score(sae, s, x)
-    for idx in val_batches:
+    for idx in progress(val_batches, desc=f"eval ({len(saes)} SAE{'s' * (len(saes) > 1)})", unit="batch", leave=False):
         captured = {}
         def capture(act):
             captured["act"] = act
@@ -1594,25 +1635,29 @@ def evaluate(saes, trackers, scale, cfg, model=None, val_batches=(), val_acts=No
         act = captured["act"][:, keep].float()  # (B, T', d)
         h_zero = final_hidden(lambda a: splice(a, torch.zeros_like(act)))
         h_saes = []
+        positions = torch.arange(T)[keep].repeat(len(idx))  # (B*T',) each row's position
+        shared["n_kl"] += len(idx)  # KL counts every position, the first and the last included
         for sae, s in zip(saes, stats):
-            x_hat = score(sae, s, act.reshape(-1, act.shape[-1]) * scale).view_as(act) / scale
+            x_hat = score(sae, s, act.reshape(-1, act.shape[-1]) * scale, positions).view_as(act) / scale
             h_saes.append(final_hidden(lambda a: splice(a, x_hat)))
         # the vocabulary-sized work, EVAL_POSITIONS positions at a time: over a whole batch of 32 contexts, each
         # (B, T, vocab) fp32 tensor is 823 MiB at GPT-2's vocabulary, and logits, log-softmax, their exp and
         # products for the clean, ablated and spliced runs took 7.4 GiB at once (measured)
         log_probs = lambda h, part: F.log_softmax(model.lm_head(h[part]), -1)  # (P, C) @ (C, vocab) -> (P, vocab)
-        nll = lambda logp, part: F.nll_loss(logp, targets[part], ignore_index=-1, reduction="sum").item()
+        nll = lambda logp, part: F.nll_loss(logp, targets[part], ignore_index=-1, reduction="none")  # (P,), 0 at -1
         for rows in range(0, len(targets), EVAL_POSITIONS):
             part = slice(rows, rows + EVAL_POSITIONS)
+            pos = torch.arange(part.start, min(part.stop, len(targets))) % T  # (P,) positions in their contexts
+            add = lambda total, values: total.index_add_(0, pos, values.double().cpu())
             logp_clean = log_probs(h_clean, part)
-            shared["ce_clean"] += nll(logp_clean, part)
-            shared["ce_zero"] += nll(log_probs(h_zero, part), part)
+            add(shared["ce_clean"], nll(logp_clean, part))
+            add(shared["ce_zero"], nll(log_probs(h_zero, part), part))
+            add(shared["n_ce"], targets[part] >= 0)
             for s, h in zip(stats, h_saes):
                 logp_sae = log_probs(h, part)
-                s["ce_sae"] += nll(logp_sae, part)
+                add(s["pos"]["ce_sae"], nll(logp_sae, part))
                 # KL(clean || spliced) = sum_vocab p_clean (log p_clean - log p_sae), at every position
-                s["kl"] += F.kl_div(logp_sae, logp_clean, log_target=True, reduction="sum").item()
-        shared["n_ce"], shared["n_kl"] = shared["n_ce"] + (targets >= 0).sum().item(), shared["n_kl"] + idx.numel()
+                add(s["pos"]["kl"], F.kl_div(logp_sae, logp_clean, log_target=True, reduction="none").sum(dim=-1))
     results = []
     for sae, tracker, s in zip(saes, trackers, stats):
         n = max(s["n"], 1)
@@ -1622,13 +1667,28 @@ def evaluate(saes, trackers, scale, cfg, model=None, val_batches=(), val_acts=No
                    "l1": s["l1"] / n, "dead_frac": tracker.dead().float().mean().item(),
                    "dense_frac": (freq > cfg.dense_threshold).float().mean().item(),
                    "mean_max_cos": mean_max_cosine(sae.W_dec)}
-        if shared["n_ce"]:
-            ce_clean, ce_zero, ce_sae = shared["ce_clean"] / shared["n_ce"], shared["ce_zero"] / shared["n_ce"], \
-                s["ce_sae"] / shared["n_ce"]
-            metrics.update(ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero, kl=s["kl"] / shared["n_kl"],
-                           ce_recovered=(ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"))
+        if T:
+            metrics.update(downstream(shared, s["pos"], slice(None)))
+            metrics["context"], metrics["positions"] = T, {}
+            for lo, hi in position_buckets(T, keep.start or 0):
+                p = s["pos"]
+                variance = (p["sq_x"][lo:hi].sum() - p["sum_x"][lo:hi].sum(0).pow(2).sum() / p["n"][lo:hi].sum()).item()
+                metrics["positions"][f"{lo}-{hi - 1}"] = {"tokens": int(p["n"][lo:hi].sum().item()),
+                                                         "fvu": p["sq_err"][lo:hi].sum().item() / max(variance, 1e-12),
+                                                         **downstream(shared, p, slice(lo, hi))}
         results.append(metrics)
     return results
+
+
+def downstream(shared, pos, part):
+    """The CE and KL metrics over the positions `part` (a slice) of evaluate()'s by-position sums: CE over the
+    positions with a next token, KL over all."""
+    n_ce = shared["n_ce"][part].sum().item()
+    ce_clean, ce_zero, ce_sae = (x[part].sum().item() / n_ce if n_ce else float("nan")
+                                 for x in (shared["ce_clean"], shared["ce_zero"], pos["ce_sae"]))
+    kl = pos["kl"][part].sum().item() / shared["n_kl"][part].sum().item()
+    return {"ce_clean": ce_clean, "ce_sae": ce_sae, "ce_zero": ce_zero, "kl": kl,
+            "ce_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan")}
 
 
 # -----------------------------------------------------------------------------
@@ -1951,7 +2011,7 @@ def feature_stats(model, sae, saved, act_scale, contexts, features, top_k=10, ba
     counts, values = torch.zeros(sae.W_dec.shape[0]), {i: [] for i in features}
     top = {i: [] for i in features}  # feature -> [(peak, context index, activations (T,))]
     idx = torch.tensor(features, dtype=torch.long)
-    for start in range(0, len(contexts), batch):
+    for start in progress(range(0, len(contexts), batch), desc="dashboard: features", unit="batch", leave=False):
         tokens = contexts[start:start + batch]
         acts = model.harvest(tokens, saved.layer, saved.site).float()  # (B, T, d)
         _, f = sae(acts.reshape(-1, acts.shape[-1]) * act_scale)         # (B*T, d_sae)
@@ -2038,6 +2098,201 @@ def write_dashboard(cfg, checkpoint):
 
 
 # -----------------------------------------------------------------------------
+# plots: --mode=plot reads every run's log.jsonl (and config.json) under plot_runs and draws the figures
+
+def read_run_logs(roots):
+    """-> [{"dir", "cfg" (dict), "final" (the last evaluation at its training context length, or None), "evals"}]
+    for every directory under roots (comma-separated globs) holding a log.jsonl with an evaluation; the config
+    from config.json, else ckpt.pt."""
+    found = []
+    for pattern in roots.split(","):
+        matched = sorted(path for path in glob.glob(pattern) if os.path.isdir(path))
+        if not matched:
+            raise ValueError(f"--plot_runs: no directory matches {pattern}")
+        for path, _, files in (walked for root in matched for walked in sorted(os.walk(root))):
+            if "log.jsonl" not in files:
+                continue
+            evals = [json.loads(line) for line in open(os.path.join(path, "log.jsonl")) if line.strip()]
+            if "config.json" in files:
+                cfg = json.load(open(os.path.join(path, "config.json")))
+            elif "ckpt.pt" in files:
+                cfg = load_checkpoint(os.path.join(path, "ckpt.pt"))["config"]
+            else:
+                print(f"{path}: log.jsonl without config.json or ckpt.pt; skipped")
+                continue
+            cfg = {**asdict(TrainConfig()), **cfg}
+            # final: the latest evaluation on the contexts it trained on (not an --eval_block_size one after it)
+            native = [e for e in evals if e.get("context", cfg["block_size"]) == cfg["block_size"]]
+            if evals:
+                found.append({"dir": path, "cfg": cfg, "evals": evals, "final": max(
+                    enumerate(native), key=lambda pair: (pair[1]["iter"], pair[0]))[1] if native else None})
+    return found
+
+
+def method_label(cfg):
+    """What a frontier is made of: the architecture and loss (with jl_coeff), and the decoder's rate multiple and
+    the ReLU recipe where they differ from the defaults; the sparsity setting varies along it."""
+    label = cfg["arch"] if cfg["loss"] == "l1" else f"{cfg['arch']} {cfg['loss']} jl {cfg['jl_coeff']:g}"
+    lr_enc, lr_dec = cfg["lr_enc"] or cfg["lr"], cfg["lr_dec"] or cfg["lr"]
+    if lr_dec != lr_enc:
+        label += f", decoder lr {lr_dec / lr_enc:g}x"
+    if cfg["arch"] == "relu" and not cfg["l1_by_decoder_norm"]:
+        label += ", unit rows"
+    if cfg["init_norm"] not in (0, INIT_NORM[cfg["arch"]]):
+        label += f", init {cfg['init_norm']:g}"
+    return label
+
+
+def ce_increase(record):
+    return record["ce_sae"] - record["ce_clean"] if "ce_sae" in record else float("nan")
+
+
+def at_l0(points, target):
+    """points [(l0, value)] -> value at L0 = target, linear in log L0 between the two nearest points that
+    bracket it; None when target is outside the measured range (no extrapolation)."""
+    points = sorted((l0, v) for l0, v in points if l0 > 0 and v == v)
+    for (l0_a, a), (l0_b, b) in zip(points, points[1:]):
+        if l0_a <= target <= l0_b:
+            t = (math.log(target) - math.log(l0_a)) / (math.log(l0_b) - math.log(l0_a)) if l0_b > l0_a else 0.0
+            return a + t * (b - a)
+    return None
+
+
+PLOT_METRICS = (  # (key, axis label, value of a final evaluation)
+    ("fvu", "FVU", lambda r: r["fvu"]),
+    ("ce_recovered", "CE loss recovered", lambda r: r.get("ce_recovered", float("nan"))),
+    ("ce_increase", "CE increase (nats)", ce_increase),
+    ("kl", "KL (nats/token)", lambda r: r.get("kl", float("nan"))),
+    ("dead_frac", "dead fraction", lambda r: r["dead_frac"]),
+    ("mean_max_cos", "mean max cos", lambda r: r["mean_max_cos"]))
+
+
+def matched_sparsity_table(runs, target):
+    """A markdown table: each method's metrics at L0 = target, interpolated on its frontier (final evaluations)."""
+    by_method = {}
+    for run in runs:
+        by_method.setdefault(method_label(run["cfg"]), []).append(run["final"])
+    head = "| method | SAEs | L0 range | " + " | ".join(name for _, name, _ in PLOT_METRICS) + " |"
+    lines = [head, "|---|---:|---|" + "---:|" * len(PLOT_METRICS)]
+    for method, finals in by_method.items():
+        cells = []
+        for _, _, get in PLOT_METRICS:
+            value = at_l0([(r["l0"], get(r)) for r in finals], target)
+            cells.append("—" if value is None else f"{value:.3f}")
+        l0s = sorted(r["l0"] for r in finals)
+        lines.append(f"| {method} | {len(finals)} | {l0s[0]:.1f}–{l0s[-1]:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(cfg):
+    """--mode=plot: frontier.png (FVU, CE recovered, CE increase and KL against L0, one line per method, final
+    evaluations), layers.png when the runs span several layers (each method's metrics by layer, with the
+    zero-ablation cost), positions.png when runs were evaluated on contexts past 128 tokens (metrics by position
+    bucket), and matched_l0.md, the table at L0 = plot_l0. Returns the paths written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--mode=plot needs matplotlib: pip install matplotlib") from None
+    runs = read_run_logs(cfg.plot_runs)
+    if not runs:
+        raise ValueError(f"--plot_runs={cfg.plot_runs}: no log.jsonl with an evaluation under it")
+    os.makedirs(cfg.plot_dir, exist_ok=True)
+    written = []
+
+    def save(fig, name):
+        path = os.path.join(cfg.plot_dir, name)
+        fig.tight_layout()
+        fig.savefig(path + ".tmp.png", dpi=110)
+        os.replace(path + ".tmp.png", path)
+        plt.close(fig)
+        written.append(path)
+
+    same_site = {}
+    trained = [run for run in runs if run["final"]]
+    for run in trained:  # a frontier compares methods at one (layer, context length): the most common one
+        same_site.setdefault((run["cfg"]["layer"], run["cfg"]["block_size"]), []).append(run)
+    site_runs = max(same_site.values(), key=len)
+    methods, losses = {}, {}
+    for run in site_runs:
+        methods.setdefault(method_label(run["cfg"]), []).append(run["final"])
+        losses[method_label(run["cfg"])] = run["cfg"]["loss"]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
+    axes = axes.ravel()
+    colors = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
+    line = {"l1": "-", "hybrid": "--", "jl": ":"}  # the loss by line style, the method by colour
+    for ax, (_, name, get) in zip(axes, PLOT_METRICS[:4]):
+        for i, (method, finals) in enumerate(methods.items()):
+            finals = sorted((r for r in finals if r["l0"] > 0), key=lambda r: r["l0"])  # log axis: an L0 of 0 is off it
+            ax.plot([r["l0"] for r in finals], [get(r) for r in finals], marker="o", ms=4, ls=line[losses[method]],
+                    label=method, color=colors[i % len(colors)])
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (active features per token)")
+        ax.set_ylabel(name)
+        ax.axvline(cfg.plot_l0, color="#bbb", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    layer, block = site_runs[0]["cfg"]["layer"], site_runs[0]["cfg"]["block_size"]
+    fig.suptitle(f"sparsity frontiers: layer {layer}, {block}-token contexts, {len(site_runs)} SAEs")
+    save(fig, "frontier.png")
+
+    layers = sorted({run["cfg"]["layer"] for run in trained})
+    if len(layers) > 1:
+        fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
+        axes = axes.ravel()
+        by_method = {}
+        for run in trained:
+            by_method.setdefault(method_label(run["cfg"]), {}).setdefault(run["cfg"]["layer"], []).append(run["final"])
+        for ax, (_, name, get) in zip(axes, (PLOT_METRICS[0], PLOT_METRICS[1], PLOT_METRICS[2], PLOT_METRICS[4])):
+            for method, per_layer in by_method.items():
+                xs = sorted(per_layer)
+                ax.plot(xs, [sum(get(r) for r in per_layer[l]) / len(per_layer[l]) for l in xs], "o-", label=method, ms=4)
+            ax.set_xlabel("layer")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+        zero = {}
+        for run in trained:
+            if "ce_zero" in run["final"]:
+                zero[run["cfg"]["layer"]] = run["final"]["ce_zero"] - run["final"]["ce_clean"]
+        if zero:
+            axes[2].plot(sorted(zero), [zero[l] for l in sorted(zero)], "k--", label="zero-ablation cost")
+        axes[0].legend(fontsize=7)
+        axes[2].legend(fontsize=7)
+        fig.suptitle("by layer (final evaluations; the mean where a method has several SAEs at a layer)")
+        save(fig, "layers.png")
+
+    # by position: each run's latest evaluation on contexts of more than 128 tokens (three buckets or more)
+    long = [(run, max(long, key=lambda e: (e["context"], e["iter"]))) for run in runs
+            if (long := [e for e in run["evals"] if len(e.get("positions", {})) >= 3])]
+    if long:
+        fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+        for run, record in long:
+            buckets = list(record["positions"])
+            label = (f"{method_label(run['cfg'])}, trained on {run['cfg']['block_size']}-token contexts, "
+                     f"L0 {record['l0']:.0f}")
+            for ax, key in zip(axes, ("fvu", "ce_recovered", "kl")):
+                ax.plot(range(len(buckets)), [record["positions"][b][key] for b in buckets], "o-", label=label, ms=4)
+        for ax, name in zip(axes, ("FVU", "CE loss recovered", "KL (nats/token)")):
+            ax.set_xticks(range(len(buckets)), buckets)
+            ax.set_xlabel("position in the context")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"by position bucket, evaluated on {long[0][1]['context']}-token contexts")
+        save(fig, "positions.png")
+
+    table = os.path.join(cfg.plot_dir, "matched_l0.md")
+    with open(table + ".tmp", "w") as f:
+        f.write(f"At L0 = {cfg.plot_l0:g}, linear in log L0 between each method's two nearest SAEs (— : outside its "
+                f"range); layer {layer}, {block}-token contexts.\n\n" + matched_sparsity_table(site_runs, cfg.plot_l0))
+    os.replace(table + ".tmp", table)
+    written.append(table)
+    print(f"wrote {', '.join(written)} from {len(runs)} runs")
+    return written
+
+
+# -----------------------------------------------------------------------------
 # training: python sae.py [config/...py] [--key=value ...]; torchrun --standalone --nproc_per_node=N sae.py ...
 
 def activation_source(cfg, device, autocast, rank=0, world=1):
@@ -2065,7 +2320,8 @@ def activation_source(cfg, device, autocast, rank=0, world=1):
         d_in = site_width(model.config, cfg.site)
     if rank != 0:  # rank 0 alone evaluates
         return source, d_in, model, [], None
-    contexts = val_contexts(cfg.data_dir, cfg.block_size, cfg.eval_tokens, "evaluation")  # the same every time
+    # the same contexts every time
+    contexts = val_contexts(cfg.data_dir, cfg.eval_block_size or cfg.block_size, cfg.eval_tokens, "evaluation")
     return source, d_in, model, [b.to(device) for b in contexts.split(cfg.harvest_batch)], None
 
 
@@ -2088,6 +2344,31 @@ class Run:
             self.tracker.load_state_dict(checkpoint["tracker"])
             if not cfg.eval_only:
                 self.optimizer.load_state_dict(checkpoint["optimizer"])
+
+
+def import_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("--wandb_log=True needs the wandb package: pip install wandb (WANDB_MODE=offline logs "
+                         "without the network)") from None
+    return wandb
+
+
+def start_wandb(wandb, runs, sweep_dir):
+    """--wandb_log: one W&B run per SAE (a sweep's SAEs in one group), its config the SAE's. The run's id is kept
+    in out_dir/wandb_id, so a resumed SAE continues its W&B run. WANDB_MODE=offline writes to out_dir/wandb
+    without the network (`wandb sync` uploads it later)."""
+    for run in runs:
+        id_path = os.path.join(run.cfg.out_dir, "wandb_id")
+        if not os.path.exists(id_path):
+            with open(id_path + ".tmp", "w") as f:
+                f.write(wandb.util.generate_id())
+            os.replace(id_path + ".tmp", id_path)
+        run.wandb = wandb.init(project=run.cfg.wandb_project, name=os.path.basename(os.path.abspath(run.cfg.out_dir)),
+                               group=os.path.basename(os.path.abspath(sweep_dir)) if len(runs) > 1 else None,
+                               id=open(id_path).read().strip(), resume="allow", config=asdict(run.cfg),
+                               dir=run.cfg.out_dir, reinit="create_new")  # several runs at once: wandb >= 0.19.10
 
 
 def auto_dtype(device_type):
@@ -2126,6 +2407,8 @@ def init_device(cfg):
 
 def main(argv):
     import torch.distributed as dist
+    if parse_overrides(TrainConfig(), argv).get("mode") == "plot":  # reads logs, not a checkpoint
+        return plot_results(replace(TrainConfig(), **parse_overrides(TrainConfig(), argv)))
     resolved = resolve_runs(argv)
     cfg, checkpoint = resolved[0]  # the SAEs of a sweep share every key that is not SWEEPABLE
     if cfg.mode != "train" and len(resolved) > 1:
@@ -2145,6 +2428,10 @@ def main(argv):
             print(f"override: {key} = {value!r}")
     for run_cfg, _ in resolved:
         check_config(run_cfg, ddp_world_size)
+    wandb = import_wandb() if cfg.wandb_log and master_process else None  # before the model loads: fail early
+    if any(run_cfg.jl_sample and run_cfg.loss != "l1" for run_cfg, _ in resolved):
+        print0("note: --jl_sample estimates the JL penalty without its training behaviour (README: the JL penalty, "
+               "measured); --jl_sample=0 is the exact penalty")
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if cfg.mode == "cache":
         if ddp:
@@ -2185,6 +2472,8 @@ def main(argv):
         all_metrics = evaluate([run.sae for run in runs], [run.tracker for run in runs], torch.tensor(scale, device=device),
                                cfg, model, val_batches, val_acts)
         for run, metrics in zip(runs, all_metrics):
+            if cfg.wandb_log:
+                run.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=it)
             metrics = {"iter": it, **metrics}
             with open(os.path.join(run.cfg.out_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -2211,9 +2500,14 @@ def main(argv):
     if master_process:
         for run in runs:
             os.makedirs(run.cfg.out_dir, exist_ok=True)
+            write_json(os.path.join(run.cfg.out_dir, "config.json"), asdict(run.cfg))  # what --mode=plot reads
+        if cfg.wandb_log:
+            start_wandb(wandb, runs, os.path.dirname(cfg.out_dir) if len(runs) > 1 else cfg.out_dir)
     if cfg.eval_only:
         if master_process:
             run_eval(iter_num)
+            for run in runs if cfg.wandb_log else ():
+                run.wandb.finish()
         return
     start_iter, t0, last_log = iter_num, time.time(), iter_num - 1
     resampled = [run for run in runs if run.cfg.arch not in K_SPARSE]  # the k-sparse ones have AuxK instead
@@ -2272,6 +2566,13 @@ def main(argv):
                 print0(f"iter {it:5d} | {run.prefix}loss {stats[0]:.4f} | mse {stats[1]:.4f} | l1 {stats[2]:.3f} | "
                        f"jl {stats[3]:.5f} | l0 {stats[4]:.1f} | lr {run.lr:.2e} | {dt / steps * 1000:.1f} ms/step | "
                        f"{cfg.batch_size * steps / dt:,.0f} tok/s")
+                if master_process and cfg.wandb_log:
+                    run.wandb.log({"train/loss": stats[0].item(), "train/mse": stats[1].item(), "train/l1": stats[2].item(),
+                                   "train/jl": stats[3].item(), "train/l0": stats[4].item(), "train/lr": run.lr,
+                                   "train/ms_per_step": dt / steps * 1000}, step=it)
+    if master_process and cfg.wandb_log:
+        for run in runs:
+            run.wandb.finish()
     if ddp:  # wait for rank 0's last evaluation and checkpoint: gloo aborts if a peer leaves early
         dist.barrier()
         dist.destroy_process_group()

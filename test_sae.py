@@ -5,6 +5,7 @@ References are independent of the code under test: tiktoken and the raw JSON for
 transformers' GPT2LMHeadModel for our GPT-2, numpy reads of the shard bytes for the loader.
 Tests that need ../shared (tokenizer files, text sample) skip without it.
 """
+import dataclasses
 import glob
 import json
 import os
@@ -2127,6 +2128,53 @@ def test_evaluation_in_slices_of_positions_matches_whole_logits(monkeypatch):
             assert m["kl"] > 1e-4 and m["ce_sae"] != pytest.approx(ce_clean, rel=1e-4)  # the splice changed something
 
 
+def test_evaluation_by_position_bucket_matches_a_direct_computation(monkeypatch):
+    """The "positions" metrics of evaluate() (here with buckets 1-4, 5-10, 11-15 of 16-token contexts, slices of 7
+    positions ragged against them): each bucket's CE clean, ablated and spliced, KL and FVU equal those computed
+    here from whole logits and activations restricted to the bucket's positions."""
+    assert sae.position_buckets(512, 1) == [(1, 64), (64, 128), (128, 256), (256, 512)]
+    assert sae.position_buckets(128, 1) == [(1, 64), (64, 128)] and sae.position_buckets(100, 1)[-1] == (64, 100)
+    assert sae.position_buckets(16, 0) == [(0, 16)]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=101, n_layer=2, n_head=2, n_embd=24)).eval()
+    cfg = TrainConfig(layer=1, site="mlp_in", d_sae=40)
+    s = SAE(24, 40)
+    torch.nn.init.normal_(s.b_enc, std=0.3)
+    batches = [torch.randint(0, 101, (3, 16)), torch.randint(0, 101, (2, 16))]  # a short last batch, as val splits give
+    scale = torch.tensor(1.7)
+    monkeypatch.setattr(sae, "EVAL_POSITIONS", 7)
+    monkeypatch.setattr(sae, "position_buckets", lambda T, first: [(first, 5), (5, 11), (11, T)])
+    (m,) = sae.evaluate([s], [sae.FeatureTracker(40, 1000)], scale, cfg, model, batches)
+    assert list(m["positions"]) == ["1-4", "5-10", "11-15"]
+    idx = torch.cat(batches)
+    with torch.no_grad():
+        captured = {}
+        def run(edit):
+            return model(idx, cfg.layer, cfg.site, edit)  # (B, T, vocab)
+        def capture(a):
+            captured["act"] = a.clone()
+            return a
+        def replace(a, new):
+            a = a.clone()
+            a[:, 1:] = new(a[:, 1:])
+            return a
+        splice = lambda a: s(a.reshape(-1, 24) * scale)[0].view_as(a) / scale
+        clean = run(capture)
+        zero, spliced = run(lambda a: replace(a, torch.zeros_like)), run(lambda a: replace(a, splice))
+        x = captured["act"] * scale  # (B, T, d) normalised
+        x_hat = splice(captured["act"][:, 1:]) * scale
+        for (lo, hi), name in zip(((1, 5), (5, 11), (11, 16)), m["positions"]):
+            ce = lambda lg: F.cross_entropy(lg[:, lo:min(hi, 15)].reshape(-1, 101), idx[:, lo + 1:min(hi, 15) + 1].reshape(-1)).item()
+            kl = (F.softmax(clean[:, lo:hi], -1) * (F.log_softmax(clean[:, lo:hi], -1) - F.log_softmax(spliced[:, lo:hi], -1))).sum(-1).mean().item()
+            xb, eb = x[:, lo:hi].reshape(-1, 24).double(), (x[:, lo:hi] - x_hat[:, lo - 1:hi - 1]).reshape(-1, 24).double()
+            fvu = eb.pow(2).sum().item() / (xb - xb.mean(0)).pow(2).sum().item()
+            got = m["positions"][name]
+            assert got["tokens"] == 5 * (hi - lo)
+            for key, value in (("ce_clean", ce(clean)), ("ce_zero", ce(zero)), ("ce_sae", ce(spliced)), ("kl", kl), ("fvu", fvu)):
+                assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
+            assert got["ce_recovered"] == pytest.approx((got["ce_zero"] - got["ce_sae"]) / (got["ce_zero"] - got["ce_clean"]))
+
+
 def test_no_triton_forces_the_references(monkeypatch):
     monkeypatch.setattr(kernels, "NO_TRITON", True)
     x_hat, f = kernels.encode_relu_decode(torch.randn(3, 4), *sae_params(4, 5))
@@ -2886,3 +2934,171 @@ def test_smollm2_end_to_end(smollm2_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     page = open(out / "dashboard.html", encoding="utf-8").read()
     assert page.count("class=feature ") == 3 and "the val split holds" not in r.stdout
+
+
+# -----------------------------------------------------------------------------
+# experiments' tooling: plots from log.jsonl, Weights & Biases logging
+
+def write_fake_run(root, name, config, finals):
+    """A run directory as training leaves it: config.json and log.jsonl (one evaluation per record)."""
+    run = Path(root) / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({**dataclasses.asdict(sae.TrainConfig()), **config}))
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in finals))
+
+
+def fake_eval(it, l0, fvu, layer_cost=0.1):
+    return {"iter": it, "mse": 100 * fvu, "fvu": fvu, "l0": l0, "l1": 3.0, "dead_frac": 0.01, "dense_frac": 0.0,
+            "mean_max_cos": 0.3, "ce_clean": 3.5, "ce_sae": 3.5 + fvu * layer_cost, "ce_zero": 3.5 + layer_cost,
+            "kl": fvu * layer_cost, "ce_recovered": 1 - fvu}
+
+
+def test_at_l0_interpolates_in_log_l0_and_never_extrapolates():
+    points = [(16.0, 0.5), (64.0, 0.3), (8.0, 0.6)]
+    assert sae.at_l0(points, 32.0) == pytest.approx(0.4)   # halfway between 16 and 64 in log L0
+    assert sae.at_l0(points, 8.0) == pytest.approx(0.6)
+    assert sae.at_l0(points, 11.313708498984761) == pytest.approx(0.55)  # sqrt(8 * 16)
+    assert sae.at_l0(points, 100.0) is None and sae.at_l0(points, 4.0) is None
+    assert sae.at_l0([(10.0, float("nan")), (50.0, 1.0)], 32.0) is None  # a missing metric is no point
+
+
+def test_plot_command_draws_the_figures_and_the_matched_table_from_fake_logs(tmp_path):
+    """--mode=plot on a small fake set of logs: the frontier and layer figures are PNG images, and the table's
+    values at L0 32 are the interpolation computed here by hand."""
+    pytest.importorskip("matplotlib")
+    runs = tmp_path / "runs"
+    for l1, l0 in ((1.0, 64.0), (2.0, 16.0), (4.0, 4.0)):  # relu: FVU 0.3 at L0 64, 0.5 at 16 -> 0.4 at 32
+        write_fake_run(runs / "relu", f"l1_coeff{l1}", {"arch": "relu", "l1_coeff": l1, "layer": 15},
+                       [fake_eval(0, 2000.0, 1.0), fake_eval(100, l0, {64.0: 0.3, 16.0: 0.5, 4.0: 0.7}[l0])])
+    for k in (40, 80):  # topk: L0 40 to 80, outside 32: no value at 32
+        write_fake_run(runs / "topk", f"k{k}", {"arch": "topk", "k": k, "layer": 15}, [fake_eval(100, float(k), 0.2)])
+    for layer in (5, 25):  # a second and third layer: the layers figure, with the zero-ablation cost per layer
+        write_fake_run(runs / "layers", f"layer{layer}", {"arch": "relu", "layer": layer},
+                       [fake_eval(100, 30.0, 0.4, layer_cost=0.05 * layer)])
+    for block in (128, 512):  # the context-length comparison: both evaluated by position on 512-token contexts
+        record = {**fake_eval(100, 30.0, 0.4), "context": 512, "positions": {
+            b: {**fake_eval(100, 30.0, 0.3 + 0.1 * i * (block == 128)), "tokens": 100} for i, b in
+            enumerate(("1-63", "64-127", "128-255", "256-511"))}}
+        write_fake_run(runs / "context", f"block{block}", {"arch": "topk", "block_size": block, "layer": 10}, [record])
+    r = run_sae("--mode=plot", f"--plot_runs={runs}", f"--plot_dir={tmp_path / 'figures'}")
+    assert r.returncode == 0, r.stderr
+    import matplotlib.image
+    for name in ("frontier.png", "layers.png", "positions.png"):
+        image = matplotlib.image.imread(tmp_path / "figures" / name)
+        assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 1000, (name, image.shape)
+        assert image[..., :3].std() > 0.05, f"{name} is blank"
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in (tmp_path / "figures" / "matched_l0.md").read_text().splitlines() if line.startswith("| ")}
+    header = rows.pop("method")
+    relu = dict(zip(header, rows["relu"]))
+    assert relu["SAEs"] == "3" and relu["L0 range"] == "4.0–64.0"  # the layer-15 frontier: the other layers are apart
+    assert float(relu["FVU"]) == pytest.approx(0.4, abs=1e-3)
+    assert float(relu["CE increase (nats)"]) == pytest.approx(0.04, abs=1e-3)  # 0.4 x the 0.1-nat ablation cost
+    assert float(relu["CE loss recovered"]) == pytest.approx(0.6, abs=1e-3)
+    assert dict(zip(header, rows["topk"]))["FVU"] == "—"
+    # without matplotlib: one line, exit 1
+    fake = tmp_path / "no_matplotlib" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    env = {**cpu_env(), "PYTHONPATH": str(fake.parent)}
+    r = subprocess.run([sys.executable, str(HERE / "sae.py"), "--mode=plot", f"--plot_runs={runs}"], cwd=tmp_path,
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and r.stderr.strip() == "error: --mode=plot needs matplotlib: pip install matplotlib"
+
+
+FAKE_WANDB = '''
+import json, os, uuid
+def _record(**entry):
+    with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
+        f.write(json.dumps(entry) + "\\n")
+class util:
+    generate_id = staticmethod(lambda: uuid.uuid4().hex[:8])
+class Run:
+    def __init__(self, id):
+        self.id = id
+    def log(self, data, step=None):
+        _record(call="log", id=self.id, data=data, step=step)
+    def finish(self):
+        _record(call="finish", id=self.id)
+def init(**kwargs):
+    _record(call="init", **kwargs)
+    return Run(kwargs["id"])
+'''
+
+
+def test_wandb_log_sends_each_saes_metrics_to_its_own_run_and_resumes_it(synthetic, tmp_path):
+    """--wandb_log=True through a stand-in for the wandb package that records its calls: one run per SAE of a
+    sweep (its name, the sweep's group, its config), the same evaluations as log.jsonl, training metrics at
+    log_interval, finished at the end; a resumed sweep continues the same W&B runs."""
+    package = tmp_path / "fake" / "wandb"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(FAKE_WANDB)
+    calls = tmp_path / "calls.jsonl"
+    env = {**cpu_env(), "PYTHONPATH": str(package.parent), "FAKE_WANDB_LOG": str(calls)}
+    out = tmp_path / "sweep"
+    args = [f"--acts={synthetic[0]}", *ACTS_RUN, "--l1_coeff=[0.5, 2.0]", f"--out_dir={out}", "--eval_interval=100",
+            "--log_interval=50", "--wandb_log=True", "--wandb_project=tests", "--dtype=float32"]
+    run = lambda *a: subprocess.run([sys.executable, str(HERE / "sae.py"), *a], cwd=HERE, capture_output=True,
+                                    text=True, env=env)
+    r = run(*args, "--max_iters=100")
+    assert r.returncode == 0, r.stderr
+    entries = [json.loads(line) for line in calls.read_text().splitlines()]
+    inits = [e for e in entries if e["call"] == "init"]
+    assert [e["name"] for e in inits] == ["l1_coeff0.5", "l1_coeff2.0"]
+    assert {e["group"] for e in inits} == {"sweep"} and {e["project"] for e in inits} == {"tests"}
+    assert [e["config"]["l1_coeff"] for e in inits] == [0.5, 2.0] and {e["reinit"] for e in inits} == {"create_new"}
+    ids = {e["name"]: e["id"] for e in inits}
+    assert len(set(ids.values())) == 2
+    for name, run_id in ids.items():
+        assert (out / name / "wandb_id").read_text() == run_id
+        logged = [e for e in entries if e["call"] == "log" and e["id"] == run_id]
+        evals = [e for e in logged if "eval/fvu" in e["data"]]
+        on_disk = [json.loads(line) for line in open(out / name / "log.jsonl")]
+        assert [e["step"] for e in evals] == [r["iter"] for r in on_disk] == [0, 100]
+        for e, record in zip(evals, on_disk):
+            assert e["data"] == {f"eval/{k}": v for k, v in record.items() if k != "iter"}
+        assert [e["step"] for e in logged if "train/loss" in e["data"]] == [0, 50, 99]
+        assert entries.index({"call": "finish", "id": run_id}) > entries.index(logged[-1])
+    calls.unlink()
+    r = run("--init_from=resume", f"--out_dir={out}", "--max_iters=150", "--wandb_log=True")
+    assert r.returncode == 0, r.stderr
+    entries = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert {e["name"]: e["id"] for e in entries if e["call"] == "init"} == ids
+    assert {e["resume"] for e in entries if e["call"] == "init"} == {"allow"}
+    # without the package: one line, exit 1
+    (package / "__init__.py").write_text("raise ImportError('no wandb here')\n")
+    r = run(*args, "--max_iters=10", f"--out_dir={tmp_path / 'x'}")
+    assert r.returncode == 1 and r.stderr.strip() == ("error: --wandb_log=True needs the wandb package: pip install "
+                                                      "wandb (WANDB_MODE=offline logs without the network)")
+
+
+def test_jl_mean_rewards_clusters_of_duplicates_when_rows_outnumber_dimensions():
+    """Why JL collapses an overcomplete dictionary (issue 12, README "the JL penalty, measured"): the mean of
+    atanh |cos| over pairs acts like an L1 penalty on the Gram matrix, so with n = 8 d rows it is lower for 8
+    copies of an orthonormal basis (each row exactly orthogonal to all but its 7 duplicates) than for random
+    rows, and Adam on the exact penalty alone, from random rows, drives rows together: the penalty falls below
+    even the copies' value while the mean max |cos| climbs to 0.9. Dense float64 reference throughout."""
+    d, copies = 32, 8
+    n = d * copies
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0]
+    clusters = jl_penalty_ref(basis.repeat(copies, 1)).item()
+    assert clusters == pytest.approx((copies - 1) * np.arctanh(1 - JL_EPS) / (n - 1), rel=1e-9)  # 7 duplicates a row
+    random_rows = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
+    assert clusters < 0.95 * jl_penalty_ref(random_rows).item()
+
+    def mean_max_cos(W):
+        G = (W @ W.T).abs().fill_diagonal_(0)
+        return G.max(dim=1).values.mean().item()
+
+    W = torch.nn.Parameter(0.1 * torch.randn(n, d, dtype=torch.float64))
+    optimizer = torch.optim.Adam([W], lr=3e-3)  # the experiments' rate
+    start = mean_max_cos(F.normalize(W.detach(), dim=1))
+    for _ in range(200):
+        loss = jl_penalty_ref(F.normalize(W, dim=1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    end = F.normalize(W.detach(), dim=1)
+    assert jl_penalty_ref(end).item() < clusters  # it found something lower than the copies
+    assert start < 0.6 and mean_max_cos(end) > 0.85  # by collapsing rows onto each other
