@@ -50,7 +50,8 @@ class TrainConfig:
     out_dir: str = "out"               # ckpt.pt and log.jsonl
     acts: str = ""                     # train on an activation cache DIR (--mode=cache) or PATH.npy (N, d_in), not the model
     eval_only: bool = False            # evaluate out_dir/ckpt.pt and exit
-    mode: str = "train"                # train; cache (activations to disk); export (SAELens); steer; dashboard
+    mode: str = "train"                # train; cache (activations to disk); export (SAELens); steer; dashboard; plot;
+                                       # finetune (LoRA, for the persistence experiment)
     cache_dir: str = ""                # --mode=cache writes the activation cache here
     cache_tokens: int = 2**22          # ... this many train activations (position 0 not counted with exclude_pos0)
     cache_dtype: str = "float16"       # ... stored as float16 (half the disk) or float32
@@ -67,6 +68,14 @@ class TrainConfig:
     plot_runs: str = "out"             # --mode=plot: directories searched for runs (log.jsonl), comma-separated globs
     plot_dir: str = "figures"          # ... the figures (PNG, matplotlib) and the matched-sparsity table go here
     plot_l0: float = 32.0              # ... the L0 at which the table compares methods (interpolated on each frontier)
+    finetune_dir: str = ""             # --mode=finetune: LoRA-tunes the model on data_dir's train split, writes it merged here
+    finetune_iters: int = 100          # ... Adam steps of harvest_batch contexts of block_size tokens
+    finetune_lr: float = 1e-3
+    lora_rank: int = 8                 # ... W + (lora_alpha / lora_rank) B A on each adapted weight (Hu et al. 2021)
+    lora_alpha: float = 16.0
+    lora_targets: str = ""             # ... names of the blocks' linear layers to adapt (q_proj,v_proj); "" = all of them
+    eval_model: str = ""               # --eval_only on this model instead of the SAE's own (e.g. its fine-tune), same
+                                       # tokenizer and width; adds how many features keep their firing frequency
     seed: int = 1337
     device: str = "auto"               # auto = cuda if available, else cpu
     dtype: str = "auto"                # autocast dtype of the model's and the SAE's matmuls (parameters, Adam: fp32);
@@ -144,7 +153,7 @@ class TrainConfig:
 
 
 LOSSES, JL_ON, DECAYS = ("l1", "jl", "hybrid"), ("dec", "enc"), ("constant", "cosine", "linear")
-MODES = ("train", "cache", "export", "steer", "dashboard", "plot")
+MODES = ("train", "cache", "export", "steer", "dashboard", "plot", "finetune")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 
 
@@ -319,6 +328,12 @@ def check_config(cfg, world_size=1):
                              f"({cfg.d_sae})")
     if cfg.exclude_pos0 and cfg.block_size < 2:
         raise ValueError("--block_size must be at least 2 with --exclude_pos0=True")
+    if cfg.mode == "finetune" and (not cfg.finetune_dir or cfg.acts):
+        raise ValueError("--mode=finetune needs --finetune_dir=DIR (and no --acts): it tunes the model of --init_from")
+    if cfg.mode == "finetune" and min(cfg.finetune_iters, cfg.lora_rank, cfg.finetune_lr) <= 0:
+        raise ValueError("--finetune_iters, --lora_rank and --finetune_lr must be positive")
+    if cfg.eval_model and not cfg.eval_only:
+        raise ValueError("--eval_model is for --eval_only=True: it scores a trained SAE on another model")
 
 
 # -----------------------------------------------------------------------------
@@ -1719,7 +1734,7 @@ def resolve_runs(argv):
     overrides = parse_overrides(TrainConfig(), argv)
     scalars = {k: v for k, v in overrides.items() if not isinstance(v, list)}
     base = replace(TrainConfig(), **scalars)
-    if base.init_from != "resume" and not base.eval_only and base.mode in ("train", "cache"):  # a new run
+    if base.init_from != "resume" and not base.eval_only and base.mode in ("train", "cache", "finetune"):  # a new run
         if base.acts and os.path.isdir(base.acts):
             scalars = from_cache_manifest(base.acts, scalars)
             base, overrides = replace(base, **scalars), {**overrides, **scalars}
@@ -1785,10 +1800,11 @@ def recover_sweep_checkpoint(out_dir):
     return paths, manifest["iter_num"]
 
 
-def load_lm(cfg):
-    """The frozen model a run reads: a random GPT-2 (init_from=scratch) or a checkpoint of either family.
-    model.tokenizer is the spec of its tokenizer for prepare.load_tokenizer: the checkpoint's own tokenizer.json
-    (the Llama family, or a GPT-2 directory that has one), else tiktoken's gpt2."""
+def load_lm(cfg, has_site=True):
+    """The frozen model a run reads: a random GPT-2 (init_from=scratch) or a checkpoint of either family; its
+    (layer, site) checked unless has_site is False (a fine-tune reads none). model.tokenizer is the spec of its
+    tokenizer for prepare.load_tokenizer: the checkpoint's own tokenizer.json (the Llama family, or a GPT-2
+    directory that has one), else tiktoken's gpt2."""
     if cfg.init_from == "scratch":  # a random GPT-2 of the given size (nanoGPT), the same for the same seed
         torch.manual_seed(cfg.seed)
         model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
@@ -1796,7 +1812,8 @@ def load_lm(cfg):
         model = load_model(cfg.init_from)
     own = isinstance(model, Llama) or os.path.isfile(os.path.join(cfg.init_from, "tokenizer.json"))
     model.tokenizer = cfg.init_from if own else "gpt2"
-    check_site(model.config, cfg.layer, cfg.site)
+    if has_site:
+        check_site(model.config, cfg.layer, cfg.site)
     if cfg.block_size > model.config.block_size:
         raise ValueError(f"--block_size={cfg.block_size}: the model has {model.config.block_size} positions")
     return model.eval().requires_grad_(False)
@@ -2098,6 +2115,188 @@ def write_dashboard(cfg, checkpoint):
 
 
 # -----------------------------------------------------------------------------
+# fine-tuning: --mode=finetune trains LoRA adapters on the blocks of --init_from over data_dir's train split and
+# writes the merged model as a save_pretrained directory, which every mode then reads like any checkpoint. It is
+# the first half of the persistence experiment (README): do the features of an SAE trained on the model survive a
+# fine-tune? --eval_only --eval_model=<the fine-tune> is the second half.
+
+class LoRA(nn.Module):
+    """Low-rank adaptation (Hu et al. 2021; microsoft/LoRA's loralib) as a parametrization of a frozen weight W
+    (out, in): W + (alpha / r) B A, A (r, in) Kaiming-uniform as loralib starts it, B (out, r) zero, so training
+    starts from the model itself. torch.nn.utils.parametrize recomputes it wherever the layer reads .weight (our
+    Linear, and kernels.linear's autograd path), and merges it into W when the parametrization is removed."""
+
+    def __init__(self, weight, rank, alpha):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, weight.shape[1], device=weight.device))
+        self.B = nn.Parameter(torch.zeros(weight.shape[0], rank, device=weight.device))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.scale = alpha / rank
+
+    def forward(self, weight):
+        return weight + self.scale * (self.B @ self.A)  # (out, r) @ (r, in) -> (out, in)
+
+
+def add_lora_(model, rank, alpha, targets=()):
+    """LoRA on each nn.Linear of the model's blocks whose own name is in targets (all when empty). -> their names"""
+    from torch.nn.utils import parametrize
+    linears = [(name, module) for name, module in model.blocks.named_modules() if isinstance(module, nn.Linear)]
+    own_name = lambda name: name.rsplit(".", 1)[-1]  # "3.self_attn.q_proj" -> "q_proj"
+    unknown = sorted(set(targets) - {own_name(name) for name, _ in linears})
+    if unknown:
+        raise ValueError(f"--lora_targets: no linear layer of the blocks is named {', '.join(unknown)}; they are "
+                         f"{', '.join(sorted({own_name(name) for name, _ in linears}))}")
+    adapted = [(name, module) for name, module in linears if not targets or own_name(name) in targets]
+    for _, module in adapted:
+        parametrize.register_parametrization(module, "weight", LoRA(module.weight, rank, alpha))
+    return [name for name, _ in adapted]
+
+
+def merge_lora_(model):
+    """Each LoRA folded into its weight (W + (alpha / r) B A), the parametrizations removed: a plain model again."""
+    from torch.nn.utils import parametrize
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return model
+
+
+def lora_state_dict(model):
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".A", ".B"))}
+
+
+def hf_state_dict(model):
+    """The model's weights under the names (and layouts) of its Hugging Face checkpoint, which from_pretrained reads
+    back and transformers loads: the Llama family's are ours; GPT-2's get the transformer. prefix back and their
+    Conv1D (in, out) layout. A tied lm_head is left out (safetensors stores no shared tensors; loaders re-tie it)."""
+    sd = model.state_dict()
+    if isinstance(model, GPT):
+        return {f"transformer.{k}": (v.t() if k.endswith(CONV1D_WEIGHTS) else v).contiguous()
+                for k, v in sd.items() if k != "lm_head.weight"}
+    tied = model.config.tie_word_embeddings
+    return {k: v.contiguous() for k, v in sd.items() if not (tied and k == "lm_head.weight")}
+
+
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.json", "merges.txt")  # whatever of these the source has
+
+
+def save_hf_model(model, source, directory):
+    """A save_pretrained directory for the model's weights: model.safetensors (fp32), and the source checkpoint's
+    config and tokenizer files copied (a Hub id's from its cache)."""
+    import shutil
+    from safetensors.torch import save_file
+    os.makedirs(directory, exist_ok=True)
+    for name in HF_SIDE_FILES:
+        path = checkpoint_file(source, name)
+        if path:
+            shutil.copy(path, os.path.join(directory, name))
+    save_file(hf_state_dict(model), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+
+@torch.no_grad()
+def lm_loss(model, contexts):
+    """Mean next-token cross-entropy (nats) over a list of (B, T) contexts, in the parameters' dtype."""
+    total, n = 0.0, 0
+    for idx in contexts:
+        logits = model(idx)  # (B, T, vocab)
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), idx[:, 1:].flatten(), reduction="sum").item()
+        n += idx[:, 1:].numel()
+    return total / n
+
+
+FINETUNE_SETTINGS = ("init_from", "data_dir", "block_size", "harvest_batch", "lora_rank", "lora_alpha", "lora_targets",
+                     "finetune_lr", "seed")  # what a resumed fine-tune may not change
+
+
+def finetune_lora(cfg, device, autocast):
+    """--mode=finetune: Adam on the LoRA adapters alone (the model frozen) over data_dir's train split, the
+    next-token loss in the autocast dtype; the val split's loss (fp32) every eval_interval. Work in progress lives
+    in finetune_dir + ".partial" (lora.pt, rewritten atomically at each evaluation: a killed run resumes there, to
+    the same weights); at the end the merged model, lora.pt and finetune.json (settings, val losses) are written
+    there and the directory is renamed to finetune_dir. -> the val-loss history"""
+    if os.path.exists(cfg.finetune_dir):
+        raise ValueError(f"--finetune_dir={cfg.finetune_dir} exists; delete it or name another")
+    model = load_lm(cfg, has_site=False).to(device)
+    check_tokenizer(cfg.data_dir, model.tokenizer)
+    torch.manual_seed(cfg.seed)
+    adapted = add_lora_(model, cfg.lora_rank, cfg.lora_alpha, [t for t in cfg.lora_targets.split(",") if t])
+    params = [p for name, p in model.named_parameters() if name.endswith((".A", ".B"))]  # load_lm froze the rest
+    optimizer = torch.optim.Adam(params, lr=cfg.finetune_lr, betas=(cfg.beta1, cfg.beta2))
+    loader = DataLoaderLite(cfg.data_dir, "train", cfg.harvest_batch, cfg.block_size)
+    val = [b.to(device) for b in val_contexts(cfg.data_dir, cfg.block_size, cfg.eval_tokens, "fine-tuning")
+           .split(cfg.harvest_batch)]
+    work, settings = cfg.finetune_dir + ".partial", {k: getattr(cfg, k) for k in FINETUNE_SETTINGS}
+    state_path, start, history = os.path.join(cfg.finetune_dir + ".partial", "lora.pt"), 0, []
+    if os.path.exists(state_path):
+        state = load_checkpoint(state_path)
+        changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+        if changed:
+            raise ValueError(f"{work} holds a fine-tune with other {', '.join(changed)}; delete it to start again")
+        model.load_state_dict(state["lora"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["data"])
+        start, history = state["iter"], state["history"]
+        print(f"resumed {work} at iter {start}")
+    os.makedirs(work, exist_ok=True)
+    n_params = sum(p.numel() for p in params)
+    print(f"LoRA rank {cfg.lora_rank} on {len(adapted)} linear layers: {n_params:,} trainable parameters")
+    t0 = time.time()
+    for it in range(start, cfg.finetune_iters + 1):
+        if (it % cfg.eval_interval == 0 or it == cfg.finetune_iters) and (it > start or not history):
+            history.append({"iter": it, "val_loss": lm_loss(model, val)})
+            print(f"eval {it:5d} | val loss {history[-1]['val_loss']:.4f}")
+            save_checkpoint(state_path, {"lora": lora_state_dict(model), "optimizer": optimizer.state_dict(),
+                                         "data": loader.state_dict(), "iter": it, "history": history,
+                                         "settings": settings})
+            t0 = time.time()
+        if it == cfg.finetune_iters:
+            break
+        idx = loader.next_batch().to(device)  # (B, T)
+        with autocast:
+            logits = model(idx)  # (B, T, vocab)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if it % cfg.log_interval == 0:
+            dt, t0 = time.time() - t0, time.time()
+            print(f"iter {it:5d} | loss {loss.item():.4f} | {dt * 1000:.0f} ms | {idx.numel() / dt:,.0f} tok/s")
+    save_hf_model(merge_lora_(model), cfg.init_from, work)
+    write_json(os.path.join(work, "finetune.json"), {**settings, "finetune_iters": cfg.finetune_iters,
+                                                     "tokens": cfg.finetune_iters * cfg.harvest_batch * cfg.block_size,
+                                                     "adapted": adapted, "val_loss": history})
+    os.replace(work, cfg.finetune_dir)
+    print(f"wrote {cfg.finetune_dir}: val loss {history[0]['val_loss']:.4f} -> {history[-1]['val_loss']:.4f}")
+    return history
+
+
+PERSISTENCE_MIN_FIRINGS = 10  # a feature is compared when it fires at least this often on the SAE's own model
+
+
+@torch.no_grad()
+def feature_persistence(sae, scale, own_model, other_model, cfg, val_batches):
+    """Each feature's firing frequency on the same val contexts and positions through the SAE's own model and
+    another (its fine-tune): of the features firing at least PERSISTENCE_MIN_FIRINGS times on the own model
+    ("compared"), the fraction whose count on the other lies within a factor of 2 ("within_2x"), and the fraction
+    that never fires there ("silent")."""
+    keep = slice(1, None) if cfg.exclude_pos0 else slice(None)
+    counts = []
+    for model in (own_model, other_model):
+        fired = torch.zeros(sae.W_dec.shape[0], dtype=torch.float64)
+        for idx in val_batches:
+            act = model.harvest(idx, cfg.layer, cfg.site)[:, keep]  # (B, T', d)
+            _, f = sae(act.reshape(-1, act.shape[-1]).float() * scale)
+            fired += (f > 0).sum(dim=0).double().cpu()
+        counts.append(fired)
+    own, other = counts
+    compared = own >= PERSISTENCE_MIN_FIRINGS
+    ratio = other[compared] / own[compared]
+    return {"compared": int(compared.sum()), "within_2x": ((ratio >= 0.5) & (ratio <= 2)).double().mean().item(),
+            "silent": (ratio == 0).double().mean().item()}
+
+
+# -----------------------------------------------------------------------------
 # plots: --mode=plot reads every run's log.jsonl (and config.json) under plot_runs and draws the figures
 
 def read_run_logs(roots):
@@ -2121,8 +2320,10 @@ def read_run_logs(roots):
                 print(f"{path}: log.jsonl without config.json or ckpt.pt; skipped")
                 continue
             cfg = {**asdict(TrainConfig()), **cfg}
-            # final: the latest evaluation on the contexts it trained on (not an --eval_block_size one after it)
-            native = [e for e in evals if e.get("context", cfg["block_size"]) == cfg["block_size"]]
+            # final: the latest evaluation on the contexts and the model it trained on (not an --eval_block_size or
+            # --eval_model one after it)
+            native = [e for e in evals if e.get("context", cfg["block_size"]) == cfg["block_size"]
+                      and "eval_model" not in e]
             if evals:
                 found.append({"dir": path, "cfg": cfg, "evals": evals, "final": max(
                     enumerate(native), key=lambda pair: (pair[1]["iter"], pair[0]))[1] if native else None})
@@ -2132,7 +2333,7 @@ def read_run_logs(roots):
 def method_label(cfg):
     """What a frontier is made of: the architecture and loss (with jl_coeff), and the decoder's rate multiple and
     the ReLU recipe where they differ from the defaults; the sparsity setting varies along it."""
-    label = cfg["arch"] if cfg["loss"] == "l1" else f"{cfg['arch']} {cfg['loss']} jl {cfg['jl_coeff']:g}"
+    label = cfg["arch"] if cfg["loss"] == "l1" else f"{cfg['arch']} {cfg['loss']} {cfg['jl_coeff']:g}"  # relu hybrid 1000
     lr_enc, lr_dec = cfg["lr_enc"] or cfg["lr"], cfg["lr_dec"] or cfg["lr"]
     if lr_dec != lr_enc:
         label += f", decoder lr {lr_dec / lr_enc:g}x"
@@ -2184,11 +2385,50 @@ def matched_sparsity_table(runs, target):
     return "\n".join(lines) + "\n"
 
 
+def sparsity_setting(cfg):
+    """The key that places an SAE on its frontier: its architecture's sparsity coefficient, or k."""
+    key = ARCH_KEYS[cfg["arch"]][0]
+    return f"{key} {cfg[key]:g}"
+
+
+def finetune_pairs(runs):
+    """The fine-tuning comparison: for each SAE with an --eval_model evaluation, [name, its final evaluation on its
+    own model, its latest on the other model, the final evaluation of the SAE trained on that other model with the
+    same method and sparsity setting (None if there is none)]."""
+    same = lambda a, b: os.path.normpath(a) == os.path.normpath(b)
+    rows = []
+    for run in runs:
+        on_other = [e for e in run["evals"] if "eval_model" in e]
+        if not on_other:
+            continue
+        other = max(on_other, key=lambda e: e["iter"])
+        setting = (method_label(run["cfg"]), sparsity_setting(run["cfg"]))
+        tuned = [r for r in runs if same(r["cfg"]["init_from"], other["eval_model"]) and r["cfg"]["layer"] ==
+                 run["cfg"]["layer"] and (method_label(r["cfg"]), sparsity_setting(r["cfg"])) == setting]
+        rows.append([f"{setting[0]}, {setting[1]}", run["final"], other, tuned[0]["final"] if tuned else None])
+    return rows
+
+
+def finetune_table(pairs):
+    """Markdown: each SAE on its own model, on the fine-tune, and the fine-tune's own SAE, with persistence."""
+    fmt = lambda r, key: "—" if r is None else f"{ce_increase(r) if key == 'ce_increase' else r[key]:.3f}"
+    lines = ["| SAE | model clean CE → fine-tune clean CE | FVU: own / on fine-tune / fine-tune's SAE | CE recovered | "
+             "CE increase (nats) | KL | L0 | features within 2× (of compared) | silent |", "|---|---|---|---|---|---|---|---:|---:|"]
+    for name, own, other, tuned in pairs:
+        triple = lambda key: " / ".join(fmt(r, key) for r in (own, other, tuned))
+        p = other["persistence"]
+        lines.append(f"| {name} | {own['ce_clean']:.3f} → {other['ce_clean']:.3f} | {triple('fvu')} | "
+                     f"{triple('ce_recovered')} | {triple('ce_increase')} | {triple('kl')} | {triple('l0')} | "
+                     f"{p['within_2x']:.3f} ({p['compared']}) | {p['silent']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_results(cfg):
     """--mode=plot: frontier.png (FVU, CE recovered, CE increase and KL against L0, one line per method, final
     evaluations), layers.png when the runs span several layers (each method's metrics by layer, with the
     zero-ablation cost), positions.png when runs were evaluated on contexts past 128 tokens (metrics by position
-    bucket), and matched_l0.md, the table at L0 = plot_l0. Returns the paths written."""
+    bucket), finetune.png and finetune.md when SAEs were evaluated on another model (--eval_model), and
+    matched_l0.md, the table at L0 = plot_l0. Returns the paths written."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display
@@ -2209,8 +2449,11 @@ def plot_results(cfg):
         plt.close(fig)
         written.append(path)
 
-    same_site = {}
+    same_site, models = {}, {}
     trained = [run for run in runs if run["final"]]
+    for run in trained:  # frontiers and layers are one model's (the most common): fine-tunes' SAEs go to finetune.png
+        models.setdefault(os.path.normpath(run["cfg"]["init_from"]), []).append(run)
+    pairs, trained = finetune_pairs(trained), max(models.values(), key=len) if models else []
     for run in trained:  # a frontier compares methods at one (layer, context length): the most common one
         same_site.setdefault((run["cfg"]["layer"], run["cfg"]["block_size"]), []).append(run)
     site_runs = max(same_site.values(), key=len)
@@ -2239,12 +2482,13 @@ def plot_results(cfg):
 
     layers = sorted({run["cfg"]["layer"] for run in trained})
     if len(layers) > 1:
-        fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
+        fig, axes = plt.subplots(2, 3, figsize=(19, 9.5))
         axes = axes.ravel()
         by_method = {}
         for run in trained:
             by_method.setdefault(method_label(run["cfg"]), {}).setdefault(run["cfg"]["layer"], []).append(run["final"])
-        for ax, (_, name, get) in zip(axes, (PLOT_METRICS[0], PLOT_METRICS[1], PLOT_METRICS[2], PLOT_METRICS[4])):
+        l0 = ("l0", "L0 (a fixed coefficient's sparsity moves with the layer)", lambda r: r["l0"])
+        for ax, (_, name, get) in zip(axes, (*PLOT_METRICS[:4], l0, PLOT_METRICS[4])):
             for method, per_layer in by_method.items():
                 xs = sorted(per_layer)
                 ax.plot(xs, [sum(get(r) for r in per_layer[l]) / len(per_layer[l]) for l in xs], "o-", label=method, ms=4)
@@ -2281,6 +2525,26 @@ def plot_results(cfg):
         axes[0].legend(fontsize=7)
         fig.suptitle(f"by position bucket, evaluated on {long[0][1]['context']}-token contexts")
         save(fig, "positions.png")
+
+    if pairs:
+        fig, axes = plt.subplots(1, 4, figsize=(19, 4.8))
+        kinds = (("trained on the model, on it", 1), ("trained on the model, on its fine-tune", 2),
+                 ("trained on the fine-tune, on it", 3))
+        for ax, (_, name, get) in zip(axes, PLOT_METRICS[:4]):
+            for offset, (label, column) in enumerate(kinds):
+                xs = [i + (offset - 1) * 0.27 for i, row in enumerate(pairs) if row[column]]
+                ax.bar(xs, [get(row[column]) for row in pairs if row[column]], width=0.27, label=label)
+            ax.set_xticks(range(len(pairs)), [row[0] for row in pairs], rotation=30, ha="right", fontsize=8)
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3, axis="y")
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"fine-tuning: SAEs on their model and on {pairs[0][2]['eval_model']}")
+        save(fig, "finetune.png")
+        table = os.path.join(cfg.plot_dir, "finetune.md")
+        with open(table + ".tmp", "w") as f:
+            f.write(finetune_table(pairs))
+        os.replace(table + ".tmp", table)
+        written.append(table)
 
     table = os.path.join(cfg.plot_dir, "matched_l0.md")
     with open(table + ".tmp", "w") as f:
@@ -2363,7 +2627,7 @@ def start_wandb(wandb, runs, sweep_dir):
         id_path = os.path.join(run.cfg.out_dir, "wandb_id")
         if not os.path.exists(id_path):
             with open(id_path + ".tmp", "w") as f:
-                f.write(wandb.util.generate_id())
+                f.write(os.urandom(4).hex())  # a W&B run id: 8 characters of [0-9a-f]
             os.replace(id_path + ".tmp", id_path)
         run.wandb = wandb.init(project=run.cfg.wandb_project, name=os.path.basename(os.path.abspath(run.cfg.out_dir)),
                                group=os.path.basename(os.path.abspath(sweep_dir)) if len(runs) > 1 else None,
@@ -2437,7 +2701,17 @@ def main(argv):
         if ddp:
             raise ValueError("--mode=cache runs in one process: launch it with python, not torchrun")
         return write_activation_cache(cfg, device, autocast)
-    source, d_in, model, val_batches, val_acts = activation_source(cfg, device, autocast, ddp_rank, ddp_world_size)
+    if cfg.mode == "finetune":
+        if ddp:
+            raise ValueError("--mode=finetune runs in one process: launch it with python, not torchrun")
+        return finetune_lora(cfg, device, autocast)
+    # --eval_model: the val contexts run through another model; the SAE's own is kept for feature persistence
+    source, d_in, model, val_batches, val_acts = activation_source(
+        replace(cfg, init_from=cfg.eval_model) if cfg.eval_model else cfg, device, autocast, ddp_rank, ddp_world_size)
+    own_model = load_lm(cfg).to(device) if cfg.eval_model and master_process else None
+    if model is not None and site_width(model.config, cfg.site) != d_in:
+        raise ValueError(f"--eval_model={cfg.eval_model}: its {cfg.site} is {site_width(model.config, cfg.site)} wide, "
+                         f"the SAE reads {d_in}")
 
     runs = [Run(run_cfg, run_checkpoint, d_in, device, sweep=len(resolved) > 1) for run_cfg, run_checkpoint in resolved]
     if checkpoint:
@@ -2472,6 +2746,9 @@ def main(argv):
         all_metrics = evaluate([run.sae for run in runs], [run.tracker for run in runs], torch.tensor(scale, device=device),
                                cfg, model, val_batches, val_acts)
         for run, metrics in zip(runs, all_metrics):
+            if cfg.eval_model:
+                metrics["eval_model"] = cfg.eval_model
+                metrics["persistence"] = feature_persistence(run.sae, scale, own_model, model, cfg, val_batches)
             if cfg.wandb_log:
                 run.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=it)
             metrics = {"iter": it, **metrics}
@@ -2483,6 +2760,9 @@ def main(argv):
             if "ce_clean" in metrics:
                 line += f" | ce {metrics['ce_clean']:.3f}/{metrics['ce_sae']:.3f}/{metrics['ce_zero']:.3f} (clean/sae/zero)" \
                         f" | recovered {metrics['ce_recovered']:.3f} | kl {metrics['kl']:.4f}"
+            if cfg.eval_model:
+                p = metrics["persistence"]
+                line += f" | on {cfg.eval_model}: {p['within_2x']:.3f} of {p['compared']} features fire within 2x"
             print(line)
 
     def make_checkpoint(run, it):
@@ -2500,7 +2780,8 @@ def main(argv):
     if master_process:
         for run in runs:
             os.makedirs(run.cfg.out_dir, exist_ok=True)
-            write_json(os.path.join(run.cfg.out_dir, "config.json"), asdict(run.cfg))  # what --mode=plot reads
+            if not cfg.eval_only:  # the config it trains with, what --mode=plot reads
+                write_json(os.path.join(run.cfg.out_dir, "config.json"), asdict(run.cfg))
         if cfg.wandb_log:
             start_wandb(wandb, runs, os.path.dirname(cfg.out_dir) if len(runs) > 1 else cfg.out_dir)
     if cfg.eval_only:

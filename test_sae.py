@@ -3007,12 +3007,10 @@ def test_plot_command_draws_the_figures_and_the_matched_table_from_fake_logs(tmp
 
 
 FAKE_WANDB = '''
-import json, os, uuid
+import json, os
 def _record(**entry):
     with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
         f.write(json.dumps(entry) + "\\n")
-class util:
-    generate_id = staticmethod(lambda: uuid.uuid4().hex[:8])
 class Run:
     def __init__(self, id):
         self.id = id
@@ -3102,3 +3100,182 @@ def test_jl_mean_rewards_clusters_of_duplicates_when_rows_outnumber_dimensions()
     end = F.normalize(W.detach(), dim=1)
     assert jl_penalty_ref(end).item() < clusters  # it found something lower than the copies
     assert start < 0.6 and mean_max_cos(end) > 0.85  # by collapsing rows onto each other
+
+
+# fine-tuning (LoRA) and feature persistence
+
+def tiny_gpt2_dir(root):
+    hf = hf_gpt2(**TINY)
+    hf.save_pretrained(root)
+    return root, hf
+
+
+def add_lora_by_hand_(hf, family, adapters, scale):
+    """The reference: each adapted weight of a transformers model moved by scale B A, computed here in float64 from
+    the adapters' own A and B (GPT-2's Conv1D weights are (in, out): the transpose)."""
+    params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for name, (A, B) in adapters.items():
+            key = ("transformer.h." if family == "gpt2" else "model.layers.") + name + ".weight"
+            delta = scale * (B.double() @ A.double())  # (out, r) @ (r, in)
+            params[key].add_((delta.T if family == "gpt2" else delta).float())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_lora_starts_at_the_model_and_its_merged_directory_is_the_tuned_model(family, request, tmp_path):
+    """LoRA leaves the model unchanged at the start (B = 0); with random adapters our forward equals transformers'
+    model with W + (alpha / r) B A put in by hand; merged and saved, the directory loads in transformers and in
+    load_model as that same model."""
+    saved, _ = tiny_gpt2_dir(tmp_path / "base") if family == "gpt2" else request.getfixturevalue("tiny_llama")
+    model = sae.load_model(str(saved))
+    vocab = model.config.vocab_size
+    idx = torch.randint(0, vocab, (2, 19), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        base = model(idx)
+    names = sae.add_lora_(model, rank=3, alpha=6.0)
+    assert len(names) == (4 if family == "gpt2" else 7) * len(model.blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), base, atol=1e-6, rtol=0)
+        adapters = {}
+        for name in names:
+            lora = model.blocks.get_submodule(name).parametrizations.weight[0]
+            lora.A.normal_(std=0.3), lora.B.normal_(std=0.3)
+            adapters[name] = (lora.A.clone(), lora.B.clone())
+        tuned = model(idx)
+    hf_class = transformers.GPT2LMHeadModel if family == "gpt2" else transformers.LlamaForCausalLM
+    reference = hf_class.from_pretrained(saved, torch_dtype=torch.float32).eval()
+    add_lora_by_hand_(reference, family, adapters, scale=2.0)
+    with torch.no_grad():
+        expected = reference(idx).logits
+    assert (tuned - base).abs().max() > 0.1  # the adapters matter
+    torch.testing.assert_close(tuned, expected, atol=2e-4, rtol=0)
+    sae.merge_lora_(model)
+    assert not any(n.endswith((".A", ".B")) for n, _ in model.named_parameters())
+    sae.save_hf_model(model, str(saved), str(tmp_path / "merged"))
+    assert os.path.isfile(tmp_path / "merged" / "config.json")
+    with torch.no_grad():
+        torch.testing.assert_close(hf_class.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).eval()(idx).logits,
+                                   expected, atol=2e-4, rtol=0)
+        torch.testing.assert_close(sae.load_model(str(tmp_path / "merged"))(idx), expected, atol=2e-4, rtol=0)
+
+
+FINETUNE_RUN = ["--mode=finetune", "--block_size=32", "--harvest_batch=4", "--eval_tokens=256", "--finetune_iters=30",
+                "--eval_interval=10", "--log_interval=10", "--finetune_lr=0.01", "--lora_rank=4"]
+
+DIE_FINETUNING = """
+import os, signal, sys
+import sae
+calls, next_batch = [0], sae.DataLoaderLite.next_batch
+def dying_next_batch(self):
+    calls[0] += 1
+    if calls[0] == 16:  # after the save at iter 10, in the middle of the next interval
+        os.kill(os.getpid(), signal.SIGKILL)
+    return next_batch(self)
+sae.DataLoaderLite.next_batch = dying_next_batch
+sae.main(sys.argv[1:])
+"""
+
+
+def test_finetune_lowers_the_val_loss_resumes_exactly_and_writes_a_model(tiny_llama, llama_shards, tmp_path):
+    """--mode=finetune on a tiny Llama: the val loss it reports is transformers' loss of the base model before and
+    of the written model after, and it falls; a run killed mid-way resumes from its last save to the same weights."""
+    saved, hf = tiny_llama
+    args = [f"--init_from={saved}", f"--data_dir={llama_shards}", *FINETUNE_RUN]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    r = run_sae(*args, f"--finetune_dir={whole}")
+    assert r.returncode == 0, r.stderr
+    record = json.load(open(whole / "finetune.json"))
+    losses = [e["val_loss"] for e in record["val_loss"]]
+    assert [e["iter"] for e in record["val_loss"]] == [0, 10, 20, 30] and losses[-1] < losses[0] - 0.05
+    assert {"config.json", "model.safetensors", "tokenizer.json", "lora.pt"} <= set(os.listdir(whole))
+    assert not os.path.exists(f"{whole}.partial")
+    val = torch.from_numpy(token_ids(glob.glob(f"{llama_shards}/*_val_*.bin")[0])[:256]).view(8, 32)
+    tuned = transformers.LlamaForCausalLM.from_pretrained(whole, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert losses[0] == pytest.approx(hf(val, labels=val).loss.item(), abs=1e-4)
+        assert losses[-1] == pytest.approx(tuned(val, labels=val).loss.item(), abs=1e-4)
+    r = subprocess.run([sys.executable, "-c", DIE_FINETUNING, *args, f"--finetune_dir={killed}", "--dtype=float32"],
+                       cwd=HERE, capture_output=True, text=True, timeout=300, env=cpu_env())
+    assert r.returncode == -signal.SIGKILL and not os.path.exists(killed)
+    r = run_sae(*args, f"--finetune_dir={killed}")
+    assert r.returncode == 0 and "at iter 10" in r.stdout, r.stderr
+    from safetensors.torch import load_file
+    a, b = load_file(whole / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.load(open(killed / "finetune.json"))["val_loss"] == record["val_loss"]
+    r = run_sae(*args, f"--finetune_dir={killed}")
+    assert r.returncode == 1 and r.stderr.strip() == f"error: --finetune_dir={killed} exists; delete it or name another"
+    r = run_sae(*args, f"--finetune_dir={tmp_path / 'bad'}", "--lora_targets=q_proj,c_attn")
+    assert r.returncode == 1 and r.stderr.strip() == ("error: --lora_targets: no linear layer of the blocks is named "
+                                                      "c_attn; they are down_proj, gate_proj, k_proj, o_proj, q_proj, "
+                                                      "up_proj, v_proj")
+    assert not os.path.exists(tmp_path / "bad.partial")
+
+
+def test_eval_model_scores_an_sae_on_a_fine_tune_with_feature_persistence(tiny_llama, llama_shards, tmp_path):
+    """--eval_only --eval_model: on the SAE's own model it repeats the native evaluation and every compared feature
+    keeps its frequency; on a fine-tune its clean CE is transformers' loss of the fine-tune, and persistence is the
+    count taken here from transformers' activations of both models."""
+    saved, hf = tiny_llama
+    run = tmp_path / "sae"
+    r = run_sae(f"--init_from={saved}", *TINY_LLAMA_RUN, f"--data_dir={llama_shards}", "--max_iters=40",
+                "--eval_interval=40", "--resample_iters=()", f"--out_dir={run}", "--site=mlp_in")
+    assert r.returncode == 0, r.stderr
+    tuned_dir = tmp_path / "tuned"
+    assert run_sae(f"--init_from={saved}", f"--data_dir={llama_shards}", *FINETUNE_RUN,
+                   f"--finetune_dir={tuned_dir}").returncode == 0
+    for other in (saved, tuned_dir):
+        r = run_sae("--eval_only=True", f"--out_dir={run}", f"--eval_model={other}")
+        assert r.returncode == 0, r.stderr
+    log = [json.loads(line) for line in open(run / "log.jsonl")]
+    native, same, tuned = log[-3:]
+    assert same["eval_model"] == str(saved) and tuned["eval_model"] == str(tuned_dir)
+    for key in ("fvu", "l0", "ce_sae", "kl"):
+        assert same[key] == pytest.approx(native[key], abs=1e-9), key
+    assert same["persistence"]["within_2x"] == 1.0 and same["persistence"]["silent"] == 0.0
+    val = torch.from_numpy(token_ids(glob.glob(f"{llama_shards}/*_val_*.bin")[0])[:256]).view(8, 32)
+    tuned_hf = transformers.LlamaForCausalLM.from_pretrained(tuned_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert tuned["ce_clean"] == pytest.approx(tuned_hf(val, labels=val).loss.item(), abs=1e-4)
+    # persistence by hand: the SAE's code on transformers' mlp_in activations of both models, positions 1 on
+    ckpt = load_ckpt(run)
+    model_sae, _, scale = sae.load_sae(ckpt)
+    counts = []
+    with torch.no_grad():
+        for model in (hf, tuned_hf):
+            act = hf_site_activations(model, val, 1, ("mlp_in",))["mlp_in"][:, 1:]
+            counts.append((model_sae(act.reshape(-1, act.shape[-1]) * scale)[1] > 0).sum(0).double())
+    compared = counts[0] >= sae.PERSISTENCE_MIN_FIRINGS
+    ratio = counts[1][compared] / counts[0][compared]
+    assert tuned["persistence"]["compared"] == int(compared.sum()) > 10
+    assert tuned["persistence"]["within_2x"] == pytest.approx(((ratio >= 0.5) & (ratio <= 2)).double().mean().item(), abs=0.02)
+    assert tuned["persistence"]["within_2x"] < 1.0  # the fine-tune moved some features
+    r = run_sae(f"--init_from={saved}", *TINY_LLAMA_RUN, f"--data_dir={llama_shards}", f"--eval_model={tuned_dir}",
+                f"--out_dir={tmp_path / 'x'}")
+    assert r.returncode == 1 and "--eval_model is for --eval_only=True" in r.stderr
+
+
+def test_plot_draws_the_fine_tuning_comparison_from_fake_logs(tmp_path):
+    """finetune.png and finetune.md: each SAE on its model, on the fine-tune, and the fine-tune's own SAE of the same
+    setting beside it; the fine-tune's SAEs stay out of the base model's frontier."""
+    pytest.importorskip("matplotlib")
+    runs = tmp_path / "runs"
+    other = {**fake_eval(100, 30.0, 0.5), "ce_clean": 3.2, "eval_model": "models/tuned",
+             "persistence": {"compared": 900, "within_2x": 0.75, "silent": 0.01}}
+    for k, fvu in ((16, 0.4), (32, 0.3)):
+        write_fake_run(runs / "base", f"k{k}", {"arch": "topk", "k": k, "init_from": "models/base"},
+                       [fake_eval(100, float(k), fvu)] + ([other] if k == 32 else []))
+    write_fake_run(runs / "tuned", "k32", {"arch": "topk", "k": 32, "init_from": "models/tuned/"},
+                   [fake_eval(100, 32.0, 0.35)])
+    r = run_sae("--mode=plot", f"--plot_runs={runs}", f"--plot_dir={tmp_path / 'figures'}")
+    assert r.returncode == 0, r.stderr
+    import matplotlib.image
+    image = matplotlib.image.imread(tmp_path / "figures" / "finetune.png")
+    assert image.shape[1] > 1000 and image[..., :3].std() > 0.05
+    rows = [line for line in (tmp_path / "figures" / "finetune.md").read_text().splitlines() if line.startswith("| topk")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    assert cells[0] == "topk, k 32" and cells[1] == "3.500 → 3.200"
+    assert cells[2] == "0.300 / 0.500 / 0.350" and cells[-2:] == ["0.750 (900)", "0.010"]
+    table = (tmp_path / "figures" / "matched_l0.md").read_text()
+    assert "| topk | 2 | 16.0–32.0 |" in table  # the base model's two, not the fine-tune's

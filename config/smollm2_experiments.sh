@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Issue 12's runs on SmolLM2-135M, end to end from a clean clone (README "results: SmolLM2-135M"), each part one
+# command: bash config/smollm2_experiments.sh PART, PART one of data frontier jl lr context finetune layers plot
+# (or all, in that order). Every step's output goes to logs/<step>.log; a step whose log ends in "done" is skipped, so
+# a rerun continues after the last finished step. About 6 hours on 2 CPU cores in all (README gives each part's).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TIKTOKEN_CACHE_DIR="${TIKTOKEN_CACHE_DIR:-$HOME/.cache/gpt_sae/tiktoken}"
+MODEL=models/smollm2-135m
+step() {  # step NAME COMMAND...: runs the command once, its output in logs/NAME.log
+  local name=$1; shift
+  if [ -f "logs/$name.log" ] && [ "$(tail -n 1 "logs/$name.log")" = "done" ]; then return; fi
+  echo "$(date -u +%FT%TZ) $name: $*"
+  mkdir -p logs
+  { time "$@"; } > "logs/$name.log" 2>&1 || { echo "$name failed: see logs/$name.log"; exit 1; }
+  echo done >> "logs/$name.log"
+  collect
+}
+collect() {  # every run's log.jsonl and config.json under out/ copied to logs/runs/ (committed; plot reads them)
+  find out -name log.jsonl 2>/dev/null | while read -r log; do
+    dir=$(dirname "$log"); mkdir -p "logs/runs/${dir#out/}"
+    cp "$log" "logs/runs/${dir#out/}/"; [ -f "$dir/config.json" ] && cp "$dir/config.json" "logs/runs/${dir#out/}/"
+  done
+}
+cache() {  # cache MODEL LAYER DIR [BLOCK TOKENS]: an activation cache of mlp_in at LAYER, harvested in fp32
+  python sae.py --mode=cache --init_from="$1" --data_dir=data/smollm2 --layer="$2" --site=mlp_in --cache_dir="$3" \
+    --block_size="${4:-128}" --cache_tokens="${5:-524288}" --eval_tokens=8192 --dtype=float32
+}
+data() {
+  [ -f $MODEL/model.safetensors ] || python ../shared/tools/gguf_to_hf.py $MODEL
+  step prepare_smollm2 python prepare.py --input='../shared/data/text/*.jsonl' --tokenizer=$MODEL --out_dir=data/smollm2
+  step smollm2_l15_cache cache $MODEL 15 data/smollm2_l15
+}
+frontier() { step smollm2_l15_frontier python sae.py config/smollm2_l15_frontier.py; }
+jl() { step smollm2_l15_jl python sae.py config/smollm2_l15_jl.py; }
+lr() { step smollm2_l15_lr python sae.py config/smollm2_l15_lr.py; }
+context() {  # 512-token SAEs, and the frontier's 128-token ones scored on 512-token contexts
+  step smollm2_l15_ctx512_cache cache $MODEL 15 data/smollm2_l15_ctx512 512 262144
+  step smollm2_l15_ctx512 python sae.py config/smollm2_l15_ctx512.py
+  for run in relu-l1_coeff2.0 topk-k32; do
+    step smollm2_l15_ctx128_at512_$run python sae.py --eval_only=True --eval_block_size=512 \
+      --out_dir=out/smollm2_l15_frontier/$run
+  done
+}
+layer_saes() {  # layer_saes CACHE OUT: config/smollm2_layers.py's SAEs on one cache, and its hybrid
+  python sae.py config/smollm2_layers.py --acts="$1" --out_dir="$2"
+  python sae.py config/smollm2_layers.py --acts="$1" --out_dir="$2-hybrid" --arch=relu --loss=hybrid
+}
+layers() {
+  for L in 15 0 5 10 20 25 29; do
+    [ $L = 15 ] || step smollm2_l${L}_cache cache $MODEL $L data/smollm2_l$L
+    step smollm2_layers_l$L layer_saes data/smollm2_l$L out/smollm2_layers/l$L
+  done
+}
+finetune() {  # LoRA on FineWeb-Edu; the layer-15 SAEs on the fine-tune, against SAEs trained on it
+  step prepare_smollm2_edu python prepare.py --input='../shared/data/text/fineweb_edu*.jsonl' --tokenizer=$MODEL \
+    --out_dir=data/smollm2_edu
+  step smollm2_lora_edu python sae.py config/smollm2_lora_edu.py
+  step smollm2_edu_l15_cache cache $MODEL-edu 15 data/smollm2_edu_l15
+  step smollm2_edu_layers_l15 layer_saes data/smollm2_edu_l15 out/smollm2_edu/l15
+  step smollm2_layers_l15 layer_saes data/smollm2_l15 out/smollm2_layers/l15  # the original's (also in layers)
+  for run in out/smollm2_layers/l15 out/smollm2_layers/l15-hybrid; do
+    step "smollm2_l15_on_edu_$(basename $run)" python sae.py --eval_only=True --out_dir=$run --eval_model=$MODEL-edu
+  done
+}
+plot() {  # from the copies in logs/runs: the figures and tables come back from the committed logs alone
+  R=logs/runs
+  python sae.py --mode=plot --plot_runs=$R/smollm2_l15_frontier,$R/smollm2_l15_jl,$R/smollm2_l15_lr --plot_dir=figures/smollm2_l15
+  python sae.py --mode=plot --plot_runs=$R/smollm2_layers --plot_dir=figures/smollm2_layers
+  python sae.py --mode=plot --plot_runs=$R/smollm2_l15_ctx512,$R/smollm2_l15_frontier/relu-l1_coeff2.0,$R/smollm2_l15_frontier/topk-k32 \
+    --plot_dir=figures/smollm2_context
+  python sae.py --mode=plot --plot_runs=$R/smollm2_layers/l15,$R/smollm2_layers/l15-hybrid,$R/smollm2_edu \
+    --plot_dir=figures/smollm2_finetune
+}
+case "${1:-all}" in
+  all) data; frontier; jl; lr; context; layers; finetune; plot ;;
+  data|frontier|jl|lr|context|layers|finetune|plot) "$1" ;;
+  *) echo "usage: bash config/smollm2_experiments.sh [all|data|frontier|jl|lr|context|layers|finetune|plot]"; exit 1 ;;
+esac
