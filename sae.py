@@ -2241,7 +2241,7 @@ def finetune_lora(cfg, device, autocast):
     os.makedirs(work, exist_ok=True)
     n_params = sum(p.numel() for p in params)
     print(f"LoRA rank {cfg.lora_rank} on {len(adapted)} linear layers: {n_params:,} trainable parameters")
-    t0 = time.time()
+    t0, last_log = time.time(), start - 1
     for it in range(start, cfg.finetune_iters + 1):
         if (it % cfg.eval_interval == 0 or it == cfg.finetune_iters) and (it > start or not history):
             history.append({"iter": it, "val_loss": lm_loss(model, val)})
@@ -2249,7 +2249,7 @@ def finetune_lora(cfg, device, autocast):
             save_checkpoint(state_path, {"lora": lora_state_dict(model), "optimizer": optimizer.state_dict(),
                                          "data": loader.state_dict(), "iter": it, "history": history,
                                          "settings": settings})
-            t0 = time.time()
+            t0, last_log = time.time(), it - 1  # evaluation is not training time
         if it == cfg.finetune_iters:
             break
         idx = loader.next_batch().to(device)  # (B, T)
@@ -2260,8 +2260,10 @@ def finetune_lora(cfg, device, autocast):
         loss.backward()
         optimizer.step()
         if it % cfg.log_interval == 0:
-            dt, t0 = time.time() - t0, time.time()
-            print(f"iter {it:5d} | loss {loss.item():.4f} | {dt * 1000:.0f} ms | {idx.numel() / dt:,.0f} tok/s")
+            dt, t0, steps = time.time() - t0, time.time(), it - last_log
+            last_log = it
+            print(f"iter {it:5d} | loss {loss.item():.4f} | {dt / steps * 1000:.0f} ms/step | "
+                  f"{idx.numel() * steps / dt:,.0f} tok/s")
     save_hf_model(merge_lora_(model), cfg.init_from, work)
     write_json(os.path.join(work, "finetune.json"), {**settings, "finetune_iters": cfg.finetune_iters,
                                                      "tokens": cfg.finetune_iters * cfg.harvest_batch * cfg.block_size,
@@ -2385,17 +2387,37 @@ def matched_sparsity_table(runs, target):
     return "\n".join(lines) + "\n"
 
 
+def runs_table(runs):
+    """Markdown: every run's final evaluation, one row each, by layer, method and sparsity setting."""
+    lines = ["| run | layer | method | setting | L0 | " + " | ".join(name for _, name, _ in PLOT_METRICS) + " |",
+             "|---|---:|---|---|---:|" + "---:|" * len(PLOT_METRICS)]
+    key = lambda run: (run["cfg"]["layer"], method_label(run["cfg"]), run["final"]["l0"])
+    for run in sorted(runs, key=key):
+        cells = " | ".join(f"{get(run['final']):.3f}" for _, _, get in PLOT_METRICS)
+        lines.append(f"| {os.path.relpath(run['dir'])} | {run['cfg']['layer']} | {method_label(run['cfg'])} | "
+                     f"{sparsity_setting(run['cfg'])} | {run['final']['l0']:.1f} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def sparsity_setting(cfg):
     """The key that places an SAE on its frontier: its architecture's sparsity coefficient, or k."""
+    if cfg["loss"] == "jl" and cfg["arch"] in SPARSITY_COEFF:
+        return "no sparsity term"
     key = ARCH_KEYS[cfg["arch"]][0]
     return f"{key} {cfg[key]:g}"
+
+
+def model_name(init_from):
+    """A model's name for grouping runs: its directory's or Hub id's last part (runs record absolute or relative
+    paths, from this machine or another)."""
+    return os.path.basename(os.path.normpath(init_from))
 
 
 def finetune_pairs(runs):
     """The fine-tuning comparison: for each SAE with an --eval_model evaluation, [name, its final evaluation on its
     own model, its latest on the other model, the final evaluation of the SAE trained on that other model with the
     same method and sparsity setting (None if there is none)]."""
-    same = lambda a, b: os.path.normpath(a) == os.path.normpath(b)
+    same = lambda a, b: model_name(a) == model_name(b)
     rows = []
     for run in runs:
         on_other = [e for e in run["evals"] if "eval_model" in e]
@@ -2427,8 +2449,8 @@ def plot_results(cfg):
     """--mode=plot: frontier.png (FVU, CE recovered, CE increase and KL against L0, one line per method, final
     evaluations), layers.png when the runs span several layers (each method's metrics by layer, with the
     zero-ablation cost), positions.png when runs were evaluated on contexts past 128 tokens (metrics by position
-    bucket), finetune.png and finetune.md when SAEs were evaluated on another model (--eval_model), and
-    matched_l0.md, the table at L0 = plot_l0. Returns the paths written."""
+    bucket), finetune.png and finetune.md when SAEs were evaluated on another model (--eval_model), runs.md (every
+    run's final evaluation) and matched_l0.md, the table at L0 = plot_l0. Returns the paths written."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display
@@ -2452,7 +2474,7 @@ def plot_results(cfg):
     same_site, models = {}, {}
     trained = [run for run in runs if run["final"]]
     for run in trained:  # frontiers and layers are one model's (the most common): fine-tunes' SAEs go to finetune.png
-        models.setdefault(os.path.normpath(run["cfg"]["init_from"]), []).append(run)
+        models.setdefault(model_name(run["cfg"]["init_from"]), []).append(run)
     pairs, trained = finetune_pairs(trained), max(models.values(), key=len) if models else []
     for run in trained:  # a frontier compares methods at one (layer, context length): the most common one
         same_site.setdefault((run["cfg"]["layer"], run["cfg"]["block_size"]), []).append(run)
@@ -2463,7 +2485,7 @@ def plot_results(cfg):
         losses[method_label(run["cfg"])] = run["cfg"]["loss"]
     fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
     axes = axes.ravel()
-    colors = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
+    colors = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors  # 18 distinct hues (tab20 pairs shades)
     line = {"l1": "-", "hybrid": "--", "jl": ":"}  # the loss by line style, the method by colour
     for ax, (_, name, get) in zip(axes, PLOT_METRICS[:4]):
         for i, (method, finals) in enumerate(methods.items()):
@@ -2507,7 +2529,7 @@ def plot_results(cfg):
         save(fig, "layers.png")
 
     # by position: each run's latest evaluation on contexts of more than 128 tokens (three buckets or more)
-    long = [(run, max(long, key=lambda e: (e["context"], e["iter"]))) for run in runs
+    long = [(run, max(reversed(long), key=lambda e: (e["context"], e["iter"]))) for run in runs  # ties: the last
             if (long := [e for e in run["evals"] if len(e.get("positions", {})) >= 3])]
     if long:
         fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
@@ -2546,6 +2568,11 @@ def plot_results(cfg):
         os.replace(table + ".tmp", table)
         written.append(table)
 
+    table = os.path.join(cfg.plot_dir, "runs.md")
+    with open(table + ".tmp", "w") as f:
+        f.write(runs_table(trained))
+    os.replace(table + ".tmp", table)
+    written.append(table)
     table = os.path.join(cfg.plot_dir, "matched_l0.md")
     with open(table + ".tmp", "w") as f:
         f.write(f"At L0 = {cfg.plot_l0:g}, linear in log L0 between each method's two nearest SAEs (— : outside its "

@@ -37,9 +37,9 @@ lr() { step smollm2_l15_lr python sae.py config/smollm2_l15_lr.py; }
 context() {  # 512-token SAEs, and the frontier's 128-token ones scored on 512-token contexts
   step smollm2_l15_ctx512_cache cache $MODEL 15 data/smollm2_l15_ctx512 512 262144
   step smollm2_l15_ctx512 python sae.py config/smollm2_l15_ctx512.py
-  for run in relu-l1_coeff2.0 topk-k32; do
-    step smollm2_l15_ctx128_at512_$run python sae.py --eval_only=True --eval_block_size=512 \
-      --out_dir=out/smollm2_l15_frontier/$run
+  for run in smollm2_l15_frontier/relu-l1_coeff2.0 smollm2_l15_frontier/topk-k32 smollm2_l15_ctx512; do
+    step "smollm2_eval512_${run//\//_}" python sae.py --eval_only=True --eval_block_size=512 --eval_tokens=32768 \
+      --out_dir=out/$run  # 64 val contexts of 512 tokens, 4x the training runs' evaluation
   done
 }
 layer_saes() {  # layer_saes CACHE OUT: config/smollm2_layers.py's SAEs on one cache, and its hybrid
