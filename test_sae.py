@@ -2996,6 +2996,10 @@ def test_plot_command_draws_the_figures_and_the_matched_table_from_fake_logs(tmp
     assert float(relu["CE increase (nats)"]) == pytest.approx(0.04, abs=1e-3)  # 0.4 x the 0.1-nat ablation cost
     assert float(relu["CE loss recovered"]) == pytest.approx(0.6, abs=1e-3)
     assert dict(zip(header, rows["topk"]))["FVU"] == "—"
+    listed = [line.split("|") for line in (tmp_path / "figures" / "runs.md").read_text().splitlines()[2:]]
+    assert len(listed) == 8  # every run with a final evaluation once (block128 has only its 512-token one)
+    assert {(row[4].strip(), row[6].strip()) for row in listed if "relu/" in row[1]} == {
+        ("l1_coeff 1", "0.300"), ("l1_coeff 2", "0.500"), ("l1_coeff 4", "0.700")}  # (setting, FVU)
     # without matplotlib: one line, exit 1
     fake = tmp_path / "no_matplotlib" / "matplotlib"
     fake.mkdir(parents=True)
