@@ -1824,7 +1824,11 @@ def test_tiny_gpt_training_lowers_the_loss_and_writes_log_and_checkpoint(tiny_sh
     r = run_sae("--eval_only=True", f"--out_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     log2 = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    assert len(log2) == 5 and log2[-1] == pytest.approx(log2[-2])
+    assert len(log2) == 5
+    (again, again_by_position), (last, last_by_position) = ((r, r.pop("positions")) for r in log2[-2:][::-1])
+    assert again == pytest.approx(last) and again_by_position.keys() == last_by_position.keys() == {"1-31"}
+    for bucket in last_by_position:
+        assert again_by_position[bucket] == pytest.approx(last_by_position[bucket])
 
 
 def test_ce_numbers_against_transformers(checkpoints, tiny_shards, tmp_path):
