@@ -2227,7 +2227,7 @@ def finetune_lora(cfg, device, autocast):
     val = [b.to(device) for b in val_contexts(cfg.data_dir, cfg.block_size, cfg.eval_tokens, "fine-tuning")
            .split(cfg.harvest_batch)]
     work, settings = cfg.finetune_dir + ".partial", {k: getattr(cfg, k) for k in FINETUNE_SETTINGS}
-    state_path, start, history = os.path.join(cfg.finetune_dir + ".partial", "lora.pt"), 0, []
+    state_path, start, history = os.path.join(work, "lora.pt"), 0, []
     if os.path.exists(state_path):
         state = load_checkpoint(state_path)
         changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
@@ -2417,7 +2417,6 @@ def finetune_pairs(runs):
     """The fine-tuning comparison: for each SAE with an --eval_model evaluation, [name, its final evaluation on its
     own model, its latest on the other model, the final evaluation of the SAE trained on that other model with the
     same method and sparsity setting (None if there is none)]."""
-    same = lambda a, b: model_name(a) == model_name(b)
     rows = []
     for run in runs:
         on_other = [e for e in run["evals"] if "eval_model" in e]
@@ -2425,8 +2424,9 @@ def finetune_pairs(runs):
             continue
         other = max(on_other, key=lambda e: e["iter"])
         setting = (method_label(run["cfg"]), sparsity_setting(run["cfg"]))
-        tuned = [r for r in runs if same(r["cfg"]["init_from"], other["eval_model"]) and r["cfg"]["layer"] ==
-                 run["cfg"]["layer"] and (method_label(r["cfg"]), sparsity_setting(r["cfg"])) == setting]
+        tuned = [r for r in runs if model_name(r["cfg"]["init_from"]) == model_name(other["eval_model"])
+                 and r["cfg"]["layer"] == run["cfg"]["layer"]
+                 and (method_label(r["cfg"]), sparsity_setting(r["cfg"])) == setting]
         rows.append([f"{setting[0]}, {setting[1]}", run["final"], other, tuned[0]["final"] if tuned else None])
     return rows
 
