@@ -2433,7 +2433,7 @@ def finetune_pairs(runs):
 
 def finetune_table(pairs):
     """Markdown: each SAE on its own model, on the fine-tune, and the fine-tune's own SAE, with persistence."""
-    fmt = lambda r, key: "—" if r is None else f"{ce_increase(r) if key == 'ce_increase' else r[key]:.3f}"
+    fmt = lambda r, key: "—" if r is None else f"{ce_increase(r) if key == 'ce_increase' else r[key]:.{1 if key == 'l0' else 3}f}"
     lines = ["| SAE | model clean CE → fine-tune clean CE | FVU: own / on fine-tune / fine-tune's SAE | CE recovered | "
              "CE increase (nats) | KL | L0 | features within 2× (of compared) | silent |", "|---|---|---|---|---|---|---|---:|---:|"]
     for name, own, other, tuned in pairs:
