@@ -9,6 +9,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1149,6 +1150,12 @@ def test_experiment_configs_parse_and_check():
             sae.check_config(sae.replace(TrainConfig(), **run))
             names.setdefault(Path(path).stem, []).append(name)
     assert names["gpt2_compare"] == ["l1", "jl", "hybrid"] and len(names["gpt2_sweep_hybrid"]) == 9
+    assert names["smollm2_layers"] == list(sae.ARCHS) and names["smollm2_lora_edu"] == [""]
+    # the experiments' script: valid bash, and every config it runs is there
+    script = HERE / "config" / "smollm2_experiments.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    for name in re.findall(r"config/[\w]+\.py", script.read_text()):
+        assert (HERE / name).is_file(), name
 
 
 # -----------------------------------------------------------------------------
