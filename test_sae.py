@@ -1142,7 +1142,7 @@ def test_parse_args_types_and_unknown_keys(tmp_path):
         parse_args(TrainConfig(), ["--layer=six"])
 
 
-def test_experiment_configs_parse_and_check():
+def test_experiment_configs_parse_and_check(tmp_path):
     """Every config/*.py is valid: known keys, right types, each SAE of its sweep a valid config."""
     names = {}
     for path in sorted(glob.glob(str(HERE / "config" / "*.py"))):
@@ -1156,6 +1156,15 @@ def test_experiment_configs_parse_and_check():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     for name in re.findall(r"config/[\w]+\.py", script.read_text()):
         assert (HERE / name).is_file(), name
+    # its collect step on a clean clone, before any run made out/: nothing to copy, and no failure under set -e
+    collect = re.search(r"^collect\(\) \{.*?^\}", script.read_text(), re.S | re.M).group(0)
+    done = subprocess.run(["bash", "-c", f"set -euo pipefail; {collect}\ncollect; echo ok"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.stdout == "ok\n" and not (tmp_path / "logs").exists()
+    # the JL comparisons train with the exact penalty (the sampled estimate does not train like it: README)
+    for path in glob.glob(str(HERE / "config" / "smollm2_*.py")):
+        for _, run in sae.expand_sweep(sae.parse_overrides(TrainConfig(), [path])):
+            assert sae.replace(TrainConfig(), **run).jl_sample == 0, path
 
 
 # -----------------------------------------------------------------------------
@@ -2229,6 +2238,31 @@ def test_jl_blocked_is_exact_for_any_block(block):
     value, grad = kernels._jl_blocked(W, block=block)
     assert value.item() == pytest.approx(jl_penalty_ref(W).item(), rel=1e-12)
     torch.testing.assert_close(grad, Wr.grad, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_jl_penalty_trains_like_the_dense_reference_under_adam(path):
+    """The penalty the JL comparisons train with (kernels.jl_penalty, exact) takes Adam along the same path as the
+    dense autograd reference: 40 steps of a toy reconstruction + JL loss on unit-norm rows, same start, same data."""
+    n, d = 48, 12
+    x = torch.randn(256, d, generator=torch.Generator().manual_seed(1))
+    start = 0.3 * torch.randn(n, d, generator=torch.Generator().manual_seed(2))
+
+    def train(jl):
+        W = torch.nn.Parameter(start.clone())
+        optimizer = torch.optim.Adam([W], lr=3e-3)
+        for _ in range(40):
+            U = torch.nn.functional.normalize(W, dim=1)
+            recon = torch.relu(x @ U.T) @ U  # (256, d) @ (d, n) -> (256, n); @ (n, d) -> (256, d)
+            loss = (recon - x).square().mean() + 3.0 * jl(U)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return W.detach()
+
+    ours, reference = train(kernels.jl_penalty), train(jl_penalty_ref)
+    assert (ours - start).abs().max() > 0.05  # it moved
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
 
 
 def test_jl_sampled_is_unbiased():

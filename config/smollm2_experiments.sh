@@ -17,6 +17,7 @@ step() {  # step NAME COMMAND...: runs the command once, its output in logs/NAME
   collect
 }
 collect() {  # every run's log.jsonl and config.json under out/ copied to logs/runs/ (committed; plot reads them)
+  [ -d out ] || return 0  # a clean clone's first steps (data, caches) have no runs yet: find would fail the script
   find out -name log.jsonl 2>/dev/null | while read -r log; do
     dir=$(dirname "$log"); mkdir -p "logs/runs/${dir#out/}"
     cp "$log" "logs/runs/${dir#out/}/"; [ -f "$dir/config.json" ] && cp "$dir/config.json" "logs/runs/${dir#out/}/"
