@@ -8,7 +8,7 @@
 #   python sae.py config/smollm2_layers.py --acts=data/smollm2_l$L --out_dir=out/smollm2_layers/l$L
 #   python sae.py config/smollm2_layers.py --acts=data/smollm2_l$L --out_dir=out/smollm2_layers/l$L-hybrid \
 #       --arch=relu --loss=hybrid
-# (logs/run_layers.sh runs them all); python sae.py --mode=plot --plot_runs=out/smollm2_layers draws layers.png.
+# (bash config/smollm2_experiments.sh layers runs them all); its plot part draws figures/smollm2_layers/layers.png.
 d_sae = 4608
 batch_size = 1024
 lr = 3e-3

@@ -4,7 +4,7 @@
 #   python prepare.py --input='../shared/data/text/fineweb_edu*.jsonl' --tokenizer=models/smollm2-135m \
 #       --out_dir=data/smollm2_edu
 # then python sae.py config/smollm2_lora_edu.py (writes models/smollm2-135m-edu, a save_pretrained directory).
-# The rest of the experiment: logs/run_finetune.sh.
+# The whole experiment, this included: bash config/smollm2_experiments.sh finetune
 mode = "finetune"
 init_from = "models/smollm2-135m"
 data_dir = "data/smollm2_edu"
