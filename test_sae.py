@@ -1147,8 +1147,11 @@ def test_experiment_configs_parse_and_check(tmp_path):
     names = {}
     for path in sorted(glob.glob(str(HERE / "config" / "*.py"))):
         for name, run in sae.expand_sweep(sae.parse_overrides(TrainConfig(), [path])):
-            sae.check_config(sae.replace(TrainConfig(), **run))
+            cfg = sae.replace(TrainConfig(), **run)
+            sae.check_config(cfg)
             names.setdefault(Path(path).stem, []).append(name)
+            # the SmolLM2 experiments train with the exact JL penalty (the sampled one does not train like it: README)
+            assert not Path(path).stem.startswith("smollm2_") or cfg.jl_sample == 0, path
     assert names["gpt2_compare"] == ["l1", "jl", "hybrid"] and len(names["gpt2_sweep_hybrid"]) == 9
     assert names["smollm2_layers"] == list(sae.ARCHS) and names["smollm2_lora_edu"] == [""]
     # the experiments' script: valid bash, and every config it runs is there
@@ -1161,10 +1164,6 @@ def test_experiment_configs_parse_and_check(tmp_path):
     done = subprocess.run(["bash", "-c", f"set -euo pipefail; {collect}\ncollect; echo ok"], cwd=tmp_path,
                           capture_output=True, text=True)
     assert done.stdout == "ok\n" and not (tmp_path / "logs").exists()
-    # the JL comparisons train with the exact penalty (the sampled estimate does not train like it: README)
-    for path in glob.glob(str(HERE / "config" / "smollm2_*.py")):
-        for _, run in sae.expand_sweep(sae.parse_overrides(TrainConfig(), [path])):
-            assert sae.replace(TrainConfig(), **run).jl_sample == 0, path
 
 
 # -----------------------------------------------------------------------------
@@ -2203,6 +2202,12 @@ def test_no_triton_forces_the_references(monkeypatch):
     assert "JLPenalty" not in type(kernels.jl_penalty(W).grad_fn).__name__
 
 
+def dense_mean_max_cos(W):
+    """Mean over rows of the largest |cos| with another row, from the dense Gram matrix (a reference, in W's dtype)."""
+    W = torch.nn.functional.normalize(W, dim=1)
+    return (W @ W.T).abs().fill_diagonal_(0).max(dim=1).values.mean().item()  # (n, d) @ (d, n) -> (n, n)
+
+
 def unit_rows(n, d, seed=0, duplicate=True):
     W = torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
     if duplicate:  # |cos| = 1 and |cos| = 1 - 1e-7: both past the clamp
@@ -2271,13 +2276,10 @@ def test_jl_sampled_follows_the_exact_penalty_under_sgd_not_under_adam():
     intermittent gradient (a row's own-side term arrives m/n of the time, n/m times larger) has a larger RMS for
     the same mean. JL alone on n = 8 d unit rows, 200 steps, float64 dense references."""
     n, d, m = 256, 32, 32
-
-    def mean_max_cos(W):
-        W = torch.nn.functional.normalize(W, dim=1)
-        return (W @ W.T).abs().fill_diagonal_(0).max(dim=1).values.mean().item()
+    init = 0.1 * torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
     def train(optimizer_class, lr, sample):
-        W = torch.nn.Parameter(0.1 * torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+        W = torch.nn.Parameter(init.clone())
         optimizer, rows = optimizer_class([W], lr=lr), torch.Generator().manual_seed(1)
         for _ in range(200):
             U = torch.nn.functional.normalize(W, dim=1)
@@ -2285,9 +2287,9 @@ def test_jl_sampled_follows_the_exact_penalty_under_sgd_not_under_adam():
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        return mean_max_cos(W.detach())
+        return dense_mean_max_cos(W.detach())
 
-    start = mean_max_cos(0.1 * torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    start = dense_mean_max_cos(init)
     sgd_exact, sgd_sampled = train(torch.optim.SGD, 30.0, 0), train(torch.optim.SGD, 30.0, m)
     adam_exact, adam_sampled = train(torch.optim.Adam, 1e-3, 0), train(torch.optim.Adam, 1e-3, m)
     assert sgd_exact > start + 0.2 and adam_exact > start + 0.2  # both optimizers collapse rows on the exact one
@@ -3164,13 +3166,9 @@ def test_jl_mean_rewards_clusters_of_duplicates_when_rows_outnumber_dimensions()
     random_rows = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
     assert clusters < 0.95 * jl_penalty_ref(random_rows).item()
 
-    def mean_max_cos(W):
-        G = (W @ W.T).abs().fill_diagonal_(0)
-        return G.max(dim=1).values.mean().item()
-
     W = torch.nn.Parameter(0.1 * torch.randn(n, d, dtype=torch.float64))
     optimizer = torch.optim.Adam([W], lr=3e-3)  # the experiments' rate
-    start = mean_max_cos(F.normalize(W.detach(), dim=1))
+    start = dense_mean_max_cos(W.detach())
     for _ in range(200):
         loss = jl_penalty_ref(F.normalize(W, dim=1))
         optimizer.zero_grad()
@@ -3178,7 +3176,7 @@ def test_jl_mean_rewards_clusters_of_duplicates_when_rows_outnumber_dimensions()
         optimizer.step()
     end = F.normalize(W.detach(), dim=1)
     assert jl_penalty_ref(end).item() < clusters  # it found something lower than the copies
-    assert start < 0.6 and mean_max_cos(end) > 0.85  # by collapsing rows onto each other
+    assert start < 0.6 and dense_mean_max_cos(end) > 0.85  # by collapsing rows onto each other
 
 
 # fine-tuning (LoRA) and feature persistence
