@@ -95,22 +95,29 @@ def keep_freed_memory(keep=True):
         libc.malloc_trim(0)
 
 
-def linear(x, weight, bias=None, act="none"):
-    """act(x @ weight^T + bias): x (M, K), weight (N, K), any strides; act is none, relu, gelu_tanh or silu.
-    Under CPU autocast to bf16, in bf16 as autocast would (the result bf16). oneDNN for CPU tensors that need no
-    gradient (its op has no autograd), in bf16, or in fp32 where ONEDNN_FP32; else torch. -> (M, N)"""
+def linear(x, weight, bias=None, act="none", mul=None):
+    """act(x @ weight^T + bias), times mul if given: x (M, K), weight (N, K), mul (M, N), any strides; act is none,
+    relu, gelu_tanh or silu. Under CPU autocast to bf16, in bf16 as autocast would (the result bf16). oneDNN for
+    CPU tensors that need no gradient (its op has no autograd), in bf16, or in fp32 where ONEDNN_FP32, the product
+    with mul fused into the matmul's epilogue (oneDNN's binary post-op: no extra pass over (M, N)); else torch.
+    -> (M, N)"""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
     dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
     if ONEDNN and x.device.type == "cpu" and not needs_grad and \
             (dtype == torch.bfloat16 or (dtype == torch.float32 and ONEDNN_FP32)):
         x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
+        if mul is not None and act == "none":
+            return torch.ops.mkldnn._linear_pointwise.binary(x, mul.to(dtype), weight, bias, "mul")
         attr, algorithm = {"gelu_tanh": ("gelu", "tanh"), "silu": ("swish", "")}.get(act, (act, ""))  # oneDNN's names
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [None], algorithm)
+        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [None], algorithm)
+        return y if mul is None else y.mul_(mul)
     y = x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)  # (M, K) @ (K, N)
     if act == "silu":
-        return F.silu(y)
-    return y.relu_() if act == "relu" else F.gelu(y, approximate="tanh") if act == "gelu_tanh" else y
+        y = F.silu(y)
+    elif act != "none":
+        y = y.relu_() if act == "relu" else F.gelu(y, approximate="tanh")
+    return y if mul is None else y.mul_(mul)
 
 
 # -----------------------------------------------------------------------------
@@ -216,85 +223,150 @@ def _sae_matmul(A, B, shift=None, shift_rows=False, bias=None, D=None, row=None,
 # -----------------------------------------------------------------------------
 # encode-ReLU-decode
 # x (N, d_model) -> f = relu((x - b_dec) @ W_enc + b_enc) (N, n_latents); x_hat = f @ W_dec + b_dec (N, d_model);
-# and, in the same pass, l1 = sum_latents f (N,), l0 = #(f > 0) (N,), fired = #_N(f > 0) (n_latents,): the L1
-# term, the sparsity and the dead-feature counts without reading f again.
+# and, in the same pass, l1 = f @ scale (N,) (scale (n_latents,) the L1 weight of each latent, the decoder rows'
+# norms for an SAE with free norms; all ones when not given: l1 = sum_latents f), l0 = #(f > 0) (N,),
+# fired = #_N(f > 0) (n_latents,): the L1 term, the sparsity and the dead-feature counts without reading f again.
 # Backward, given dx_hat (N, d_model), dl1 (N,) (the L1 term's gradient: one number per row) and df
 # (N, n_latents) (only if the caller's loss reads f itself):
-#   dpre = (dx_hat @ W_dec^T + dl1[:, None] + df) * (f > 0)        (N, n_latents)
-#   dW_dec = f^T @ dx_hat,  db_enc = sum_N dpre,  dW_enc = (x - b_dec)^T @ dpre
+#   dpre = (dx_hat @ W_dec^T + dl1[:, None] * scale[None, :] + df) * (f > 0)        (N, n_latents)
+#   dW_dec = f^T @ dx_hat,  dscale = dl1 @ f,  db_enc = sum_N dpre,  dW_enc = (x - b_dec)^T @ dpre
 #   db_dec = sum_N dx_hat - (sum_N dpre) @ W_enc^T   reduced over the batch before the multiply: a mat-vec,
 #   where autograd computes the full (N, d_model) dx = dpre @ W_enc^T (a sixth matmul) and then sums it.
-# Through l1, the L1 term's gradient is a row vector added in the epilogue, where autograd of f.sum() would
-# materialise an (N, n_latents) block of it. The kernels are dense: f is read once by the decoder matmul,
+# Through l1, the L1 term's gradient is a rank-one term, where autograd of (f * scale).sum() would materialise
+# (N, n_latents) blocks of f * scale and of its gradient. On the GPU (Triton) the unscaled term is a row vector
+# added in the epilogue. On the CPU every reduction rides on a matmul, since a separate, memory-bound pass over an
+# (N, n_latents) tensor costs a third to all of a matmul's time once AMX multiplies bf16 at 2.4 TFLOP/s (at 4096 x
+# 8192: sign 6 ms, torch's sums 12-19 ms, the encoder's matmul 20 ms): the decoder is held as one matrix
+# W_ext = [W_dec | scale] (n_latents, d_model + 1, zero-padded to D columns: padded_width), so that
+#   [x_hat | l1] = f @ W_ext (+ [b_dec | 0]),   dpre = ([dx_hat | dl1] @ W_ext^T) * (f > 0) (the mask in oneDNN's
+#   epilogue),  [dW_dec^T; dscale] = [dx_hat | dl1]^T @ f,  [dW_enc; db_enc] = [x - b_dec | 1]^T @ dpre,
+# each one column or row wider than the plain matmul. The kernels are dense: f is read once by the decoder matmul,
 # but inactive rows are not skipped (TODO: a gathered decoder for very sparse f, as openai/sparse_autoencoder
 # does for inference).
 
-def encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, stats=False):
+def encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, stats=False, scale=None):
     """The SAE forward with a pre-encoder bias (Bricken et al. 2023): returns (x_hat, f), and with stats
-    (x_hat, f, (l1 (N,), l0 (N,) int32, fired (n_latents,) int32))."""
+    (x_hat, f, (l1 (N,), l0 (N,) int32, fired (n_latents,) int32)), l1 weighted by scale (n_latents,) if given."""
     f = torch.relu((x - b_dec) @ W_enc + b_enc)  # (N, d_model) @ (d_model, n_latents) -> (N, n_latents)
     x_hat = f @ W_dec + b_dec                     # (N, n_latents) @ (n_latents, d_model) -> (N, d_model)
     if not stats:
         return x_hat, f
     active = f > 0
-    return x_hat, f, (f.sum(dim=1), active.sum(dim=1, dtype=torch.int32), active.sum(dim=0, dtype=torch.int32))
+    l1 = f.sum(dim=1) if scale is None else f @ scale  # (N, n_latents) @ (n_latents,)
+    return x_hat, f, (l1, active.sum(dim=1, dtype=torch.int32), active.sum(dim=0, dtype=torch.int32))
+
+
+def padded_width(d):
+    """d_model + 1 (the column of l1 weights) rounded up to 32: AMX multiplies bf16 in tiles 32 wide along K, and
+    at 769 columns oneDNN ran the decoder 1.3x slower than at 800 (4096 x 8192 @ 8192 x D)."""
+    return (d + 1 + 31) // 32 * 32
+
+
+_BLOCKS = {}
+
+
+def block_indicator(n, dtype, block=256):
+    """(ceil(n / block), n) 0/1: row c marks positions c*block to (c+1)*block - 1. Cached by (n, dtype)."""
+    if (n, dtype) not in _BLOCKS:
+        _BLOCKS[n, dtype] = (torch.arange(n) // block == torch.arange((n + block - 1) // block)[:, None]).to(dtype)
+    return _BLOCKS[n, dtype]
+
+
+def count_ones(mask):
+    """A 0/1 (N, n) CPU tensor -> (per row (N,), per column (n,)) counts, int32, exact: summed by two matmuls with
+    block indicators (one read of the mask each, 1.4 and 4.1 ms at 4096 x 8192 in bf16, against 12 and 19 ms for
+    torch's sums, which cast all of it to fp32 first), in partial sums of at most 256, which bf16's 8 significant
+    bits hold exactly (products summed in fp32), then summed in fp32."""
+    N, n = mask.shape
+    with torch.autocast("cpu", enabled=False):
+        per_row = linear(mask, block_indicator(n, mask.dtype))     # (N, n) @ (n, ceil(n / 256))
+        per_col = linear(block_indicator(N, mask.dtype), mask.T)  # (ceil(N / 256), N) @ (N, n)
+    return per_row.float().sum(dim=1).int(), per_col.float().sum(dim=0).int()
+
+
+def cpu_matmul_dtype():
+    """The dtype kernels.linear multiplies CPU tensors in here: autocast's, else fp32."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
 
 
 class EncodeReluDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec):
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, scale):
         if use_triton(x):  # bias, ReLU and the three counts fused into the encoder matmul
             f, l1, l0, fired = _sae_matmul(x, W_enc, shift=b_dec, bias=b_enc, relu=True, stats=True)  # (N, n_latents)
             x_hat = _sae_matmul(f, W_dec, bias=b_dec)                                                 # (N, d_model)
-            l1 = l1.to(f.dtype)
+            l1 = l1.to(f.dtype) if scale is None else f @ scale.to(f.dtype)  # (N, n_latents) @ (n_latents,)
+            ctx.save_for_backward(x, W_enc, W_dec, b_dec, f, scale)
         else:  # under CPU autocast the matmuls run in bf16 (f and x_hat come out bf16), and so does the backward
-            ctx.autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-            f = linear(x - b_dec, W_enc.T, b_enc, "relu")  # (N, d_model) @ (d_model, n_latents), bias and ReLU fused
-            x_hat = linear(f, W_dec.T, b_dec)               # (N, n_latents) @ (n_latents, d_model)
-            active = torch.sign(f)  # 1 where the feature fired (f >= 0): summed as floats, no bool-to-int copies
-            # summed in fp32 (exact below 2**24; bf16 holds integers exactly only to 256)
-            l1 = f.sum(dim=1, dtype=torch.float32)
-            l0, fired = (active.sum(dim=dim, dtype=torch.float32).int() for dim in (1, 0))
+            dtype = ctx.dtype = cpu_matmul_dtype()
+            d = x.shape[1]
+            W_ext = torch.zeros(W_dec.shape[0], padded_width(d), dtype=dtype)  # [W_dec | scale | 0], cast once
+            W_ext[:, :d] = W_dec
+            W_ext[:, d] = 1.0 if scale is None else scale
+            f = linear(x - b_dec, W_enc.T, b_enc, "relu")            # (N, d_model) @ (d_model, n_latents), fused
+            out = linear(f, W_ext.T, F.pad(b_dec, (0, W_ext.shape[1] - d)))  # (N, n_latents) @ (n_latents, D)
+            x_hat, l1 = out[:, :d].contiguous(), out[:, d].float()  # l1 rounded as x_hat is, returned fp32
+            active = torch.sign(f)  # the 0/1 mask of the features that fired (f > 0; f is never negative)
+            l0, fired = count_ones(active)
             ctx.active = active  # not an input or output: a plain attribute is enough
-        ctx.save_for_backward(x, W_enc, W_dec, b_dec, f)
+            ctx.save_for_backward(x, W_enc, W_ext, b_dec, f, scale)
         ctx.mark_non_differentiable(l0, fired)
         ctx.set_materialize_grads(False)  # an output the loss does not read gets None, not an (N, n_latents) zero block
         return x_hat, f, l1, l0, fired
 
     @staticmethod
     def backward(ctx, dx_hat, df, dl1, _dl0, _dfired):
-        x, W_enc, W_dec, b_dec, f = ctx.saved_tensors
-        dx_hat = torch.zeros(x.shape, dtype=f.dtype, device=f.device) if dx_hat is None else dx_hat.contiguous()
-        df = None if df is None else df.contiguous()
-        dl1 = None if dl1 is None else dl1.contiguous()
+        x, W_enc, W_dec, b_dec, f, scale = ctx.saved_tensors  # W_dec is [W_dec | scale] on the CPU
+        N, d = x.shape
         if use_triton(x):
+            dx_hat = torch.zeros(x.shape, dtype=f.dtype, device=f.device) if dx_hat is None else dx_hat.contiguous()
+            df = None if df is None else df.contiguous()
+            dl1 = None if dl1 is None else dl1.contiguous()
+            dscale = None if scale is None or dl1 is None else dl1 @ f.to(dl1.dtype)  # (N,) @ (N, n_latents)
+            if scale is not None and dl1 is not None:  # the rank-one L1 term as a block (the epilogue adds rows only)
+                df = (dl1[:, None] * scale.to(dl1.dtype) + (0 if df is None else df)).contiguous()
+                dl1 = None
             dpre = _sae_matmul(dx_hat, W_dec.T, D=df, row=dl1, mask_by=f)  # (N, d_model) @ (d_model, n_latents)
             dW_dec = _sae_matmul(f.T, dx_hat)                               # (n_latents, N) @ (N, d_model)
             dW_enc = _sae_matmul(x.T, dpre, shift=b_dec, shift_rows=True)  # (d_model, N) @ (N, n_latents)
+            db_enc = dpre.sum(dim=0, dtype=W_enc.dtype)                    # (n_latents,)
         else:
-            with torch.autocast("cpu", dtype=ctx.autocast or torch.bfloat16, enabled=ctx.autocast is not None):
-                dpre = linear(dx_hat, W_dec)                                # (N, d_model) @ (d_model, n_latents)
-                if df is not None:
-                    dpre += df
-                if dl1 is not None:
-                    dpre += dl1[:, None]
-                dpre.mul_(ctx.active)  # ReLU's backward, in place, by the forward's 0/1 floats (bool would copy)
+            D = W_dec.shape[1]
+            g = torch.zeros(N, D, dtype=ctx.dtype)  # [dx_hat | dl1 | 0]
+            if dx_hat is not None:
+                g[:, :d] = dx_hat
+            if dl1 is not None:
+                g[:, d] = dl1
+            # transposed copies within one dtype: torch's blocked transpose (a cast and a transpose in one copy is
+            # a slow strided loop: 25 ms against 1 for W_dec's gradient)
+            xc = torch.zeros(D, N, dtype=ctx.dtype)  # [x - b_dec | 1 | 0]^T
+            xc[:d] = (x - b_dec).to(ctx.dtype).T
+            xc[d] = 1.0
+            with torch.autocast("cpu", dtype=ctx.dtype, enabled=ctx.dtype != torch.float32):
+                if df is None:  # ReLU's backward, the forward's 0/1 floats, multiplied in the matmul's epilogue
+                    dpre = linear(g, W_dec, mul=ctx.active)  # (N, D) @ (D, n_latents)
+                else:
+                    dpre = linear(g, W_dec).add_(df).mul_(ctx.active)
                 # oneDNN copies a transposed input but reads a transposed weight in place: the big (N, n_latents)
-                # operands go in as weights, and only (N, d_model) blocks are transposed
-                dW_dec = linear(dx_hat.T.contiguous(), f.T).T.contiguous()  # ((d_model, N) @ (N, n_latents))^T
-                dW_enc = linear((x - b_dec).T.contiguous(), dpre.T)         # (d_model, N) @ (N, n_latents)
-        # the parameters' dtype, fp32, whatever the matmuls ran in; the bias gradients summed in fp32
-        db_enc = dpre.sum(dim=0, dtype=W_enc.dtype)                          # (n_latents,)
-        db_dec = dx_hat.sum(dim=0, dtype=W_enc.dtype) - W_enc @ db_enc       # (d_model,): a mat-vec, not a matmul
-        return None, dW_enc.to(W_enc.dtype), db_enc, dW_dec.to(W_dec.dtype), db_dec
+                # operands go in as weights, and only (N, D) blocks are transposed
+                grad_dec = linear(g.T.contiguous(), f.T)  # (D, N) @ (N, n_latents): [dW_dec^T; dscale; 0]
+                grad_enc = linear(xc, dpre.T)             # (D, N) @ (N, n_latents): [dW_enc; db_enc; 0]
+            # the parameters' dtype, fp32, whatever the matmuls ran in
+            dW_dec = grad_dec[:d].T.contiguous().to(W_enc.dtype)
+            dscale = None if scale is None else grad_dec[d].to(scale.dtype)
+            dW_enc, db_enc = grad_enc[:d].to(W_enc.dtype), grad_enc[d].to(W_enc.dtype)
+        dx_sum = 0 if dx_hat is None else dx_hat.sum(dim=0, dtype=W_enc.dtype)
+        db_dec = dx_sum - W_enc @ db_enc  # (d_model,): a mat-vec, not a matmul
+        return None, dW_enc.to(W_enc.dtype), db_enc, dW_dec.to(W_enc.dtype), db_dec, dscale
 
 
-def encode_relu_decode(x, W_enc, b_enc, W_dec, b_dec, stats=False):
+def encode_relu_decode(x, W_enc, b_enc, W_dec, b_dec, stats=False, scale=None):
     """-> (x_hat, f), and with stats (x_hat, f, (l1, l0, fired)); see the section's header. x needs no
-    gradient; l1 carries the gradient of a loss on it."""
+    gradient; l1 (weighted by scale (n_latents,) if given, which may need a gradient) carries the gradient of a
+    loss on it."""
     if NO_TRITON:
-        return encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, stats)
-    x_hat, f, l1, l0, fired = EncodeReluDecode.apply(x, W_enc, b_enc, W_dec, b_dec)
+        return encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, stats, scale)
+    x_hat, f, l1, l0, fired = EncodeReluDecode.apply(x, W_enc, b_enc, W_dec, b_dec, scale)
     return (x_hat, f, (l1, l0, fired)) if stats else (x_hat, f)
 
 

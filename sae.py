@@ -905,7 +905,9 @@ class SAE(nn.Module):
         # random dictionary directions; the encoder starts as their transpose scaled to init_norm ("tied" init), and
         # free decoder rows start at that norm too (SAELens 6's decoder_init_norm); unit-norm rows start at 1
         W_dec = F.normalize(torch.randn(d_sae, d_in), dim=1)
-        self.W_enc = nn.Parameter(W_dec.T * init_norm)       # (d_in, d_sae)
+        # contiguous: W_dec.T * c would keep the transpose's strides, and every step's gradient (row-major from the
+        # matmul) would then be copied into them, a strided copy that cost a tenth of a CPU step
+        self.W_enc = nn.Parameter((W_dec.T * init_norm).contiguous())  # (d_in, d_sae)
         W_dec = W_dec * (init_norm if free_norms else 1.0)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(W_dec)                      # (d_sae, d_in)
@@ -950,15 +952,16 @@ class SAE(nn.Module):
             return pre.relu() * (pre > self.threshold)
         return pre.relu()  # vae: the posterior mean's code
 
-    def forward(self, x, stats=False):
+    def forward(self, x, stats=False, code=True):
         """x (N, d_in) -> (x_hat (N, d_in), f (N, d_sae)); with stats also (l1 (N,), l0 (N,), fired (d_sae,)).
         relu runs the fused kernel (kernels.py); with free norms f is scaled by the rows' norms, the code of the
-        unit-norm dictionary that the L1 term and every reader of f see."""
+        unit-norm dictionary that the L1 term and every reader of f see, and the kernel weights l1 by them.
+        code=False (training, which reads x_hat and the stats only): f is None, its scaled copy never made."""
         if self.arch == "relu":
-            x_hat, f, (l1, l0, fired) = encode_relu_decode(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, True)
-            if self.free_norms:
-                f = f * self.W_dec.norm(dim=1)  # (N, d_sae) * (d_sae,)
-                l1 = f.sum(dim=1)
+            norms = self.W_dec.norm(dim=1) if self.free_norms else None  # (d_sae,)
+            x_hat, f, (l1, l0, fired) = encode_relu_decode(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, True,
+                                                           norms)
+            f = None if not code else f * norms if self.free_norms else f  # (N, d_sae) * (d_sae,)
             return (x_hat, f, (l1, l0, fired)) if stats else (x_hat, f)
         f = self.encode(x)
         x_hat = linear(f, self.W_dec.T, self.b_dec)  # (N, d_sae) @ (d_sae, d_in)
@@ -1060,7 +1063,7 @@ def mse_of(x_hat, x):
 
 
 def relu_terms(sae, x, cfg, it, dead):
-    x_hat, _, (l1_rows, l0_rows, fired) = sae(x, stats=True)  # (N, d_in), (N,), (N,), (d_sae,)
+    x_hat, _, (l1_rows, l0_rows, fired) = sae(x, stats=True, code=False)  # (N, d_in), (N,), (N,), (d_sae,)
     l1 = l1_rows.mean()
     return {"mse": mse_of(x_hat, x), "l1": l1, "sparsity": l1, "l0": l0_rows.float().mean(), "fired": fired}
 
@@ -2627,6 +2630,8 @@ class Run:
         self.optimizer = torch.optim.Adam([  # an architecture's per-feature parameters learn at the encoder's rate
             {"params": [self.sae.W_enc, self.sae.b_enc, *self.sae.latent_params()], "lr": cfg.lr_enc or cfg.lr},
             {"params": [self.sae.W_dec, self.sae.b_dec], "lr": cfg.lr_dec or cfg.lr}], betas=(cfg.beta1, cfg.beta2))
+        # not fused=True: 8% of a bf16 CPU step faster, but its results differ in the last bits from one process to
+        # the next (a resumed run or a sweep's SAE then leaves its uninterrupted twin; seen in the resume tests)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.tracker = FeatureTracker(cfg.d_sae, cfg.dead_window, device=device)
         self.train_sae = torch.compile(self.sae) if cfg.compile else self.sae
