@@ -1958,11 +1958,16 @@ def test_encode_relu_decode_reference_against_numpy_closed_form():
         np.testing.assert_allclose(p.grad.numpy(), expected[name], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("path", PATHS, indirect=True)
+# the CPU path twice: its fp32 matmuls through torch (MKL, as on Intel) and through oneDNN (as on AMD)
+@pytest.mark.parametrize("path,onednn_fp32", [pytest.param("triton", False, marks=interpreted), ("cpu", False),
+                                              pytest.param("cpu", True, marks=pytest.mark.skipif(
+                                                  not kernels.ONEDNN, reason="no oneDNN in this torch build"))],
+                         indirect=["path"])
 @pytest.mark.parametrize("N,d,s", [(37, 45, 83), (5, 24, 100)])
 @pytest.mark.parametrize("reads_f", [True, False])  # a loss on f itself, or (as sae_loss) on x_hat and l1 only
 @pytest.mark.parametrize("scaled", [False, True])  # l1 weighted per latent (free decoder norms), with its gradient
-def test_encode_relu_decode_matches_reference(path, N, d, s, reads_f, scaled):
+def test_encode_relu_decode_matches_reference(path, onednn_fp32, N, d, s, reads_f, scaled, monkeypatch):
+    monkeypatch.setattr(kernels, "ONEDNN_FP32", onednn_fp32)
     x = torch.randn(N, d)
     ref_params, params = sae_params(d, s), sae_params(d, s)
     if scaled:  # the same weights twice, so that each copy collects its own gradient
