@@ -1864,9 +1864,11 @@ def test_tiny_gpt_training_lowers_the_loss_and_writes_log_and_checkpoint(tiny_sh
     log2 = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert len(log2) == 5
     (again, again_by_position), (last, last_by_position) = ((r, r.pop("positions")) for r in log2[-2:][::-1])
-    assert again == pytest.approx(last) and again_by_position.keys() == last_by_position.keys() == {"1-31"}
-    for bucket in last_by_position:
-        assert again_by_position[bucket] == pytest.approx(last_by_position[bucket])
+    assert again_by_position.keys() == last_by_position.keys() == {"1-31"}
+    for a, b in [(again, last)] + [(again_by_position[k], last_by_position[k]) for k in last_by_position]:
+        # KL to 1e-4: another process's KL may differ by 3e-5 relative (assert_same_evaluations)
+        assert {k: v for k, v in a.items() if k != "kl"} == pytest.approx({k: v for k, v in b.items() if k != "kl"})
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-4)
 
 
 def test_ce_numbers_against_transformers(checkpoints, tiny_shards, tmp_path):
@@ -2865,8 +2867,8 @@ def test_llama_training_evaluation_and_resume(tiny_llama, llama_shards, tmp_path
     a, b = load_ckpt(full), load_ckpt(half)
     for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.equal(a["sae"][key], b["sae"][key]), key
+    assert_same_evaluations(full / "log.jsonl", half / "log.jsonl")
     log = [json.loads(line) for line in open(full / "log.jsonl")]
-    assert log == [json.loads(line) for line in open(half / "log.jsonl")]
     assert log[-1]["mse"] < log[0]["mse"] and log[-1]["kl"] >= 0 and log[-1]["ce_zero"] != log[-1]["ce_clean"]
     val = torch.from_numpy(token_ids(glob.glob(f"{llama_shards}/*_val_*.bin")[0])[:256]).view(8, 32)
     with torch.no_grad():
