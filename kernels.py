@@ -357,6 +357,7 @@ class EncodeReluDecode(torch.autograd.Function):
             dW_enc, db_enc = grad_enc[:d].to(W_enc.dtype), grad_enc[d].to(W_enc.dtype)
         dx_sum = 0 if dx_hat is None else dx_hat.sum(dim=0, dtype=W_enc.dtype)
         db_dec = dx_sum - W_enc @ db_enc  # (d_model,): a mat-vec, not a matmul
+        # W_enc's dtype for both: on the CPU the saved W_dec is W_ext, in the matmuls' dtype
         return None, dW_enc.to(W_enc.dtype), db_enc, dW_dec.to(W_enc.dtype), db_dec, dscale
 
 

@@ -961,7 +961,10 @@ class SAE(nn.Module):
             norms = self.W_dec.norm(dim=1) if self.free_norms else None  # (d_sae,)
             x_hat, f, (l1, l0, fired) = encode_relu_decode(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, True,
                                                            norms)
-            f = None if not code else f * norms if self.free_norms else f  # (N, d_sae) * (d_sae,)
+            if not code:
+                f = None
+            elif self.free_norms:
+                f = f * norms  # (N, d_sae) * (d_sae,)
             return (x_hat, f, (l1, l0, fired)) if stats else (x_hat, f)
         f = self.encode(x)
         x_hat = linear(f, self.W_dec.T, self.b_dec)  # (N, d_sae) @ (d_sae, d_in)

@@ -1532,6 +1532,19 @@ def cpu_env():
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
+def without_kl(metrics, kl):
+    """The metrics without their KL fields (nested ones too), whose values are appended to the list kl."""
+    rest = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            rest[key] = without_kl(value, kl)
+        elif key == "kl":
+            kl.append(value)
+        else:
+            rest[key] = value
+    return rest
+
+
 def assert_same_evaluations(path_a, path_b):
     """Two log.jsonl files hold the same evaluations: every number equal, except KL to 1e-4 relative. KL sums
     p (log p - log q) over the vocabulary, terms of ~1e-3 each, and on the Intel Xeon one process in a few gave
@@ -1539,16 +1552,6 @@ def assert_same_evaluations(path_a, path_b):
     code before and after issue 11's CPU step; MKL_CBWR=AUTO,STRICT did not remove it): the CPU's fp32
     reductions round differently at their chunks' edges."""
     a, b = ([json.loads(line) for line in open(path)] for path in (path_a, path_b))
-    def without_kl(metrics, kl):  # the metrics without their KL fields (nested ones too), whose values go to kl
-        rest = {}
-        for key, value in metrics.items():
-            if isinstance(value, dict):
-                rest[key] = without_kl(value, kl)
-            elif key == "kl":
-                kl.append(value)
-            else:
-                rest[key] = value
-        return rest
     assert len(a) == len(b)
     for x, y in zip(a, b):
         kl_x, kl_y = [], []
@@ -1867,8 +1870,9 @@ def test_tiny_gpt_training_lowers_the_loss_and_writes_log_and_checkpoint(tiny_sh
     assert again_by_position.keys() == last_by_position.keys() == {"1-31"}
     for a, b in [(again, last)] + [(again_by_position[k], last_by_position[k]) for k in last_by_position]:
         # KL to 1e-4: another process's KL may differ by 3e-5 relative (assert_same_evaluations)
-        assert {k: v for k, v in a.items() if k != "kl"} == pytest.approx({k: v for k, v in b.items() if k != "kl"})
-        assert a["kl"] == pytest.approx(b["kl"], rel=1e-4)
+        kl_a, kl_b = [], []
+        assert without_kl(a, kl_a) == pytest.approx(without_kl(b, kl_b))
+        assert len(kl_a) == len(kl_b) == 1 and kl_a == pytest.approx(kl_b, rel=1e-4)
 
 
 def test_ce_numbers_against_transformers(checkpoints, tiny_shards, tmp_path):
