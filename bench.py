@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+import sae_kernels
 import numpy as np
 
 from sae import ARCHS, GPT, GPTConfig, SAE, TrainConfig, auto_dtype, parse_args, resolved_dtype, sae_loss, \
@@ -64,12 +64,15 @@ class BenchConfig:
 
 
 def machine():
-    """CPU model or GPU name, torch and triton versions, threads."""
+    """CPU model or GPU name, torch and triton versions, threads; on the CPU the vector instructions torch's kernels
+    use and what decides the bf16 paths (sae_kernels.py: native bf16 products; oneDNN's bf16 kernels)."""
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
     else:
         cpu = [line for line in open("/proc/cpuinfo") if line.startswith("model name")] if os.path.exists("/proc/cpuinfo") else []
         name = cpu[0].split(":", 1)[1].strip() if cpu else platform.processor()
+        name += f" ({torch.backends.cpu.get_cpu_capability()}; bf16 {'native' if sae_kernels.cpu_bf16_native() else 'emulated'}" \
+                f", oneDNN bf16 {'yes' if sae_kernels.ONEDNN_BF16 else 'no'})"
     import triton
     return f"{name} | torch {torch.__version__} | triton {triton.__version__} | {torch.get_num_threads()} threads"
 
@@ -127,19 +130,23 @@ def row(label, ms, flops, base_ms=None, mem=None):
 
 def bench_peak(cfg, device):
     """The matmul peaks that MFU is measured against, at the SAE's encoder matmul: bf16 on CUDA; on the CPU fp32
-    and bf16, each through torch.mm and oneDNN (kernels.linear's op), the faster of the two its peak. -> {dtype:
+    and bf16, each through torch.mm and oneDNN (sae_kernels.linear's op), the faster of the two its peak. -> {dtype:
     GFLOP/s}"""
-    dtypes = [torch.bfloat16] if device == "cuda" else [torch.float32, torch.bfloat16]
+    bf16 = sae_kernels.ONEDNN_BF16 or sae_kernels.cpu_bf16_native()
+    dtypes = [torch.bfloat16] if device == "cuda" else [torch.float32] + [torch.bfloat16] * bf16
+    if device == "cpu" and not bf16:  # torch's own bf16 matmul there: 1 GFLOP/s on AMD's AVX2 (oneDNN capped)
+        print("matmul peak (bf16): skipped: oneDNN's bf16 kernels need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, which "
+              "this CPU lacks; bf16 would go through torch's generic matmul (about 200x slower than fp32)")
     flops = 2 * cfg.batch_size * 768 * cfg.d_sae
     if device == "cpu":  # its fresh output reuses freed memory, as in sae.py, instead of page-faulting in
-        kernels.keep_freed_memory()
+        sae_kernels.keep_freed_memory()
     peaks = {}
     for dtype in dtypes:
         a = torch.randn(cfg.batch_size, 768, device=device, dtype=dtype)
         b = torch.randn(768, cfg.d_sae, device=device, dtype=dtype)
         c = torch.empty(cfg.batch_size, cfg.d_sae, device=device, dtype=dtype)  # preallocated: no page faults timed
         candidates = {"torch.mm": lambda: torch.mm(a, b, out=c)}
-        if device == "cpu" and kernels.ONEDNN:
+        if device == "cpu" and sae_kernels.ONEDNN:
             bt = b.T.contiguous()  # (d_sae, 768): linear's weight layout
             candidates["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [None], "")
         for name, fn in candidates.items():
@@ -148,7 +155,7 @@ def bench_peak(cfg, device):
             print(f"matmul peak ({cfg.batch_size}x768 @ 768x{cfg.d_sae}, {dtype}, {name}): "
                   f"{peaks[(dtype, name)]:,.0f} GFLOP/s")
     if device == "cpu":  # the ops below are timed and measured at glibc's defaults
-        kernels.keep_freed_memory(keep=False)
+        sae_kernels.keep_freed_memory(keep=False)
     return {str(dtype).split(".")[1]: max(v for (dt, _), v in peaks.items() if dt == dtype) for dtype in dtypes}
 
 
@@ -160,7 +167,7 @@ def bench_ops(cfg, device):
     sae = SAE(d, s).to(device)
     params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
     def step(fn):  # mse + L1, the L1 sum from f (the reference) or from the op's fused sums (ours)
-        if fn is kernels.encode_relu_decode_ref:
+        if fn is sae_kernels.encode_relu_decode_ref:
             x_hat, f = fn(x, *params)
             l1 = f.sum(dim=-1)
         else:
@@ -170,12 +177,12 @@ def bench_ops(cfg, device):
             p.grad = None
     # FLOPs: 2 matmuls forward, 3 backward (the b_dec gradient reduced before its multiply), 2*N*d*s each
     flops = 10 * N * d * s
-    ref = time_ms(lambda: step(kernels.encode_relu_decode_ref), cfg.iters, device)
+    ref = time_ms(lambda: step(sae_kernels.encode_relu_decode_ref), cfg.iters, device)
     results["erd_ref"] = row("reference (autograd, 6 matmuls)", ref, flops,
-                             mem=peak_mib(lambda: step(kernels.encode_relu_decode_ref), device))
-    label = "triton" if device == "cuda" else f"ours (5 matmuls{', oneDNN' if kernels.ONEDNN else ''})"
-    ours = time_ms(lambda: step(kernels.encode_relu_decode), cfg.iters, device)
-    results["erd_ours"] = row(label, ours, flops, ref[0], peak_mib(lambda: step(kernels.encode_relu_decode), device))
+                             mem=peak_mib(lambda: step(sae_kernels.encode_relu_decode_ref), device))
+    label = "triton" if device == "cuda" else f"ours (5 matmuls{', oneDNN' if sae_kernels.ONEDNN else ''})"
+    ours = time_ms(lambda: step(sae_kernels.encode_relu_decode), cfg.iters, device)
+    results["erd_ours"] = row(label, ours, flops, ref[0], peak_mib(lambda: step(sae_kernels.encode_relu_decode), device))
 
     print(f"JL penalty value+gradient, n={s} d={d} (fp32):")
     W = torch.nn.functional.normalize(torch.randn(s, d, device=device), dim=1)
@@ -184,19 +191,19 @@ def bench_ops(cfg, device):
         fn(Wg).backward()
     # FLOPs: G on and above the diagonal (n^2 d), then S W_J and S^T W_I (2 n^2 d): 3 n^2 d with symmetry
     flops = 3 * s * s * d
-    ref = time_ms(lambda: jl(kernels.jl_penalty_ref), cfg.iters, device)
-    results["jl_ref"] = row("dense reference (G materialised)", ref, flops, mem=peak_mib(lambda: jl(kernels.jl_penalty_ref), device))
-    ours = time_ms(lambda: jl(kernels.jl_penalty), cfg.iters, device)
+    ref = time_ms(lambda: jl(sae_kernels.jl_penalty_ref), cfg.iters, device)
+    results["jl_ref"] = row("dense reference (G materialised)", ref, flops, mem=peak_mib(lambda: jl(sae_kernels.jl_penalty_ref), device))
+    ours = time_ms(lambda: jl(sae_kernels.jl_penalty), cfg.iters, device)
     results["jl_ours"] = row("triton" if device == "cuda" else "blocked (no G)", ours, flops, ref[0],
-                             peak_mib(lambda: jl(kernels.jl_penalty), device))
+                             peak_mib(lambda: jl(sae_kernels.jl_penalty), device))
     g = torch.Generator().manual_seed(0)
-    sampled = lambda Wg: kernels.jl_penalty(Wg, cfg.jl_sample, g)
+    sampled = lambda Wg: sae_kernels.jl_penalty(Wg, cfg.jl_sample, g)
     ms = time_ms(lambda: jl(sampled), cfg.iters, device)
     # FLOPs of the estimate: (m, d) @ (d, n) forward and its two backward matmuls, 6 m n d
     results["jl_sampled"] = row(f"sampled ({cfg.jl_sample} rows, estimate)", ms, 6 * cfg.jl_sample * s * d, ref[0],
                                 peak_mib(lambda: jl(sampled), device))
-    exact = kernels.jl_penalty_ref(W).item()
-    draws = torch.tensor([kernels.jl_penalty(W, cfg.jl_sample, g).item() for _ in range(20)])
+    exact = sae_kernels.jl_penalty_ref(W).item()
+    draws = torch.tensor([sae_kernels.jl_penalty(W, cfg.jl_sample, g).item() for _ in range(20)])
     results["jl_sampled_rel_err"] = (draws.std() / exact).item()
     print(f"  sampled estimate: relative standard error {results['jl_sampled_rel_err']:.2%} per step (20 draws, random rows)")
     return results
@@ -213,22 +220,22 @@ def bench_jl_memory(cfg, device):
     results = {"n": n}
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if dense_bytes < 0.6 * free:
-        results["dense_mib"] = peak_mib(lambda: run(kernels.jl_penalty_ref), device)
+        results["dense_mib"] = peak_mib(lambda: run(sae_kernels.jl_penalty_ref), device)
         print(f"  dense reference  peak {results['dense_mib']:9.0f} MiB")
     else:
         print(f"  dense reference  does not fit: G alone is {n * n * 4 / 2**30:.0f} GiB, its temporaries >= {dense_bytes / 2**30:.0f} GiB")
     t0 = time.perf_counter()
-    results["ours_mib"] = peak_mib(lambda: run(kernels.jl_penalty), device)
+    results["ours_mib"] = peak_mib(lambda: run(sae_kernels.jl_penalty), device)
     print(f"  {'triton' if device == 'cuda' else 'blocked'}          peak {results['ours_mib']:9.0f} MiB above W "
           f"({W.numel() * 4 / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s")
     return results
 
 
 def bench_sparse_codes(cfg, device):
-    """kernels.py's sparse codes at GPT-2 small's width, K = 32, n_latents 8192 and 32768: the dense references
+    """sae_kernels.py's sparse codes at GPT-2 small's width, K = 32, n_latents 8192 and 32768: the dense references
     (the code scattered into (N, n_latents), autograd's matmuls) against ours, forward and backward apart, beside
     one dense encoder-sized matmul, then peak memory; on the CPU also the candidates for each of the three
-    primitives that the section's header compares, the first of each kernels.py's and each one's speed-up column
+    primitives that the section's header compares, the first of each sae_kernels.py's and each one's speed-up column
     against it (< 1: slower). CPU timings use the trainer's allocator setting (keep_freed_memory: fresh outputs
     are not page-faulted in again)."""
     import torch.nn.functional as F
@@ -243,7 +250,7 @@ def bench_sparse_codes(cfg, device):
         W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
         v = values.clone().requires_grad_()
         with torch.no_grad():
-            pre = kernels.linear(x - b_dec, W_enc.T, b_enc)  # (N, m): the caller's no-grad pre-activations
+            pre = sae_kernels.linear(x - b_dec, W_enc.T, b_enc)  # (N, m): the caller's no-grad pre-activations
         def backward(out, grad):  # as training runs it: .backward() into .grad, then the grads dropped
             out.backward(grad, retain_graph=True)
             for p in (v, W_enc, b_enc, W_dec, b_dec):
@@ -251,25 +258,25 @@ def bench_sparse_codes(cfg, device):
         def no_grad(fn):
             with torch.no_grad():
                 return fn()
-        decode_ref = lambda: backward(kernels.sparse_decode_ref(indices, v, W_dec, b_dec), R)
-        decode = lambda: backward(kernels.sparse_decode(indices, v, W_dec, b_dec), R)
-        encode_ref = lambda: backward(kernels.sparse_encode_ref(x, W_enc, b_enc, b_dec, indices), Q)
-        encode = lambda: backward(kernels.sparse_encode(x, W_enc, b_enc, b_dec, indices, pre=pre), Q)
-        x_hat = kernels.sparse_decode(indices, v, W_dec, b_dec)
-        code = kernels.sparse_encode(x, W_enc, b_enc, b_dec, indices, pre=pre)
+        decode_ref = lambda: backward(sae_kernels.sparse_decode_ref(indices, v, W_dec, b_dec), R)
+        decode = lambda: backward(sae_kernels.sparse_decode(indices, v, W_dec, b_dec), R)
+        encode_ref = lambda: backward(sae_kernels.sparse_encode_ref(x, W_enc, b_enc, b_dec, indices), Q)
+        encode = lambda: backward(sae_kernels.sparse_encode(x, W_enc, b_enc, b_dec, indices, pre=pre), Q)
+        x_hat = sae_kernels.sparse_decode(indices, v, W_dec, b_dec)
+        code = sae_kernels.sparse_encode(x, W_enc, b_enc, b_dec, indices, pre=pre)
         a, bt = torch.randn(N, d, device=device), torch.randn(m, d, device=device)
         flops = 2 * N * K * d  # the useful work of one primitive (gather-sum, gather-dot or scatter)
         # (key, label, fn, useful FLOPs, key of the row its speed-up is against)
-        rows = [("dense_matmul", f"one dense matmul ({N}x{d} @ {d}x{m})", lambda: kernels.linear(a, bt), 2 * N * d * m, None),
+        rows = [("dense_matmul", f"one dense matmul ({N}x{d} @ {d}x{m})", lambda: sae_kernels.linear(a, bt), 2 * N * d * m, None),
                 ("decode_ref", "decode reference fwd+bwd", decode_ref, 3 * flops, None),
-                ("decode_fwd", "decode ours fwd", lambda: no_grad(lambda: kernels.sparse_decode(indices, v, W_dec, b_dec)), flops, None),
+                ("decode_fwd", "decode ours fwd", lambda: no_grad(lambda: sae_kernels.sparse_decode(indices, v, W_dec, b_dec)), flops, None),
                 ("decode_bwd", "decode ours bwd", lambda: backward(x_hat, R), 2 * flops, None),
                 ("decode", "decode ours fwd+bwd", decode, 3 * flops, "decode_ref"),
                 ("encode_ref", "encode reference fwd+bwd", encode_ref, flops, None),
                 ("encode_fwd_pre", "encode ours fwd, gathered from pre",
-                 lambda: no_grad(lambda: kernels.sparse_encode(x, W_enc, b_enc, b_dec, indices, pre=pre)), 0, None),
+                 lambda: no_grad(lambda: sae_kernels.sparse_encode(x, W_enc, b_enc, b_dec, indices, pre=pre)), 0, None),
                 ("encode_fwd", "encode ours fwd, recomputed",
-                 lambda: no_grad(lambda: kernels.sparse_encode(x, W_enc, b_enc, b_dec, indices)), flops, None),
+                 lambda: no_grad(lambda: sae_kernels.sparse_encode(x, W_enc, b_enc, b_dec, indices)), flops, None),
                 ("encode_bwd", "encode ours bwd", lambda: backward(code, Q), flops, None),
                 ("encode", "encode ours fwd (pre) + bwd", encode, flops, "encode_ref")]
         if device == "cpu":
@@ -283,7 +290,7 @@ def bench_sparse_codes(cfg, device):
                     out[s:s + c] = fn(slice(s, s + c))
                 return out
             def scatter_csr():
-                entries, w, offsets = kernels._sort_by_index(indices, values, m)
+                entries, w, offsets = sae_kernels._sort_by_index(indices, values, m)
                 return torch.sparse.mm(torch.sparse_csr_tensor(offsets, entries, w, (m, N), check_invariants=False), A)
             def scatter_index_add():
                 out = torch.zeros(m, d)
@@ -295,24 +302,24 @@ def bench_sparse_codes(cfg, device):
                 ("gather-sum", "CSR sparse.mm", lambda: torch.sparse.mm(csr(values), W)),
                 ("gather-sum", "gather + bmm, 256-row chunks",
                  lambda: chunked(lambda s: torch.bmm(values[s, None, :], W[indices[s]]).squeeze(1), (N, d))),
-                ("gather-dot", "sampled_addmm", lambda: kernels._gather_dot(A, W, indices)),
+                ("gather-dot", "sampled_addmm", lambda: sae_kernels._gather_dot(A, W, indices)),
                 ("gather-dot", "gather + bmm, 256-row chunks",
                  lambda: chunked(lambda s: torch.bmm(W[indices[s]], A[s, :, None]).squeeze(2), (N, K))),
-                ("scatter", "sort + embedding_bag", lambda: kernels._scatter_outer(indices, values, A, m)),
+                ("scatter", "sort + embedding_bag", lambda: sae_kernels._scatter_outer(indices, values, A, m)),
                 ("scatter", "sort + CSR sparse.mm", scatter_csr),
                 ("scatter", "index_add_, 256-row chunks", scatter_index_add),
                 ("scatter", "COO sparse.mm", lambda: torch.sparse.mm(
                     torch.sparse_coo_tensor(coo, values.reshape(-1), (m, N), check_invariants=False), A))]
             ours = {"gather-sum": "embedding_bag", "gather-dot": "sampled_addmm", "scatter": "sort + embedding_bag"}
             rows += [(f"{p}: {name}", f"{p}: {name}", fn, flops, f"{p}: {ours[p]}") for p, name, fn in candidates]
-            kernels.keep_freed_memory()
+            sae_kernels.keep_freed_memory()
         print(f"sparse codes, N={N} K={K} d={d} n_latents={m} (fp32), GFLOP/s of 2 N K d per primitive:")
         r = results[m] = {}
         for key, label, fn, useful, base in rows:
             ms = time_ms(fn, cfg.iters, device)
             r[key] = row(label, ms, useful, r[base]["ms"] if base in r else ms[0] if base == key else None)
         if device == "cpu":  # memory at glibc's defaults, as bench_ops measures it
-            kernels.keep_freed_memory(keep=False)
+            sae_kernels.keep_freed_memory(keep=False)
         for key, fn in (("decode_ref", decode_ref), ("decode", decode), ("encode_ref", encode_ref), ("encode", encode)):
             r[key]["peak_mib"] = peak_mib(fn, device)
         print(f"  peak memory above the inputs, fwd+bwd: decode {r['decode_ref']['peak_mib']:.0f} MiB (reference) against "
@@ -322,7 +329,7 @@ def bench_sparse_codes(cfg, device):
 
 def bench_end_to_end(cfg, device, peaks):
     if device == "cpu":  # the trainer's allocator setting (sae.py): freed temporaries reused, no page faults;
-        kernels.keep_freed_memory()  # the ops above are timed and measured at glibc's defaults
+        sae_kernels.keep_freed_memory()  # the ops above are timed and measured at glibc's defaults
     model = GPT(GPTConfig()) if cfg.init_from == "random" else GPT.from_pretrained(cfg.init_from)
     model = model.to(device).eval().requires_grad_(False)
     contexts = cfg.batch_size // cfg.block_size
@@ -331,10 +338,10 @@ def bench_end_to_end(cfg, device, peaks):
     autocast = torch.autocast(device, dtype=getattr(torch, dtype), enabled=dtype != "float32")
     peak_gflops = peaks[dtype]
     from torch.utils.flop_counter import FlopCounterMode
-    onednn, kernels.ONEDNN = kernels.ONEDNN, False  # torch's counter sees aten's matmuls, not oneDNN's op
+    onednn, sae_kernels.ONEDNN = sae_kernels.ONEDNN, False  # torch's counter sees aten's matmuls, not oneDNN's op
     with torch.no_grad(), autocast, FlopCounterMode(display=False) as counter:
         model.harvest(idx, cfg.layer, cfg.site)
-    kernels.ONEDNN = onednn
+    sae_kernels.ONEDNN = onednn
     harvest_flops = counter.get_total_flops()
     results = {}
     print(f"end to end, {contexts}x{cfg.block_size} tokens a step, layer {cfg.layer} {cfg.site}, d_sae {cfg.d_sae}, "
@@ -664,14 +671,14 @@ def bench_arch_steps(cfg, device, widths=(8192, 32768), k=32):
 def bench_archs(cfg):
     """--archs=True: the sparse kernels against their dense references, then every architecture's step."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    kernels.keep_freed_memory()  # as sae.py runs on the CPU
+    sae_kernels.keep_freed_memory()  # as sae.py runs on the CPU
     widths = (cfg.d_sae,) if cfg.quick else (8192, 32768)
     return {"sparse_codes": bench_sparse_codes(cfg, device), "steps": bench_arch_steps(cfg, device, widths)}
 
 
 def bench_models(cfg):
     """--models=True: tokenizers, then a real Llama-family model's harvest."""
-    kernels.keep_freed_memory()  # as sae.py runs on the CPU
+    sae_kernels.keep_freed_memory()  # as sae.py runs on the CPU
     documents = shared_documents()
     return {"tokenizers": bench_tokenizers(cfg, documents), "llama_harvest": bench_llama_harvest(cfg, documents)}
 

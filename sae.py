@@ -5,7 +5,7 @@ GPT-2 or a Llama-family model (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2: ou
 copied key for key from the Hugging Face checkpoint) reads the tokens prepare.py wrote with its tokenizer;
 `harvest` returns the activations at one (layer, site) and computes nothing past it; a shuffling buffer
 (or the activation cache, harvested once to disk) feeds them to an SAE trained with an L1, a JL (mean atanh |cos|
-between dictionary rows) or a hybrid loss through the ops of kernels.py. Around it: evaluation
+between dictionary rows) or a hybrid loss through the ops of sae_kernels.py. Around it: evaluation
 (FVU, L0, CE loss recovered, KL), dead-feature resampling, checkpoints and exact resume, data-parallel
 runs, several SAEs on one pass (sweeps), export to SAELens, steering and feature dashboards.
 References: Bricken et al. 2023, "Towards Monosemanticity" (transformer-circuits.pub/2023/monosemantic-features);
@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import cpu_bf16_native, encode_relu_decode, jl_penalty, keep_freed_memory, linear, sparse_decode, \
-    sparse_encode
+from sae_kernels import ONEDNN_BF16, cpu_bf16_native, encode_relu_decode, jl_penalty, keep_freed_memory, linear, \
+    sparse_decode, sparse_encode
 from prepare import read_shard
 
 # -----------------------------------------------------------------------------
@@ -80,7 +80,7 @@ class TrainConfig:
     device: str = "auto"               # auto = cuda if available, else cpu
     dtype: str = "auto"                # autocast dtype of the model's and the SAE's matmuls (parameters, Adam: fp32);
                                        # auto = bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32
-                                       # (kernels.cpu_bf16_native; README "precision")
+                                       # (sae_kernels.cpu_bf16_native; README "precision")
     compile: bool = False              # torch.compile the SAE
     # the model and the site
     layer: int = 6                     # 0-indexed block; 6 is the middle of GPT-2 small, 15 of SmolLM2-135M
@@ -127,6 +127,8 @@ class TrainConfig:
     # optimization
     max_iters: int = 20000
     batch_size: int = 4096             # activations per step, all ranks
+    micro_batches: int = 1             # each rank's batch in this many pieces, their gradients summed (memory; and a
+                                       # run of 2 pieces in 1 process equals 2 processes of 1 bit for bit, 1 thread each)
     lr: float = 1e-4                   # Adam
     lr_enc: float = 0.0                # encoder (W_enc, b_enc) learning rate; 0 = lr
     lr_dec: float = 0.0                # decoder (W_dec, b_dec) learning rate; 0 = lr
@@ -305,6 +307,9 @@ def check_config(cfg, world_size=1):
         raise ValueError(f"--site={cfg.site!r}: valid sites are {', '.join(SITES)}")
     if cfg.batch_size % world_size:
         raise ValueError(f"--batch_size={cfg.batch_size} must divide evenly over {world_size} ranks")
+    if cfg.micro_batches < 1 or cfg.batch_size % (world_size * cfg.micro_batches):
+        raise ValueError(f"--micro_batches={cfg.micro_batches} must be >= 1 and divide the per-rank batch "
+                         f"({cfg.batch_size} // {world_size})")
     per_rank = cfg.batch_size // world_size
     if not cfg.acts and (cfg.buffer_tokens % (2 * per_rank) or cfg.buffer_tokens % 4):
         raise ValueError(f"--buffer_tokens={cfg.buffer_tokens} must be a multiple of 4 and of 2 x {per_rank} (the "
@@ -351,7 +356,7 @@ class StopForward(Exception):
 
 
 class Linear(nn.Linear):
-    """nn.Linear through kernels.linear, with an optional fused activation: oneDNN's AVX-512 matmul on the CPU
+    """nn.Linear through sae_kernels.linear, with an optional fused activation: oneDNN's AVX-512 matmul on the CPU
     when nothing needs its gradient (harvesting, evaluation, generation), where torch's fp32 matmul takes MKL's
     AVX2 path on AMD processors."""
 
@@ -887,7 +892,7 @@ class DataLoaderLite:
 #   vae         f = relu(z), z ~ N(pre, sigma_i^2) in training and z = pre at inference (Kingma & Welling 2014);
 #               + kl KL(N(pre, sigma^2) || N(m, 1)), m < 0 so that most features sit below 0
 # The k-sparse ones (K_SPARSE) never form a dense code in training: pre comes without autograd, the selection
-# gives (indices, values) (N, K), and kernels.sparse_encode / sparse_decode carry the gradients through the
+# gives (indices, values) (N, K), and sae_kernels.sparse_encode / sparse_decode carry the gradients through the
 # selected entries only. Decoder rows are kept at unit norm except with --l1_by_decoder_norm.
 
 def matryoshka_prefixes(spec, d_sae):
@@ -954,7 +959,7 @@ class SAE(nn.Module):
 
     def forward(self, x, stats=False, code=True):
         """x (N, d_in) -> (x_hat (N, d_in), f (N, d_sae)); with stats also (l1 (N,), l0 (N,), fired (d_sae,)).
-        relu runs the fused kernel (kernels.py); with free norms f is scaled by the rows' norms, the code of the
+        relu runs the fused kernel (sae_kernels.py); with free norms f is scaled by the rows' norms, the code of the
         unit-norm dictionary that the L1 term and every reader of f see, and the kernel weights l1 by them.
         code=False (training, which reads x_hat and the stats only): f is None, its scaled copy never made."""
         if self.arch == "relu":
@@ -1138,7 +1143,7 @@ def sae_loss(sae, x, cfg, it, dead=None):
     """-> (loss, terms, fired). mse = mean over the batch of sum over d_in of (x_hat - x)^2 (matryoshka: averaged
     over its prefixes); l1 = mean over the batch of sum over features of f; l0 = mean number of active features;
     the architecture's sparsity term (relu: l1, jumprelu: L0, vae: KL) with --loss=l1 or hybrid; jl = the JL mean
-    of kernels.jl_penalty with --loss=jl or hybrid; aux = AuxK (k-sparse architectures, dead (d_sae,) bool given);
+    of sae_kernels.jl_penalty with --loss=jl or hybrid; aux = AuxK (k-sparse architectures, dead (d_sae,) bool given);
     fired (d_sae,) = how many of the batch activated each feature."""
     terms = ARCH_TERMS[sae.arch](sae, x, cfg, it, dead)
     loss = terms.pop("recon", terms["mse"])
@@ -1157,11 +1162,42 @@ def sae_loss(sae, x, cfg, it, dead=None):
 
 
 def sae_step(sae, optimizer, loss, cfg, world_size=1):
-    """One update: backward; gradients (and estimated thresholds) averaged over ranks; the decoder's along-row
-    component removed; clipping; Adam; decoder rows renormalised (both skipped with free norms); JumpReLU's
-    thresholds kept >= 0."""
+    """One update from one batch's loss: backward, then sae_update."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    sae_update(sae, optimizer, cfg, world_size)
+
+
+def backward_in_pieces(sae, optimizer, x, cfg, it, dead, autocast):
+    """Forward and backward over the batch x (per_rank, d_in) in cfg.micro_batches pieces, each piece's loss divided
+    by their number, so that .grad holds the gradient of the pieces' mean loss, summed in piece order. The buffers a
+    forward estimates (batchtopk's threshold) start each piece where the step started and end as the pieces' mean,
+    as ranks' buffers are averaged. With 2 pieces this is the arithmetic of 2 ranks of 1 piece, bit for bit: g0/2 +
+    g1/2 equals (g0 + g1)/2, halving being exact. -> (loss, terms, fired): mean loss and terms, summed firings."""
+    optimizer.zero_grad(set_to_none=True)
+    pieces, start = x.chunk(cfg.micro_batches), [b.clone() for b in sae.buffers()]
+    sums = [torch.zeros_like(b) for b in start]
+    total = None
+    for piece in pieces:
+        for b, b0 in zip(sae.buffers(), start):
+            b.copy_(b0)
+        with autocast:  # the backward runs in the forward's dtypes
+            loss, terms, fired = sae_loss(sae, piece, cfg, it, dead)
+        (loss / len(pieces)).backward()
+        for acc, b in zip(sums, sae.buffers()):
+            acc += b
+        out = (loss.detach(), {k: v.detach() for k, v in terms.items()}, fired)
+        total = out if total is None else (total[0] + out[0], {k: v + out[1][k] for k, v in total[1].items()},
+                                           total[2] + out[2])
+    for b, acc in zip(sae.buffers(), sums):
+        b.copy_(acc / len(pieces))
+    return total[0] / len(pieces), {k: v / len(pieces) for k, v in total[1].items()}, total[2]
+
+
+def sae_update(sae, optimizer, cfg, world_size=1):
+    """One update from the gradients in .grad: gradients (and estimated thresholds) averaged over ranks; the
+    decoder's along-row component removed; clipping; Adam; decoder rows renormalised (both skipped with free norms);
+    JumpReLU's thresholds kept >= 0."""
     if world_size > 1:  # average the gradients (gloo has no AVG), and the buffers each rank estimated
         import torch.distributed as dist
         for t in [p.grad for p in sae.parameters() if p.grad is not None] + list(sae.buffers()):
@@ -1311,9 +1347,10 @@ class ActivationBuffer:
 class ActsFile:
     """Batches of activations on disk: a (N, d_in) float .npy file, whose first `n_val` rows are held out for
     evaluation, or an activation cache directory (--mode=cache), whose val split is. The training rows are
-    reshuffled each epoch (order seeded by (seed, epoch)); rank r takes slice r of each global batch."""
+    reshuffled each epoch (order seeded by (seed, epoch)); rank r takes slice r of each global batch, read as
+    `pieces` slices in a row (each in the order a rank of a world * pieces run reads its own)."""
 
-    def __init__(self, path, batch_size, n_val, seed, rank=0, world=1):
+    def __init__(self, path, batch_size, n_val, seed, rank=0, world=1, pieces=1):
         if os.path.isdir(path):
             manifest = read_cache_manifest(path)
             self.parts = [np.load(os.path.join(path, f), mmap_mode="r") for f in manifest["train"]["files"]]
@@ -1333,7 +1370,7 @@ class ActsFile:
         self.n_train, self.d_in = int(self.offsets[-1]), self.parts[0].shape[1]
         if self.n_train < batch_size:
             raise ValueError(f"--acts={path}: {self.n_train} training rows, fewer than one batch of {batch_size}")
-        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.batch_size, self.seed, self.rank, self.world, self.pieces = batch_size, seed, rank, world, pieces
         self.start()
 
     def rows(self, index):
@@ -1354,7 +1391,7 @@ class ActsFile:
         b = self.batch_size // self.world
         batch = self.perm[self.index + self.rank * b:self.index + (self.rank + 1) * b]
         self.index += self.batch_size
-        return self.rows(batch)
+        return torch.cat([self.rows(piece) for piece in batch.chunk(self.pieces)])
 
     def sample(self, n, generator):
         return self.rows(torch.randint(self.n_train, (n,), generator=generator))
@@ -2130,7 +2167,7 @@ class LoRA(nn.Module):
     """Low-rank adaptation (Hu et al. 2021; microsoft/LoRA's loralib) as a parametrization of a frozen weight W
     (out, in): W + (alpha / r) B A, A (r, in) Kaiming-uniform as loralib starts it, B (out, r) zero, so training
     starts from the model itself. torch.nn.utils.parametrize recomputes it wherever the layer reads .weight (our
-    Linear, and kernels.linear's autograd path), and merges it into W when the parametrization is removed."""
+    Linear, and sae_kernels.linear's autograd path), and merges it into W when the parametrization is removed."""
 
     def __init__(self, weight, rank, alpha):
         super().__init__()
@@ -2598,7 +2635,7 @@ def activation_source(cfg, device, autocast, rank=0, world=1):
     shuffling buffer. Evaluation runs the val contexts through the model (FVU, and CE and KL with the SAE
     spliced in) wherever there is a model and its token shards; else it scores the held-out rows (FVU only)."""
     if cfg.acts:
-        source = ActsFile(cfg.acts, cfg.batch_size, cfg.eval_tokens, cfg.seed, rank, world)
+        source = ActsFile(cfg.acts, cfg.batch_size, cfg.eval_tokens, cfg.seed, rank, world, cfg.micro_batches)
         d_in = source.d_in
         shards = os.path.isdir(cfg.acts) and glob.glob(os.path.join(cfg.data_dir, "*_val_*.bin"))
         if os.path.isdir(cfg.acts) and not shards and rank == 0:
@@ -2682,7 +2719,7 @@ def resolved_dtype(cfg, device_type):
 def init_device(cfg):
     """-> (ddp, rank, world size, device, autocast). Under torchrun, a process group: nccl on GPUs, gloo on CPUs
     (so a 2-process run is testable here). Autocast (the model's forwards and the SAE's training step) at
-    --dtype=auto: bf16 on CUDA and on CPUs that multiply bf16 natively, fp32 on the others (kernels.py's rule)."""
+    --dtype=auto: bf16 on CUDA and on CPUs that multiply bf16 natively, fp32 on the others (sae_kernels.py's rule)."""
     import torch.distributed as dist
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
     if ddp:
@@ -2701,6 +2738,11 @@ def init_device(cfg):
     dtype = resolved_dtype(cfg, device_type)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype={dtype!r}: valid values are auto, float32, bfloat16, float16")
+    if device_type == "cpu" and dtype == "bfloat16" and not cpu_bf16_native() and rank == 0:
+        slower = "about 200x slower than float32: oneDNN has no bf16 kernels without AVX-512 or AVX-NE-CONVERT, so " \
+                 "torch's generic matmul runs it" if not ONEDNN_BF16 else "slower than float32"
+        print(f"note: --dtype=bfloat16 on this CPU (no AMX or AVX512-BF16) is emulated, {slower}; --dtype=auto picks "
+              "float32 here", file=sys.stderr)
     return ddp, rank, world, device, torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
 
 
@@ -2852,9 +2894,8 @@ def main(argv):
             for group, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
                 group["lr"] = base_lr * lr_mult
             dead = run.tracker.dead() if run.cfg.arch in K_SPARSE else None
-            with autocast:  # the backward runs in the forward's dtypes
-                loss, terms, fired = sae_loss(run.train_sae, x, run.cfg, it, dead)
-            finite = torch.isfinite(loss.detach()).float()
+            loss, terms, fired = backward_in_pieces(run.train_sae, run.optimizer, x, run.cfg, it, dead, autocast)
+            finite = torch.isfinite(loss).float()
             if ddp:
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if not finite.item():
@@ -2862,7 +2903,7 @@ def main(argv):
                     os.path.join(run.cfg.out_dir, "ckpt.pt")) else "no checkpoint was written yet"
                 raise FloatingPointError(f"{run.prefix}loss is {loss.item()} at iter {it}; stopping ({saved}); "
                                          f"try a lower --lr")
-            sae_step(run.sae, run.optimizer, loss, run.cfg, ddp_world_size)
+            sae_update(run.sae, run.optimizer, run.cfg, ddp_world_size)
             if ddp:
                 dist.all_reduce(fired)
             run.tracker.update(fired, cfg.batch_size)

@@ -44,8 +44,9 @@ def use_triton(t):
 #   it through this same op), uses AVX-512 wherever the CPU has it. On the AMD EPYC oneDNN measured 375 against
 #   200 GFLOP/s one day, 184-222 against 164-199 another (the host's speed varies; the ratio was always > 1);
 #   on the Intel Xeon oneDNN was slower, 280 against MKL's 310. So: oneDNN for fp32 unless the CPU is Intel's.
-#   bf16 goes through oneDNN everywhere (torch's bf16 matmul on the CPU calls it too; ours fuses the bias and the
-#   activation). Its linear computes x @ weight^T + bias with an optional fused activation, reading strided views.
+#   bf16 goes through oneDNN wherever its bf16 kernels exist (AVX-512 or AVX-NE-CONVERT; torch's bf16 matmul on the
+#   CPU calls them too; ours fuses the bias and the activation), else through torch's matmul (ONEDNN_BF16). Its
+#   linear computes x @ weight^T + bias with an optional fused activation, reading strided views.
 # SAE_NO_ONEDNN=1 keeps torch's matmul for everything.
 
 def _onednn_works():
@@ -54,6 +55,21 @@ def _onednn_works():
     try:  # a private op (torch/_inductor/mkldnn_ir.py calls it): check it exists and agrees with a plain matmul
         x, w = torch.randn(3, 5), torch.randn(4, 5)
         return torch.allclose(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], ""), x @ w.T, atol=1e-5)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _onednn_bf16_works():
+    """oneDNN's bf16 kernels need AVX-512 (BW, VL and DQ) or AVX-NE-CONVERT: torch's own rule is
+    torch.ops.mkldnn._is_mkldnn_bf16_supported(), and on an AVX2-only CPU (an AMD EPYC, issue 21) the bf16 linear
+    fails to build ("could not create a primitive descriptor") and the fused multiply refuses ("bf16 path needs the
+    cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq"). So both ops we call are probed on a tiny input;
+    where either fails, bf16 goes through torch's matmul (its own fallback: slower, still bf16's rounding)."""
+    try:
+        x, w = torch.randn(3, 5, dtype=torch.bfloat16), torch.randn(4, 5, dtype=torch.bfloat16)
+        torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
+        torch.ops.mkldnn._linear_pointwise.binary(x, torch.ones(3, 4, dtype=torch.bfloat16), w, None, "mul")
+        return True
     except (AttributeError, RuntimeError):
         return False
 
@@ -68,15 +84,18 @@ def cpu_vendor():
 
 
 def cpu_bf16_native():
-    """True where the CPU has AMX tiles or AVX512-BF16 (torch's own cpuinfo checks; private, so guarded)."""
+    """True where the CPU has AMX tiles or AVX512-BF16 and oneDNN may use them (torch's own cpuinfo checks, and its
+    rule for oneDNN's bf16, which also honours ONEDNN_MAX_CPU_ISA; private, so guarded)."""
     try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:
+        return bool((torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
         return False
 
 
-ONEDNN = _onednn_works()                                   # the op, for bf16 everywhere
-ONEDNN_FP32 = ONEDNN and cpu_vendor() != "GenuineIntel"    # and for fp32 where MKL takes its AVX2 path
+ONEDNN = _onednn_works()                                   # the op
+ONEDNN_FP32 = ONEDNN and cpu_vendor() != "GenuineIntel"    # for fp32 where MKL takes its AVX2 path
+ONEDNN_BF16 = ONEDNN and _onednn_bf16_works()              # for bf16 where the CPU has oneDNN's bf16 kernels
 
 
 def keep_freed_memory(keep=True):
@@ -98,14 +117,14 @@ def keep_freed_memory(keep=True):
 def linear(x, weight, bias=None, act="none", mul=None):
     """act(x @ weight^T + bias), times mul if given: x (M, K), weight (N, K), mul (M, N), any strides; act is none,
     relu, gelu_tanh or silu. Under CPU autocast to bf16, in bf16 as autocast would (the result bf16). oneDNN for
-    CPU tensors that need no gradient (its op has no autograd), in bf16, or in fp32 where ONEDNN_FP32, the product
+    CPU tensors that need no gradient (its op has no autograd), in bf16 where ONEDNN_BF16 or fp32 where ONEDNN_FP32, the product
     with mul fused into the matmul's epilogue (oneDNN's binary post-op: no extra pass over (M, N)); else torch.
     -> (M, N)"""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
     dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
     if ONEDNN and x.device.type == "cpu" and not needs_grad and \
-            (dtype == torch.bfloat16 or (dtype == torch.float32 and ONEDNN_FP32)):
+            ((dtype == torch.bfloat16 and ONEDNN_BF16) or (dtype == torch.float32 and ONEDNN_FP32)):
         x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
         if mul is not None and act == "none":
             return torch.ops.mkldnn._linear_pointwise.binary(x, mul.to(dtype), weight, bias, "mul")
