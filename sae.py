@@ -1176,22 +1176,20 @@ def backward_in_pieces(sae, optimizer, x, cfg, it, dead, autocast):
     g1/2 equals (g0 + g1)/2, halving being exact. -> (loss, terms, fired): mean loss and terms, summed firings."""
     optimizer.zero_grad(set_to_none=True)
     pieces, start = x.chunk(cfg.micro_batches), [b.clone() for b in sae.buffers()]
-    sums = [torch.zeros_like(b) for b in start]
-    total = None
+    buffer_sums, loss_sum, term_sums, fired_sum = [torch.zeros_like(b) for b in start], 0, {}, 0
     for piece in pieces:
         for b, b0 in zip(sae.buffers(), start):
             b.copy_(b0)
         with autocast:  # the backward runs in the forward's dtypes
             loss, terms, fired = sae_loss(sae, piece, cfg, it, dead)
         (loss / len(pieces)).backward()
-        for acc, b in zip(sums, sae.buffers()):
+        for acc, b in zip(buffer_sums, sae.buffers()):
             acc += b
-        out = (loss.detach(), {k: v.detach() for k, v in terms.items()}, fired)
-        total = out if total is None else (total[0] + out[0], {k: v + out[1][k] for k, v in total[1].items()},
-                                           total[2] + out[2])
-    for b, acc in zip(sae.buffers(), sums):
+        loss_sum, fired_sum = loss_sum + loss.detach(), fired_sum + fired
+        term_sums = {k: term_sums.get(k, 0) + v.detach() for k, v in terms.items()}
+    for b, acc in zip(sae.buffers(), buffer_sums):
         b.copy_(acc / len(pieces))
-    return total[0] / len(pieces), {k: v / len(pieces) for k, v in total[1].items()}, total[2]
+    return loss_sum / len(pieces), {k: v / len(pieces) for k, v in term_sums.items()}, fired_sum
 
 
 def sae_update(sae, optimizer, cfg, world_size=1):
