@@ -8,6 +8,7 @@ Tests that need ../shared (tokenizer files, text sample) skip without it.
 import dataclasses
 import glob
 import importlib.metadata
+import itertools
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -2656,6 +2658,204 @@ def test_no_triton_forces_the_sparse_references(monkeypatch):
     assert type(sae_kernels.sparse_decode(indices, values, W_dec, b_dec).grad_fn).__name__ == "AddBackward0"
     values = sae_kernels.sparse_encode(torch.randn(5, 4), W_enc, b_enc, b_dec, indices)
     assert type(values.grad_fn).__name__ == "GatherBackward0"
+
+
+# -----------------------------------------------------------------------------
+# the Triton kernels compiled for real GPUs, ahead of time, with no GPU (issue 22)
+# The interpreter runs a kernel in numpy and skips what a GPU compiler checks: tl.dot's shapes and dtypes, layouts,
+# register and shared-memory limits. Triton's wheel carries the NVIDIA back end and ptxas, so triton.compile of an
+# ASTSource for a GPUTarget returns a cubin on a CPU. What to compile is recorded from the launchers themselves: each
+# op runs on CPU tensors as it would on CUDA, every kernel replaced by a recorder of its arguments, and each distinct
+# launch's signature is derived from what was passed (no hand-kept copy to drift from them).
+
+# the shared memory one block may use (the opt-in maximum), bytes, by compute capability: A100 (8.0), consumer
+# Ampere (8.6), Ada: L4, L40, RTX 40 (8.9), H100/H200 (9.0). CUDA C++ Programming Guide, "Technical Specifications
+# per Compute Capability"
+GPU_TARGETS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+TRITON_POINTEE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
+                  torch.int64: "i64"}
+
+
+def triton_type(value):
+    """Triton's signature type of one launch argument, as its JIT would type it (without its specialisations)."""
+    if isinstance(value, torch.Tensor):
+        return "*" + TRITON_POINTEE[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    return {float: "fp32"}[type(value)]
+
+
+
+def data_dtype(signature):
+    """The dtype of a launch's data: its first floating-point pointer's type."""
+    return next(t for t in signature.values() if t in ("*fp32", "*bf16", "*fp16"))
+
+def drive_every_launcher():
+    """Every op with a Triton path, in each dtype a launcher can receive (fp32; bf16 and fp16 tensors as callers
+    under autocast may pass), with every option: encode-ReLU-decode with and without stats and per-latent L1
+    weights, its backward reached through x_hat, f and l1; the sparse codes at every K up to 32 (the gather kernels'
+    BLOCK_K follows K), pre given or not; the JL penalty."""
+    g = torch.Generator().manual_seed(0)
+    N, d, s = 96, 40, 136
+    param = lambda dtype, *shape: torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(N, d, generator=g).to(dtype)
+        for stats, scaled, reads in itertools.product((False, True), (False, True), ("x_hat", "f", "l1")):
+            scale = torch.rand(s, generator=g).to(dtype).requires_grad_() if scaled else None
+            x_hat, f, (l1, _, _) = sae_kernels.encode_relu_decode(
+                x, param(dtype, d, s), param(dtype, s), param(dtype, s, d), param(dtype, d), stats=True, scale=scale)
+            read = {"x_hat": 0, "f": f.float().sum(), "l1": l1.float().sum()}[reads]
+            (x_hat.float().sum() + read).backward()
+        for K in (1, 2, 3, 8, 16, 32):
+            idx = torch.stack([torch.randperm(s, generator=g)[:K] for _ in range(N)])
+            W_enc, b_enc, b_dec = param(dtype, d, s), param(dtype, s), param(dtype, d)
+            sae_kernels.sparse_decode(idx, param(dtype, N, K), param(dtype, s, d), b_dec).float().sum().backward()
+            for pre in (None, torch.randn(N, s, generator=g).to(dtype)):
+                sae_kernels.sparse_encode(x, W_enc, b_enc, b_dec, idx, pre=pre).float().sum().backward()
+        sae_kernels.jl_penalty(param(dtype, s, d)).backward()
+
+
+
+def jit_function(kernel):
+    """The JITFunction of a kernel (an Autotuner wraps one)."""
+    from triton.runtime.autotuner import Autotuner
+    return kernel.fn if isinstance(kernel, Autotuner) else kernel
+
+def record_gpu_launches():
+    """-> (kernels {name: JITFunction or Autotuner}, [(name, signature items, constexpr items)]): the distinct launches
+    drive_every_launcher makes when the launchers take their CUDA path (use_triton true, INTERPRET false)."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+    kernels = {name: k for name, k in vars(sae_kernels).items() if isinstance(k, (JITFunction, Autotuner))}
+    launches = {}
+
+    class Recorder:  # kernel[grid](*args, **constexprs): records the launch, runs nothing
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                jit = jit_function(kernels[self.name])
+                signature = {n: triton_type(a) for n, a in zip(jit.arg_names, args)} | {n: "constexpr" for n in kwargs}
+                launches[(self.name, tuple(signature.items()), tuple(sorted(kwargs.items())))] = None
+            return launch
+
+    saved = {name: getattr(sae_kernels, name) for name in ("INTERPRET", "NO_TRITON", "use_triton", *kernels)}
+    try:
+        sae_kernels.INTERPRET, sae_kernels.NO_TRITON, sae_kernels.use_triton = False, False, lambda t: True
+        for name in kernels:
+            setattr(sae_kernels, name, Recorder(name))
+        drive_every_launcher()
+    finally:
+        for name, value in saved.items():
+            setattr(sae_kernels, name, value)
+    return kernels, list(launches)
+
+
+def compile_job(job):
+    """One (kernel, signature, constexprs, options, capability) -> (job, shared memory bytes or None, error or None)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    name, signature, constexprs, options, capability = job
+    kernel = getattr(sae_kernels, name)
+    try:
+        compiled = triton.compile(ASTSource(jit_function(kernel), dict(signature), constexprs=dict(constexprs)),
+                                  target=GPUTarget("cuda", capability, 32), options=dict(options))
+        return job, compiled.metadata.shared, None
+    except Exception as e:  # reported per job: one failure must not hide the others
+        return job, None, f"{type(e).__name__}: {str(e).splitlines()[-1][:300] if str(e) else ''}"
+
+
+def compile_for_gpus():
+    """Run in a process without TRITON_INTERPRET (the interpreter replaces triton.language): records the launches,
+    compiles them for every GPU_TARGETS capability on 2 processes, prints one JSON report. Every launch compiles at
+    its first autotune config, and every config compiles at each dtype's launch with the largest shared memory at
+    the first config, so each kernel, signature, constexpr set, config and dtype compiles for each target, at
+    half the full product's cost. Shared memory is mostly the A and B tiles the software pipeline stages (a
+    config's and a dtype's); the epilogues add scratch (at 128x128x32 in fp32: 64 KB bare, 80 KB with the most).
+    Triton caches each compile ($TRITON_CACHE_DIR)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from triton.runtime.autotuner import Autotuner
+    t0 = time.time()
+    kernels, launches = record_gpu_launches()
+    configs = {name: k.configs if isinstance(k, Autotuner) else [None] for name, k in kernels.items()}
+
+    def job(launch, config, capability):
+        name, signature, constexprs = launch
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {}
+        constexprs = {**dict(constexprs), **(config.kwargs if config else {})}
+        return name, signature, tuple(sorted(constexprs.items())), tuple(sorted(options.items())), capability
+
+    firsts = [(launch, cc) for launch in launches for cc in GPU_TARGETS]
+    with ProcessPoolExecutor(2) as pool:
+        results = list(pool.map(compile_job, [job(launch, configs[launch[0]][0], cc) for launch, cc in firsts]))
+        heaviest = {}  # (kernel, dtype, capability) -> (launch, shared memory at the first config), autotuned only
+        for (launch, cc), (_, shared, _) in zip(firsts, results):
+            key = (launch[0], data_dtype(dict(launch[1])), cc)
+            if len(configs[launch[0]]) > 1 and (shared or 0) >= heaviest.get(key, (None, -1))[1]:
+                heaviest[key] = (launch, shared or 0)
+        results += pool.map(compile_job, [job(launch, config, cc) for (name, _, cc), (launch, _) in heaviest.items()
+                                          for config in configs[name][1:]])
+    report = {"kernels": sorted(kernels), "launches": len(launches), "seconds": time.time() - t0,
+              "configs": {name: [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in cs]
+                          for name, cs in configs.items() if cs[0] is not None},
+              "compiles": [{"kernel": job[0], "signature": dict(job[1]), "constexprs": dict(job[2]),
+                            "options": dict(job[3]), "capability": job[4], "shared": shared, "error": error}
+                           for job, shared, error in results]}
+    print(json.dumps(report))
+
+
+@pytest.fixture(scope="session")
+def gpu_compiles():
+    """compile_for_gpus's report, once a session, in a fresh process; Triton's cache in ~/.cache/gpt_sae/triton
+    keeps the cubins between runs (a cold run takes minutes, a warm one seconds: README "tests")."""
+    env = {**cpu_env(), "TRITON_CACHE_DIR": os.environ.get("TRITON_CACHE_DIR") or
+           os.path.expanduser("~/.cache/gpt_sae/triton"), "TRITON_DEFAULT_FP_FUSION": "1"}  # Triton 3.9's default
+    r = subprocess.run([sys.executable, "-c", "import test_sae; test_sae.compile_for_gpus()"], cwd=HERE, env=env,
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_every_triton_kernel_compiles_for_every_gpu(gpu_compiles):
+    """Every kernel of sae_kernels, every launch its launchers make (fp32, bf16, fp16; each constexpr set), every
+    autotune config: a cubin for sm_80, sm_86, sm_89 and sm_90."""
+    compiles = gpu_compiles["compiles"]
+    failed = [c for c in compiles if c["error"]]
+    assert not failed, "\n".join(f"{c['kernel']} sm_{c['capability']} {c['constexprs']} {c['signature']}: "
+                                 f"{c['error']}" for c in failed[:10])
+    assert {c["kernel"] for c in compiles} == set(gpu_compiles["kernels"]) == \
+        {"_sae_matmul_kernel", "_gather_sum_kernel", "_gather_dot_kernel", "_scatter_outer_kernel", "_jl_fwd_bwd_kernel"}
+    for kernel in gpu_compiles["kernels"]:
+        for cc in GPU_TARGETS:
+            dtypes = {data_dtype(c["signature"]) for c in compiles if c["kernel"] == kernel and c["capability"] == cc}
+            assert dtypes == ({"*fp32"} if kernel == "_jl_fwd_bwd_kernel" else {"*fp32", "*bf16", "*fp16"}), (kernel, cc)
+    for kernel, configs in gpu_compiles["configs"].items():  # the autotuned: each config, each dtype, each target
+        for cc in GPU_TARGETS:
+            for dtype in ("*fp32", "*bf16", "*fp16"):
+                done = [{k: c["constexprs"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")} | c["options"]
+                        for c in compiles if c["kernel"] == kernel and c["capability"] == cc
+                        and data_dtype(c["signature"]) == dtype]
+                assert all(config in done for config in configs), (kernel, cc, dtype)
+    gathers = {c["constexprs"]["BLOCK_K"] for c in compiles if c["kernel"] == "_gather_sum_kernel"}
+    assert gathers == {1, 2, 4, 8, 16, 32}  # every BLOCK_K the launcher picks (the next power of 2 of K, to 32)
+
+
+def test_every_launch_fits_each_gpus_shared_memory(gpu_compiles):
+    """Each fixed-config launch fits every target's shared memory; each autotuned launch keeps at least one config
+    that fits (Triton's autotuner skips a config that does not: the list needs no pruning while one fits)."""
+    fits = {}
+    for c in gpu_compiles["compiles"]:
+        key = (c["kernel"], json.dumps(c["signature"]),
+               json.dumps({k: v for k, v in c["constexprs"].items() if not k.startswith("BLOCK_")}), c["capability"])
+        fits.setdefault(key, []).append(c["shared"] <= GPU_TARGETS[c["capability"]])
+    assert all(any(ok) for ok in fits.values()), [key for key, ok in fits.items() if not any(ok)][:5]
+    fixed = [c for c in gpu_compiles["compiles"] if c["kernel"] not in gpu_compiles["configs"]]
+    assert all(c["shared"] <= GPU_TARGETS[c["capability"]] for c in fixed), \
+        [(c["kernel"], c["capability"], c["shared"]) for c in fixed if c["shared"] > GPU_TARGETS[c["capability"]]][:5]
 
 
 # -----------------------------------------------------------------------------
