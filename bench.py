@@ -348,8 +348,10 @@ def bench_end_to_end(cfg, device, peaks):
           f"{dtype} matmuls (MFU against {peak_gflops:,.0f} GFLOP/s):")
     with torch.no_grad(), autocast:
         harvest = time_ms(lambda: model.harvest(idx, cfg.layer, cfg.site), cfg.iters, device)
-        print(f"  harvest, stop at layer {cfg.layer}     {harvest[0]:9.1f} ms  {cfg.batch_size / harvest[0] * 1e3:10,.0f} tok/s")
-        results["harvest_stop_tok_s"] = cfg.batch_size / harvest[0] * 1e3
+        mfu_harvest = harvest_flops / harvest[0] / 1e6 / peak_gflops
+        print(f"  harvest, stop at layer {cfg.layer}     {harvest[0]:9.1f} ms  {cfg.batch_size / harvest[0] * 1e3:10,.0f} tok/s  "
+              f"MFU {mfu_harvest:.0%}")
+        results["harvest_stop_tok_s"], results["harvest_mfu"] = cfg.batch_size / harvest[0] * 1e3, mfu_harvest
         if not cfg.quick:
             full = time_ms(lambda: model(idx), cfg.iters, device)
             print(f"  full forward                 {full[0]:9.1f} ms  {cfg.batch_size / full[0] * 1e3:10,.0f} tok/s "
@@ -477,11 +479,12 @@ def bench_synthetic(cfg):
 WARMUP = 32
 
 
-def saelens_worker(tokens_path, steps, bf16):
+def saelens_worker(tokens_path, steps, bf16, device="cpu"):
     """SAELens 6.54 through its own LanguageModelSAETrainingRunner (`pip install sae-lens==6.54.12`, not a
     dependency). Its model is a HookedTransformer of GPT-2 small's shape built directly, with layer norm folded
     as from_pretrained("gpt2") gives it (normalization LNPre), so nothing is downloaded. bf16: its two autocast
-    options on (the model's forward, the SAE's step; parameters fp32, as ours). Prints its rate."""
+    options on (the model's forward, the SAE's step; parameters fp32, as ours). Prints its rate, and on CUDA its peak
+    GPU memory."""
     from datasets import Dataset
     import importlib.util
     if importlib.util.find_spec("sae_lens") is None:
@@ -494,27 +497,29 @@ def saelens_worker(tokens_path, steps, bf16):
     dataset = Dataset.from_dict({"input_ids": tokens[:len(tokens) // 128 * 128].reshape(-1, 128).tolist()})
     model = HookedTransformer(HookedTransformerConfig(
         n_layers=12, d_model=768, n_ctx=1024, d_head=64, n_heads=12, d_mlp=3072, d_vocab=50257, act_fn="gelu_new",
-        normalization_type="LNPre", default_prepend_bos=False, device="cpu", dtype=torch.float32, seed=0))
+        normalization_type="LNPre", default_prepend_bos=False, device=device, dtype=torch.float32, seed=0))
     stamps, step = [], SAETrainer.step
     def timed_step(self, *args, **kwargs):  # a time stamp as each step starts; the step itself unchanged
         stamps.append(time.perf_counter())
         return step(self, *args, **kwargs)
     SAETrainer.step = timed_step
     cfg = LanguageModelSAERunnerConfig(
-        sae=StandardTrainingSAEConfig(d_in=768, d_sae=8192, l1_coefficient=5.0, dtype="float32", device="cpu",
+        sae=StandardTrainingSAEConfig(d_in=768, d_sae=8192, l1_coefficient=5.0, dtype="float32", device=device,
                                       apply_b_dec_to_input=True, normalize_activations="none"),
         model_name="gpt2", hook_name="blocks.6.ln2.hook_normalized", dataset_path="local", is_dataset_tokenized=True,
         # SAELens 6.54's buffer holds n_batches_in_buffer x 127 activations (not x store_batch_size_prompts too,
         # as its log line says): 2064 of them are our 2**18-token buffer
         streaming=False, context_size=128, seqpos_slice=(1, None), prepend_bos=False, n_batches_in_buffer=2**18 // 127,
         store_batch_size_prompts=32, training_tokens=4096 * (WARMUP + 1 + steps), train_batch_size_tokens=4096, lr=1e-4,
-        device="cpu", dtype="float32", autocast=bf16, autocast_lm=bf16, logger=LoggingConfig(log_to_wandb=False),
+        device=device, dtype="float32", autocast=bf16, autocast_lm=bf16, logger=LoggingConfig(log_to_wandb=False),
         n_checkpoints=0,
         save_final_checkpoint=False, output_path=None, checkpoint_path=None, verbose=False)
     LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model).run()
     stamps.append(time.perf_counter())  # the end of the last step
     # stamps[i]: step i starts, its batch fetched; stamps[WARMUP + 1] to the end: fetching and training steps 33 on
     print(f"saelens_tok_s {4096 * (len(stamps) - 2 - WARMUP) / (stamps[-1] - stamps[WARMUP + 1]):.1f}")
+    if device == "cuda":
+        print(f"saelens_gpu_gib {torch.cuda.max_memory_allocated() / 2**30:.3f}")
 
 
 def run_measured(label, args, env):
@@ -530,23 +535,24 @@ def run_measured(label, args, env):
         return out.read(), usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
-def bench_saelens(cfg):
+def bench_saelens(cfg, device="cpu"):
     import glob
     from prepare import read_shard
     shards = sorted(glob.glob(os.path.join(cfg.data_dir, "*_train_*.bin")))
     if not shards:
         raise ValueError(f"--data_dir={cfg.data_dir}: no train shards (run prepare.py; offline: see the README)")
-    dtype = resolved_dtype(cfg, "cpu")
+    dtype = resolved_dtype(cfg, device)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    print(f"end to end against SAELens, GPT-2 small's shape (random weights), layer 6 mlp_in, d_sae 8192, l1, "
-          f"4096-token steps, buffers of 2**18 activations, {dtype} matmuls, rates over steps {WARMUP + 1} to "
-          f"{WARMUP + cfg.steps}, peak resident memory of the whole run:")
+    print(f"end to end against SAELens on {device}, GPT-2 small's shape (random weights), layer 6 mlp_in, d_sae 8192, "
+          f"l1, 4096-token steps, buffers of 2**18 activations, {dtype} matmuls, rates over steps {WARMUP + 1} to "
+          f"{WARMUP + cfg.steps}, peak resident memory of the whole run (and on CUDA the peak GPU memory):")
+    gpu = lambda out, key: f", GPU {float(out.split(key)[1].split()[0]):.2f} GiB" if key in out else ""
     with tempfile.TemporaryDirectory() as tmp:
         np.save(os.path.join(tmp, "tokens.npy"), np.concatenate([read_shard(p) for p in shards]))
         out, theirs_gib = run_measured("SAELens", [sys.executable, "bench.py", f"--saelens_worker={tmp}/tokens.npy",
-                                                   f"--steps={cfg.steps}", f"--dtype={dtype}"], env)
-        theirs = float(out.split("saelens_tok_s")[1])
-        print(f"  SAELens (its runner)       {theirs:9,.0f} tok/s   peak {theirs_gib:.2f} GiB")
+                                                   f"--steps={cfg.steps}", f"--dtype={dtype}", f"--device={device}"], env)
+        theirs = float(out.split("saelens_tok_s")[1].split()[0])
+        print(f"  SAELens (its runner)       {theirs:9,.0f} tok/s   peak {theirs_gib:.2f} GiB{gpu(out, 'saelens_gpu_gib')}")
         # sae.py at its defaults but for the run's length, the log interval and the evaluation: at 4,096 tokens
         # (one batch of 32 contexts, the default's 2**15 in eight) once at the start and once at the end, outside
         # the timed steps, so its peak memory is in the figure
@@ -554,15 +560,17 @@ def bench_saelens(cfg):
             sys.executable, "sae.py", "--init_from=scratch", f"--data_dir={cfg.data_dir}", f"--out_dir={tmp}/ours",
             "--loss=l1", f"--max_iters={WARMUP + 2 + cfg.steps}", f"--eval_interval={10 * cfg.steps}",
             f"--log_interval={WARMUP}", "--eval_tokens=4096", "--resample_iters=()", "--l1_warmup_iters=1",
-            f"--dtype={dtype}"], env)
+            f"--dtype={dtype}", f"--device={device}"], env)
         # each log line's rate covers the steps since the previous line (0, 32, 64, ...: each window ends with a
         # refill): tokens over time from step 33 to 32 + steps
-        logged = [(int(line.split()[1]), float(line.rsplit("|", 1)[1].split()[0].replace(",", "")))
-                  for line in out.splitlines() if line.startswith("iter ")]
+        rate = lambda line: float(next(f for f in line.split("|") if f.strip().endswith("tok/s")).split()[0].replace(",", ""))
+        logged = [(int(line.split()[1]), rate(line)) for line in out.splitlines() if line.startswith("iter ")]
         windows = [(it - prev, rate) for (prev, _), (it, rate) in zip(logged, logged[1:])
                    if WARMUP <= prev < it <= WARMUP + cfg.steps]
         ours = sum(steps for steps, _ in windows) / sum(steps / rate for steps, rate in windows)
-        print(f"  sae.py                     {ours:9,.0f} tok/s   peak {ours_gib:.2f} GiB   {ours / theirs:.2f}x "
+        last = [line for line in out.splitlines() if line.startswith("iter ")][-1]  # on CUDA it ends "| peak X GiB"
+        ours_gpu = f", GPU {float(last.split('peak ')[1].split()[0]):.2f} GiB" if "peak " in last else ""
+        print(f"  sae.py                     {ours:9,.0f} tok/s   peak {ours_gib:.2f} GiB{ours_gpu}   {ours / theirs:.2f}x "
               f"SAELens's rate, {ours_gib / theirs_gib:.2f}x its memory")
     return {"dtype": dtype, "saelens_tok_s": theirs, "ours_tok_s": ours, "speedup": ours / theirs,
             "saelens_peak_gib": theirs_gib, "ours_peak_gib": ours_gib}
@@ -690,7 +698,8 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if cfg.saelens_worker:
-        saelens_worker(cfg.saelens_worker, cfg.steps, cfg.dtype == "bfloat16")
+        saelens_worker(cfg.saelens_worker, cfg.steps, cfg.dtype == "bfloat16",
+                       ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
         sys.exit(0)
     if cfg.quick:  # a smoke run of every part; the figures are not comparable with a full run's
         cfg.iters, cfg.d_sae, cfg.batch_size, cfg.jl_big = 1, 2048, 1024, 8192
@@ -701,8 +710,8 @@ if __name__ == "__main__":
     special = next((name for name in ("models", "synthetic", "saelens", "archs") if getattr(cfg, name)), None)
     if special:
         try:
-            report[special] = {"models": bench_models, "synthetic": bench_synthetic, "saelens": bench_saelens,
-                               "archs": bench_archs}[special](cfg)
+            report[special] = bench_saelens(cfg, device) if special == "saelens" else \
+                {"models": bench_models, "synthetic": bench_synthetic, "archs": bench_archs}[special](cfg)
         except (ValueError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)

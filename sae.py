@@ -1083,8 +1083,10 @@ def sparse_terms(sae, x, cfg, it, dead):
         pre = sae.pre(x)  # (N, d_sae): the step's one dense matmul
     if sae.arch in ("batchtopk", "matryoshka"):
         indices, keep, t = batch_topk_select(pre, sae.k)
-        if sae.training and t > 0:  # the inference threshold: an EMA of the smallest kept value (README)
-            sae.threshold.copy_(t if sae.threshold == 0 else sae.threshold + cfg.threshold_rate * (t - sae.threshold))
+        if sae.training:  # the inference threshold: an EMA of the smallest kept value (README); tensor ops, no
+            # Python branch on a value (each would wait for the GPU)
+            ema = torch.where(sae.threshold == 0, t, sae.threshold + cfg.threshold_rate * (t - sae.threshold))
+            sae.threshold.copy_(torch.where(t > 0, ema, sae.threshold))
     else:
         top, indices = pre.topk(sae.k, dim=1)  # (N, k)
         keep = top > 0
@@ -1094,16 +1096,17 @@ def sparse_terms(sae, x, cfg, it, dead):
         keep = values.detach() > 0
     x_hat = sparse_decode(indices, values, sae.W_dec, sae.b_dec)  # (N, d_in)
     mse = mse_of(x_hat, x)
-    terms = {"mse": mse, "l1": values.sum(dim=1).mean(), "l0": keep.sum(dim=1).float().mean(),
-             "fired": torch.bincount(indices[keep], minlength=pre.shape[1])}
+    fired = torch.zeros(pre.shape[1], dtype=torch.int64, device=x.device)  # (d_sae,); not bincount(indices[keep]),
+    fired.index_add_(0, indices.flatten(), keep.flatten().long())          # whose mask and size wait for the GPU
+    terms = {"mse": mse, "l1": values.sum(dim=1).mean(), "l0": keep.sum(dim=1).float().mean(), "fired": fired}
     if sae.arch == "matryoshka":  # each prefix reconstructs alone; the full dictionary is the last prefix
         inner = [mse_of(sparse_decode(indices, values * (indices < size), sae.W_dec, sae.b_dec), x)
                  for size in sae.prefixes[:-1]]
         terms["recon"] = (sum(inner) + mse) / len(sae.prefixes)
-    n_dead = int(dead.sum()) if dead is not None else 0
-    if n_dead and cfg.auxk_coeff > 0:
-        dead_ids = dead.nonzero().squeeze(1)
-        aux_top, aux_at = pre[:, dead_ids].topk(min(cfg.k_aux, n_dead), dim=1)  # (N, k_aux)
+    # the dead set's size decides the shapes: one wait for the GPU a step (the only one of topk and fsq)
+    dead_ids = dead.nonzero().squeeze(1) if dead is not None and cfg.auxk_coeff > 0 else ()
+    if len(dead_ids):
+        aux_top, aux_at = pre[:, dead_ids].topk(min(cfg.k_aux, len(dead_ids)), dim=1)  # (N, k_aux)
         aux_indices = dead_ids[aux_at]
         aux_values = sparse_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, aux_indices, pre=pre) * (aux_top > 0)
         residual = (x - x_hat).detach()
@@ -1126,7 +1129,8 @@ def vae_terms(sae, x, cfg, it, dead):
     """The reparameterised sample z = mu + sigma eps, eps drawn from (seed, iteration) so a resumed run draws
     the same; KL(N(mu, sigma^2) || N(m, 1)) = (sigma^2 + (mu - m)^2 - 1) / 2 - log sigma, summed over features."""
     mu = sae.pre(x)
-    eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(cfg.seed + it)).to(mu.device)
+    # drawn on mu's device: (N, d_sae) normals made on the CPU and copied cost a CUDA step more than the step
+    eps = torch.randn(mu.shape, generator=torch.Generator(mu.device).manual_seed(cfg.seed + it), device=mu.device)
     f = (mu + sae.log_sigma.exp() * eps).relu()
     x_hat = f @ sae.W_dec + sae.b_dec                              # (N, d_sae) @ (d_sae, d_in)
     kl = (0.5 * ((2 * sae.log_sigma).exp() + (mu - cfg.vae_prior_mean).pow(2) - 1) - sae.log_sigma).sum(dim=1).mean()
@@ -1155,7 +1159,7 @@ def sae_loss(sae, x, cfg, it, dead=None):
     if cfg.loss in ("jl", "hybrid"):
         with torch.autocast(x.device.type, enabled=False):  # fp32 always: atanh |cos| is steep near |cos| = 1
             terms["jl"] = jl_penalty(sae.dictionary(cfg.jl_on), cfg.jl_sample,
-                                     torch.Generator().manual_seed(cfg.seed + it))
+                                     torch.Generator(x.device).manual_seed(cfg.seed + it))
         loss = loss + jl_coeff_at(cfg, it) * terms["jl"]
     terms.pop("sparsity", None)
     return loss, terms, terms.pop("fired")
@@ -1320,7 +1324,8 @@ class ActivationBuffer:
         first."""
         q, t = self.half // 2, self.period
         rows = torch.cat([self.order(t - 1)[q:] + self.first_row(t - 1), self.order(t)[:q] + self.first_row(t)])
-        self.serving = rows[torch.randperm(self.half, generator=torch.Generator().manual_seed(-self.seed - t - 1))]
+        rows = rows[torch.randperm(self.half, generator=torch.Generator().manual_seed(-self.seed - t - 1))]
+        self.serving = rows.to(self.store.device)  # copied once a period, not a batch at a time (each copy would wait)
 
     def next_batch(self):
         if self.served == self.half:  # half a buffer served: refill the older half
@@ -1328,7 +1333,7 @@ class ActivationBuffer:
             self.prev_loader, self.cur_loader = self.cur_loader, self.loader.state_dict()
             self.fill(self.period)
             self.make_order()
-        rows = self.serving[self.served:self.served + self.batch_size].to(self.store.device)
+        rows = self.serving[self.served:self.served + self.batch_size]
         self.served += self.batch_size
         return self.store[rows]  # (batch_size, d), a copy
 
@@ -1346,9 +1351,11 @@ class ActsFile:
     """Batches of activations on disk: a (N, d_in) float .npy file, whose first `n_val` rows are held out for
     evaluation, or an activation cache directory (--mode=cache), whose val split is. The training rows are
     reshuffled each epoch (order seeded by (seed, epoch)); rank r takes slice r of each global batch, read as
-    `pieces` slices in a row (each in the order a rank of a world * pieces run reads its own)."""
+    `pieces` slices in a row (each in the order a rank of a world * pieces run reads its own). With pin (training on
+    a GPU), batches land in page-locked memory, which the copy to the GPU reads without the host waiting for it
+    (non_blocking): the next batch is read from disk while the GPU trains on this one."""
 
-    def __init__(self, path, batch_size, n_val, seed, rank=0, world=1, pieces=1):
+    def __init__(self, path, batch_size, n_val, seed, rank=0, world=1, pieces=1, pin=False):
         if os.path.isdir(path):
             manifest = read_cache_manifest(path)
             self.parts = [np.load(os.path.join(path, f), mmap_mode="r") for f in manifest["train"]["files"]]
@@ -1369,14 +1376,17 @@ class ActsFile:
         if self.n_train < batch_size:
             raise ValueError(f"--acts={path}: {self.n_train} training rows, fewer than one batch of {batch_size}")
         self.batch_size, self.seed, self.rank, self.world, self.pieces = batch_size, seed, rank, world, pieces
+        self.pin = pin
         self.start()
 
-    def rows(self, index):
-        """Training rows `index` (sorted first: memory-mapped reads in file order) -> (n, d_in) fp32."""
+    def rows(self, index, out=None):
+        """Training rows `index` (sorted first: memory-mapped reads in file order) -> (n, d_in) fp32, into out if given
+        (cast from the cache's dtype as they are copied)."""
         index = np.sort(index.numpy())
         part = np.searchsorted(self.offsets, index, side="right") - 1
-        return torch.from_numpy(np.concatenate([np.asarray(self.parts[p][index[part == p] - self.offsets[p]], dtype=np.float32)
-                                                for p in np.unique(part)]))
+        out = torch.empty(len(index), self.d_in, pin_memory=self.pin) if out is None else out
+        np.concatenate([self.parts[p][index[part == p] - self.offsets[p]] for p in np.unique(part)], out=out.numpy())
+        return out
 
     def start(self, state=None):
         state = state or {"epoch": 0, "index": 0}
@@ -1389,7 +1399,10 @@ class ActsFile:
         b = self.batch_size // self.world
         batch = self.perm[self.index + self.rank * b:self.index + (self.rank + 1) * b]
         self.index += self.batch_size
-        return torch.cat([self.rows(piece) for piece in batch.chunk(self.pieces)])
+        out = torch.empty(b, self.d_in, pin_memory=self.pin)
+        for piece, rows in zip(batch.chunk(self.pieces), out.chunk(self.pieces)):
+            self.rows(piece, rows)
+        return out
 
     def sample(self, n, generator):
         return self.rows(torch.randint(self.n_train, (n,), generator=generator))
@@ -1550,7 +1563,7 @@ class FeatureTracker:
     def __init__(self, d_sae, window, chunks=10, device="cpu"):
         self.window, self.chunk_tokens = window, max(1, window // chunks)
         self.counts = torch.zeros(chunks, d_sae, dtype=torch.long, device=device)
-        self.tokens = torch.zeros(chunks, dtype=torch.long)
+        self.tokens = [0] * chunks  # per chunk, Python ints: the step branches on them, and a branch on a GPU value waits
         self.last_fired = torch.zeros(d_sae, dtype=torch.long, device=device)  # tokens seen at the last firing
         self.chunk, self.seen = 0, 0
 
@@ -1563,10 +1576,10 @@ class FeatureTracker:
         self.counts[self.chunk] += fired
         self.tokens[self.chunk] += n_tokens
         self.seen += n_tokens
-        self.last_fired[fired > 0] = self.seen
+        self.last_fired.masked_fill_(fired > 0, self.seen)  # not last_fired[fired > 0]: a mask index waits for the GPU
 
     def freq(self):
-        return self.counts.sum(dim=0).float() / max(int(self.tokens.sum()), 1)
+        return self.counts.sum(dim=0).float() / max(sum(self.tokens), 1)
 
     def dead(self):
         return self.seen - self.last_fired >= self.window
@@ -1576,11 +1589,12 @@ class FeatureTracker:
         self.last_fired[mask] = self.seen
 
     def state_dict(self):
-        return {"counts": self.counts, "tokens": self.tokens, "last_fired": self.last_fired, "chunk": self.chunk,
+        return {"counts": self.counts, "tokens": torch.tensor(self.tokens), "last_fired": self.last_fired, "chunk": self.chunk,
                 "seen": self.seen}
 
     def load_state_dict(self, state):
-        self.counts.copy_(state["counts"]), self.tokens.copy_(state["tokens"])
+        self.counts.copy_(state["counts"])
+        self.tokens = [int(n) for n in state["tokens"]]
         self.last_fired.copy_(state["last_fired"])
         self.chunk, self.seen = state["chunk"], state["seen"]
 
@@ -2633,7 +2647,8 @@ def activation_source(cfg, device, autocast, rank=0, world=1):
     shuffling buffer. Evaluation runs the val contexts through the model (FVU, and CE and KL with the SAE
     spliced in) wherever there is a model and its token shards; else it scores the held-out rows (FVU only)."""
     if cfg.acts:
-        source = ActsFile(cfg.acts, cfg.batch_size, cfg.eval_tokens, cfg.seed, rank, world, cfg.micro_batches)
+        source = ActsFile(cfg.acts, cfg.batch_size, cfg.eval_tokens, cfg.seed, rank, world, cfg.micro_batches,
+                          pin=torch.device(device).type == "cuda")
         d_in = source.d_in
         shards = os.path.isdir(cfg.acts) and glob.glob(os.path.join(cfg.data_dir, "*_val_*.bin"))
         if os.path.isdir(cfg.acts) and not shards and rank == 0:
@@ -2673,6 +2688,8 @@ class Run:
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.tracker = FeatureTracker(cfg.d_sae, cfg.dead_window, device=device)
         self.train_sae = torch.compile(self.sae) if cfg.compile else self.sae
+        # whether every loss since iteration `checked` was finite, kept on the device (check_finite reads it)
+        self.finite, self.checked = torch.ones((), dtype=torch.bool, device=device), 0
         if checkpoint:
             self.sae.load_state_dict(checkpoint["sae"])
             self.tracker.load_state_dict(checkpoint["tracker"])
@@ -2722,11 +2739,11 @@ def init_device(cfg):
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
     if ddp:
         backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-        dist.init_process_group(backend=backend)
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
         device = f"cuda:{local_rank}" if backend == "nccl" else "cpu"
-        if backend == "nccl":
-            torch.cuda.set_device(device)
+        if backend == "nccl":  # each rank's GPU chosen before the group exists, and bound to it (device_id): NCCL
+            torch.cuda.set_device(device)  # then builds its communicator there, not every rank's on GPU 0
+        dist.init_process_group(backend=backend, device_id=torch.device(device) if backend == "nccl" else None)
     else:
         rank, world = 0, 1
         device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -2742,6 +2759,44 @@ def init_device(cfg):
         print(f"note: --dtype=bfloat16 on this CPU (no AMX or AVX512-BF16) is emulated, {slower}; --dtype=auto picks "
               "float32 here", file=sys.stderr)
     return ddp, rank, world, device, torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+
+def train_step(run, x, it, autocast, world_size=1):
+    """One iteration of one SAE on the batch x (per_rank, d_in): learning rate, forward and backward (in pieces),
+    update, feature tracking. On a GPU nothing in it waits for the device, but where shapes follow values
+    (batchtopk's selection, AuxK's dead set; test_sae.py lists each). -> (loss, terms, lr multiplier)"""
+    import torch.distributed as dist
+    lr_mult = get_lr_mult(run.cfg, it)
+    for group, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
+        group["lr"] = base_lr * lr_mult
+    dead = run.tracker.dead() if run.cfg.arch in K_SPARSE else None
+    loss, terms, fired = backward_in_pieces(run.train_sae, run.optimizer, x, run.cfg, it, dead, autocast)
+    run.finite = run.finite & torch.isfinite(loss)  # read at log steps and saves (check_finite)
+    sae_update(run.sae, run.optimizer, run.cfg, world_size)
+    if world_size > 1:
+        dist.all_reduce(fired)
+    run.tracker.update(fired, run.cfg.batch_size)
+    return loss, terms, lr_mult
+
+
+def check_finite(runs, it, ddp=False, params=False):
+    """Stops the run if a loss since the last check was not finite (with params, also if a parameter is not: another
+    rank's loss reaches them through the averaged gradients). Checked at log steps (ddp: on every rank) and before
+    each save (rank 0's parameters), not every step: reading a GPU value waits for all the work queued before it,
+    and a step that waits cannot queue the next while the GPU runs. Diverged parameters are never saved."""
+    import torch.distributed as dist
+    for run in runs:
+        finite = run.finite & torch.stack([torch.isfinite(p).all() for p in run.sae.parameters()]).all() if params \
+            else run.finite
+        finite = finite.float()
+        if ddp:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            saved = f"the last good checkpoint is {run.cfg.out_dir}/ckpt.pt" if os.path.exists(
+                os.path.join(run.cfg.out_dir, "ckpt.pt")) else "no checkpoint was written yet"
+            raise FloatingPointError(f"{run.prefix}loss is not finite at an iteration from {run.checked} to {it}; "
+                                     f"stopping ({saved}); try a lower --lr")
+        run.checked = it + 1
 
 
 def main(argv):
@@ -2847,6 +2902,7 @@ def main(argv):
                 "tracker": run.tracker.state_dict(), "feature_freq": freq.cpu(), "freq_hist": log10_freq_histogram(freq)}
 
     def save(it):
+        check_finite(runs, it, params=True)  # never a checkpoint of diverged parameters (rank 0 alone saves)
         if len(runs) == 1:
             save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), make_checkpoint(runs[0], it))
         else:  # all SAEs at the same iteration, or none
@@ -2866,6 +2922,8 @@ def main(argv):
                 run.wandb.finish()
         return
     start_iter, t0, last_log = iter_num, time.time(), iter_num - 1
+    for run in runs:
+        run.checked = iter_num
     resampled = [run for run in runs if run.cfg.arch not in K_SPARSE]  # the k-sparse ones have AuxK instead
     for it in range(start_iter, cfg.max_iters + 1):
         if master_process and (it % cfg.eval_interval == 0 or it == cfg.max_iters) and (it > start_iter or it == 0):
@@ -2885,26 +2943,10 @@ def main(argv):
                         dist.broadcast(p.data, src=0)
                 run.tracker.restart_(dead)
                 print0(f"iter {it}: {run.prefix}resampled {n} dead features")
-        x = source.next_batch().to(device) * scale  # (per_rank, d_in): one batch for every SAE
+        x = source.next_batch().to(device, non_blocking=True) * scale  # (per_rank, d_in): one batch for every SAE
         log_now = it % cfg.log_interval == 0 or it == cfg.max_iters - 1
         for run in runs:
-            lr_mult = get_lr_mult(run.cfg, it)
-            for group, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
-                group["lr"] = base_lr * lr_mult
-            dead = run.tracker.dead() if run.cfg.arch in K_SPARSE else None
-            loss, terms, fired = backward_in_pieces(run.train_sae, run.optimizer, x, run.cfg, it, dead, autocast)
-            finite = torch.isfinite(loss).float()
-            if ddp:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if not finite.item():
-                saved = f"the last good checkpoint is {run.cfg.out_dir}/ckpt.pt" if os.path.exists(
-                    os.path.join(run.cfg.out_dir, "ckpt.pt")) else "no checkpoint was written yet"
-                raise FloatingPointError(f"{run.prefix}loss is {loss.item()} at iter {it}; stopping ({saved}); "
-                                         f"try a lower --lr")
-            sae_update(run.sae, run.optimizer, run.cfg, ddp_world_size)
-            if ddp:
-                dist.all_reduce(fired)
-            run.tracker.update(fired, cfg.batch_size)
+            loss, terms, lr_mult = train_step(run, x, it, autocast, ddp_world_size)
             if log_now:
                 run.stats = torch.stack([loss.detach(), terms["mse"].detach(), terms["l1"].detach(),
                                          terms["jl"].detach(), terms["l0"]])
@@ -2913,14 +2955,17 @@ def main(argv):
                     run.stats /= ddp_world_size
                 run.lr = run.base_lrs[-1] * lr_mult
         if log_now:
+            check_finite(runs, it, ddp)
             if device_type == "cuda":
                 torch.cuda.synchronize()
             dt, t0, steps, last_log = time.time() - t0, time.time(), it - last_log, it
+            # the most GPU memory tensors have held so far (the caching allocator's high-water mark)
+            memory = f" | peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device_type == "cuda" else ""
             for run in runs:  # the time is the whole process's: every SAE sees every token
                 stats = run.stats
                 print0(f"iter {it:5d} | {run.prefix}loss {stats[0]:.4f} | mse {stats[1]:.4f} | l1 {stats[2]:.3f} | "
                        f"jl {stats[3]:.5f} | l0 {stats[4]:.1f} | lr {run.lr:.2e} | {dt / steps * 1000:.1f} ms/step | "
-                       f"{cfg.batch_size * steps / dt:,.0f} tok/s")
+                       f"{cfg.batch_size * steps / dt:,.0f} tok/s" + memory)
                 if master_process and cfg.wandb_log:
                     run.wandb.log({"train/loss": stats[0].item(), "train/mse": stats[1].item(), "train/l1": stats[2].item(),
                                    "train/jl": stats[3].item(), "train/l0": stats[4].item(), "train/lr": run.lr,

@@ -7,7 +7,10 @@ Dispatch: compiled Triton on CUDA tensors; with TRITON_INTERPRET=1 (set before t
 same kernels run interpreted on CPU tensors, which is how test_sae.py reaches them; otherwise on the CPU
 the ops run PyTorch code that wastes less than autograd's graph (encode-ReLU-decode: five matmuls, not
 six; sparse codes: embedding_bag and sampled_addmm, never a dense code; JL: blocked over rows, never
-materialising the n x n Gram matrix). SAE_NO_TRITON=1 forces the references everywhere. `linear` is the
+materialising the n x n Gram matrix). SAE_NO_TRITON=1 forces the references everywhere. COMPILE: torch.compile (sae.py --compile) stops at the four ops
+(encode_relu_decode, sparse_decode, sparse_encode, jl_penalty; torch.compiler.disable) and compiles the code around
+them: Dynamo tracing into their Triton launchers failed on the interpreter's kernels, and their kernels are fused
+already. `linear` is the
 CPU's dense fp32 matmul for encode-ReLU-decode's CPU path and GPT-2's layers (oneDNN where it works; see
 its section). References: the Triton tutorials (03-matrix-multiplication), llm.c's CPU reference beside
 each kernel, openai/sparse_autoencoder's kernels.py, modded-nanogpt's symmetric XXT.
@@ -123,7 +126,9 @@ def linear(x, weight, bias=None, act="none", mul=None):
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
     dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
-    if ONEDNN and x.device.type == "cpu" and not needs_grad and \
+    # not under torch.compile: Inductor lowers this op only with frozen weights (a crash: "assert w.get_name() in
+    # V.graph.constants"); it lowers torch's matmul itself
+    if ONEDNN and x.device.type == "cpu" and not needs_grad and not torch.compiler.is_compiling() and \
             ((dtype == torch.bfloat16 and ONEDNN_BF16) or (dtype == torch.float32 and ONEDNN_FP32)):
         x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
         if mul is not None and act == "none":
@@ -142,7 +147,8 @@ def linear(x, weight, bias=None, act="none", mul=None):
 # -----------------------------------------------------------------------------
 # a matmul with the SAE's prologue and epilogues, shared by both ops' kernels
 # C (M, N) = epilogue(sum_k (A[m, k] - shift) * B[k, n]); shift is shift[k] (SHIFT=1) or shift[m] (SHIFT=2);
-# epilogue: + bias[n], + D[m, n], + row[m], relu, * (F[m, n] > 0); with STATS, from the final tile in
+# epilogue: + bias[n], + D[m, n], + row[m] (times col[n] with HAS_COL: a rank-one term), relu, * (F[m, n] > 0);
+# A and B in one dtype, products summed in fp32, C stored in its own dtype; with STATS, from the final tile in
 # registers: sums[m] += sum_n C, counts[m] += #(C > 0), fired[n] += #(C > 0) (atomics across tiles).
 # A and B by strides, so transposes are free.
 
@@ -161,13 +167,14 @@ def get_autotune_configs():
 @triton.jit
 def _sae_matmul_kernel(
         # pointers
-        a_ptr, b_ptr, c_ptr, shift_ptr, bias_ptr, d_ptr, row_ptr, f_ptr, sums_ptr, counts_ptr, fired_ptr,
+        a_ptr, b_ptr, c_ptr, shift_ptr, bias_ptr, d_ptr, row_ptr, col_ptr, f_ptr, sums_ptr, counts_ptr, fired_ptr,
         # sizes
         M, N, K,
         # strides (D and F share C's)
         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
         # meta
-        SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_ROW: tl.constexpr, RELU: tl.constexpr,
+        SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
+        RELU: tl.constexpr,
         MASK_F: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -194,8 +201,12 @@ def _sae_matmul_kernel(
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_D:
         acc += tl.load(d_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, mask=c_mask, other=0.0).to(tl.float32)
-    if HAS_ROW:  # the L1 term's gradient: the same for every feature of a row
-        acc += tl.load(row_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)[:, None]
+    if HAS_ROW:  # the L1 term's gradient: the same for every feature of a row, or with HAS_COL the row's times each
+        # feature's L1 weight (free decoder norms), an (M, N) block never written to memory
+        rank_one = tl.load(row_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)[:, None]
+        if HAS_COL:
+            rank_one = rank_one * tl.load(col_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        acc += rank_one
     if RELU:
         acc = tl.maximum(acc, 0.0)
     if MASK_F:  # ReLU's backward: pass the gradient where the feature fired
@@ -210,19 +221,31 @@ def _sae_matmul_kernel(
     tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def _sae_matmul(A, B, shift=None, shift_rows=False, bias=None, D=None, row=None, relu=False, mask_by=None,
+def int32_offsets_fit(*tensors):
+    """Whether every element of each tensor lies within 2^31 - 1 elements of its start: the kernels compute offsets
+    as index x stride in int32, Triton's type for both, which wraps around past that."""
+    return all(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) < 2**31 for t in tensors if t.numel())
+
+
+def _sae_matmul(A, B, shift=None, shift_rows=False, bias=None, D=None, row=None, col=None, relu=False, mask_by=None,
                 stats=False, out_dtype=None):
-    """Launcher: C = epilogue((A - shift) @ B). A (M, K), B (K, N) any strides; shift (K,) or, with
-    shift_rows, (M,); bias (N,); row (M,); D and mask_by (M, N) contiguous. -> C (M, N) contiguous, and with
-    stats also (sums (M,) fp32, counts (M,) int32, fired (N,) int32) of C."""
+    """Launcher: C = epilogue((A - shift) @ B). A (M, K), B (K, N) any strides, one dtype; shift (K,) or, with
+    shift_rows, (M,); bias (N,); row (M,); col (N,), with row only; D and mask_by (M, N) contiguous. -> C (M, N)
+    contiguous in out_dtype (A's by default), and with stats also (sums (M,) fp32, counts (M,) int32, fired (N,)
+    int32) of C."""
     M, K = A.shape
     K2, N = B.shape
     assert K == K2, f"inner sizes differ: A is {tuple(A.shape)}, B is {tuple(B.shape)}"
     assert A.device == B.device, "A and B on different devices"
+    assert A.dtype == B.dtype, f"A is {A.dtype}, B is {B.dtype}: tl.dot multiplies one dtype (cast first)"
+    assert col is None or row is not None, "col scales row: pass both"
     for name, t, shape in (("shift", shift, (M,) if shift_rows else (K,)), ("bias", bias, (N,)), ("D", D, (M, N)),
-                           ("row", row, (M,)), ("mask_by", mask_by, (M, N))):
+                           ("row", row, (M,)), ("col", col, (N,)), ("mask_by", mask_by, (M, N))):
         assert t is None or tuple(t.shape) == shape, f"{name} has shape {tuple(t.shape)}, expected {shape}"
         assert t is None or t.is_contiguous(), f"{name} must be contiguous (call .contiguous() first)"
+    assert M * N < 2**31 and int32_offsets_fit(A, B), \
+        f"({M}, {K}) @ ({K}, {N}): an operand or the result has 2^31 elements or more, past the kernel's int32 " \
+        f"offsets; use a smaller batch (--micro_batches) or dictionary"
     C = torch.empty(M, N, device=A.device, dtype=out_dtype or A.dtype)
     sums = torch.zeros(M, device=A.device, dtype=torch.float32) if stats else None
     counts = torch.zeros(M, device=A.device, dtype=torch.int32) if stats else None
@@ -231,11 +254,12 @@ def _sae_matmul(A, B, shift=None, shift_rows=False, bias=None, D=None, row=None,
     precision = "ieee" if A.dtype == torch.float32 else "tf32"  # fp32: no TF32 rounding, as the reference
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(N, META["BLOCK_N"]))
     _sae_matmul_kernel[grid](
-        A, B, C, optional(shift), optional(bias), optional(D), optional(row), optional(mask_by), optional(sums),
-        optional(counts), optional(fired),
+        A, B, C, optional(shift), optional(bias), optional(D), optional(row), optional(col), optional(mask_by),
+        optional(sums), optional(counts), optional(fired),
         M, N, K, A.stride(0), A.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
         SHIFT=0 if shift is None else (2 if shift_rows else 1), HAS_BIAS=bias is not None, HAS_D=D is not None,
-        HAS_ROW=row is not None, RELU=relu, MASK_F=mask_by is not None, STATS=stats, PRECISION=precision)
+        HAS_ROW=row is not None, HAS_COL=col is not None, RELU=relu, MASK_F=mask_by is not None, STATS=stats,
+        PRECISION=precision)
     return (C, sums, counts, fired) if stats else C
 
 
@@ -303,21 +327,28 @@ def count_ones(mask):
     return per_row.float().sum(dim=1).int(), per_col.float().sum(dim=0).int()
 
 
-def cpu_matmul_dtype():
-    """The dtype kernels.linear multiplies CPU tensors in here: autocast's, else fp32."""
-    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+def matmul_dtype(device_type, default=torch.float32):
+    """The dtype the SAE's matmuls run in on this device: autocast's where it is on, else default. A custom
+    autograd Function's inputs are not cast by autocast (only aten's ops are), so the ops below ask for themselves:
+    before issue 22 the Triton path multiplied the fp32 parameters in fp32 under CUDA autocast (no tensor cores)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
 
 
 class EncodeReluDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, scale):
         if use_triton(x):  # bias, ReLU and the three counts fused into the encoder matmul
-            f, l1, l0, fired = _sae_matmul(x, W_enc, shift=b_dec, bias=b_enc, relu=True, stats=True)  # (N, n_latents)
-            x_hat = _sae_matmul(f, W_dec, bias=b_dec)                                                 # (N, d_model)
-            l1 = l1.to(f.dtype) if scale is None else f @ scale.to(f.dtype)  # (N, n_latents) @ (n_latents,)
-            ctx.save_for_backward(x, W_enc, W_dec, b_dec, f, scale)
+            # the operands cast once to autocast's dtype (bf16 on CUDA by default), the inputs' otherwise; the
+            # biases stay fp32, added to the fp32 sums; f and x_hat come out in that dtype, as autocast's would
+            dtype = matmul_dtype(x.device.type, torch.promote_types(x.dtype, W_enc.dtype))
+            xm, W_enc_m, W_dec_m = x.to(dtype), W_enc.to(dtype), W_dec.to(dtype)
+            f, l1, l0, fired = _sae_matmul(xm, W_enc_m, shift=b_dec, bias=b_enc, relu=True, stats=True)  # (N, n_latents)
+            x_hat = _sae_matmul(f, W_dec_m, bias=b_dec)                                                  # (N, d_model)
+            if scale is not None:  # the row sums of f weighted by the L1 weights: a mat-vec
+                l1 = (f @ scale.to(dtype)).float()  # (N, n_latents) @ (n_latents,)
+            ctx.save_for_backward(xm, W_enc, W_enc_m, W_dec_m, b_dec, f, scale)
         else:  # under CPU autocast the matmuls run in bf16 (f and x_hat come out bf16), and so does the backward
-            dtype = ctx.dtype = cpu_matmul_dtype()
+            dtype = ctx.dtype = matmul_dtype("cpu")
             d = x.shape[1]
             W_ext = torch.zeros(W_dec.shape[0], padded_width(d), dtype=dtype)  # [W_dec | scale | 0], cast once
             W_ext[:, :d] = W_dec
@@ -328,27 +359,27 @@ class EncodeReluDecode(torch.autograd.Function):
             active = torch.sign(f)  # the 0/1 mask of the features that fired (f > 0; f is never negative)
             l0, fired = count_ones(active)
             ctx.active = active  # not an input or output: a plain attribute is enough
-            ctx.save_for_backward(x, W_enc, W_ext, b_dec, f, scale)
+            ctx.save_for_backward(x, W_enc, W_enc, W_ext, b_dec, f, scale)
         ctx.mark_non_differentiable(l0, fired)
         ctx.set_materialize_grads(False)  # an output the loss does not read gets None, not an (N, n_latents) zero block
         return x_hat, f, l1, l0, fired
 
     @staticmethod
     def backward(ctx, dx_hat, df, dl1, _dl0, _dfired):
-        x, W_enc, W_dec, b_dec, f, scale = ctx.saved_tensors  # W_dec is [W_dec | scale] on the CPU
+        # x and the weights as the matmuls read them (the Triton path's casts; W_dec is [W_dec | scale] on the
+        # CPU); W_enc the parameter itself
+        x, W_enc, W_enc_m, W_dec, b_dec, f, scale = ctx.saved_tensors
         N, d = x.shape
-        if use_triton(x):
-            dx_hat = torch.zeros(x.shape, dtype=f.dtype, device=f.device) if dx_hat is None else dx_hat.contiguous()
+        if use_triton(x):  # every matmul in the forward's dtype, the parameters' gradients stored in fp32
+            dx_hat = torch.zeros(x.shape, dtype=f.dtype, device=f.device) if dx_hat is None else dx_hat.to(f.dtype).contiguous()
             df = None if df is None else df.contiguous()
             dl1 = None if dl1 is None else dl1.contiguous()
-            dscale = None if scale is None or dl1 is None else dl1 @ f.to(dl1.dtype)  # (N,) @ (N, n_latents)
-            if scale is not None and dl1 is not None:  # the rank-one L1 term as a block (the epilogue adds rows only)
-                df = (dl1[:, None] * scale.to(dl1.dtype) + (0 if df is None else df)).contiguous()
-                dl1 = None
-            dpre = _sae_matmul(dx_hat, W_dec.T, D=df, row=dl1, mask_by=f)  # (N, d_model) @ (d_model, n_latents)
-            dW_dec = _sae_matmul(f.T, dx_hat)                               # (n_latents, N) @ (N, d_model)
-            dW_enc = _sae_matmul(x.T, dpre, shift=b_dec, shift_rows=True)  # (d_model, N) @ (N, n_latents)
-            db_enc = dpre.sum(dim=0, dtype=W_enc.dtype)                    # (n_latents,)
+            dscale = None if scale is None or dl1 is None else (dl1.to(f.dtype) @ f).to(scale.dtype)  # (N,) @ (N, n_latents)
+            col = None if dl1 is None else scale  # the L1 term's gradient dl1[m] scale[n], added in the epilogue
+            dpre = _sae_matmul(dx_hat, W_dec.T, D=df, row=dl1, col=col, mask_by=f)  # (N, d_model) @ (d_model, n_latents)
+            dW_dec = _sae_matmul(f.T, dx_hat, out_dtype=torch.float32)             # (n_latents, N) @ (N, d_model)
+            dW_enc = _sae_matmul(x.T, dpre, shift=b_dec, shift_rows=True, out_dtype=torch.float32)  # (d_model, N) @ (N, n_latents)
+            db_enc = dpre.sum(dim=0, dtype=torch.float32).to(W_enc.dtype)          # (n_latents,)
         else:
             D = W_dec.shape[1]
             g = torch.zeros(N, D, dtype=ctx.dtype)  # [dx_hat | dl1 | 0]
@@ -380,6 +411,7 @@ class EncodeReluDecode(torch.autograd.Function):
         return None, dW_enc.to(W_enc.dtype), db_enc, dW_dec.to(W_enc.dtype), db_dec, dscale
 
 
+@torch.compiler.disable  # see COMPILE
 def encode_relu_decode(x, W_enc, b_enc, W_dec, b_dec, stats=False, scale=None):
     """-> (x_hat, f), and with stats (x_hat, f, (l1, l0, fired)); see the section's header. x needs no
     gradient; l1 (weighted by scale (n_latents,) if given, which may need a gradient) carries the gradient of a
@@ -567,7 +599,9 @@ def _sort_by_index(indices, weights, n_latents):
         # numpy 8.5 ms busy
         order = torch.from_numpy(np.argsort(keys.numpy(), kind="stable"))
     offsets = torch.zeros(n_latents + 1, dtype=torch.int64, device=indices.device)
-    offsets[1:] = torch.bincount(keys, minlength=n_latents).cumsum(0)
+    # each latent's end: how many sorted keys are <= it (bincount's cumsum, but bincount reads the largest key
+    # back to size its output, a wait for the GPU)
+    offsets[1:] = torch.searchsorted(keys[order], torch.arange(n_latents, device=keys.device), right=True)
     return order // indices.shape[1], weights.reshape(-1)[order], offsets
 
 
@@ -606,6 +640,7 @@ class SparseDecode(torch.autograd.Function):
         return None, dvalues, dW_dec, db_dec
 
 
+@torch.compiler.disable  # see COMPILE
 def sparse_decode(indices, values, W_dec, b_dec=None):
     """x_hat (N, d_model) = sum_j values[n, j] W_dec[indices[n, j]] (+ b_dec); see the section's header."""
     if NO_TRITON:
@@ -640,6 +675,7 @@ class SparseEncode(torch.autograd.Function):
         return None, dW_enc, db_enc, db_dec, None, None
 
 
+@torch.compiler.disable  # see COMPILE
 def sparse_encode(x, W_enc, b_enc, b_dec, indices, pre=None):
     """values (N, K) = (x - b_dec) @ W_enc[:, indices] + b_enc[indices], the pre-activations at the selected
     latents; gathered from pre (N, n_latents, no gradient) when given. x gets no gradient."""
@@ -773,7 +809,8 @@ def jl_penalty_sampled(W, n_sample, generator=None):
     """An unbiased estimate of the JL mean from n_sample random rows i against all rows j != i; its gradient
     is an unbiased estimate of the full gradient. Cost n_sample/n of the exact penalty. W (n, d) -> ()"""
     n = W.shape[0]
-    rows = torch.randperm(n, generator=generator)[:n_sample].to(W.device)  # (m,)
+    device = generator.device if generator is not None else W.device  # sae.py's generator lives on W's device
+    rows = torch.randperm(n, generator=generator, device=device)[:n_sample].to(W.device)  # (m,)
     W = W.to(torch.promote_types(W.dtype, torch.float32))
     G = W[rows] @ W.T                                     # (m, d) @ (d, n) -> (m, n)
     g = G.abs()
@@ -782,6 +819,7 @@ def jl_penalty_sampled(W, n_sample, generator=None):
     return torch.atanh(g).sum() / (len(rows) * (n - 1))
 
 
+@torch.compiler.disable  # see COMPILE
 def jl_penalty(W, sample=0, generator=None):
     """The JL mean of W's rows (the caller normalises them): exact, or estimated from `sample` rows."""
     if sample and sample < W.shape[0]:
