@@ -563,7 +563,8 @@ def bench_saelens(cfg, device="cpu"):
             f"--dtype={dtype}", f"--device={device}"], env)
         # each log line's rate covers the steps since the previous line (0, 32, 64, ...: each window ends with a
         # refill): tokens over time from step 33 to 32 + steps
-        rate = lambda line: float(next(f for f in line.split("|") if f.strip().endswith("tok/s")).split()[0].replace(",", ""))
+        rate = lambda line: float(next(f for f in line.split("|") if f.strip().endswith("tok/s")).split()[0]
+                                  .replace(",", ""))
         logged = [(int(line.split()[1]), rate(line)) for line in out.splitlines() if line.startswith("iter ")]
         windows = [(it - prev, rate) for (prev, _), (it, rate) in zip(logged, logged[1:])
                    if WARMUP <= prev < it <= WARMUP + cfg.steps]

@@ -1563,7 +1563,7 @@ class FeatureTracker:
     def __init__(self, d_sae, window, chunks=10, device="cpu"):
         self.window, self.chunk_tokens = window, max(1, window // chunks)
         self.counts = torch.zeros(chunks, d_sae, dtype=torch.long, device=device)
-        self.tokens = [0] * chunks  # per chunk, Python ints: the step branches on them, and a branch on a GPU value waits
+        self.tokens = [0] * chunks  # per chunk, Python ints: the step branches on them (on a GPU value it would wait)
         self.last_fired = torch.zeros(d_sae, dtype=torch.long, device=device)  # tokens seen at the last firing
         self.chunk, self.seen = 0, 0
 
@@ -1589,8 +1589,8 @@ class FeatureTracker:
         self.last_fired[mask] = self.seen
 
     def state_dict(self):
-        return {"counts": self.counts, "tokens": torch.tensor(self.tokens), "last_fired": self.last_fired, "chunk": self.chunk,
-                "seen": self.seen}
+        return {"counts": self.counts, "tokens": torch.tensor(self.tokens), "last_fired": self.last_fired,
+                "chunk": self.chunk, "seen": self.seen}
 
     def load_state_dict(self, state):
         self.counts.copy_(state["counts"])
@@ -2794,8 +2794,8 @@ def check_finite(runs, it, ddp=False, params=False):
         if not finite.item():
             saved = f"the last good checkpoint is {run.cfg.out_dir}/ckpt.pt" if os.path.exists(
                 os.path.join(run.cfg.out_dir, "ckpt.pt")) else "no checkpoint was written yet"
-            raise FloatingPointError(f"{run.prefix}loss is not finite at an iteration from {run.checked} to {it}; "
-                                     f"stopping ({saved}); try a lower --lr")
+            when = f"iter {it}" if run.checked == it else f"an iteration from {run.checked} to {it}"
+            raise FloatingPointError(f"{run.prefix}loss is not finite at {when}; stopping ({saved}); try a lower --lr")
         run.checked = it + 1
 
 

@@ -7,13 +7,13 @@ Dispatch: compiled Triton on CUDA tensors; with TRITON_INTERPRET=1 (set before t
 same kernels run interpreted on CPU tensors, which is how test_sae.py reaches them; otherwise on the CPU
 the ops run PyTorch code that wastes less than autograd's graph (encode-ReLU-decode: five matmuls, not
 six; sparse codes: embedding_bag and sampled_addmm, never a dense code; JL: blocked over rows, never
-materialising the n x n Gram matrix). SAE_NO_TRITON=1 forces the references everywhere. COMPILE: torch.compile (sae.py --compile) stops at the four ops
-(encode_relu_decode, sparse_decode, sparse_encode, jl_penalty; torch.compiler.disable) and compiles the code around
-them: Dynamo tracing into their Triton launchers failed on the interpreter's kernels, and their kernels are fused
-already. `linear` is the
-CPU's dense fp32 matmul for encode-ReLU-decode's CPU path and GPT-2's layers (oneDNN where it works; see
-its section). References: the Triton tutorials (03-matrix-multiplication), llm.c's CPU reference beside
-each kernel, openai/sparse_autoencoder's kernels.py, modded-nanogpt's symmetric XXT.
+materialising the n x n Gram matrix). SAE_NO_TRITON=1 forces the references everywhere. COMPILE:
+torch.compile (sae.py --compile) stops at the four ops (encode_relu_decode, sparse_decode, sparse_encode,
+jl_penalty; torch.compiler.disable) and compiles the code around them: Dynamo tracing into their Triton launchers
+failed on the interpreter's kernels, and their kernels are fused already. `linear` is the CPU's dense fp32 matmul
+for encode-ReLU-decode's CPU path and GPT-2's layers (oneDNN where it works; see its section). References: the
+Triton tutorials (03-matrix-multiplication), llm.c's CPU reference beside each kernel,
+openai/sparse_autoencoder's kernels.py, modded-nanogpt's symmetric XXT.
 """
 import os
 import warnings
@@ -342,8 +342,9 @@ class EncodeReluDecode(torch.autograd.Function):
             # biases stay fp32, added to the fp32 sums; f and x_hat come out in that dtype, as autocast's would
             dtype = matmul_dtype(x.device.type, torch.promote_types(x.dtype, W_enc.dtype))
             xm, W_enc_m, W_dec_m = x.to(dtype), W_enc.to(dtype), W_dec.to(dtype)
-            f, l1, l0, fired = _sae_matmul(xm, W_enc_m, shift=b_dec, bias=b_enc, relu=True, stats=True)  # (N, n_latents)
-            x_hat = _sae_matmul(f, W_dec_m, bias=b_dec)                                                  # (N, d_model)
+            # (N, d_model) @ (d_model, n_latents) -> f (N, n_latents); f @ W_dec (n_latents, d_model) -> x_hat
+            f, l1, l0, fired = _sae_matmul(xm, W_enc_m, shift=b_dec, bias=b_enc, relu=True, stats=True)
+            x_hat = _sae_matmul(f, W_dec_m, bias=b_dec)
             if scale is not None:  # the row sums of f weighted by the L1 weights: a mat-vec
                 l1 = (f @ scale.to(dtype)).float()  # (N, n_latents) @ (n_latents,)
             ctx.save_for_backward(xm, W_enc, W_enc_m, W_dec_m, b_dec, f, scale)
@@ -371,14 +372,16 @@ class EncodeReluDecode(torch.autograd.Function):
         x, W_enc, W_enc_m, W_dec, b_dec, f, scale = ctx.saved_tensors
         N, d = x.shape
         if use_triton(x):  # every matmul in the forward's dtype, the parameters' gradients stored in fp32
-            dx_hat = torch.zeros(x.shape, dtype=f.dtype, device=f.device) if dx_hat is None else dx_hat.to(f.dtype).contiguous()
+            dx_hat = torch.zeros(x.shape, dtype=f.dtype, device=f.device) if dx_hat is None else \
+                dx_hat.to(f.dtype).contiguous()
             df = None if df is None else df.contiguous()
             dl1 = None if dl1 is None else dl1.contiguous()
-            dscale = None if scale is None or dl1 is None else (dl1.to(f.dtype) @ f).to(scale.dtype)  # (N,) @ (N, n_latents)
+            # (N,) @ (N, n_latents): the L1 weights' gradient
+            dscale = None if scale is None or dl1 is None else (dl1.to(f.dtype) @ f).to(scale.dtype)
             col = None if dl1 is None else scale  # the L1 term's gradient dl1[m] scale[n], added in the epilogue
-            dpre = _sae_matmul(dx_hat, W_dec.T, D=df, row=dl1, col=col, mask_by=f)  # (N, d_model) @ (d_model, n_latents)
-            dW_dec = _sae_matmul(f.T, dx_hat, out_dtype=torch.float32)             # (n_latents, N) @ (N, d_model)
-            dW_enc = _sae_matmul(x.T, dpre, shift=b_dec, shift_rows=True, out_dtype=torch.float32)  # (d_model, N) @ (N, n_latents)
+            dpre = _sae_matmul(dx_hat, W_dec.T, D=df, row=dl1, col=col, mask_by=f)  # (N, d) @ (d, n_latents)
+            dW_dec = _sae_matmul(f.T, dx_hat, out_dtype=torch.float32)             # (n_latents, N) @ (N, d)
+            dW_enc = _sae_matmul(x.T, dpre, shift=b_dec, shift_rows=True, out_dtype=torch.float32)  # (d, N) @ (N, n)
             db_enc = dpre.sum(dim=0, dtype=torch.float32).to(W_enc.dtype)          # (n_latents,)
         else:
             D = W_dec.shape[1]

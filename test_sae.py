@@ -1954,7 +1954,7 @@ def test_bad_input_is_one_line(case, synthetic, tmp_path):
     elif case == "nan_loss":
         np.save(tmp_path / "nan.npy", np.full((2000, 8), np.nan, dtype=np.float32))
         r = run_sae(*acts, f"--acts={tmp_path / 'nan.npy'}", "--normalize=False", "--b_dec_init=zeros")
-        expect = "loss is nan at iter 0; stopping (no checkpoint was written yet)"
+        expect = "loss is not finite at iter 0; stopping (no checkpoint was written yet)"
     else:  # a good run, then a resumed one with an absurd learning rate: the good checkpoint stays
         assert run_sae(*acts, "--max_iters=10", "--eval_interval=10").returncode == 0
         r = run_sae("--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=20", "--lr=1e30")
