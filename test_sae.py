@@ -3020,6 +3020,22 @@ def test_the_shuffling_buffer_serves_batches_without_waiting():
     assert recorder.waits == [] and buffer.period == 3
 
 
+def test_the_step_draws_its_random_numbers_on_the_batchs_device(monkeypatch):
+    """The VAE's noise (N, d_sae) and the sampled JL's rows come from generators on the batch's device and are made
+    there (a CPU test sees the request, not the device: every device here is the CPU). Before issue 22 both were drawn
+    on the CPU and copied over, the VAE's an (N, d_sae) copy each step."""
+    cfg = dataclasses.replace(sae.TrainConfig(), arch="vae", loss="hybrid", d_sae=64, jl_sample=16)
+    model, x = sae.SAE.from_config(24, cfg), torch.randn(32, 24)
+    draws = []
+    for name in ("randn", "randperm"):
+        def recording(*args, _draw=getattr(torch, name), _name=name, **kwargs):
+            draws.append((_name, kwargs.get("device"), kwargs["generator"].device))
+            return _draw(*args, **kwargs)
+        monkeypatch.setattr(torch, name, recording)
+    sae.sae_loss(model, x, cfg, 0)
+    assert draws == [("randn", x.device, x.device), ("randperm", x.device, x.device)]
+
+
 @pytest.mark.parametrize("arch", ["relu", "topk"])
 def test_compile_trains_as_eager(arch, synthetic, tmp_path):
     """--compile=True crashed at the first relu step before issue 22 (Inductor cannot lower oneDNN's linear with
