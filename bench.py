@@ -16,7 +16,7 @@ $ python bench.py                # about five minutes on 2 CPU cores
 $ python bench.py --quick=True --json=bench.json
 $ python bench.py --synthetic=True  # under a minute on 2 CPU cores
 $ SMOLLM2_DIR=... python bench.py --models=True  # tokenizers, and SmolLM2-135M's harvest at layer 15
-$ sl/bin/python bench.py --saelens=True --data_dir=data/local  # against SAELens end to end (README), ~16 min
+$ sl/bin/python bench.py --saelens=True --data_dir=data/local  # against SAELens end to end (docs/speed-and-memory.md), ~16 min
 """
 import json
 import os
@@ -540,7 +540,7 @@ def bench_saelens(cfg, device="cpu"):
     from prepare import read_shard
     shards = sorted(glob.glob(os.path.join(cfg.data_dir, "*_train_*.bin")))
     if not shards:
-        raise ValueError(f"--data_dir={cfg.data_dir}: no train shards (run prepare.py; offline: see the README)")
+        raise ValueError(f"--data_dir={cfg.data_dir}: no train shards (run prepare.py; offline: see the README's 'offline use')")
     dtype = resolved_dtype(cfg, device)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     print(f"end to end against SAELens on {device}, GPT-2 small's shape (random weights), layer 6 mlp_in, d_sae 8192, "

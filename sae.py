@@ -80,7 +80,7 @@ class TrainConfig:
     device: str = "auto"               # auto = cuda if available, else cpu
     dtype: str = "auto"                # autocast dtype of the model's and the SAE's matmuls (parameters, Adam: fp32);
                                        # auto = bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32
-                                       # (sae_kernels.cpu_bf16_native; README "precision")
+                                       # (sae_kernels.cpu_bf16_native; docs/training.md "precision")
     compile: bool = False              # torch.compile the SAE
     # the model and the site
     layer: int = 6                     # 0-indexed block; 6 is the middle of GPT-2 small, 15 of SmolLM2-135M
@@ -95,7 +95,7 @@ class TrainConfig:
     normalize: bool = True             # scale activations to E|x| = sqrt(d_in), estimated at start
     exclude_pos0: bool = True          # drop position 0, whose norm is an outlier in GPT-2 (and Llamas: attention sink)
     # the SAE and its loss
-    arch: str = "relu"                 # relu, topk, batchtopk, jumprelu, matryoshka, fsq, vae (README "architectures")
+    arch: str = "relu"                 # relu, topk, batchtopk, jumprelu, matryoshka, fsq, vae (docs/training.md "architectures")
     d_sae: int = 8192                  # features
     b_dec_init: str = "geometric_median"  # or mean, zeros: b_dec from a first sample of activations
     loss: str = "l1"                   # l1: the architecture's sparsity term (relu: L1; jumprelu: L0; vae: KL; none for
@@ -104,13 +104,13 @@ class TrainConfig:
     l1_warmup_iters: int = 1000        # the sparsity coefficient (l1, l0 or kl) ramps linearly from 0
     l1_by_decoder_norm: bool = True    # relu: L1 of f_i |W_dec,i| with free decoder norms (Anthropic, April 2024;
                                        # SAELens 6's standard SAE), folded at export; False: unit-norm rows, plain L1
-                                       # (2023). The other architectures keep unit-norm rows (README "the ReLU recipe")
+                                       # (2023). The other architectures keep unit-norm rows (docs/training.md "the ReLU recipe")
     init_norm: float = 0.0             # the encoder columns' initial norm (W_enc = init_norm W_dec^T, unit rows), and the
-                                       # free decoder rows' too; 0 = the architecture's default (INIT_NORM, README)
+                                       # free decoder rows' too; 0 = the architecture's default (INIT_NORM, docs/training.md)
     k: int = 32                        # topk, fsq: active features per token; batchtopk, matryoshka: per token on average
     k_aux: int = 256                   # AuxK: the k_aux largest pre-activations of dead features fit the residual
     auxk_coeff: float = 1 / 32         # ... with this weight (Gao et al. 2024); 0 = off. Dead: see dead_window
-    threshold_rate: float = 0.01       # batchtopk, matryoshka: EMA rate of the inference threshold (README)
+    threshold_rate: float = 0.01       # batchtopk, matryoshka: EMA rate of the inference threshold (docs/training.md)
     l0_coeff: float = 1.0              # jumprelu: on mean_batch L0
     jumprelu_bandwidth: float = 0.05   # jumprelu: width of the straight-through kernel, in normalised units
     jumprelu_init_threshold: float = 0.1  # jumprelu: every threshold's start
@@ -118,12 +118,12 @@ class TrainConfig:
     fsq_levels: int = 8                # fsq: levels of each active feature's code, 0 (off) included
     kl_coeff: float = 1.0              # vae: on mean_batch sum_features KL(q(z_i | x) || prior)
     vae_prior_mean: float = -1.0       # vae: the prior N(m, 1) per feature; f = relu(z), so m < 0 favours f = 0
-    jl_coeff: float = 1000.0           # on the JL mean; its pull on one row is ~2 jl_coeff / d_sae (README)
+    jl_coeff: float = 1000.0           # on the JL mean; its pull on one row is ~2 jl_coeff / d_sae (docs/flags.md)
     jl_on: str = "dec"                 # dec: rows of W_dec; enc: columns of W_enc
     jl_warmup_mult: float = 10.0       # JL coefficient starts at this multiple of jl_coeff ...
     jl_warmup_iters: int = 2000        # ... and decays (cosine) to jl_coeff over these iterations
     jl_sample: int = 0                 # 0 = exact JL; else an unbiased estimate from this many rows a step (it does
-                                       # not train like the exact penalty: README "the JL penalty, measured")
+                                       # not train like the exact penalty: docs/results.md "the JL penalty, measured")
     # optimization
     max_iters: int = 20000
     batch_size: int = 4096             # activations per step, all ranks
@@ -243,7 +243,7 @@ K_SPARSE = ("topk", "batchtopk", "matryoshka", "fsq")  # a code of about k featu
 SPARSITY_COEFF = {"relu": "l1_coeff", "jumprelu": "l0_coeff", "vae": "kl_coeff"}
 # --init_norm=0: each architecture's initial encoder norm (and relu's free decoder rows'). relu starts at 0.1, SAELens
 # 6's decoder_init_norm: at 1 the tied init reconstructs with FVU 13 (half of the features on), and on SmolLM2 that
-# start was still 0.09 FVU behind at L0 40 after 2,000 steps (README "the ReLU recipe"). The k-sparse
+# start was still 0.09 FVU behind at L0 40 after 2,000 steps (docs/training.md "the ReLU recipe"). The k-sparse
 # ones start tied at 1, as OpenAI's and dictionary_learning's TopK do; jumprelu and vae too (not measured at 0.1)
 INIT_NORM = {arch: 0.1 if arch == "relu" else 1.0 for arch in ARCHS}
 SWEEPABLE = ("arch", "loss", "d_sae", "b_dec_init", "init_norm", "lr", "lr_enc", "lr_dec", "beta1", "beta2", "grad_clip") + \
@@ -878,7 +878,7 @@ class DataLoaderLite:
 # -----------------------------------------------------------------------------
 # the SAEs. Every architecture shares the affine maps of Bricken et al. 2023, with a pre-encoder bias,
 #   pre = (x - b_dec) @ W_enc + b_enc (N, d_sae),   x_hat = f @ W_dec + b_dec (N, d_in),
-# and differs in the code f, the loss's terms and what inference keeps (README "architectures"):
+# and differs in the code f, the loss's terms and what inference keeps (docs/training.md "architectures"):
 #   relu        f = relu(pre); + l1 sum_i f_i (or sum_i f_i |W_dec,i| with free decoder norms)
 #   topk        the k largest pre of each token, relu'd (Gao et al. 2024); + AuxK
 #   batchtopk   the k N largest relu(pre) of the batch (Bussmann et al. 2024); inference: pre where pre > theta,
@@ -1083,7 +1083,7 @@ def sparse_terms(sae, x, cfg, it, dead):
         pre = sae.pre(x)  # (N, d_sae): the step's one dense matmul
     if sae.arch in ("batchtopk", "matryoshka"):
         indices, keep, t = batch_topk_select(pre, sae.k)
-        if sae.training:  # the inference threshold: an EMA of the smallest kept value (README); tensor ops, no
+        if sae.training:  # the inference threshold: an EMA of the smallest kept value (docs/training.md); tensor ops, no
             # Python branch on a value (each would wait for the GPU)
             ema = torch.where(sae.threshold == 0, t, sae.threshold + cfg.threshold_rate * (t - sae.threshold))
             sae.threshold.copy_(torch.where(t > 0, ema, sae.threshold))
@@ -2172,7 +2172,7 @@ def write_dashboard(cfg, checkpoint):
 # -----------------------------------------------------------------------------
 # fine-tuning: --mode=finetune trains LoRA adapters on the blocks of --init_from over data_dir's train split and
 # writes the merged model as a save_pretrained directory, which every mode then reads like any checkpoint. It is
-# the first half of the persistence experiment (README): do the features of an SAE trained on the model survive a
+# the first half of the persistence experiment (docs/results.md): do the features of an SAE trained on the model survive a
 # fine-tune? --eval_only --eval_model=<the fine-tune> is the second half.
 
 class LoRA(nn.Module):
@@ -2824,7 +2824,7 @@ def main(argv):
         check_config(run_cfg, ddp_world_size)
     wandb = import_wandb() if cfg.wandb_log and master_process else None  # before the model loads: fail early
     if any(run_cfg.jl_sample and run_cfg.loss != "l1" for run_cfg, _ in resolved):
-        print0("note: --jl_sample estimates the JL penalty without its training behaviour (README: the JL penalty, "
+        print0("note: --jl_sample estimates the JL penalty without its training behaviour (docs/results.md: the JL penalty, "
                "measured); --jl_sample=0 is the exact penalty")
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if cfg.mode == "cache":

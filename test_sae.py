@@ -2502,7 +2502,7 @@ def test_jl_penalty_trains_like_the_dense_reference_under_adam(path):
 
 
 def test_jl_sampled_follows_the_exact_penalty_under_sgd_not_under_adam():
-    """README "the JL penalty, measured": the sampled estimate is unbiased, so plain SGD on it follows SGD on the
+    """docs/results.md "the JL penalty, measured": the sampled estimate is unbiased, so plain SGD on it follows SGD on the
     exact penalty; Adam does not, since it divides each coordinate by its gradient's running RMS and an
     intermittent gradient (a row's own-side term arrives m/n of the time, n/m times larger) has a larger RMS for
     the same mean. JL alone on n = 8 d unit rows, 200 steps, float64 dense references."""
@@ -2568,7 +2568,7 @@ def test_bench_saelens_without_it_or_without_data_is_one_line(tiny_shards, tmp_p
                               capture_output=True, text=True, timeout=300)
     r = bench(f"--data_dir={tmp_path}")
     assert r.returncode == 1 and r.stderr.strip() == f"error: --data_dir={tmp_path}: no train shards (run prepare.py; " \
-                                                     f"offline: see the README)"
+                                                     f"offline: see the README's 'offline use')"
     import importlib.util
     if importlib.util.find_spec("sae_lens") is not None:
         pytest.skip("sae_lens is installed here")
@@ -2896,7 +2896,7 @@ def compile_for_gpus():
 @pytest.fixture(scope="session")
 def gpu_compiles():
     """compile_for_gpus's report, once a session, in a fresh process; Triton's cache in ~/.cache/gpt_sae/triton
-    keeps the cubins between runs (a cold run takes minutes, a warm one seconds: README "tests")."""
+    keeps the cubins between runs (a cold run takes minutes, a warm one seconds: docs/tests.md)."""
     env = {**cpu_env(), "TRITON_CACHE_DIR": os.environ.get("TRITON_CACHE_DIR") or
            os.path.expanduser("~/.cache/gpt_sae/triton"), "TRITON_DEFAULT_FP_FUSION": "1"}  # Triton 3.9's default
     r = subprocess.run([sys.executable, "-c", "import test_sae; test_sae.compile_for_gpus()"], cwd=HERE, env=env,
@@ -3755,7 +3755,7 @@ def test_wandb_log_sends_each_saes_metrics_to_its_own_run_and_resumes_it(synthet
 
 
 def test_jl_mean_rewards_clusters_of_duplicates_when_rows_outnumber_dimensions():
-    """Why JL collapses an overcomplete dictionary (issue 12, README "the JL penalty, measured"): the mean of
+    """Why JL collapses an overcomplete dictionary (issue 12, docs/results.md "the JL penalty, measured"): the mean of
     atanh |cos| over pairs acts like an L1 penalty on the Gram matrix, so with n = 8 d rows it is lower for 8
     copies of an orthonormal basis (each row exactly orthogonal to all but its 7 duplicates) than for random
     rows, and Adam on the exact penalty alone, from random rows, drives rows together: the penalty falls below
@@ -3959,3 +3959,41 @@ def test_plot_draws_the_fine_tuning_comparison_from_fake_logs(tmp_path):
     assert cells[2] == "0.300 / 0.500 / 0.350" and cells[-2:] == ["0.750 (900)", "0.010"]
     table = (tmp_path / "figures" / "matched_l0.md").read_text()
     assert "| topk | 2 | 16.0–32.0 |" in table  # the base model's two, not the fine-tune's
+
+
+# -----------------------------------------------------------------------------
+# the documentation: README.md as a front door, docs/ for the rest (issue 23)
+
+DOCS = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+
+
+def heading_anchors(markdown):
+    """The anchors GitHub gives a page's headings: lowercased, punctuation dropped, spaces as hyphens (code blocks,
+    whose # lines are comments, left out)."""
+    text = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: p.name)
+def test_every_relative_link_and_image_resolves(page):
+    """Each [text](target) and ![image](target) outside code blocks that is not a URL names a file that exists,
+    relative to the page, and its #anchor (if any) is a heading of that file."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists() or (anchor and anchor not in heading_anchors(file.read_text())):
+            broken.append(target)
+    assert not broken, f"{page.name}: {broken}"
+
+
+def test_readme_is_a_front_door_and_every_flag_is_in_the_reference():
+    """README.md at most 350 lines (the rest lives in docs/), and docs/flags.md names every TrainConfig key as
+    --key, so `python sae.py --help` and the reference cannot drift apart by a key."""
+    assert len((HERE / "README.md").read_text().splitlines()) <= 350
+    reference = (HERE / "docs" / "flags.md").read_text()
+    missing = [f.name for f in dataclasses.fields(sae.TrainConfig) if f"`--{f.name}`" not in reference]
+    assert not missing, missing

@@ -1,4 +1,4 @@
-# The jl coefficient sweep over four decades (JL's pull on one row is ~2 jl_coeff / d_sae: README), on one pass:
+# The jl coefficient sweep over four decades (JL's pull on one row is ~2 jl_coeff / d_sae: docs/flags.md), on one pass:
 #   python sae.py config/gpt2_sweep_jl.py
 init_from = "gpt2"
 loss = "jl"

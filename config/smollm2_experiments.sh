@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 12's runs on SmolLM2-135M, end to end from a clean clone (README "results: SmolLM2-135M"), each part one
+# Issue 12's runs on SmolLM2-135M, end to end from a clean clone (docs/results.md), each part one
 # command: bash config/smollm2_experiments.sh PART, PART one of data frontier jl lr context finetune layers plot
 # (or all, in that order). Every step's output goes to logs/<step>.log; a step whose log ends in "done" is skipped, so
-# a rerun continues after the last finished step. About 6 hours on 2 CPU cores in all (README gives each part's).
+# a rerun continues after the last finished step. About 6 hours on 2 CPU cores in all (docs/results.md gives each part's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TIKTOKEN_CACHE_DIR="${TIKTOKEN_CACHE_DIR:-$HOME/.cache/gpt_sae/tiktoken}"

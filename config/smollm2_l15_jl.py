@@ -1,7 +1,7 @@
 # Issue 12: does the JL penalty move the ReLU SAE's frontier? The hybrid loss (L1 + JL) over the L1 coefficients of
 # config/smollm2_l15_frontier.py, crossed with JL coefficients a decade apart, and JL alone (no sparsity term), on
 # the same batches (same seed, batch size and cache) and the same 600 steps, so the frontier's relu-l1 SAEs are
-# the no-JL baseline. The exact penalty (jl_sample = 0): the sampled estimate does not train like it (README).
+# the no-JL baseline. The exact penalty (jl_sample = 0): the sampled estimate does not train like it (docs/results.md).
 # Needs the cache of config/smollm2_l15.py. python sae.py config/smollm2_l15_jl.py
 acts = "data/smollm2_l15"
 out_dir = "out/smollm2_l15_jl"
