@@ -2799,181 +2799,236 @@ def check_finite(runs, it, ddp=False, params=False):
         run.checked = it + 1
 
 
-def main(argv):
-    import torch.distributed as dist
-    if parse_overrides(TrainConfig(), argv).get("mode") == "plot":  # reads logs, not a checkpoint
-        return plot_results(replace(TrainConfig(), **parse_overrides(TrainConfig(), argv)))
-    resolved = resolve_runs(argv)
-    cfg, checkpoint = resolved[0]  # the SAEs of a sweep share every key that is not SWEEPABLE
-    if cfg.mode != "train" and len(resolved) > 1:
+@dataclass
+class Context:
+    """What the parts of a training run share: the first SAE's config (a sweep's SAEs share every key that is not
+    SWEEPABLE), the process's place in the group, the activations, the models evaluation runs, the SAEs (Run) and
+    the activation scale. Built by start() and prepare_runs()."""
+    cfg: TrainConfig
+    ddp: bool
+    rank: int
+    world: int
+    device: str
+    autocast: object
+    wandb: object = None
+    source: object = None          # ActivationBuffer or ActsFile
+    model: object = None           # what evaluation runs the val contexts through (--eval_model's, if given)
+    own_model: object = None       # the SAE's own model, with --eval_model (feature persistence)
+    val_batches: list = ()
+    val_acts: object = None
+    runs: list = ()
+    scale: float = 1.0
+
+    @property
+    def master(self):  # rank 0 logs, evaluates and checkpoints
+        return self.rank == 0
+
+    def print0(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs)
+
+
+def read_sae(cfg, checkpoint, resolved):
+    """The modes that read one trained SAE: export, steer, dashboard."""
+    if len(resolved) > 1:
         raise ValueError(f"--mode={cfg.mode} reads one SAE; pass --ckpt=<out_dir>/<name>/ckpt.pt, one of "
                          f"{', '.join(os.path.basename(c.out_dir) for c, _ in resolved)}")
-    if cfg.mode == "export":
-        return export_saelens(checkpoint, cfg.export_dir)
-    if cfg.mode == "steer":
-        return steer_demo(cfg, checkpoint)
-    if cfg.mode == "dashboard":
-        return write_dashboard(cfg, checkpoint)
-    ddp, ddp_rank, ddp_world_size, device, autocast = init_device(cfg)
-    master_process = ddp_rank == 0  # logs, evaluates and checkpoints
-    print0 = print if master_process else (lambda *a, **k: None)
-    if master_process:
+    return {"export": lambda: export_saelens(checkpoint, cfg.export_dir), "steer": lambda: steer_demo(cfg, checkpoint),
+            "dashboard": lambda: write_dashboard(cfg, checkpoint)}[cfg.mode]()
+
+
+def start(cfg, argv, resolved):
+    """The device and the process group, the overrides echoed, every SAE's config checked, wandb imported (before
+    the model loads: a missing package fails early). -> Context"""
+    ddp, rank, world, device, autocast = init_device(cfg)
+    ctx = Context(cfg, ddp, rank, world, device, autocast)
+    if ctx.master:
         for key, value in parse_overrides(TrainConfig(), argv).items():
             print(f"override: {key} = {value!r}")
     for run_cfg, _ in resolved:
-        check_config(run_cfg, ddp_world_size)
-    wandb = import_wandb() if cfg.wandb_log and master_process else None  # before the model loads: fail early
+        check_config(run_cfg, world)
+    ctx.wandb = import_wandb() if cfg.wandb_log and ctx.master else None
     if any(run_cfg.jl_sample and run_cfg.loss != "l1" for run_cfg, _ in resolved):
-        print0("note: --jl_sample estimates the JL penalty without its training behaviour (docs/results.md: the JL penalty, "
-               "measured); --jl_sample=0 is the exact penalty")
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    if cfg.mode == "cache":
-        if ddp:
-            raise ValueError("--mode=cache runs in one process: launch it with python, not torchrun")
-        return write_activation_cache(cfg, device, autocast)
-    if cfg.mode == "finetune":
-        if ddp:
-            raise ValueError("--mode=finetune runs in one process: launch it with python, not torchrun")
-        return finetune_lora(cfg, device, autocast)
-    # --eval_model: the val contexts run through another model; the SAE's own is kept for feature persistence
-    source, d_in, model, val_batches, val_acts = activation_source(
-        replace(cfg, init_from=cfg.eval_model) if cfg.eval_model else cfg, device, autocast, ddp_rank, ddp_world_size)
-    own_model = load_lm(cfg).to(device) if cfg.eval_model and master_process else None
-    if model is not None and site_width(model.config, cfg.site) != d_in:
-        raise ValueError(f"--eval_model={cfg.eval_model}: its {cfg.site} is {site_width(model.config, cfg.site)} wide, "
-                         f"the SAE reads {d_in}")
+        ctx.print0("note: --jl_sample estimates the JL penalty without its training behaviour (docs/results.md: the "
+                   "JL penalty, measured); --jl_sample=0 is the exact penalty")
+    if cfg.mode in ("cache", "finetune") and ddp:
+        raise ValueError(f"--mode={cfg.mode} runs in one process: launch it with python, not torchrun")
+    return ctx
 
-    runs = [Run(run_cfg, run_checkpoint, d_in, device, sweep=len(resolved) > 1) for run_cfg, run_checkpoint in resolved]
+
+def prepare_runs(ctx, resolved, checkpoint):
+    """The activations and the models (--eval_model: the val contexts run through another model, the SAE's own kept
+    for feature persistence), every SAE of the sweep, and the data position: the checkpoint's, or a fresh start
+    with the activation scale and b_dec estimated from a first sample. Rank 0 writes each SAE's config and starts
+    wandb. -> the iteration to start at"""
+    import torch.distributed as dist
+    cfg, device = ctx.cfg, ctx.device
+    ctx.source, d_in, ctx.model, ctx.val_batches, ctx.val_acts = activation_source(
+        replace(cfg, init_from=cfg.eval_model) if cfg.eval_model else cfg, device, ctx.autocast, ctx.rank, ctx.world)
+    ctx.own_model = load_lm(cfg).to(device) if cfg.eval_model and ctx.master else None
+    if ctx.model is not None and site_width(ctx.model.config, cfg.site) != d_in:
+        raise ValueError(f"--eval_model={cfg.eval_model}: its {cfg.site} is {site_width(ctx.model.config, cfg.site)} "
+                         f"wide, the SAE reads {d_in}")
+    ctx.runs = [Run(run_cfg, run_checkpoint, d_in, device, sweep=len(resolved) > 1) for run_cfg, run_checkpoint in resolved]
     if checkpoint:
-        scale, iter_num = checkpoint["act_scale"], checkpoint["iter_num"]
+        ctx.scale, iter_num = checkpoint["act_scale"], checkpoint["iter_num"]
         if not cfg.eval_only:
-            source.start(checkpoint["data"])
+            ctx.source.start(checkpoint["data"])
             torch.set_rng_state(checkpoint["rng"]["torch"])
-        print0(f"resumed {', '.join(run.cfg.out_dir for run in runs)} at iter {iter_num}")
+        ctx.print0(f"resumed {', '.join(run.cfg.out_dir for run in ctx.runs)} at iter {iter_num}")
     else:
         iter_num = 0
-        source.start()
-        sample = source.sample(cfg.resample_samples, torch.Generator().manual_seed(cfg.seed)).to(device)  # (n, d_in)
+        ctx.source.start()
+        sample = ctx.source.sample(cfg.resample_samples, torch.Generator().manual_seed(cfg.seed)).to(device)  # (n, d_in)
         mean_norm = sample.norm(dim=1).mean()
-        if ddp:
+        if ctx.ddp:
             dist.all_reduce(mean_norm)
-            mean_norm /= ddp_world_size
+            mean_norm /= ctx.world
         # E|x| = sqrt(d_in) (Anthropic, April 2024 update): coefficients then transfer across layers and models
-        scale = math.sqrt(d_in) / mean_norm.item() if cfg.normalize else 1.0
-        b_dec = {"zeros": lambda: torch.zeros(d_in, device=device), "mean": lambda: (sample * scale).mean(dim=0),
-                 "geometric_median": lambda: geometric_median(sample * scale)}
-        for init in {run.cfg.b_dec_init for run in runs}:  # each computed once for the whole sweep
+        ctx.scale = math.sqrt(d_in) / mean_norm.item() if cfg.normalize else 1.0
+        b_dec = {"zeros": lambda: torch.zeros(d_in, device=device), "mean": lambda: (sample * ctx.scale).mean(dim=0),
+                 "geometric_median": lambda: geometric_median(sample * ctx.scale)}
+        for init in {run.cfg.b_dec_init for run in ctx.runs}:  # each computed once for the whole sweep
             value = b_dec[init]()
-            for run in runs:
+            for run in ctx.runs:
                 if run.cfg.b_dec_init == init:
                     run.sae.b_dec.data.copy_(value)
-                    if ddp:  # ranks saw different samples: rank 0's b_dec for all
+                    if ctx.ddp:  # ranks saw different samples: rank 0's b_dec for all
                         dist.broadcast(run.sae.b_dec.data, src=0)
-
-    def run_eval(it):
-        # in fp32 whatever --dtype says: CE recovered divides by the ablation's cost, 0.10 nats at SmolLM2's layer
-        # 15 mlp_in, and bf16 forwards moved CE there by 0.0015 nats (2,032 tokens), 1.5% of that cost
-        all_metrics = evaluate([run.sae for run in runs], [run.tracker for run in runs], torch.tensor(scale, device=device),
-                               cfg, model, val_batches, val_acts)
-        for run, metrics in zip(runs, all_metrics):
-            if cfg.eval_model:
-                metrics["eval_model"] = cfg.eval_model
-                metrics["persistence"] = feature_persistence(run.sae, scale, own_model, model, cfg, val_batches)
-            if cfg.wandb_log:
-                run.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=it)
-            metrics = {"iter": it, **metrics}
-            with open(os.path.join(run.cfg.out_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            line = f"eval {it:5d} | {run.prefix}mse {metrics['mse']:.4f} | fvu {metrics['fvu']:.4f} | " \
-                   f"l0 {metrics['l0']:.1f} | dead {metrics['dead_frac']:.3f} | dense {metrics['dense_frac']:.3f} | " \
-                   f"max cos {metrics['mean_max_cos']:.3f}"
-            if "ce_clean" in metrics:
-                line += f" | ce {metrics['ce_clean']:.3f}/{metrics['ce_sae']:.3f}/{metrics['ce_zero']:.3f} (clean/sae/zero)" \
-                        f" | recovered {metrics['ce_recovered']:.3f} | kl {metrics['kl']:.4f}"
-            if cfg.eval_model:
-                p = metrics["persistence"]
-                line += f" | on {cfg.eval_model}: {p['within_2x']:.3f} of {p['compared']} features fire within 2x"
-            print(line)
-
-    def make_checkpoint(run, it):
-        freq = run.tracker.freq()
-        return {"sae": run.sae.state_dict(), "optimizer": run.optimizer.state_dict(), "config": asdict(run.cfg),
-                "iter_num": it, "act_scale": scale, "data": source.state_dict(), "rng": {"torch": torch.get_rng_state()},
-                "tracker": run.tracker.state_dict(), "feature_freq": freq.cpu(), "freq_hist": log10_freq_histogram(freq)}
-
-    def save(it):
-        check_finite(runs, it, params=True)  # never a checkpoint of diverged parameters (rank 0 alone saves)
-        if len(runs) == 1:
-            save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), make_checkpoint(runs[0], it))
-        else:  # all SAEs at the same iteration, or none
-            save_sweep_checkpoint(os.path.dirname(cfg.out_dir), [(run.cfg, make_checkpoint(run, it)) for run in runs], it)
-
-    if master_process:
-        for run in runs:
+    if ctx.master:
+        for run in ctx.runs:
             os.makedirs(run.cfg.out_dir, exist_ok=True)
             if not cfg.eval_only:  # the config it trains with, what --mode=plot reads
                 write_json(os.path.join(run.cfg.out_dir, "config.json"), asdict(run.cfg))
         if cfg.wandb_log:
-            start_wandb(wandb, runs, os.path.dirname(cfg.out_dir) if len(runs) > 1 else cfg.out_dir)
-    if cfg.eval_only:
-        if master_process:
-            run_eval(iter_num)
-            for run in runs if cfg.wandb_log else ():
-                run.wandb.finish()
+            start_wandb(ctx.wandb, ctx.runs, os.path.dirname(cfg.out_dir) if len(ctx.runs) > 1 else cfg.out_dir)
+    return iter_num
+
+
+def evaluate_runs(ctx, it):
+    """Rank 0: every SAE evaluated (evaluate()), in fp32 whatever --dtype says: CE recovered divides by the
+    ablation's cost, 0.10 nats at SmolLM2's layer 15 mlp_in, and bf16 forwards moved CE there by 0.0015 nats
+    (2,032 tokens), 1.5% of that cost. Each SAE's metrics appended to its log.jsonl, sent to wandb, printed."""
+    cfg = ctx.cfg
+    all_metrics = evaluate([run.sae for run in ctx.runs], [run.tracker for run in ctx.runs],
+                           torch.tensor(ctx.scale, device=ctx.device), cfg, ctx.model, ctx.val_batches, ctx.val_acts)
+    for run, metrics in zip(ctx.runs, all_metrics):
+        if cfg.eval_model:
+            metrics["eval_model"] = cfg.eval_model
+            metrics["persistence"] = feature_persistence(run.sae, ctx.scale, ctx.own_model, ctx.model, cfg,
+                                                         ctx.val_batches)
+        if cfg.wandb_log:
+            run.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=it)
+        metrics = {"iter": it, **metrics}
+        with open(os.path.join(run.cfg.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        line = f"eval {it:5d} | {run.prefix}mse {metrics['mse']:.4f} | fvu {metrics['fvu']:.4f} | " \
+               f"l0 {metrics['l0']:.1f} | dead {metrics['dead_frac']:.3f} | dense {metrics['dense_frac']:.3f} | " \
+               f"max cos {metrics['mean_max_cos']:.3f}"
+        if "ce_clean" in metrics:
+            line += f" | ce {metrics['ce_clean']:.3f}/{metrics['ce_sae']:.3f}/{metrics['ce_zero']:.3f} (clean/sae/zero)" \
+                    f" | recovered {metrics['ce_recovered']:.3f} | kl {metrics['kl']:.4f}"
+        if cfg.eval_model:
+            p = metrics["persistence"]
+            line += f" | on {cfg.eval_model}: {p['within_2x']:.3f} of {p['compared']} features fire within 2x"
+        print(line)
+
+
+def make_checkpoint(ctx, run, it):
+    freq = run.tracker.freq()
+    return {"sae": run.sae.state_dict(), "optimizer": run.optimizer.state_dict(), "config": asdict(run.cfg),
+            "iter_num": it, "act_scale": ctx.scale, "data": ctx.source.state_dict(),
+            "rng": {"torch": torch.get_rng_state()}, "tracker": run.tracker.state_dict(), "feature_freq": freq.cpu(),
+            "freq_hist": log10_freq_histogram(freq)}
+
+
+def save_runs(ctx, it):
+    """Rank 0: every SAE's checkpoint at iteration it (a sweep's all at once, or none), never of diverged parameters."""
+    check_finite(ctx.runs, it, params=True)
+    if len(ctx.runs) == 1:
+        save_checkpoint(os.path.join(ctx.cfg.out_dir, "ckpt.pt"), make_checkpoint(ctx, ctx.runs[0], it))
+    else:
+        save_sweep_checkpoint(os.path.dirname(ctx.cfg.out_dir),
+                              [(run.cfg, make_checkpoint(ctx, run, it)) for run in ctx.runs], it)
+
+
+def resample_runs(ctx, it):
+    """Towards Monosemanticity's resampling of each dense-code SAE's dead features (the k-sparse ones have AuxK)."""
+    import torch.distributed as dist
+    resampled = [run for run in ctx.runs if run.cfg.arch not in K_SPARSE]
+    if not resampled:
         return
-    start_iter, t0, last_log = iter_num, time.time(), iter_num - 1
-    for run in runs:
-        run.checked = iter_num
-    resampled = [run for run in runs if run.cfg.arch not in K_SPARSE]  # the k-sparse ones have AuxK instead
+    x = ctx.source.sample(ctx.cfg.resample_samples, torch.Generator().manual_seed(ctx.cfg.seed + it)).to(ctx.device)
+    x = x * ctx.scale
+    for run in resampled:
+        dead = run.tracker.dead()
+        n = resample_dead_(run.sae, run.optimizer, dead, x)
+        if ctx.ddp:  # every rank resampled the same features from its own inputs: rank 0's rows for all
+            for p in (run.sae.W_enc, run.sae.b_enc, run.sae.W_dec):
+                dist.broadcast(p.data, src=0)
+        run.tracker.restart_(dead)
+        ctx.print0(f"iter {it}: {run.prefix}resampled {n} dead features")
+
+
+def log_progress(ctx, it, stats, dt, steps):
+    """The training lines, one per SAE: each one's loss and terms (averaged over ranks) at iteration it, the lr, and
+    the process's time per step since the last line (every SAE sees every token); on CUDA the peak GPU memory."""
+    import torch.distributed as dist
+    check_finite(ctx.runs, it, ctx.ddp)
+    on_cuda = ctx.device.startswith("cuda")
+    # the most GPU memory tensors have held so far (the caching allocator's high-water mark)
+    memory = f" | peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if on_cuda else ""
+    for run, (values, lr) in zip(ctx.runs, stats):
+        if ctx.ddp:
+            dist.all_reduce(values)
+            values /= ctx.world
+        loss, mse, l1, jl, l0 = values.tolist()
+        ctx.print0(f"iter {it:5d} | {run.prefix}loss {loss:.4f} | mse {mse:.4f} | l1 {l1:.3f} | jl {jl:.5f} | "
+                   f"l0 {l0:.1f} | lr {lr:.2e} | {dt / steps * 1000:.1f} ms/step | "
+                   f"{ctx.cfg.batch_size * steps / dt:,.0f} tok/s" + memory)
+        if ctx.master and ctx.cfg.wandb_log:
+            run.wandb.log({"train/loss": loss, "train/mse": mse, "train/l1": l1, "train/jl": jl, "train/l0": l0,
+                           "train/lr": lr, "train/ms_per_step": dt / steps * 1000}, step=it)
+
+
+def train(ctx, start_iter):
+    """The loop: evaluate and save every eval_interval (rank 0), resample at resample_iters, and for each batch
+    every SAE's step; a line per SAE every log_interval."""
+    cfg = ctx.cfg
+    t0, last_log = time.time(), start_iter - 1
+    for run in ctx.runs:
+        run.checked = start_iter
     for it in range(start_iter, cfg.max_iters + 1):
-        if master_process and (it % cfg.eval_interval == 0 or it == cfg.max_iters) and (it > start_iter or it == 0):
-            run_eval(it)
+        if ctx.master and (it % cfg.eval_interval == 0 or it == cfg.max_iters) and (it > start_iter or it == 0):
+            evaluate_runs(ctx, it)
             if it > 0:
-                save(it)
+                save_runs(ctx, it)
             t0, last_log = time.time(), it - 1  # evaluation is not training time
         if it == cfg.max_iters:
             break
-        if it in cfg.resample_iters and resampled:
-            x = source.sample(cfg.resample_samples, torch.Generator().manual_seed(cfg.seed + it)).to(device) * scale
-            for run in resampled:
-                dead = run.tracker.dead()
-                n = resample_dead_(run.sae, run.optimizer, dead, x)
-                if ddp:  # every rank resampled the same features from its own inputs: rank 0's rows for all
-                    for p in (run.sae.W_enc, run.sae.b_enc, run.sae.W_dec):
-                        dist.broadcast(p.data, src=0)
-                run.tracker.restart_(dead)
-                print0(f"iter {it}: {run.prefix}resampled {n} dead features")
-        x = source.next_batch().to(device, non_blocking=True) * scale  # (per_rank, d_in): one batch for every SAE
-        log_now = it % cfg.log_interval == 0 or it == cfg.max_iters - 1
-        for run in runs:
-            loss, terms, lr_mult = train_step(run, x, it, autocast, ddp_world_size)
-            if log_now:
-                run.stats = torch.stack([loss.detach(), terms["mse"].detach(), terms["l1"].detach(),
-                                         terms["jl"].detach(), terms["l0"]])
-                if ddp:
-                    dist.all_reduce(run.stats)
-                    run.stats /= ddp_world_size
-                run.lr = run.base_lrs[-1] * lr_mult
+        if it in cfg.resample_iters:
+            resample_runs(ctx, it)
+        x = ctx.source.next_batch().to(ctx.device, non_blocking=True) * ctx.scale  # (per_rank, d_in): for every SAE
+        log_now, stats = it % cfg.log_interval == 0 or it == cfg.max_iters - 1, []
+        for run in ctx.runs:
+            loss, terms, lr_mult = train_step(run, x, it, ctx.autocast, ctx.world)
+            if log_now:  # (loss and its terms (5,), lr)
+                stats.append((torch.stack([loss.detach(), *(terms[k].detach() for k in ("mse", "l1", "jl", "l0"))]),
+                              run.base_lrs[-1] * lr_mult))
         if log_now:
-            check_finite(runs, it, ddp)
-            if device_type == "cuda":
+            if ctx.device.startswith("cuda"):
                 torch.cuda.synchronize()
             dt, t0, steps, last_log = time.time() - t0, time.time(), it - last_log, it
-            # the most GPU memory tensors have held so far (the caching allocator's high-water mark)
-            memory = f" | peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device_type == "cuda" else ""
-            for run in runs:  # the time is the whole process's: every SAE sees every token
-                stats = run.stats
-                print0(f"iter {it:5d} | {run.prefix}loss {stats[0]:.4f} | mse {stats[1]:.4f} | l1 {stats[2]:.3f} | "
-                       f"jl {stats[3]:.5f} | l0 {stats[4]:.1f} | lr {run.lr:.2e} | {dt / steps * 1000:.1f} ms/step | "
-                       f"{cfg.batch_size * steps / dt:,.0f} tok/s" + memory)
-                if master_process and cfg.wandb_log:
-                    run.wandb.log({"train/loss": stats[0].item(), "train/mse": stats[1].item(), "train/l1": stats[2].item(),
-                                   "train/jl": stats[3].item(), "train/l0": stats[4].item(), "train/lr": run.lr,
-                                   "train/ms_per_step": dt / steps * 1000}, step=it)
-    if master_process and cfg.wandb_log:
-        for run in runs:
+            log_progress(ctx, it, stats, dt, steps)
+
+
+def finish(ctx):
+    """wandb's runs closed; under torchrun, the group left once rank 0 has saved."""
+    import torch.distributed as dist
+    if ctx.master and ctx.cfg.wandb_log:
+        for run in ctx.runs:
             run.wandb.finish()
-    if ddp:  # wait for rank 0's last evaluation and checkpoint: gloo aborts if a peer leaves early
+    if ctx.ddp:  # wait for rank 0's last evaluation and checkpoint: gloo aborts if a peer leaves early
         dist.barrier()
         dist.destroy_process_group()
         # gloo's worker threads can still abort the interpreter's finalisation with SIGABRT ("terminate called
@@ -2981,6 +3036,32 @@ def main(argv):
         # saved and flushed, so leave without it
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(0)
+
+
+def main(argv):
+    overrides = parse_overrides(TrainConfig(), argv)
+    if overrides.get("mode") == "plot":  # reads logs, not a checkpoint
+        return plot_results(replace(TrainConfig(), **overrides))
+    resolved = resolve_runs(argv)
+    cfg, checkpoint = resolved[0]  # the SAEs of a sweep share every key that is not SWEEPABLE
+    if cfg.mode in ("export", "steer", "dashboard"):
+        return read_sae(cfg, checkpoint, resolved)
+    if cfg.mode != "train" and len(resolved) > 1:
+        raise ValueError(f"--mode={cfg.mode} reads one SAE; pass --ckpt=<out_dir>/<name>/ckpt.pt, one of "
+                         f"{', '.join(os.path.basename(c.out_dir) for c, _ in resolved)}")
+    ctx = start(cfg, argv, resolved)
+    if cfg.mode == "cache":
+        return write_activation_cache(cfg, ctx.device, ctx.autocast)
+    if cfg.mode == "finetune":
+        return finetune_lora(cfg, ctx.device, ctx.autocast)
+    iter_num = prepare_runs(ctx, resolved, checkpoint)
+    if cfg.eval_only:
+        if ctx.master:
+            evaluate_runs(ctx, iter_num)
+        finish(ctx)
+        return
+    train(ctx, iter_num)
+    finish(ctx)
 
 
 if __name__ == "__main__":
