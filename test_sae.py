@@ -30,6 +30,7 @@ TEXT_GLOB = str(SHARED / "data" / "text" / "*.jsonl")
 needs_shared = pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared/data is missing (a user's clone)")
 
 import prepare  # noqa: E402  (after the path constants: both are plain imports, no work done)
+import analyze  # noqa: E402
 import sae  # noqa: E402
 import sae_kernels  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -1564,11 +1565,13 @@ def assert_same_evaluations(path_a, path_b):
 
 
 def run_sae(*args, launcher=None, timeout=600, env=None):
-    """Runs sae.py as a user would on a CPU, in fp32 unless the args name a --dtype: the tests compare against fp32
+    """Runs sae.py (analyze.py for its modes) as a user would on a CPU, in fp32 unless the args name a --dtype: the tests compare against fp32
     references (transformers, one process against two), and --dtype=auto is bf16 on some CPUs and not on others;
     bf16 runs have their own tests (test_bf16_*)."""
     args = args if any(str(a).startswith("--dtype=") for a in args) else (*args, "--dtype=float32")
-    cmd = (launcher or [sys.executable]) + [str(HERE / "sae.py"), *map(str, args)]
+    mode = next((str(a)[7:] for a in args if str(a).startswith("--mode=")), "train")
+    script = "analyze.py" if mode in sae.READER_MODES else "sae.py"  # the modes that read trained SAEs or logs
+    cmd = (launcher or [sys.executable]) + [str(HERE / script), *map(str, args)]
     return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, env={**cpu_env(), **(env or {})})
 
 
@@ -1750,7 +1753,7 @@ def test_export_of_each_architecture_is_saelens_forward(arch_sweep, synthetic, n
     assert cfg["architecture"] == architecture and (cfg.get("k") == 4) == (architecture == "topk")
     assert sorted(w) == sorted(["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if architecture == "jumprelu" else []))
     ckpt = load_ckpt(arch_sweep / name)
-    model, _, s = sae.load_sae(ckpt)
+    model, _, s = analyze.load_sae(ckpt)
     x = torch.from_numpy(np.load(synthetic[0])[:300])  # raw activations, as SAELens would read them
     x_hat_ref, f_ref = saelens_forward(cfg, w, x)
     with torch.no_grad():
@@ -1901,7 +1904,7 @@ def test_tiny_gpt_training_lowers_the_loss_and_writes_log_and_checkpoint(tiny_sh
     assert shapes == {"W_enc": (32, 96), "b_enc": (96,), "W_dec": (96, 32), "b_dec": (32,)}
     # the default recipe's rows are free in the checkpoint (from 0.1), unit-norm once load_sae folds them
     assert not torch.allclose(ckpt["sae"]["W_dec"].norm(dim=1), torch.ones(96), atol=1e-2)
-    torch.testing.assert_close(sae.load_sae(ckpt)[0].W_dec.norm(dim=1), torch.ones(96), atol=1e-5, rtol=0)
+    torch.testing.assert_close(analyze.load_sae(ckpt)[0].W_dec.norm(dim=1), torch.ones(96), atol=1e-5, rtol=0)
     assert {"optimizer", "config", "iter_num", "act_scale", "data", "rng", "tracker", "freq_hist"} <= set(ckpt)
     assert ckpt["freq_hist"]["counts"].sum() + ckpt["freq_hist"]["n_zero"] == 96
     assert not list(tmp_path.glob("*.tmp"))
@@ -3120,7 +3123,7 @@ def test_export_matches_saelens_format_and_folds_the_scale(tiny_run, tmp_path):
     assert all(v.dtype == torch.float32 for v in weights.values())
     # SAELens's forward on raw activations equals ours on scaled ones, scaled back
     ckpt = load_ckpt(tiny_run)
-    model, _, s = sae.load_sae(ckpt)
+    model, _, s = analyze.load_sae(ckpt)
     x = torch.randn(50, 32) * 3
     f_ref = torch.relu((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"])
     x_hat_ref = f_ref @ weights["W_dec"] + weights["b_dec"]
@@ -3162,9 +3165,9 @@ def test_steering_moves_the_site_by_scale_times_direction(family, site):
     with torch.no_grad():
         clean_logits = model(idx)
         clean = captured_input(module, lambda: model(idx))
-        with sae.steer(model, sae_model, {7: 3.0, 11: -1.5}, 1, site, act_scale):
+        with analyze.steer(model, sae_model, {7: 3.0, 11: -1.5}, 1, site, act_scale):
             steered = captured_input(module, lambda: model(idx))
-        with sae.steer(model, sae_model, {7: 0.0}, 1, site, act_scale):
+        with analyze.steer(model, sae_model, {7: 0.0}, 1, site, act_scale):
             zero_logits = model(idx)
         after = model(idx)
     direction = (3.0 * sae_model.W_dec[7] - 1.5 * sae_model.W_dec[11]).detach() / act_scale
@@ -3183,7 +3186,7 @@ def test_steering_ablate_and_clamp_change_the_feature():
         clean = captured_input(reader, lambda: model(idx))
         f_clean = sae_model(clean.reshape(-1, 24))[1]
         feature = int(f_clean.sum(dim=0).argmax())  # a feature that fires here
-        with sae.steer(model, sae_model, {feature: 0.0}, 0, "mlp_in", mode="ablate"):
+        with analyze.steer(model, sae_model, {feature: 0.0}, 0, "mlp_in", mode="ablate"):
             ablated = captured_input(reader, lambda: model(idx))
     # the activation moved by -f * W_dec[feature] at each position: exactly what ablating it in the SAE removes
     expected = clean - f_clean[:, feature].view(1, -1, 1) * sae_model.W_dec[feature]
@@ -3251,7 +3254,7 @@ def test_dashboard_html_structure(dashboard, tiny_run):
     assert "svg" in parsed.tags and parsed.titles and max(parsed.titles) > 0
     # the firing frequency shown for feature 0 against a direct computation on the same val tokens
     ckpt = load_ckpt(tiny_run)
-    model_sae, saved, s = sae.load_sae(ckpt)
+    model_sae, saved, s = analyze.load_sae(ckpt)
     gpt = sae.load_lm(saved)
     val = read_shard_numpy(glob.glob(f"{saved.data_dir}/*_val_*.bin")[0])[:640].astype(np.int64)
     with torch.no_grad():
@@ -3294,15 +3297,33 @@ def test_dashboard_renders_in_headless_chromium(dashboard, tmp_path):
 
 def test_feature_selection():
     freq = torch.tensor([0.1, 0.5, 0.0, 0.3])
-    assert sae.select_features("1:3", freq) == [1, 2] and sae.select_features("top_freq:2", freq) == [1, 3]
+    assert analyze.select_features("1:3", freq) == [1, 2] and analyze.select_features("top_freq:2", freq) == [1, 3]
     for bad in ("3:1", "0:9", "top:2", "all"):
         with pytest.raises(ValueError, match="expected a:b with 0 <= a < b <= 4, or top_freq:K"):
-            sae.select_features(bad, freq)
+            analyze.select_features(bad, freq)
 
 
 # -----------------------------------------------------------------------------
 # our module names beside the installed packages (issue 21: a top-level kernels.py shadowed Hugging Face's `kernels`,
 # which transformers 5.25 imports from every model module, in any process started from the repository)
+
+def test_the_trainer_never_imports_the_reader_and_names_it_for_its_modes(tmp_path):
+    """sae.py trains; analyze.py reads trained SAEs and imports sae.py, never the other way round (issue 23): a
+    process that imports sae has not imported analyze, and sae.py asked for a reader's mode says, in one line, the
+    command that runs it."""
+    code = "import sys, sae; assert 'analyze' not in sys.modules, 'sae imported analyze'"
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, env=cpu_env())
+    assert r.returncode == 0, r.stderr
+    for mode in sae.READER_MODES:
+        r = subprocess.run([sys.executable, "sae.py", f"--mode={mode}", f"--out_dir={tmp_path}"], cwd=HERE,
+                           capture_output=True, text=True, env=cpu_env())
+        assert r.returncode == 1 and r.stderr.strip() == \
+            f"error: --mode={mode} is analyze.py's: python analyze.py --mode={mode} --out_dir={tmp_path}"
+    r = subprocess.run([sys.executable, "analyze.py", "--mode=train"], cwd=HERE, capture_output=True, text=True,
+                       env=cpu_env())
+    assert r.returncode == 1 and r.stderr.strip() == "error: --mode=train: analyze.py's modes are export, steer, " \
+                                                     "dashboard, plot, finetune; sae.py trains and caches"
+
 
 def test_no_module_of_ours_shadows_an_installed_package():
     """A script or notebook started here has the repository first on sys.path, so a top-level module of ours
@@ -3546,7 +3567,7 @@ def test_export_folds_the_norm_for_transformerlens(family, tiny_llama, tmp_path)
              "W_dec": torch.nn.functional.normalize(torch.randn(40, d, generator=g), dim=1), "b_dec": torch.randn(d, generator=g)}
     checkpoint = {"config": asdict(TrainConfig(init_from=str(saved), layer=1, site="mlp_in", block_size=32)), "act_scale": 2.5,
                   "sae": state, "iter_num": 7}
-    sae_cfg = sae.export_saelens(checkpoint, str(tmp_path / "export"))
+    sae_cfg = analyze.export_saelens(checkpoint, str(tmp_path / "export"))
     assert sae_cfg["metadata"]["hook_name"] == "blocks.1.ln2.hook_normalized"
     w = {k: v.double() for k, v in load_file(tmp_path / "export" / "sae_weights.safetensors").items()}
     f_tl = torch.relu((n - w["b_dec"]) @ w["W_enc"] + w["b_enc"])  # SAELens's standard SAE on TransformerLens's hook
@@ -3635,11 +3656,11 @@ def fake_eval(it, l0, fvu, layer_cost=0.1):
 
 def test_at_l0_interpolates_in_log_l0_and_never_extrapolates():
     points = [(16.0, 0.5), (64.0, 0.3), (8.0, 0.6)]
-    assert sae.at_l0(points, 32.0) == pytest.approx(0.4)   # halfway between 16 and 64 in log L0
-    assert sae.at_l0(points, 8.0) == pytest.approx(0.6)
-    assert sae.at_l0(points, 11.313708498984761) == pytest.approx(0.55)  # sqrt(8 * 16)
-    assert sae.at_l0(points, 100.0) is None and sae.at_l0(points, 4.0) is None
-    assert sae.at_l0([(10.0, float("nan")), (50.0, 1.0)], 32.0) is None  # a missing metric is no point
+    assert analyze.at_l0(points, 32.0) == pytest.approx(0.4)   # halfway between 16 and 64 in log L0
+    assert analyze.at_l0(points, 8.0) == pytest.approx(0.6)
+    assert analyze.at_l0(points, 11.313708498984761) == pytest.approx(0.55)  # sqrt(8 * 16)
+    assert analyze.at_l0(points, 100.0) is None and analyze.at_l0(points, 4.0) is None
+    assert analyze.at_l0([(10.0, float("nan")), (50.0, 1.0)], 32.0) is None  # a missing metric is no point
 
 
 def test_plot_command_draws_the_figures_and_the_matched_table_from_fake_logs(tmp_path):
@@ -3685,7 +3706,7 @@ def test_plot_command_draws_the_figures_and_the_matched_table_from_fake_logs(tmp
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
     env = {**cpu_env(), "PYTHONPATH": str(fake.parent)}
-    r = subprocess.run([sys.executable, str(HERE / "sae.py"), "--mode=plot", f"--plot_runs={runs}"], cwd=tmp_path,
+    r = subprocess.run([sys.executable, str(HERE / "analyze.py"), "--mode=plot", f"--plot_runs={runs}"], cwd=tmp_path,
                        capture_output=True, text=True, env=env)
     assert r.returncode == 1 and r.stderr.strip() == "error: --mode=plot needs matplotlib: pip install matplotlib"
 
@@ -3812,7 +3833,7 @@ def test_lora_starts_at_the_model_and_its_merged_directory_is_the_tuned_model(fa
     idx = torch.randint(0, vocab, (2, 19), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         base = model(idx)
-    names = sae.add_lora_(model, rank=3, alpha=6.0)
+    names = analyze.add_lora_(model, rank=3, alpha=6.0)
     assert len(names) == (4 if family == "gpt2" else 7) * len(model.blocks)
     with torch.no_grad():
         torch.testing.assert_close(model(idx), base, atol=1e-6, rtol=0)
@@ -3829,9 +3850,9 @@ def test_lora_starts_at_the_model_and_its_merged_directory_is_the_tuned_model(fa
         expected = reference(idx).logits
     assert (tuned - base).abs().max() > 0.1  # the adapters matter
     torch.testing.assert_close(tuned, expected, atol=2e-4, rtol=0)
-    sae.merge_lora_(model)
+    analyze.merge_lora_(model)
     assert not any(n.endswith((".A", ".B")) for n, _ in model.named_parameters())
-    sae.save_hf_model(model, str(saved), str(tmp_path / "merged"))
+    analyze.save_hf_model(model, str(saved), str(tmp_path / "merged"))
     assert os.path.isfile(tmp_path / "merged" / "config.json")
     with torch.no_grad():
         torch.testing.assert_close(hf_class.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).eval()(idx).logits,
@@ -3844,7 +3865,7 @@ FINETUNE_RUN = ["--mode=finetune", "--block_size=32", "--harvest_batch=4", "--ev
 
 DIE_FINETUNING = """
 import os, signal, sys
-import sae
+import analyze, sae
 calls, next_batch = [0], sae.DataLoaderLite.next_batch
 def dying_next_batch(self):
     calls[0] += 1
@@ -3852,7 +3873,7 @@ def dying_next_batch(self):
         os.kill(os.getpid(), signal.SIGKILL)
     return next_batch(self)
 sae.DataLoaderLite.next_batch = dying_next_batch
-sae.main(sys.argv[1:])
+analyze.main(sys.argv[1:])
 """
 
 
@@ -3919,7 +3940,7 @@ def test_eval_model_scores_an_sae_on_a_fine_tune_with_feature_persistence(tiny_l
         assert tuned["ce_clean"] == pytest.approx(tuned_hf(val, labels=val).loss.item(), abs=1e-4)
     # persistence by hand: the SAE's code on transformers' mlp_in activations of both models, positions 1 on
     ckpt = load_ckpt(run)
-    model_sae, _, scale = sae.load_sae(ckpt)
+    model_sae, _, scale = analyze.load_sae(ckpt)
     counts = []
     with torch.no_grad():
         for model in (hf, tuned_hf):

@@ -66,11 +66,11 @@ finetune() {  # LoRA on FineWeb-Edu; the layer-15 SAEs on the fine-tune, against
 }
 plot() {  # from the copies in logs/runs: the figures and tables come back from the committed logs alone
   R=logs/runs
-  python sae.py --mode=plot --plot_runs=$R/smollm2_l15_frontier,$R/smollm2_l15_jl,$R/smollm2_l15_lr --plot_dir=figures/smollm2_l15
-  python sae.py --mode=plot --plot_runs=$R/smollm2_layers --plot_dir=figures/smollm2_layers
-  python sae.py --mode=plot --plot_runs=$R/smollm2_l15_ctx512,$R/smollm2_l15_frontier/relu-l1_coeff2.0,$R/smollm2_l15_frontier/topk-k32 \
+  python analyze.py --mode=plot --plot_runs=$R/smollm2_l15_frontier,$R/smollm2_l15_jl,$R/smollm2_l15_lr --plot_dir=figures/smollm2_l15
+  python analyze.py --mode=plot --plot_runs=$R/smollm2_layers --plot_dir=figures/smollm2_layers
+  python analyze.py --mode=plot --plot_runs=$R/smollm2_l15_ctx512,$R/smollm2_l15_frontier/relu-l1_coeff2.0,$R/smollm2_l15_frontier/topk-k32 \
     --plot_dir=figures/smollm2_context
-  python sae.py --mode=plot --plot_runs=$R/smollm2_layers/l15,$R/smollm2_layers/l15-hybrid,$R/smollm2_edu \
+  python analyze.py --mode=plot --plot_runs=$R/smollm2_layers/l15,$R/smollm2_layers/l15-hybrid,$R/smollm2_edu \
     --plot_dir=figures/smollm2_finetune
 }
 case "${1:-all}" in

@@ -1,0 +1,761 @@
+"""
+Reading trained SAEs and their logs, beside sae.py, which trains them and never imports this file (nanoGPT's
+train.py and sample.py): export to SAELens, steering, feature dashboards, the plots and tables of runs, and the LoRA
+fine-tune of the feature-persistence experiment. The job is named by --mode; the --key=value flags and config files
+are sae.py's (docs/flags.md), and a checkpoint is found as sae.py finds it (--out_dir, or --ckpt).
+
+$ python analyze.py --mode=export --out_dir=out --export_dir=export      # SAELens's cfg.json + safetensors
+$ python analyze.py --mode=steer --out_dir=out --feature=3 --scale=20 --prompt="The capital of France is"
+$ python analyze.py --mode=dashboard --out_dir=out --features=top_freq:50
+$ python analyze.py --mode=plot --plot_runs='logs/runs/*' --plot_dir=figures
+$ python analyze.py --mode=finetune --init_from=models/smollm2-135m --data_dir=data/edu --finetune_dir=models/ft
+"""
+import contextlib
+import glob
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sae import ARCH_KEYS, CONV1D_WEIGHTS, GPT, INIT_NORM, READER_MODES, SAE, SPARSITY_COEFF, DataLoaderLite, \
+    TrainConfig, check_site, check_tokenizer, checkpoint_file, load_checkpoint, load_lm, model_family, \
+    parse_overrides, progress, resolve_runs, save_checkpoint, saved_config, start_process, val_contexts, write_json
+
+# -----------------------------------------------------------------------------
+# research helpers: export to SAELens, steering
+
+# our sites in TransformerLens's hook names, which SAELens and Neuronpedia use (../shared/notes/saelens-format.md)
+HOOK_NAMES = {"resid_pre": "blocks.{}.hook_resid_pre", "resid_mid": "blocks.{}.hook_resid_mid",
+              "mlp_in": "blocks.{}.ln2.hook_normalized", "mlp_hidden": "blocks.{}.mlp.hook_post",
+              "mlp_out": "blocks.{}.hook_mlp_out", "resid_post": "blocks.{}.hook_resid_post"}
+
+
+# the SAELens architecture each of ours is saved as, and the keys of its cfg.json beyond the standard SAE's: a
+# batchtopk or matryoshka SAE is, at inference, a JumpReLU with one threshold for all features (SAELens saves them
+# so); a vae at inference is a ReLU SAE; fsq's rounding has no SAELens counterpart
+SAELENS_ARCH = {"relu": "standard", "vae": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+                "matryoshka": "jumprelu"}
+
+
+def export_saelens(checkpoint, export_dir):
+    """Writes cfg.json + sae_weights.safetensors as SAELens reads them (its standard, topk or jumprelu SAE, see
+    SAELENS_ARCH), for the activation that TransformerLens's hook gives. Free decoder norms are folded first
+    (SAE.fold_decoder_norms_). Our SAE sees s*x (s the activation scale); folded in, it reads x:
+    W_enc' = s W_enc, b_dec' = b_dec / s, W_dec' = W_dec / s. At mlp_in, TransformerLens's hook
+    (blocks.L.ln2.hook_normalized) holds the norm's output n before its gain g and bias b, x = g * n + b (RMSNorm:
+    b = 0): folded too, exactly, as an affine change of coordinates: W_enc'' = diag(g) W_enc', W_dec'' = W_dec' / g,
+    b_dec'' = (b_dec' - b) / g, so that the SAE reads n and writes n_hat = (x_hat - b) / g. Neither fold changes
+    the pre-activations, so thresholds carry over as they are."""
+    from safetensors.torch import save_file
+    sae, cfg, s = load_sae(checkpoint)  # norms folded
+    if cfg.arch not in SAELENS_ARCH:
+        raise ValueError(f"--arch={cfg.arch} has no SAELens format (its code is rounded to {cfg.fsq_levels} levels); "
+                         f"export supports {', '.join(SAELENS_ARCH)}")
+    sd = {k: v.detach() for k, v in sae.state_dict().items()}
+    weights = {"W_enc": sd["W_enc"] * s, "b_enc": sd["b_enc"].clone(), "W_dec": sd["W_dec"] / s,
+               "b_dec": sd["b_dec"] / s}
+    if SAELENS_ARCH[cfg.arch] == "jumprelu":  # one threshold per feature (batchtopk's global one, repeated)
+        weights["threshold"] = sd["threshold"].float().expand(sd["b_enc"].shape).clone()
+    from_model = has_model(cfg)
+    model = load_lm(cfg) if from_model and cfg.site == "mlp_in" else None
+    if model is not None:
+        norm = model.blocks[cfg.layer].mlp_norm
+        g, b = norm.weight.detach(), norm.bias.detach() if getattr(norm, "bias", None) is not None else 0.0
+        if (g == 0).any():
+            raise ValueError(f"layer {cfg.layer}'s norm has zero gains: the SAE cannot be folded into its normalised input")
+        weights.update(W_enc=g[:, None] * weights["W_enc"], W_dec=weights["W_dec"] / g, b_dec=(weights["b_dec"] - b) / g)
+    d_in, d_sae = weights["W_enc"].shape
+    metadata = {"model_name": cfg.init_from if from_model else cfg.acts, "hook_name": HOOK_NAMES[cfg.site].format(cfg.layer),
+                "hook_layer": cfg.layer, "context_size": cfg.block_size, "prepend_bos": False,
+                "dataset_path": cfg.data_dir if from_model else cfg.acts, "trained_with": "gpt_sae",
+                "arch": cfg.arch, "loss": cfg.loss, "iter_num": checkpoint["iter_num"]}
+    if from_model and cfg.site in ("resid_pre", "resid_mid", "resid_post", "mlp_out") and \
+            (cfg.init_from == "scratch" or model_family(cfg.init_from) == "gpt2"):
+        # TransformerLens centres what GPT-2 (a LayerNorm model) writes into the residual stream by default;
+        # our SAE read the uncentred stream, which TransformerLens gives with this option
+        metadata["model_from_pretrained_kwargs"] = {"center_writing_weights": False}
+    sae_cfg = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+               "normalize_activations": "none", "reshape_activations": "none", "architecture": SAELENS_ARCH[cfg.arch],
+               "metadata": metadata}
+    if cfg.arch == "topk":
+        sae_cfg["k"] = cfg.k
+    os.makedirs(export_dir, exist_ok=True)
+    weights_path, cfg_path = os.path.join(export_dir, "sae_weights.safetensors"), os.path.join(export_dir, "cfg.json")
+    save_file({k: v.contiguous() for k, v in weights.items()}, weights_path + ".tmp")
+    os.replace(weights_path + ".tmp", weights_path)
+    write_json(cfg_path, sae_cfg)
+    print(f"wrote {cfg_path} and {weights_path} (hook {metadata['hook_name']}, d_sae {d_sae})")
+    return sae_cfg
+
+
+@contextlib.contextmanager
+def steer(model, sae, features, layer, site, act_scale=1.0, mode="add"):
+    """During the block, edits the model's activation at (layer, site) with SAE features {index: value}:
+    add: + value * W_dec[index] / act_scale (the decoder direction in un-normalised units);
+    clamp: moves the activation so that the SAE reads the feature at value (adds (value - f) * W_dec[index] / s);
+    ablate: clamp to 0 (values ignored). Leaves the model as it was on exit."""
+    assert mode in ("add", "clamp", "ablate"), f"mode {mode!r}: add, clamp or ablate"
+    check_site(model.config, layer, site)
+    idx = torch.tensor(list(features), dtype=torch.long)
+    values = torch.tensor([float(v) for v in features.values()])
+
+    def edit(act):  # act (B, T, d) in model units
+        directions = sae.W_dec[idx.to(act.device)].to(act.dtype) / act_scale  # (k, d)
+        if mode == "add":
+            return act + values.to(act) @ directions                          # (k,) @ (k, d) -> (d,)
+        _, f = sae((act * act_scale).float().reshape(-1, act.shape[-1]))     # (B*T, d_sae)
+        target = torch.zeros_like(values) if mode == "ablate" else values
+        delta = target.to(f) - f[:, idx.to(f.device)]                          # (B*T, k)
+        return act + (delta @ directions.float()).view_as(act).to(act.dtype)
+
+    block = model.blocks[layer]  # the edit reaches the block as its site/edit arguments (see Block.forward)
+    handle = block.register_forward_pre_hook(lambda m, args, kwargs: (args, {**kwargs, "site": site, "edit": edit}),
+                                             with_kwargs=True)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
+    """nanoGPT's sampling loop: idx (B, T) -> (B, T + max_new_tokens)."""
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -model.config.block_size:])[:, -1, :] / temperature  # (B, vocab)
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        probs = F.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+        idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    return idx
+
+
+def load_sae(checkpoint):
+    """-> (SAE, its TrainConfig, activation scale) from a checkpoint dict."""
+    cfg = saved_config(checkpoint)
+    d_in, d_sae = checkpoint["sae"]["W_enc"].shape
+    sae = SAE.from_config(d_in, replace(cfg, d_sae=d_sae))  # the weights' shape, whatever the config says
+    sae.load_state_dict(checkpoint["sae"])
+    if sae.free_norms:
+        sae.fold_decoder_norms_()  # free norms folded: every helper reads unit-norm rows and the code in their units
+    return sae.eval().requires_grad_(False), cfg, checkpoint["act_scale"]
+
+
+def has_model(cfg):
+    """Whether a run's activations came from a model: the buffer's harvest or an activation cache, which
+    records its model; a .npy of activations has none (nor a site) behind it."""
+    return not cfg.acts.endswith(".npy")
+
+
+def model_and_tokenizer(saved):
+    """The model an SAE was trained on and its tokenizer, for the helpers that run text through both."""
+    from prepare import load_tokenizer
+    if not has_model(saved):
+        raise ValueError(f"this SAE was trained on --acts={saved.acts}, activations with no model behind them")
+    model = load_lm(saved)
+    return model, load_tokenizer(model.tokenizer)
+
+
+def steer_demo(cfg, checkpoint):
+    """--mode=steer: the prompt continued with and without the feature, from the same seed."""
+    sae, saved, act_scale = load_sae(checkpoint)
+    if not 0 <= cfg.feature < sae.W_dec.shape[0]:
+        raise ValueError(f"--feature={cfg.feature}: the SAE has features 0..{sae.W_dec.shape[0] - 1}")
+    model, tok = model_and_tokenizer(saved)
+    idx = torch.tensor([[tok.separator_id] + tok.encode(cfg.prompt)])  # as a document starts in the shards
+    outputs = {}
+    for label, scale in (("unsteered", 0.0), (f"feature {cfg.feature} x {cfg.scale:g}", cfg.scale)):
+        with steer(model, sae, {cfg.feature: scale}, saved.layer, saved.site, act_scale):
+            out = generate(model, idx, cfg.max_new_tokens, generator=torch.Generator().manual_seed(cfg.seed))
+        outputs[label] = tok.decode(out[0, 1:].tolist())
+        print(f"--- {label}\n{outputs[label]}\n")
+    return outputs
+
+
+# -----------------------------------------------------------------------------
+# feature dashboards: one self-contained HTML file (no network: inline CSS and SVG, hover = title attributes)
+
+def select_features(spec, freq):
+    """'a:b' -> range(a, b); 'top_freq:K' -> the K most frequently firing features."""
+    kind, _, arg = spec.partition(":")
+    if kind == "top_freq" and arg.isdigit():
+        return freq.argsort(descending=True)[:int(arg)].tolist()
+    if kind.isdigit() and arg.isdigit() and int(kind) < int(arg) <= len(freq):
+        return list(range(int(kind), int(arg)))
+    raise ValueError(f"--features={spec!r}: expected a:b with 0 <= a < b <= {len(freq)}, or top_freq:K")
+
+
+@torch.no_grad()
+def feature_stats(model, sae, saved, act_scale, contexts, features, top_k=10, batch=8):
+    """Runs the SAE over contexts (n, T) -> (every feature's firing frequency, {feature: its nonzero
+    activations}, {feature: top_k (peak, context index, per-token activations)}, tokens counted)."""
+    counts, values = torch.zeros(sae.W_dec.shape[0]), {i: [] for i in features}
+    top = {i: [] for i in features}  # feature -> [(peak, context index, activations (T,))]
+    idx = torch.tensor(features, dtype=torch.long)
+    for first in progress(range(0, len(contexts), batch), desc="dashboard: features", unit="batch", leave=False):
+        tokens = contexts[first:first + batch]
+        acts = model.harvest(tokens, saved.layer, saved.site).float()  # (B, T, d)
+        _, f = sae(acts.reshape(-1, acts.shape[-1]) * act_scale)         # (B*T, d_sae)
+        f = f.view(len(tokens), tokens.shape[1], -1)
+        if saved.exclude_pos0:
+            f[:, 0] = 0  # the SAE never trained on position 0
+        counts += (f > 0).sum(dim=(0, 1)).float()
+        chosen = f[:, :, idx]                                            # (B, T, k)
+        for j, i in enumerate(features):
+            values[i].append(chosen[:, :, j][chosen[:, :, j] > 0])
+            peaks = chosen[:, :, j].max(dim=1).values
+            top[i].extend((peaks[b].item(), first + b, chosen[b, :, j]) for b in range(len(tokens)) if peaks[b] > 0)
+            top[i] = sorted(top[i], key=lambda e: -e[0])[:top_k]
+    n_tokens = contexts.numel() - (len(contexts) if saved.exclude_pos0 else 0)
+    return counts / n_tokens, {i: torch.cat(v) for i, v in values.items()}, top, n_tokens
+
+
+def svg_histogram(values, bins=30, width=360, height=80, lo=None, hi=None, label=""):
+    """An inline SVG bar chart of a histogram of `values` (1-D tensor)."""
+    if len(values) == 0:
+        return "<p class=note>no activations</p>"
+    lo = values.min().item() if lo is None else lo
+    hi = max(values.max().item() if hi is None else hi, lo + 1e-9)
+    counts = torch.histc(values.float(), bins=bins, min=lo, max=hi)
+    bar = width / bins
+    rects = "".join(f'<rect x="{k * bar:.1f}" y="{height - height * c / counts.max():.1f}" width="{bar - 1:.1f}" '
+                    f'height="{height * c / counts.max():.1f}"><title>{lo + k * (hi - lo) / bins:.3g}..'
+                    f'{lo + (k + 1) * (hi - lo) / bins:.3g}: {int(c)}</title></rect>' for k, c in enumerate(counts.tolist()))
+    return (f'<svg width="{width}" height="{height + 14}" class=hist>{rects}<text x="0" y="{height + 12}">{lo:.3g}</text>'
+            f'<text x="{width}" y="{height + 12}" text-anchor="end">{hi:.3g} {label}</text></svg>')
+
+
+def render_tokens(enc, tokens, acts, peak):
+    """Tokens as spans shaded by activation (red, relative to the feature's peak); hover shows the value."""
+    import html
+    spans = []
+    for t, a in zip(tokens.tolist(), acts.tolist()):
+        text = html.escape(enc.decode([t])).replace("\n", "&#8629;")
+        spans.append(f'<span style="background:rgba(220,40,40,{a / peak:.2f})" title="{a:.3f}">{text}</span>')
+    return "".join(spans)
+
+
+def write_dashboard(cfg, checkpoint):
+    """--mode=dashboard: the SAE over the first dashboard_tokens of the val shard -> one HTML file with the
+    log10 firing-density histogram and, per feature, its frequency, activation histogram, top contexts
+    and logit effects (the tokens its decoder direction promotes and suppresses through the unembedding)."""
+    import html
+    sae, saved, act_scale = load_sae(checkpoint)
+    model, enc = model_and_tokenizer(saved)
+    check_tokenizer(cfg.data_dir, model.tokenizer)
+    contexts = val_contexts(cfg.data_dir, saved.block_size, cfg.dashboard_tokens, "dashboard")
+    # pass 1: firing frequencies of every feature (needed to choose top_freq features); pass 2: the chosen ones
+    freq_all, _, _, n_tokens = feature_stats(model, sae, saved, act_scale, contexts, [])
+    features = select_features(cfg.features, freq_all)
+    freq, values, top, _ = feature_stats(model, sae, saved, act_scale, contexts, features)
+    logit_effects = model.logit_effects(saved.layer, saved.site, sae.W_dec[features] / act_scale)  # (k, vocab)
+    density = freq_all[freq_all > 0].log10()
+    parts = [f"<h1>SAE features: {html.escape(saved.init_from)} layer {saved.layer} {saved.site}, d_sae {len(freq_all)}</h1>",
+             f"<p>{contexts.numel():,} val tokens in {len(contexts)} contexts of {saved.block_size}; "
+             f"{int((freq_all == 0).sum())} features never fired (left out of the histogram).</p>",
+             f"<section id=density><h2>log10 firing density, all features</h2>{svg_histogram(density, 40, 720, 120, label='log10 freq')}</section>"]
+    for j, i in enumerate(features):
+        promoted = logit_effects[j].topk(10).indices.tolist()
+        suppressed = (-logit_effects[j]).topk(10).indices.tolist()
+        tok = lambda ids: " ".join(f"<code>{html.escape(repr(enc.decode([t])))}</code>" for t in ids)
+        rows = "".join(f"<div class=ctx><span class=peak>{peak:.2f}</span>{render_tokens(enc, contexts[c], a, top[i][0][0])}</div>"
+                       for peak, c, a in top[i])
+        parts.append(f"<section class=feature id=feature-{i}><h2>feature {i}</h2>"
+                     f"<p>firing frequency {freq[i].item():.4%} ({int(round(freq[i].item() * n_tokens))} tokens)</p>"
+                     f"<div class=row><div><h3>activations</h3>{svg_histogram(values[i])}</div>"
+                     f"<div><h3>logit effects</h3><p>promotes {tok(promoted)}</p><p>suppresses {tok(suppressed)}</p></div></div>"
+                     f"<h3>top contexts</h3>{rows or '<p class=note>never fired on these tokens</p>'}</section>")
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}.hist rect{fill:#3a6ea5}.hist text{font-size:10px}"
+             ".ctx{font-family:monospace;font-size:12px;white-space:pre-wrap;margin:2px 0;border-bottom:1px solid #eee}"
+             ".peak{display:inline-block;width:4em;color:#888}.row{display:flex;gap:3em}section{margin-bottom:2em}"
+             ".note{color:#888}code{background:#f4f4f4}")
+    page = f"<!doctype html><html><head><meta charset=utf-8><title>SAE dashboard</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    path = cfg.dashboard_file or os.path.join(cfg.out_dir, "dashboard.html")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(page)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}: {len(features)} features over {contexts.numel():,} tokens; open it in a browser")
+    return path
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning: --mode=finetune trains LoRA adapters on the blocks of --init_from over data_dir's train split and
+# writes the merged model as a save_pretrained directory, which every mode then reads like any checkpoint. It is
+# the first half of the persistence experiment (docs/results.md): do the features of an SAE trained on the model survive a
+# fine-tune? --eval_only --eval_model=<the fine-tune> is the second half.
+
+class LoRA(nn.Module):
+    """Low-rank adaptation (Hu et al. 2021; microsoft/LoRA's loralib) as a parametrization of a frozen weight W
+    (out, in): W + (alpha / r) B A, A (r, in) Kaiming-uniform as loralib starts it, B (out, r) zero, so training
+    starts from the model itself. torch.nn.utils.parametrize recomputes it wherever the layer reads .weight (our
+    Linear, and sae_kernels.linear's autograd path), and merges it into W when the parametrization is removed."""
+
+    def __init__(self, weight, rank, alpha):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, weight.shape[1], device=weight.device))
+        self.B = nn.Parameter(torch.zeros(weight.shape[0], rank, device=weight.device))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.scale = alpha / rank
+
+    def forward(self, weight):
+        return weight + self.scale * (self.B @ self.A)  # (out, r) @ (r, in) -> (out, in)
+
+
+def add_lora_(model, rank, alpha, targets=()):
+    """LoRA on each nn.Linear of the model's blocks whose own name is in targets (all when empty). -> their names"""
+    from torch.nn.utils import parametrize
+    linears = [(name, module) for name, module in model.blocks.named_modules() if isinstance(module, nn.Linear)]
+    own_name = lambda name: name.rsplit(".", 1)[-1]  # "3.self_attn.q_proj" -> "q_proj"
+    unknown = sorted(set(targets) - {own_name(name) for name, _ in linears})
+    if unknown:
+        raise ValueError(f"--lora_targets: no linear layer of the blocks is named {', '.join(unknown)}; they are "
+                         f"{', '.join(sorted({own_name(name) for name, _ in linears}))}")
+    adapted = [(name, module) for name, module in linears if not targets or own_name(name) in targets]
+    for _, module in adapted:
+        parametrize.register_parametrization(module, "weight", LoRA(module.weight, rank, alpha))
+    return [name for name, _ in adapted]
+
+
+def merge_lora_(model):
+    """Each LoRA folded into its weight (W + (alpha / r) B A), the parametrizations removed: a plain model again."""
+    from torch.nn.utils import parametrize
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return model
+
+
+def lora_state_dict(model):
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".A", ".B"))}
+
+
+def hf_state_dict(model):
+    """The model's weights under the names (and layouts) of its Hugging Face checkpoint, which from_pretrained reads
+    back and transformers loads: the Llama family's are ours; GPT-2's get the transformer. prefix back and their
+    Conv1D (in, out) layout. A tied lm_head is left out (safetensors stores no shared tensors; loaders re-tie it)."""
+    sd = model.state_dict()
+    if isinstance(model, GPT):
+        return {f"transformer.{k}": (v.t() if k.endswith(CONV1D_WEIGHTS) else v).contiguous()
+                for k, v in sd.items() if k != "lm_head.weight"}
+    tied = model.config.tie_word_embeddings
+    return {k: v.contiguous() for k, v in sd.items() if not (tied and k == "lm_head.weight")}
+
+
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.json", "merges.txt")  # whatever of these the source has
+
+
+def save_hf_model(model, source, directory):
+    """A save_pretrained directory for the model's weights: model.safetensors (fp32), and the source checkpoint's
+    config and tokenizer files copied (a Hub id's from its cache)."""
+    import shutil
+    from safetensors.torch import save_file
+    os.makedirs(directory, exist_ok=True)
+    for name in HF_SIDE_FILES:
+        path = checkpoint_file(source, name)
+        if path:
+            shutil.copy(path, os.path.join(directory, name))
+    save_file(hf_state_dict(model), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+
+@torch.no_grad()
+def lm_loss(model, contexts):
+    """Mean next-token cross-entropy (nats) over a list of (B, T) contexts, in the parameters' dtype."""
+    total, n = 0.0, 0
+    for idx in contexts:
+        logits = model(idx)  # (B, T, vocab)
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), idx[:, 1:].flatten(), reduction="sum").item()
+        n += idx[:, 1:].numel()
+    return total / n
+
+
+FINETUNE_SETTINGS = ("init_from", "data_dir", "block_size", "harvest_batch", "lora_rank", "lora_alpha", "lora_targets",
+                     "finetune_lr", "seed")  # what a resumed fine-tune may not change
+
+
+def finetune_lora(cfg, device, autocast):
+    """--mode=finetune: Adam on the LoRA adapters alone (the model frozen) over data_dir's train split, the
+    next-token loss in the autocast dtype; the val split's loss (fp32) every eval_interval. Work in progress lives
+    in finetune_dir + ".partial" (lora.pt, rewritten atomically at each evaluation: a killed run resumes there, to
+    the same weights); at the end the merged model, lora.pt and finetune.json (settings, val losses) are written
+    there and the directory is renamed to finetune_dir. -> the val-loss history"""
+    if os.path.exists(cfg.finetune_dir):
+        raise ValueError(f"--finetune_dir={cfg.finetune_dir} exists; delete it or name another")
+    model = load_lm(cfg, has_site=False).to(device)
+    check_tokenizer(cfg.data_dir, model.tokenizer)
+    torch.manual_seed(cfg.seed)
+    adapted = add_lora_(model, cfg.lora_rank, cfg.lora_alpha, [t for t in cfg.lora_targets.split(",") if t])
+    params = [p for name, p in model.named_parameters() if name.endswith((".A", ".B"))]  # load_lm froze the rest
+    optimizer = torch.optim.Adam(params, lr=cfg.finetune_lr, betas=(cfg.beta1, cfg.beta2))
+    loader = DataLoaderLite(cfg.data_dir, "train", cfg.harvest_batch, cfg.block_size)
+    val = [b.to(device) for b in val_contexts(cfg.data_dir, cfg.block_size, cfg.eval_tokens, "fine-tuning")
+           .split(cfg.harvest_batch)]
+    work, settings = cfg.finetune_dir + ".partial", {k: getattr(cfg, k) for k in FINETUNE_SETTINGS}
+    state_path, start, history = os.path.join(work, "lora.pt"), 0, []
+    if os.path.exists(state_path):
+        state = load_checkpoint(state_path)
+        changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+        if changed:
+            raise ValueError(f"{work} holds a fine-tune with other {', '.join(changed)}; delete it to start again")
+        model.load_state_dict(state["lora"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["data"])
+        start, history = state["iter"], state["history"]
+        print(f"resumed {work} at iter {start}")
+    os.makedirs(work, exist_ok=True)
+    n_params = sum(p.numel() for p in params)
+    print(f"LoRA rank {cfg.lora_rank} on {len(adapted)} linear layers: {n_params:,} trainable parameters")
+    t0, last_log = time.time(), start - 1
+    for it in range(start, cfg.finetune_iters + 1):
+        if (it % cfg.eval_interval == 0 or it == cfg.finetune_iters) and (it > start or not history):
+            history.append({"iter": it, "val_loss": lm_loss(model, val)})
+            print(f"eval {it:5d} | val loss {history[-1]['val_loss']:.4f}")
+            save_checkpoint(state_path, {"lora": lora_state_dict(model), "optimizer": optimizer.state_dict(),
+                                         "data": loader.state_dict(), "iter": it, "history": history,
+                                         "settings": settings})
+            t0, last_log = time.time(), it - 1  # evaluation is not training time
+        if it == cfg.finetune_iters:
+            break
+        idx = loader.next_batch().to(device)  # (B, T)
+        with autocast:
+            logits = model(idx)  # (B, T, vocab)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if it % cfg.log_interval == 0:
+            dt, t0, steps = time.time() - t0, time.time(), it - last_log
+            last_log = it
+            print(f"iter {it:5d} | loss {loss.item():.4f} | {dt / steps * 1000:.0f} ms/step | "
+                  f"{idx.numel() * steps / dt:,.0f} tok/s")
+    save_hf_model(merge_lora_(model), cfg.init_from, work)
+    write_json(os.path.join(work, "finetune.json"), {**settings, "finetune_iters": cfg.finetune_iters,
+                                                     "tokens": cfg.finetune_iters * cfg.harvest_batch * cfg.block_size,
+                                                     "adapted": adapted, "val_loss": history})
+    os.replace(work, cfg.finetune_dir)
+    print(f"wrote {cfg.finetune_dir}: val loss {history[0]['val_loss']:.4f} -> {history[-1]['val_loss']:.4f}")
+    return history
+
+
+# -----------------------------------------------------------------------------
+# plots: --mode=plot reads every run's log.jsonl (and config.json) under plot_runs and draws the figures
+
+def read_run_logs(roots):
+    """-> [{"dir", "cfg" (dict), "final" (the last evaluation at its training context length, or None), "evals"}]
+    for every directory under roots (comma-separated globs) holding a log.jsonl with an evaluation; the config
+    from config.json, else ckpt.pt."""
+    found = []
+    for pattern in roots.split(","):
+        matched = sorted(path for path in glob.glob(pattern) if os.path.isdir(path))
+        if not matched:
+            raise ValueError(f"--plot_runs: no directory matches {pattern}")
+        for path, _, files in (walked for root in matched for walked in sorted(os.walk(root))):
+            if "log.jsonl" not in files:
+                continue
+            evals = [json.loads(line) for line in open(os.path.join(path, "log.jsonl")) if line.strip()]
+            if "config.json" in files:
+                cfg = json.load(open(os.path.join(path, "config.json")))
+            elif "ckpt.pt" in files:
+                cfg = load_checkpoint(os.path.join(path, "ckpt.pt"))["config"]
+            else:
+                print(f"{path}: log.jsonl without config.json or ckpt.pt; skipped")
+                continue
+            cfg = {**asdict(TrainConfig()), **cfg}
+            # final: the latest evaluation on the contexts and the model it trained on (not an --eval_block_size or
+            # --eval_model one after it)
+            native = [e for e in evals if e.get("context", cfg["block_size"]) == cfg["block_size"]
+                      and "eval_model" not in e]
+            if evals:
+                found.append({"dir": path, "cfg": cfg, "evals": evals, "final": max(
+                    enumerate(native), key=lambda pair: (pair[1]["iter"], pair[0]))[1] if native else None})
+    return found
+
+
+def method_label(cfg):
+    """What a frontier is made of: the architecture and loss (with jl_coeff), and the decoder's rate multiple and
+    the ReLU recipe where they differ from the defaults; the sparsity setting varies along it."""
+    label = cfg["arch"] if cfg["loss"] == "l1" else f"{cfg['arch']} {cfg['loss']} {cfg['jl_coeff']:g}"  # relu hybrid 1000
+    lr_enc, lr_dec = cfg["lr_enc"] or cfg["lr"], cfg["lr_dec"] or cfg["lr"]
+    if lr_dec != lr_enc:
+        label += f", decoder lr {lr_dec / lr_enc:g}x"
+    if cfg["arch"] == "relu" and not cfg["l1_by_decoder_norm"]:
+        label += ", unit rows"
+    if cfg["init_norm"] not in (0, INIT_NORM[cfg["arch"]]):
+        label += f", init {cfg['init_norm']:g}"
+    return label
+
+
+def ce_increase(record):
+    return record["ce_sae"] - record["ce_clean"] if "ce_sae" in record else float("nan")
+
+
+def at_l0(points, target):
+    """points [(l0, value)] -> value at L0 = target, linear in log L0 between the two nearest points that
+    bracket it; None when target is outside the measured range (no extrapolation)."""
+    points = sorted((l0, v) for l0, v in points if l0 > 0 and v == v)
+    for (l0_a, a), (l0_b, b) in zip(points, points[1:]):
+        if l0_a <= target <= l0_b:
+            t = (math.log(target) - math.log(l0_a)) / (math.log(l0_b) - math.log(l0_a)) if l0_b > l0_a else 0.0
+            return a + t * (b - a)
+    return None
+
+
+PLOT_METRICS = (  # (key, axis label, value of a final evaluation)
+    ("fvu", "FVU", lambda r: r["fvu"]),
+    ("ce_recovered", "CE loss recovered", lambda r: r.get("ce_recovered", float("nan"))),
+    ("ce_increase", "CE increase (nats)", ce_increase),
+    ("kl", "KL (nats/token)", lambda r: r.get("kl", float("nan"))),
+    ("dead_frac", "dead fraction", lambda r: r["dead_frac"]),
+    ("mean_max_cos", "mean max cos", lambda r: r["mean_max_cos"]))
+
+
+def matched_sparsity_table(runs, target):
+    """A markdown table: each method's metrics at L0 = target, interpolated on its frontier (final evaluations)."""
+    by_method = {}
+    for run in runs:
+        by_method.setdefault(method_label(run["cfg"]), []).append(run["final"])
+    head = "| method | SAEs | L0 range | " + " | ".join(name for _, name, _ in PLOT_METRICS) + " |"
+    lines = [head, "|---|---:|---|" + "---:|" * len(PLOT_METRICS)]
+    for method, finals in by_method.items():
+        cells = []
+        for _, _, get in PLOT_METRICS:
+            value = at_l0([(r["l0"], get(r)) for r in finals], target)
+            cells.append("—" if value is None else f"{value:.3f}")
+        l0s = sorted(r["l0"] for r in finals)
+        lines.append(f"| {method} | {len(finals)} | {l0s[0]:.1f}–{l0s[-1]:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def runs_table(runs):
+    """Markdown: every run's final evaluation, one row each, by layer, method and sparsity setting."""
+    lines = ["| run | layer | method | setting | L0 | " + " | ".join(name for _, name, _ in PLOT_METRICS) + " |",
+             "|---|---:|---|---|---:|" + "---:|" * len(PLOT_METRICS)]
+    key = lambda run: (run["cfg"]["layer"], method_label(run["cfg"]), run["final"]["l0"])
+    for run in sorted(runs, key=key):
+        cells = " | ".join(f"{get(run['final']):.3f}" for _, _, get in PLOT_METRICS)
+        lines.append(f"| {os.path.relpath(run['dir'])} | {run['cfg']['layer']} | {method_label(run['cfg'])} | "
+                     f"{sparsity_setting(run['cfg'])} | {run['final']['l0']:.1f} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def sparsity_setting(cfg):
+    """The key that places an SAE on its frontier: its architecture's sparsity coefficient, or k."""
+    if cfg["loss"] == "jl" and cfg["arch"] in SPARSITY_COEFF:
+        return "no sparsity term"
+    key = ARCH_KEYS[cfg["arch"]][0]
+    return f"{key} {cfg[key]:g}"
+
+
+def model_name(init_from):
+    """A model's name for grouping runs: its directory's or Hub id's last part (runs record absolute or relative
+    paths, from this machine or another)."""
+    return os.path.basename(os.path.normpath(init_from))
+
+
+def finetune_pairs(runs):
+    """The fine-tuning comparison: for each SAE with an --eval_model evaluation, [name, its final evaluation on its
+    own model, its latest on the other model, the final evaluation of the SAE trained on that other model with the
+    same method and sparsity setting (None if there is none)]."""
+    rows = []
+    for run in runs:
+        on_other = [e for e in run["evals"] if "eval_model" in e]
+        if not on_other:
+            continue
+        other = max(on_other, key=lambda e: e["iter"])
+        setting = (method_label(run["cfg"]), sparsity_setting(run["cfg"]))
+        tuned = [r for r in runs if model_name(r["cfg"]["init_from"]) == model_name(other["eval_model"])
+                 and r["cfg"]["layer"] == run["cfg"]["layer"]
+                 and (method_label(r["cfg"]), sparsity_setting(r["cfg"])) == setting]
+        rows.append([f"{setting[0]}, {setting[1]}", run["final"], other, tuned[0]["final"] if tuned else None])
+    return rows
+
+
+def finetune_table(pairs):
+    """Markdown: each SAE on its own model, on the fine-tune, and the fine-tune's own SAE, with persistence."""
+    fmt = lambda r, key: "—" if r is None else f"{ce_increase(r) if key == 'ce_increase' else r[key]:.{1 if key == 'l0' else 3}f}"
+    lines = ["| SAE | model clean CE → fine-tune clean CE | FVU: own / on fine-tune / fine-tune's SAE | CE recovered | "
+             "CE increase (nats) | KL | L0 | features within 2× (of compared) | silent |", "|---|---|---|---|---|---|---|---:|---:|"]
+    for name, own, other, tuned in pairs:
+        triple = lambda key: " / ".join(fmt(r, key) for r in (own, other, tuned))
+        p = other["persistence"]
+        lines.append(f"| {name} | {own['ce_clean']:.3f} → {other['ce_clean']:.3f} | {triple('fvu')} | "
+                     f"{triple('ce_recovered')} | {triple('ce_increase')} | {triple('kl')} | {triple('l0')} | "
+                     f"{p['within_2x']:.3f} ({p['compared']}) | {p['silent']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(cfg):
+    """--mode=plot: frontier.png (FVU, CE recovered, CE increase and KL against L0, one line per method, final
+    evaluations), layers.png when the runs span several layers (each method's metrics by layer, with the
+    zero-ablation cost), positions.png when runs were evaluated on contexts past 128 tokens (metrics by position
+    bucket), finetune.png and finetune.md when SAEs were evaluated on another model (--eval_model), runs.md (every
+    run's final evaluation) and matched_l0.md, the table at L0 = plot_l0. Returns the paths written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--mode=plot needs matplotlib: pip install matplotlib") from None
+    runs = read_run_logs(cfg.plot_runs)
+    if not runs:
+        raise ValueError(f"--plot_runs={cfg.plot_runs}: no log.jsonl with an evaluation under it")
+    os.makedirs(cfg.plot_dir, exist_ok=True)
+    written = []
+
+    def save(fig, name):
+        path = os.path.join(cfg.plot_dir, name)
+        fig.tight_layout()
+        fig.savefig(path + ".tmp.png", dpi=110)
+        os.replace(path + ".tmp.png", path)
+        plt.close(fig)
+        written.append(path)
+
+    same_site, models = {}, {}
+    trained = [run for run in runs if run["final"]]
+    for run in trained:  # frontiers and layers are one model's (the most common): fine-tunes' SAEs go to finetune.png
+        models.setdefault(model_name(run["cfg"]["init_from"]), []).append(run)
+    pairs, trained = finetune_pairs(trained), max(models.values(), key=len) if models else []
+    for run in trained:  # a frontier compares methods at one (layer, context length): the most common one
+        same_site.setdefault((run["cfg"]["layer"], run["cfg"]["block_size"]), []).append(run)
+    site_runs = max(same_site.values(), key=len)
+    methods, losses = {}, {}
+    for run in site_runs:
+        methods.setdefault(method_label(run["cfg"]), []).append(run["final"])
+        losses[method_label(run["cfg"])] = run["cfg"]["loss"]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
+    axes = axes.ravel()
+    colors = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors  # 18 distinct hues (tab20 pairs shades)
+    line = {"l1": "-", "hybrid": "--", "jl": ":"}  # the loss by line style, the method by colour
+    for ax, (_, name, get) in zip(axes, PLOT_METRICS[:4]):
+        for i, (method, finals) in enumerate(methods.items()):
+            finals = sorted((r for r in finals if r["l0"] > 0), key=lambda r: r["l0"])  # log axis: an L0 of 0 is off it
+            ax.plot([r["l0"] for r in finals], [get(r) for r in finals], marker="o", ms=4, ls=line[losses[method]],
+                    label=method, color=colors[i % len(colors)])
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (active features per token)")
+        ax.set_ylabel(name)
+        ax.axvline(cfg.plot_l0, color="#bbb", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    layer, block = site_runs[0]["cfg"]["layer"], site_runs[0]["cfg"]["block_size"]
+    fig.suptitle(f"sparsity frontiers: layer {layer}, {block}-token contexts, {len(site_runs)} SAEs")
+    save(fig, "frontier.png")
+
+    layers = sorted({run["cfg"]["layer"] for run in trained})
+    if len(layers) > 1:
+        fig, axes = plt.subplots(2, 3, figsize=(19, 9.5))
+        axes = axes.ravel()
+        by_method = {}
+        for run in trained:
+            by_method.setdefault(method_label(run["cfg"]), {}).setdefault(run["cfg"]["layer"], []).append(run["final"])
+        l0 = ("l0", "L0 (a fixed coefficient's sparsity moves with the layer)", lambda r: r["l0"])
+        for ax, (_, name, get) in zip(axes, (*PLOT_METRICS[:4], l0, PLOT_METRICS[4])):
+            for method, per_layer in by_method.items():
+                xs = sorted(per_layer)
+                ax.plot(xs, [sum(get(r) for r in per_layer[l]) / len(per_layer[l]) for l in xs], "o-", label=method, ms=4)
+            ax.set_xlabel("layer")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+        zero = {}
+        for run in trained:
+            if "ce_zero" in run["final"]:
+                zero[run["cfg"]["layer"]] = run["final"]["ce_zero"] - run["final"]["ce_clean"]
+        if zero:
+            axes[2].plot(sorted(zero), [zero[l] for l in sorted(zero)], "k--", label="zero-ablation cost")
+        axes[0].legend(fontsize=7)
+        axes[2].legend(fontsize=7)
+        fig.suptitle("by layer (final evaluations; the mean where a method has several SAEs at a layer)")
+        save(fig, "layers.png")
+
+    # by position: each run's latest evaluation on contexts of more than 128 tokens (three buckets or more)
+    long = [(run, max(reversed(long), key=lambda e: (e["context"], e["iter"]))) for run in runs  # ties: the last
+            if (long := [e for e in run["evals"] if len(e.get("positions", {})) >= 3])]
+    if long:
+        fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+        for run, record in long:
+            buckets = list(record["positions"])
+            label = (f"{method_label(run['cfg'])}, trained on {run['cfg']['block_size']}-token contexts, "
+                     f"L0 {record['l0']:.0f}")
+            for ax, key in zip(axes, ("fvu", "ce_recovered", "kl")):
+                ax.plot(range(len(buckets)), [record["positions"][b][key] for b in buckets], "o-", label=label, ms=4)
+        for ax, name in zip(axes, ("FVU", "CE loss recovered", "KL (nats/token)")):
+            ax.set_xticks(range(len(buckets)), buckets)
+            ax.set_xlabel("position in the context")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"by position bucket, evaluated on {long[0][1]['context']}-token contexts")
+        save(fig, "positions.png")
+
+    if pairs:
+        fig, axes = plt.subplots(1, 4, figsize=(19, 4.8))
+        kinds = (("trained on the model, on it", 1), ("trained on the model, on its fine-tune", 2),
+                 ("trained on the fine-tune, on it", 3))
+        for ax, (_, name, get) in zip(axes, PLOT_METRICS[:4]):
+            for offset, (label, column) in enumerate(kinds):
+                xs = [i + (offset - 1) * 0.27 for i, row in enumerate(pairs) if row[column]]
+                ax.bar(xs, [get(row[column]) for row in pairs if row[column]], width=0.27, label=label)
+            ax.set_xticks(range(len(pairs)), [row[0] for row in pairs], rotation=30, ha="right", fontsize=8)
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3, axis="y")
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"fine-tuning: SAEs on their model and on {pairs[0][2]['eval_model']}")
+        save(fig, "finetune.png")
+        table = os.path.join(cfg.plot_dir, "finetune.md")
+        with open(table + ".tmp", "w") as f:
+            f.write(finetune_table(pairs))
+        os.replace(table + ".tmp", table)
+        written.append(table)
+
+    table = os.path.join(cfg.plot_dir, "runs.md")
+    with open(table + ".tmp", "w") as f:
+        f.write(runs_table(trained))
+    os.replace(table + ".tmp", table)
+    written.append(table)
+    table = os.path.join(cfg.plot_dir, "matched_l0.md")
+    with open(table + ".tmp", "w") as f:
+        f.write(f"At L0 = {cfg.plot_l0:g}, linear in log L0 between each method's two nearest SAEs (— : outside its "
+                f"range); layer {layer}, {block}-token contexts.\n\n" + matched_sparsity_table(site_runs, cfg.plot_l0))
+    os.replace(table + ".tmp", table)
+    written.append(table)
+    print(f"wrote {', '.join(written)} from {len(runs)} runs")
+    return written
+
+# -----------------------------------------------------------------------------
+# the command line: python analyze.py --mode=... [config/...py] [--key=value ...]
+
+def read_sae(cfg, checkpoint, resolved):
+    """The modes that read one trained SAE: export, steer, dashboard."""
+    if len(resolved) > 1:
+        raise ValueError(f"--mode={cfg.mode} reads one SAE; pass --ckpt=<out_dir>/<name>/ckpt.pt, one of "
+                         f"{', '.join(os.path.basename(c.out_dir) for c, _ in resolved)}")
+    return {"export": lambda: export_saelens(checkpoint, cfg.export_dir), "steer": lambda: steer_demo(cfg, checkpoint),
+            "dashboard": lambda: write_dashboard(cfg, checkpoint)}[cfg.mode]()
+
+
+def main(argv):
+    mode = parse_overrides(TrainConfig(), argv).get("mode")
+    if mode not in READER_MODES:
+        raise ValueError(f"--mode={mode}: analyze.py's modes are {', '.join(READER_MODES)}; sae.py trains and caches")
+    if mode == "plot":  # reads logs, not a checkpoint
+        return plot_results(replace(TrainConfig(), **parse_overrides(TrainConfig(), argv)))
+    resolved = resolve_runs(argv)
+    cfg, checkpoint = resolved[0]
+    if mode != "finetune":
+        return read_sae(cfg, checkpoint, resolved)
+    if len(resolved) > 1:
+        raise ValueError("--mode=finetune tunes one model: give each key one value")
+    ctx = start_process(cfg, argv, resolved)  # as sae.py starts: the device and dtype, the config checked, one process
+    return finetune_lora(cfg, ctx.device, ctx.autocast)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
