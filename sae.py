@@ -1915,6 +1915,9 @@ def saved_config(checkpoint):
     return TrainConfig(**{**LEGACY_DEFAULTS, **checkpoint["config"]})
 
 
+# feature persistence: --eval_only --eval_model=<another model> scores an SAE on another model's activations too,
+# the second half of the persistence experiment (analyze.py --mode=finetune makes that model: a LoRA fine-tune)
+
 PERSISTENCE_MIN_FIRINGS = 10  # a feature is compared when it fires at least this often on the SAE's own model
 
 
