@@ -570,8 +570,7 @@ def bench_saelens(cfg, device="cpu"):
                    if WARMUP <= prev < it <= WARMUP + cfg.steps]
         ours = sum(steps for steps, _ in windows) / sum(steps / rate for steps, rate in windows)
         last = [line for line in out.splitlines() if line.startswith("iter ")][-1]  # on CUDA it ends "| peak X GiB"
-        ours_gpu = f", GPU {float(last.split('peak ')[1].split()[0]):.2f} GiB" if "peak " in last else ""
-        print(f"  sae.py                     {ours:9,.0f} tok/s   peak {ours_gib:.2f} GiB{ours_gpu}   {ours / theirs:.2f}x "
+        print(f"  sae.py                     {ours:9,.0f} tok/s   peak {ours_gib:.2f} GiB{gpu(last, 'peak ')}   {ours / theirs:.2f}x "
               f"SAELens's rate, {ours_gib / theirs_gib:.2f}x its memory")
     return {"dtype": dtype, "saelens_tok_s": theirs, "ours_tok_s": ours, "speedup": ours / theirs,
             "saelens_peak_gib": theirs_gib, "ours_peak_gib": ours_gib}
@@ -698,13 +697,12 @@ if __name__ == "__main__":
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if cfg.saelens_worker:
-        saelens_worker(cfg.saelens_worker, cfg.steps, cfg.dtype == "bfloat16",
-                       ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+        saelens_worker(cfg.saelens_worker, cfg.steps, cfg.dtype == "bfloat16", device)
         sys.exit(0)
     if cfg.quick:  # a smoke run of every part; the figures are not comparable with a full run's
         cfg.iters, cfg.d_sae, cfg.batch_size, cfg.jl_big = 1, 2048, 1024, 8192
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     torch.manual_seed(0)
     print(machine())
     report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "config": vars(cfg)}
