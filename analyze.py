@@ -9,6 +9,8 @@ $ python analyze.py --mode=steer --out_dir=out --feature=3 --scale=20 --prompt="
 $ python analyze.py --mode=dashboard --out_dir=out --features=top_freq:50
 $ python analyze.py --mode=plot --plot_runs='logs/runs/*' --plot_dir=figures
 $ python analyze.py --mode=finetune --init_from=models/smollm2-135m --data_dir=data/edu --finetune_dir=models/ft
+$ python analyze.py --mode=persistence --out_dir=out --eval_model=models/ft  # the SAE on the fine-tune
+$ python analyze.py --mode=overlap --out_dir=out/sweep   # how many features peak on the same token as another
 """
 import contextlib
 import glob
@@ -17,15 +19,53 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from sae import ARCH_KEYS, CONV1D_WEIGHTS, GPT, INIT_NORM, READER_MODES, SAE, SPARSITY_COEFF, DataLoaderLite, \
-    TrainConfig, check_site, check_tokenizer, checkpoint_file, load_checkpoint, load_lm, model_family, \
-    parse_overrides, progress, resolve_runs, save_checkpoint, saved_config, start_process, val_contexts, write_json
+    TrainConfig, check_site, check_tokenizer, checkpoint_file, evaluate, load_checkpoint, load_lm, log_evaluation, \
+    model_family, parse_overrides, prepare_runs, progress, resolve_runs, save_checkpoint, saved_config, site_width, \
+    start_process, val_contexts, write_atomic, write_json
+
+# -----------------------------------------------------------------------------
+# config: sae.py's flags (a checkpoint's own, which the command line may override) and each mode's below
+
+
+@dataclass
+class AnalyzeConfig(TrainConfig):
+    # analyze.py's modes
+    export_dir: str = "export"         # --mode=export writes cfg.json and sae_weights.safetensors here
+    feature: int = 0                   # --mode=steer: the feature ...
+    scale: float = 10.0                # ... added with this many units of its decoder direction (normalised units)
+    prompt: str = "The"                # ... after this prompt
+    max_new_tokens: int = 40
+    features: str = "0:64"             # --mode=dashboard: a range a:b, or top_freq:K (the K most frequent features)
+    dashboard_tokens: int = 2**15      # val tokens the dashboard runs the SAE over
+    dashboard_file: str = ""           # "" = out_dir/dashboard.html
+    plot_runs: str = "out"             # --mode=plot: directories searched for runs (log.jsonl), comma-separated globs
+    plot_dir: str = "figures"          # ... the figures (PNG, matplotlib) and the matched-sparsity table go here
+    plot_l0: float = 32.0              # ... the L0 at which the table compares methods (interpolated on each frontier)
+    finetune_dir: str = ""             # --mode=finetune: LoRA-tunes the model on data_dir's train split, writes it merged here
+    finetune_iters: int = 100          # ... Adam steps of harvest_batch contexts of block_size tokens
+    finetune_lr: float = 1e-3
+    lora_rank: int = 8                 # ... W + (lora_alpha / lora_rank) B A on each adapted weight (Hu et al. 2021)
+    lora_alpha: float = 16.0
+    lora_targets: str = ""             # ... names of the blocks' linear layers to adapt (q_proj,v_proj); "" = all of them
+    eval_model: str = ""               # --mode=persistence: the model (its fine-tune) to score the SAE on; the same
+                                       # tokenizer and width
+
+
+def check_analyze_config(cfg):
+    """What each mode needs, as one-line ValueErrors (sae.check_config checks the rest)."""
+    if cfg.mode == "finetune" and (not cfg.finetune_dir or cfg.acts):
+        raise ValueError("--mode=finetune needs --finetune_dir=DIR (and no --acts): it tunes the model of --init_from")
+    if cfg.mode == "finetune" and min(cfg.finetune_iters, cfg.lora_rank, cfg.finetune_lr) <= 0:
+        raise ValueError("--finetune_iters, --lora_rank and --finetune_lr must be positive")
+    if cfg.mode == "persistence" and not cfg.eval_model:
+        raise ValueError("--mode=persistence needs --eval_model=DIR: the model (e.g. a fine-tune) to score the SAE on")
 
 # -----------------------------------------------------------------------------
 # research helpers: export to SAELens, steering
@@ -46,7 +86,7 @@ SAELENS_ARCH = {"relu": "standard", "vae": "standard", "topk": "topk", "jumprelu
 def export_saelens(checkpoint, export_dir):
     """Writes cfg.json + sae_weights.safetensors as SAELens reads them (its standard, topk or jumprelu SAE, see
     SAELENS_ARCH), for the activation that TransformerLens's hook gives. Free decoder norms are folded first
-    (SAE.fold_decoder_norms_). Our SAE sees s*x (s the activation scale); folded in, it reads x:
+    (fold_decoder_norms_). Our SAE sees s*x (s the activation scale); folded in, it reads x:
     W_enc' = s W_enc, b_dec' = b_dec / s, W_dec' = W_dec / s. At mlp_in, TransformerLens's hook
     (blocks.L.ln2.hook_normalized) holds the norm's output n before its gain g and bias b, x = g * n + b (RMSNorm:
     b = 0): folded too, exactly, as an affine change of coordinates: W_enc'' = diag(g) W_enc', W_dec'' = W_dec' / g,
@@ -134,14 +174,25 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
     return idx
 
 
+@torch.no_grad()
+def fold_decoder_norms_(sae):
+    """Free norms folded into the encoder: rows of unit norm, the same x_hat, f scaled by the norms n:
+    W_enc[:, i] *= n_i, b_enc_i *= n_i, threshold_i *= n_i, W_dec[i] /= n_i (SAELens's fold_W_dec_norm)."""
+    n = sae.W_dec.norm(dim=1).clamp_min(1e-12)
+    sae.W_enc.mul_(n), sae.b_enc.mul_(n), sae.W_dec.div_(n[:, None])
+    if sae.arch == "jumprelu":
+        sae.threshold.mul_(n)
+    return sae
+
+
 def load_sae(checkpoint):
     """-> (SAE, its TrainConfig, activation scale) from a checkpoint dict."""
-    cfg = saved_config(checkpoint)
+    cfg = saved_config(checkpoint, AnalyzeConfig)
     d_in, d_sae = checkpoint["sae"]["W_enc"].shape
     sae = SAE.from_config(d_in, replace(cfg, d_sae=d_sae))  # the weights' shape, whatever the config says
     sae.load_state_dict(checkpoint["sae"])
     if sae.free_norms:
-        sae.fold_decoder_norms_()  # free norms folded: every helper reads unit-norm rows and the code in their units
+        fold_decoder_norms_(sae)  # free norms folded: every helper reads unit-norm rows and the code in their units
     return sae.eval().requires_grad_(False), cfg, checkpoint["act_scale"]
 
 
@@ -214,6 +265,16 @@ def feature_stats(model, sae, saved, act_scale, contexts, features, top_k=10, ba
     return counts / n_tokens, {i: torch.cat(v) for i, v in values.items()}, top, n_tokens
 
 
+@torch.no_grad()
+def logit_effects(model, layer, site, directions):
+    """The direct effect on the logits of adding each direction at (layer, site): through the MLP's output matrix for
+    mlp_hidden, then the final norm's gain and the unembedding, as TransformerLens folds them (the norm's scale, which
+    depends on the input, left out). directions (k, width) -> (k, vocab)"""
+    if site == "mlp_hidden":
+        directions = directions @ model.down_proj(layer).T              # (k, n_inner) @ (n_inner, C)
+    return (directions * model.final_norm.weight) @ model.lm_head.weight.T  # (k, C) @ (C, vocab)
+
+
 def svg_histogram(values, bins=30, width=360, height=80, lo=None, hi=None, label=""):
     """An inline SVG bar chart of a histogram of `values` (1-D tensor)."""
     if len(values) == 0:
@@ -252,15 +313,15 @@ def write_dashboard(cfg, checkpoint):
     freq_all, _, _, n_tokens = feature_stats(model, sae, saved, act_scale, contexts, [])
     features = select_features(cfg.features, freq_all)
     freq, values, top, _ = feature_stats(model, sae, saved, act_scale, contexts, features)
-    logit_effects = model.logit_effects(saved.layer, saved.site, sae.W_dec[features] / act_scale)  # (k, vocab)
+    effects = logit_effects(model, saved.layer, saved.site, sae.W_dec[features] / act_scale)  # (k, vocab)
     density = freq_all[freq_all > 0].log10()
     parts = [f"<h1>SAE features: {html.escape(saved.init_from)} layer {saved.layer} {saved.site}, d_sae {len(freq_all)}</h1>",
              f"<p>{contexts.numel():,} val tokens in {len(contexts)} contexts of {saved.block_size}; "
              f"{int((freq_all == 0).sum())} features never fired (left out of the histogram).</p>",
              f"<section id=density><h2>log10 firing density, all features</h2>{svg_histogram(density, 40, 720, 120, label='log10 freq')}</section>"]
     for j, i in enumerate(features):
-        promoted = logit_effects[j].topk(10).indices.tolist()
-        suppressed = (-logit_effects[j]).topk(10).indices.tolist()
+        promoted = effects[j].topk(10).indices.tolist()
+        suppressed = (-effects[j]).topk(10).indices.tolist()
         tok = lambda ids: " ".join(f"<code>{html.escape(repr(enc.decode([t])))}</code>" for t in ids)
         rows = "".join(f"<div class=ctx><span class=peak>{peak:.2f}</span>{render_tokens(enc, contexts[c], a, top[i][0][0])}</div>"
                        for peak, c, a in top[i])
@@ -286,7 +347,7 @@ def write_dashboard(cfg, checkpoint):
 # fine-tuning: --mode=finetune trains LoRA adapters on the blocks of --init_from over data_dir's train split and
 # writes the merged model as a save_pretrained directory, which every mode then reads like any checkpoint. It is
 # the first half of the persistence experiment (docs/results.md): do the features of an SAE trained on the model survive a
-# fine-tune? --eval_only --eval_model=<the fine-tune> is the second half.
+# fine-tune? --mode=persistence --eval_model=<the fine-tune> is the second half.
 
 class LoRA(nn.Module):
     """Low-rank adaptation (Hu et al. 2021; microsoft/LoRA's loralib) as a parametrization of a frozen weight W
@@ -442,6 +503,113 @@ def finetune_lora(cfg, device, autocast):
 
 
 # -----------------------------------------------------------------------------
+# feature persistence: --mode=persistence scores an SAE on another model's activations (sae.py's evaluation) and
+# compares its features' firing there and on its own model: the second half of the persistence experiment
+
+PERSISTENCE_MIN_FIRINGS = 10  # a feature is compared when it fires at least this often on the SAE's own model
+
+
+@torch.no_grad()
+def feature_persistence(sae, scale, own_model, other_model, cfg, val_batches):
+    """Each feature's firing frequency on the same val contexts and positions through the SAE's own model and
+    another (its fine-tune): of the features firing at least PERSISTENCE_MIN_FIRINGS times on the own model
+    ("compared"), the fraction whose count on the other lies within a factor of 2 ("within_2x"), and the fraction
+    that never fires there ("silent")."""
+    keep = slice(1, None) if cfg.exclude_pos0 else slice(None)
+    counts = []
+    for model in (own_model, other_model):
+        fired = torch.zeros(sae.W_dec.shape[0], dtype=torch.float64)
+        for idx in val_batches:
+            act = model.harvest(idx, cfg.layer, cfg.site)[:, keep]  # (B, T', d)
+            _, f = sae(act.reshape(-1, act.shape[-1]).float() * scale)
+            fired += (f > 0).sum(dim=0).double().cpu()
+        counts.append(fired)
+    own, other = counts
+    compared = own >= PERSISTENCE_MIN_FIRINGS
+    ratio = other[compared] / own[compared]
+    return {"compared": int(compared.sum()), "within_2x": ((ratio >= 0.5) & (ratio <= 2)).double().mean().item(),
+            "silent": (ratio == 0).double().mean().item()}
+
+
+def score_on_another_model(resolved, argv):
+    """--mode=persistence: each SAE (a sweep's all) evaluated as sae.py evaluates it, with the val contexts run through
+    --eval_model instead of its own model, plus feature_persistence; each record appended to the SAE's log.jsonl,
+    marked with eval_model (the plots compare it with the SAE's own final evaluation)."""
+    resolved = [(replace(run_cfg, eval_only=True), checkpoint) for run_cfg, checkpoint in resolved]  # reads, trains not
+    cfg = resolved[0][0]
+    ctx = start_process(cfg, argv, resolved)
+    iter_num = prepare_runs(ctx, resolved, resolved[0][1])
+    if ctx.model is None:
+        raise ValueError(f"--mode=persistence runs the val contexts through both models: {cfg.acts} has no token shards")
+    own, other = ctx.model, load_lm(replace(cfg, init_from=cfg.eval_model)).to(ctx.device)
+    check_tokenizer(cfg.data_dir, other.tokenizer)
+    if site_width(other.config, cfg.site) != site_width(own.config, cfg.site):
+        raise ValueError(f"--eval_model={cfg.eval_model}: its {cfg.site} is {site_width(other.config, cfg.site)} wide, "
+                         f"the SAE reads {site_width(own.config, cfg.site)}")
+    scale = torch.tensor(ctx.scale, device=ctx.device)
+    all_metrics = evaluate([run.sae for run in ctx.runs], [run.tracker for run in ctx.runs], scale, cfg, other,
+                           ctx.val_batches)
+    for run, metrics in zip(ctx.runs, all_metrics):
+        p = feature_persistence(run.sae, ctx.scale, own, other, cfg, ctx.val_batches)
+        log_evaluation(run, iter_num, {**metrics, "eval_model": cfg.eval_model, "persistence": p},
+                       f" | on {cfg.eval_model}: {p['within_2x']:.3f} of {p['compared']} features fire within 2x")
+
+
+# -----------------------------------------------------------------------------
+# feature overlap: --mode=overlap measures what the JL penalty is for, distinct features (issue 24). Each feature's
+# top activations over the val contexts and the tokens they sit on: two features whose strongest activations sit on
+# the same token read the same thing (one feature split into several, or absorbed), without a model judge.
+
+OVERLAP_TOP = 10  # a feature's top activations; it is counted when it fires at least this often
+
+
+@torch.no_grad()
+def top_token_overlap(sae, rows, tokens, top=OVERLAP_TOP, batch=2048):
+    """rows (N, d_in) in the SAE's units, tokens (N,) the token each row sits on. A feature's peak token: the most
+    common token among its `top` largest activations. -> {"features": features firing at least `top` times,
+    "shared_peak": the fraction of them whose peak token is another counted feature's peak token too,
+    "distinct_peaks": distinct peak tokens per counted feature (1: all differ)}"""
+    d_sae = sae.W_dec.shape[0]
+    best = torch.full((d_sae, top), -1.0)                  # each feature's largest activations so far
+    best_rows = torch.zeros(d_sae, top, dtype=torch.long)  # ... and their rows
+    fired = torch.zeros(d_sae, dtype=torch.long)
+    for i in range(0, len(rows), batch):
+        _, f = sae(rows[i:i + batch])                      # (b, d_sae)
+        fired += (f > 0).sum(dim=0)
+        values = torch.cat([best, f.T], dim=1)             # (d_sae, top + b)
+        at = torch.cat([best_rows, torch.arange(i, i + len(f)).expand(d_sae, -1)], dim=1)
+        best, pick = values.topk(top, dim=1)
+        best_rows = at.gather(1, pick)
+    counted = (fired >= top).nonzero().squeeze(1)
+    peaks = tokens[best_rows[counted]].mode(dim=1).values  # (counted,) each feature's peak token
+    _, inverse, counts = peaks.unique(return_inverse=True, return_counts=True)
+    n = max(len(counted), 1)
+    return {"features": len(counted), "shared_peak": (counts[inverse] > 1).double().mean().item() if len(counted) else 0.0,
+            "distinct_peaks": len(counts) / n}
+
+
+def overlap_of_runs(resolved):
+    """--mode=overlap: top_token_overlap of each SAE (a sweep's all) on the val contexts it was evaluated on, through
+    its model; written to each run's overlap.json and printed as a table."""
+    cfg = resolved[0][0]
+    if not has_model(cfg):
+        raise ValueError(f"--mode=overlap reads the tokens under the activations: {cfg.acts} has no model behind it")
+    model = load_lm(cfg)
+    contexts = val_contexts(cfg.data_dir, cfg.block_size, cfg.eval_tokens, "overlap")  # (n, block_size)
+    keep = 1 if cfg.exclude_pos0 else 0
+    acts = torch.cat([model.harvest(b, cfg.layer, cfg.site)[:, keep:] for b in contexts.split(cfg.harvest_batch)])
+    rows, tokens = acts.reshape(-1, acts.shape[-1]).float(), contexts[:, keep:].reshape(-1)  # (N, d_in), (N,)
+    print(f"{'run':<48} {'features':>8} {'shared peak':>12} {'distinct peaks':>15}")
+    for run_cfg, checkpoint in resolved:
+        sae, _, scale = load_sae(checkpoint)
+        result = top_token_overlap(sae, rows * scale, tokens)
+        write_json(os.path.join(run_cfg.out_dir, "overlap.json"), {**result, "iter": checkpoint["iter_num"],
+                                                                     "val_rows": len(rows), "top": OVERLAP_TOP})
+        print(f"{run_cfg.out_dir:<48} {result['features']:>8} {result['shared_peak']:>12.3f} "
+              f"{result['distinct_peaks']:>15.3f}")
+
+
+# -----------------------------------------------------------------------------
 # plots: --mode=plot reads every run's log.jsonl (and config.json) under plot_runs and draws the figures
 
 def read_run_logs(roots):
@@ -464,21 +632,25 @@ def read_run_logs(roots):
             else:
                 print(f"{path}: log.jsonl without config.json or ckpt.pt; skipped")
                 continue
-            cfg = {**asdict(TrainConfig()), **cfg}
+            cfg = {**asdict(AnalyzeConfig()), **cfg}
             # final: the latest evaluation on the contexts and the model it trained on (not an --eval_block_size or
             # --eval_model one after it)
             native = [e for e in evals if e.get("context", cfg["block_size"]) == cfg["block_size"]
                       and "eval_model" not in e]
+            overlap = os.path.join(path, "overlap.json")  # --mode=overlap's numbers, where it ran
             if evals:
-                found.append({"dir": path, "cfg": cfg, "evals": evals, "final": max(
+                found.append({"dir": path, "cfg": cfg, "evals": evals, "overlap": json.load(open(overlap))
+                              if os.path.exists(overlap) else None, "final": max(
                     enumerate(native), key=lambda pair: (pair[1]["iter"], pair[0]))[1] if native else None})
     return found
 
 
 def method_label(cfg):
-    """What a frontier is made of: the architecture and loss (with jl_coeff), and the decoder's rate multiple and
-    the ReLU recipe where they differ from the defaults; the sparsity setting varies along it."""
-    label = cfg["arch"] if cfg["loss"] == "l1" else f"{cfg['arch']} {cfg['loss']} {cfg['jl_coeff']:g}"  # relu hybrid 1000
+    """What a frontier is made of: the architecture and loss (with the JL form but atanh, and jl_coeff), and the
+    decoder's rate multiple and the ReLU recipe where they differ from the defaults; the sparsity setting varies
+    along it."""
+    form = {"atanh": "", "power": f"power{cfg['jl_power']:g} ", "welch": "welch "}[cfg["jl_form"]]
+    label = cfg["arch"] if cfg["loss"] == "l1" else f"{cfg['arch']} {cfg['loss']} {form}{cfg['jl_coeff']:g}"  # relu hybrid 1000
     lr_enc, lr_dec = cfg["lr_enc"] or cfg["lr"], cfg["lr_dec"] or cfg["lr"]
     if lr_dec != lr_enc:
         label += f", decoder lr {lr_dec / lr_enc:g}x"
@@ -527,6 +699,29 @@ def matched_sparsity_table(runs, target):
             cells.append("—" if value is None else f"{value:.3f}")
         l0s = sorted(r["l0"] for r in finals)
         lines.append(f"| {method} | {len(finals)} | {l0s[0]:.1f}–{l0s[-1]:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def frontier_gap_table(runs):
+    """Markdown: each hybrid SAE (and each with --mode=overlap's numbers) against its architecture's plain frontier
+    (loss l1, the same architecture) at the SAE's own L0, interpolated as at_l0 does: its metrics and, in brackets,
+    the SAE's minus the frontier's (— : its L0 outside the frontier's range); the shared-peak fraction of overlap."""
+    gap_metrics = [m for m in PLOT_METRICS if m[0] in ("fvu", "ce_increase", "kl", "mean_max_cos")]
+    lines = ["| run | method | L0 | " + " | ".join(name for _, name, _ in gap_metrics) + " | shared peak |",
+             "|---|---|---:|" + "---:|" * (len(gap_metrics) + 1)]
+    for run in sorted(runs, key=lambda run: (method_label(run["cfg"]), run["final"]["l0"])):
+        cfg, final = run["cfg"], run["final"]
+        if cfg["loss"] != "hybrid" and not run.get("overlap"):
+            continue
+        plain = [r["final"] for r in runs if r["cfg"]["arch"] == cfg["arch"] and r["cfg"]["loss"] == "l1"
+                 and method_label(r["cfg"]) == cfg["arch"]]
+        cells = []
+        for _, _, get in gap_metrics:
+            base = at_l0([(r["l0"], get(r)) for r in plain], final["l0"])
+            cells.append(f"{get(final):.3f}" + ("" if base is None else f" ({get(final) - base:+.3f})"))
+        shared = f"{run['overlap']['shared_peak']:.3f}" if run.get("overlap") else "—"
+        lines.append(f"| {os.path.relpath(run['dir'])} | {method_label(cfg)} | {final['l0']:.1f} | " + " | ".join(cells)
+                     + f" | {shared} |")
     return "\n".join(lines) + "\n"
 
 
@@ -716,6 +911,12 @@ def plot_results(cfg):
         f.write(runs_table(trained))
     os.replace(table + ".tmp", table)
     written.append(table)
+    if any(run["cfg"]["loss"] == "hybrid" or run.get("overlap") for run in site_runs):
+        table = os.path.join(cfg.plot_dir, "frontier_gap.md")
+        write_atomic(table, lambda f: f.write("Each hybrid SAE against its architecture's plain frontier at its own L0 (in "
+                                              "brackets: its value minus the frontier's); shared peak: --mode=overlap."
+                                              f" Layer {layer}, {block}-token contexts.\n\n" + frontier_gap_table(site_runs)))
+        written.append(table)
     table = os.path.join(cfg.plot_dir, "matched_l0.md")
     with open(table + ".tmp", "w") as f:
         f.write(f"At L0 = {cfg.plot_l0:g}, linear in log L0 between each method's two nearest SAEs (— : outside its "
@@ -738,13 +939,18 @@ def read_sae(cfg, checkpoint, resolved):
 
 
 def main(argv):
-    mode = parse_overrides(TrainConfig(), argv).get("mode")
+    mode = parse_overrides(AnalyzeConfig(), argv).get("mode")
     if mode not in READER_MODES:
         raise ValueError(f"--mode={mode}: analyze.py's modes are {', '.join(READER_MODES)}; sae.py trains and caches")
     if mode == "plot":  # reads logs, not a checkpoint
-        return plot_results(replace(TrainConfig(), **parse_overrides(TrainConfig(), argv)))
-    resolved = resolve_runs(argv)
+        return plot_results(replace(AnalyzeConfig(), **parse_overrides(AnalyzeConfig(), argv)))
+    resolved = resolve_runs(argv, AnalyzeConfig)
     cfg, checkpoint = resolved[0]
+    check_analyze_config(cfg)
+    if mode == "persistence":
+        return score_on_another_model(resolved, argv)
+    if mode == "overlap":
+        return overlap_of_runs(resolved)
     if mode != "finetune":
         return read_sae(cfg, checkpoint, resolved)
     if len(resolved) > 1:

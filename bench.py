@@ -1,5 +1,5 @@
 """
-Speed, never correctness (that is test_sae.py). Prints the machine, then, at GPT-2 small's shapes
+Speed, never correctness (that is the tests'). Prints the machine, then, at GPT-2 small's shapes
 (d_in 768, d_sae 8192, 4096-token batches of 128-token contexts):
 1. measured matmul peaks, (N, d_in) @ (d_in, d_sae): fp32 and bf16 on CPU (torch.mm and oneDNN), bf16 on CUDA;
 2. per op, the reference against our path: on CUDA the Triton kernels (triton.testing.do_bench, p50/p20/p80),
@@ -25,15 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 import sae_kernels
 import numpy as np
 
-from sae import ARCHS, GPT, GPTConfig, SAE, TrainConfig, auto_dtype, parse_args, resolved_dtype, sae_loss, \
-    sae_step, synthetic_activations
+from sae import ARCHS, GPT, GPTConfig, SAE, TrainConfig, auto_dtype, parse_overrides, resolved_dtype, sae_loss, sae_update
 
 
 @dataclass
@@ -51,6 +50,8 @@ class BenchConfig:
     json: str = ""             # also write every figure as one JSON object here
     synthetic: bool = False    # instead: the synthetic benchmark with a known dictionary, each architecture over its sweep
     regime: int = 0            # --synthetic: 0 = every regime of REGIMES, else only that one (1, 2)
+    synthetic_archs: str = ""  # --synthetic: the architectures swept (comma-separated); "" = all
+    jl_form: str = "atanh"     # --synthetic: the JL form added to each at its best setting, over JL_COEFFS[form]
     archs: bool = False        # instead: the sparse kernels, and one training step of every architecture (d_sae 8192, 32768)
     saelens: bool = False      # instead: sae.py against SAELens's runner, end to end (needs sae-lens installed)
     data_dir: str = "data/local"  # --saelens: the token shards both read (prepare.py)
@@ -61,6 +62,24 @@ class BenchConfig:
     llama: str = ""            # --models: a Llama-family directory or Hub id; "" = $SMOLLM2_DIR, else SmolLM2 on the Hub
     llama_layer: int = 15      # --models: the harvest stops here (15: the middle of SmolLM2-135M's 30 blocks)
     device: str = "auto"       # auto = cuda if available, else cpu
+
+
+def parse_args(cfg, argv):
+    """sae.py's configurator (parse_overrides) for one configuration, no sweeps: -> a new dataclass with the overrides
+    applied, each printed."""
+    overrides = parse_overrides(cfg, argv)
+    for key, value in overrides.items():
+        if isinstance(value, list):
+            raise ValueError(f"--{key}={value!r}: one value only here")
+        print(f"override: {key} = {value!r}")
+    return replace(cfg, **overrides)
+
+
+def sae_step(sae, optimizer, loss, cfg):
+    """One update from one batch's loss, as sae.py's train_step makes it (one process, one piece)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    sae_update(sae, optimizer, cfg)
 
 
 def machine():
@@ -404,11 +423,26 @@ def bench_end_to_end(cfg, device, peaks):
     return results
 
 
-# the synthetic benchmark: activations built from known unit directions (sae.synthetic_activations: Zipf-like
+# the synthetic benchmark: activations built from known unit directions (synthetic_activations: Zipf-like
 # frequencies, magnitudes U(0.5, 1.5)), in two regimes: the test's 96 directions in 48 dimensions, 4 active a row, and
 # heavy superposition, 512 directions in 32 dimensions (16x), 3 active a row. Every architecture over its sparsity
 # setting in one sae.py sweep (shared batches, Adam at 3e-3, 512 rows a step); then each at its best setting with the
 # JL penalty added over three decades. "Best" = the highest mean max cosine of the true directions.
+def synthetic_activations(n, d, n_true, k, seed=0):
+    """Activations with a known answer: each row a sum of k of n_true random unit directions (drawn with
+    Zipf-like frequencies p_i ~ 1/sqrt(i)), with non-negative magnitudes U(0.5, 1.5).
+    -> (X (n, d) float32, true directions (n_true, d) float32)"""
+    g = np.random.default_rng(seed)
+    D = g.standard_normal((n_true, d))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    p = 1 / np.sqrt(np.arange(1, n_true + 1))
+    X = np.zeros((n, d))
+    for i in range(n):
+        active = g.choice(n_true, size=k, replace=False, p=p / p.sum())
+        X[i] = g.uniform(0.5, 1.5, size=k) @ D[active]  # (k,) @ (k, d) -> (d,)
+    return X.astype(np.float32), D.astype(np.float32)
+
+
 REGIMES = [  # name, rows, d, true directions, active per row, d_sae, steps
     ("96 in 48, 4 active", 40000, 48, 96, 4, 192, 1500),
     ("512 in 32, 3 active (16x)", 100000, 32, 512, 3, 1024, 2000)]
@@ -416,7 +450,9 @@ SYNTHETIC_RUN = ["--batch_size=512", "--lr=0.003", "--l1_warmup_iters=100", "--j
                  "--eval_tokens=4000", "--log_interval=500", "--resample_iters=()"]
 SETTINGS = {"relu": "l1_coeff", "topk": "k", "batchtopk": "k", "matryoshka": "k", "fsq": "k", "jumprelu": "l0_coeff",
             "vae": "kl_coeff"}  # the key each architecture is swept over
-JL_SWEEP = "--jl_coeff=[1e2, 1e3, 1e4]"
+# each form's coefficients, three decades where its pull on a row at random spread (d 32, 1024 rows) spans atanh's:
+# power (p 4) pulls 14x and welch 8x less than atanh there (issue 24)
+JL_COEFFS = {"atanh": "[1e2, 1e3, 1e4]", "power": "[1e3, 1e4, 1e5]", "welch": "[1e3, 1e4, 1e5]"}
 
 
 def synthetic_sweep(out, acts, d_sae, steps, flags, env):
@@ -436,9 +472,11 @@ def recovery(D, checkpoint, final):
     max_cos = (torch.from_numpy(D) @ W.T).max(dim=1).values  # (n_true,): each true direction's best row
     cfg = checkpoint["config"]
     key = SETTINGS[cfg["arch"]]
-    setting = f"{key}={cfg[key]}" + (f" jl_coeff={cfg['jl_coeff']:g}" if cfg["loss"] == "hybrid" else "")
+    form = "" if cfg.get("jl_form", "atanh") == "atanh" else f" {cfg['jl_form']}"
+    setting = f"{key}={cfg[key]}" + (f"{form} jl_coeff={cfg['jl_coeff']:g}" if cfg["loss"] == "hybrid" else "")
     return {"arch": cfg["arch"], "setting": setting, "mean_max_cos": max_cos.mean().item(),
-            "frac_above_0.9": (max_cos > 0.9).float().mean().item(), "l0": final["l0"], "fvu": final["fvu"]}
+            "frac_above_0.9": (max_cos > 0.9).float().mean().item(), "l0": final["l0"], "fvu": final["fvu"],
+            "dictionary_max_cos": final["mean_max_cos"]}
 
 
 def bench_synthetic(cfg):
@@ -450,23 +488,26 @@ def bench_synthetic(cfg):
         X, D = synthetic_activations(n=n, d=d, n_true=n_true, k=k_true, seed=0)
         ks = sorted({max(1, k_true // 2), k_true, 2 * k_true})
         print(f"synthetic: {label}; SAEs of {d_sae} features, {steps} steps")
-        print(f"  {'arch':<11} {'setting':<30} {'mean max cos':>12} {'frac > 0.9':>10} {'L0':>6} {'FVU':>7}")
+        print(f"  {'arch':<11} {'setting':<34} {'mean max cos':>12} {'frac > 0.9':>10} {'L0':>6} {'FVU':>7} "
+              f"{'rows max cos':>12}")
         with tempfile.TemporaryDirectory() as tmp:
             acts = os.path.join(tmp, "acts.npy")
             np.save(acts, X)
-            sweep = [f"--arch={','.join(SETTINGS)}", "--l1_coeff=[0.1, 0.3, 1.0, 3.0]", f"--k={ks}",
+            archs = [a for a in SETTINGS if a in cfg.synthetic_archs.split(",")] if cfg.synthetic_archs else list(SETTINGS)
+            sweep = [f"--arch={','.join(archs)}", "--l1_coeff=[0.1, 0.3, 1.0, 3.0]", f"--k={ks}",
                      "--l0_coeff=[0.03, 0.3, 3.0]", "--kl_coeff=[0.01, 0.1, 1.0]"]
             rows = [recovery(D, ckpt, final) for _, ckpt, final in
                     synthetic_sweep(os.path.join(tmp, "all"), acts, d_sae, steps, sweep, env)]
-            for arch, key in SETTINGS.items():  # JL added to each architecture at its best setting
+            for arch in archs:  # JL added to each architecture at its best setting
                 best = max((r for r in rows if r["arch"] == arch), key=lambda r: r["mean_max_cos"])
-                flags = [f"--arch={arch}", f"--{best['setting']}", "--loss=hybrid", JL_SWEEP]
+                flags = [f"--arch={arch}", f"--{best['setting']}", "--loss=hybrid", f"--jl_form={cfg.jl_form}",
+                         f"--jl_coeff={JL_COEFFS[cfg.jl_form]}"]
                 rows += [recovery(D, ckpt, final) for _, ckpt, final in
                          synthetic_sweep(os.path.join(tmp, arch), acts, d_sae, steps, flags, env)]
         for e in rows:
             e["regime"] = label
-            print(f"  {e['arch']:<11} {e['setting']:<30} {e['mean_max_cos']:12.3f} {e['frac_above_0.9']:10.2f} "
-                  f"{e['l0']:6.1f} {e['fvu']:7.3f}")
+            print(f"  {e['arch']:<11} {e['setting']:<34} {e['mean_max_cos']:12.3f} {e['frac_above_0.9']:10.2f} "
+                  f"{e['l0']:6.1f} {e['fvu']:7.3f} {e['dictionary_max_cos']:12.3f}")
         results += rows
     return results
 

@@ -171,7 +171,10 @@ def load_tokenizer(spec, separator="auto"):
         if not os.path.isfile(path):
             raise PrepareError(f"--tokenizer={spec}: this directory has no tokenizer.json")
     else:
-        path = download_tokenizer_json(spec)
+        names = ", ".join(tiktoken.list_encoding_names())
+        path = hub_file(spec, "tokenizer.json", f"--tokenizer={spec} (not a tiktoken encoding: {names})")
+        if path is None:
+            raise PrepareError(f"--tokenizer={spec}: the Hub model has no tokenizer.json")
     try:
         import tokenizers  # comes with transformers; imported here: the tiktoken path does not need it
     except ImportError:
@@ -186,26 +189,31 @@ def load_tokenizer(spec, separator="auto"):
     return Tokenizer(spec, "huggingface", backend, separator)
 
 
-def download_tokenizer_json(model_id):
-    """The Hub model's tokenizer.json, through huggingface_hub's cache (huggingface_hub comes with datasets)."""
+def hub_file(name_or_path, filename, flag):
+    """A file of a local directory, or of a Hub repo fetched (and cached) by huggingface_hub (it comes with datasets);
+    None if the repo has no such file. Offline and not cached, gated, or no such repo: one line that starts with
+    `flag` (the flag that named it). sae.py reads model checkpoints with it too."""
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, filename)
+        return path if os.path.exists(path) else None
     import huggingface_hub
     import huggingface_hub.utils.logging
-    from huggingface_hub.utils import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
-    from huggingface_hub.utils import RepositoryNotFoundError
-    huggingface_hub.utils.logging.set_verbosity_error()  # no retry chatter: one line if the Hub is down
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HFValidationError, LocalEntryNotFoundError, \
+        RepositoryNotFoundError
+    huggingface_hub.utils.logging.set_verbosity_error()  # no retry chatter: one line when offline
     try:
-        return huggingface_hub.hf_hub_download(model_id, "tokenizer.json")
-    except HFValidationError:
-        names = ", ".join(tiktoken.list_encoding_names())
-        raise PrepareError(f"--tokenizer={model_id}: not a tiktoken encoding ({names}), a local directory or a "
-                           f"Hub model id") from None
-    except LocalEntryNotFoundError:  # offline, and not in the cache
-        raise PrepareError(f"--tokenizer={model_id}: not a tiktoken encoding or a local directory, and the Hugging "
-                           f"Face Hub cannot be reached for it (offline?); use a local directory with a "
-                           f"tokenizer.json") from None
-    except (RepositoryNotFoundError, EntryNotFoundError) as e:  # a gated model answers RepositoryNotFoundError
-        raise PrepareError(f"--tokenizer={model_id}: no tokenizer.json for it on the Hub "
-                           f"({type(e).__name__}; a gated model needs `hf auth login`)") from None
+        return huggingface_hub.hf_hub_download(name_or_path, filename)
+    except LocalEntryNotFoundError:  # before its parent class: offline, and not in the local cache
+        raise PrepareError(f"{flag}: could not fetch '{name_or_path}' from the Hugging Face Hub (offline, and not in "
+                           f"the local cache); pass a local directory written by save_pretrained") from None
+    except EntryNotFoundError:
+        return None
+    except GatedRepoError:  # before its parent class RepositoryNotFoundError
+        raise PrepareError(f"{flag}: '{name_or_path}' is gated on the Hugging Face Hub: accept its licence there and "
+                           f"log in (hf auth login, or HF_TOKEN)") from None
+    except (RepositoryNotFoundError, HFValidationError):
+        raise PrepareError(f"{flag}: '{name_or_path}' is neither a local directory nor a model on the Hugging Face "
+                           f"Hub") from None
 
 
 def read_tokenizer_record(data_dir):

@@ -18,7 +18,6 @@ $ python sae.py --loss=l1,jl,hybrid --out_dir=out/compare   # three SAEs on one 
 $ python sae.py --mode=cache --init_from=HuggingFaceTB/SmolLM2-135M --data_dir=data/smollm2 --layer=15 --cache_dir=acts
 $ python sae.py --acts=acts --loss=l1,hybrid                 # SAEs on the cache, evaluated through SmolLM2
 $ torchrun --standalone --nproc_per_node=8 sae.py --loss=hybrid
-$ python analyze.py --mode=dashboard --out_dir=out --features=top_freq:50
 """
 import ast
 import glob
@@ -28,6 +27,7 @@ import math
 import os
 import sys
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -35,12 +35,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sae_kernels import ONEDNN_BF16, cpu_bf16_native, encode_relu_decode, jl_penalty, keep_freed_memory, linear, \
-    sparse_decode, sparse_encode
-from prepare import read_shard
+from sae_kernels import JL_FORMS, ONEDNN_BF16, JumpReLU, Step, batch_topk_select, cpu_bf16_native, encode_relu_decode, \
+    fsq_code, jl_margin, jl_penalty, keep_freed_memory, linear, sparse_decode, sparse_encode
+from prepare import hub_file, read_shard
 
 # -----------------------------------------------------------------------------
-# config and command line
+# config and command line: TrainConfig's fields are the flags (docs/flags.md), set by config files and
+# --key=value as nanoGPT's configurator sets them; a sweep expands into one config per SAE
 
 @dataclass
 class TrainConfig:
@@ -50,37 +51,16 @@ class TrainConfig:
     out_dir: str = "out"               # ckpt.pt and log.jsonl
     acts: str = ""                     # train on an activation cache DIR (--mode=cache) or PATH.npy (N, d_in), not the model
     eval_only: bool = False            # evaluate out_dir/ckpt.pt and exit
-    mode: str = "train"                # train; cache (activations to disk); and analyze.py's: export (SAELens), steer,
-                                       # dashboard, plot, finetune (LoRA, for the persistence experiment)
+    mode: str = "train"                # train; cache (activations to disk); analyze.py's modes read trained SAEs
     cache_dir: str = ""                # --mode=cache writes the activation cache here
     cache_tokens: int = 2**22          # ... this many train activations (position 0 not counted with exclude_pos0)
     cache_dtype: str = "float16"       # ... stored as float16 (half the disk) or float32
     cache_shard_tokens: int = 2**18    # ... about this many activations a shard file
-    ckpt: str = ""                     # the checkpoint that eval_only, export and steer read; "" = out_dir/ckpt.pt
-    export_dir: str = "export"         # --mode=export writes cfg.json and sae_weights.safetensors here
-    feature: int = 0                   # --mode=steer: the feature ...
-    scale: float = 10.0                # ... added with this many units of its decoder direction (normalised units)
-    prompt: str = "The"                # ... after this prompt
-    max_new_tokens: int = 40
-    features: str = "0:64"             # --mode=dashboard: a range a:b, or top_freq:K (the K most frequent features)
-    dashboard_tokens: int = 2**15      # val tokens the dashboard runs the SAE over
-    dashboard_file: str = ""           # "" = out_dir/dashboard.html
-    plot_runs: str = "out"             # --mode=plot: directories searched for runs (log.jsonl), comma-separated globs
-    plot_dir: str = "figures"          # ... the figures (PNG, matplotlib) and the matched-sparsity table go here
-    plot_l0: float = 32.0              # ... the L0 at which the table compares methods (interpolated on each frontier)
-    finetune_dir: str = ""             # --mode=finetune: LoRA-tunes the model on data_dir's train split, writes it merged here
-    finetune_iters: int = 100          # ... Adam steps of harvest_batch contexts of block_size tokens
-    finetune_lr: float = 1e-3
-    lora_rank: int = 8                 # ... W + (lora_alpha / lora_rank) B A on each adapted weight (Hu et al. 2021)
-    lora_alpha: float = 16.0
-    lora_targets: str = ""             # ... names of the blocks' linear layers to adapt (q_proj,v_proj); "" = all of them
-    eval_model: str = ""               # --eval_only on this model instead of the SAE's own (e.g. its fine-tune), same
-                                       # tokenizer and width; adds how many features keep their firing frequency
+    ckpt: str = ""                     # the checkpoint that eval_only and analyze.py read; "" = out_dir/ckpt.pt
     seed: int = 1337
     device: str = "auto"               # auto = cuda if available, else cpu
-    dtype: str = "auto"                # autocast dtype of the model's and the SAE's matmuls (parameters, Adam: fp32);
-                                       # auto = bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32
-                                       # (sae_kernels.cpu_bf16_native; docs/training.md "precision")
+    dtype: str = "auto"                # autocast dtype of the matmuls (parameters, Adam: fp32); auto = bfloat16 on CUDA
+                                       # and on CPUs with AMX or AVX512-BF16, else float32 (docs/training.md "precision")
     compile: bool = False              # torch.compile the SAE
     # the model and the site
     layer: int = 6                     # 0-indexed block; 6 is the middle of GPT-2 small, 15 of SmolLM2-135M
@@ -102,9 +82,8 @@ class TrainConfig:
                                        # the k-sparse ones); jl: the JL penalty instead; hybrid: both
     l1_coeff: float = 5.0              # on mean_batch sum_features f; Anthropic's April 2024 update uses 5 at E|x| = sqrt(d)
     l1_warmup_iters: int = 1000        # the sparsity coefficient (l1, l0 or kl) ramps linearly from 0
-    l1_by_decoder_norm: bool = True    # relu: L1 of f_i |W_dec,i| with free decoder norms (Anthropic, April 2024;
-                                       # SAELens 6's standard SAE), folded at export; False: unit-norm rows, plain L1
-                                       # (2023). The other architectures keep unit-norm rows (docs/training.md "the ReLU recipe")
+    l1_by_decoder_norm: bool = True    # relu: L1 of f_i |W_dec,i|, free decoder norms (Anthropic, April 2024), folded at
+                                       # export; False: unit-norm rows, plain L1 (2023) (docs/training.md "the ReLU recipe")
     init_norm: float = 0.0             # the encoder columns' initial norm (W_enc = init_norm W_dec^T, unit rows), and the
                                        # free decoder rows' too; 0 = the architecture's default (INIT_NORM, docs/training.md)
     k: int = 32                        # topk, fsq: active features per token; batchtopk, matryoshka: per token on average
@@ -124,11 +103,14 @@ class TrainConfig:
     jl_warmup_iters: int = 2000        # ... and decays (cosine) to jl_coeff over these iterations
     jl_sample: int = 0                 # 0 = exact JL; else an unbiased estimate from this many rows a step (it does
                                        # not train like the exact penalty: docs/results.md "the JL penalty, measured")
+    jl_form: str = "atanh"             # the pair term of |cos|: atanh (the mission's), power (|cos|^p) or welch
+                                       # (relu(|cos| - mu)^2): docs/training.md "the JL penalty's forms"
+    jl_power: float = 4.0              # power: p (>= 1; above 2 duplicates cost more than spread rows)
+    jl_margin: float = 0.0             # welch: mu; 0 = the Welch bound sqrt((n - d) / (d (n - 1)))
     # optimization
     max_iters: int = 20000
     batch_size: int = 4096             # activations per step, all ranks
-    micro_batches: int = 1             # each rank's batch in this many pieces, their gradients summed (memory; and a
-                                       # run of 2 pieces in 1 process equals 2 processes of 1 bit for bit, 1 thread each)
+    micro_batches: int = 1             # each rank's batch in this many pieces, their gradients summed (memory)
     lr: float = 1e-4                   # Adam
     lr_enc: float = 0.0                # encoder (W_enc, b_enc) learning rate; 0 = lr
     lr_dec: float = 0.0                # decoder (W_dec, b_dec) learning rate; 0 = lr
@@ -147,24 +129,24 @@ class TrainConfig:
     # evaluation and logging
     eval_interval: int = 1000
     eval_tokens: int = 2**15           # fixed slice of the val shard (or held-out rows of --acts)
-    eval_block_size: int = 0           # evaluation's context length; 0 = block_size. Metrics come by position bucket
-                                       # too, so --eval_only with 512 scores an SAE trained on 128 past its contexts
+    eval_block_size: int = 0           # evaluation's context length (metrics by position bucket too); 0 = block_size
     log_interval: int = 10
     wandb_log: bool = False            # also log to Weights & Biases (pip install wandb; WANDB_MODE=offline: to disk)
     wandb_project: str = "gpt_sae"     # ... one W&B run per SAE, named after its out_dir, grouped by the sweep's
 
 
 LOSSES, JL_ON, DECAYS = ("l1", "jl", "hybrid"), ("dec", "enc"), ("constant", "cosine", "linear")
-MODES = ("train", "cache", "export", "steer", "dashboard", "plot", "finetune")
-READER_MODES = ("export", "steer", "dashboard", "plot", "finetune")  # analyze.py's: they read trained SAEs or logs
+READER_MODES = ("export", "steer", "dashboard", "plot", "finetune", "persistence", "overlap")  # analyze.py's
+MODES = ("train", "cache") + READER_MODES
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 
 
-def parse_overrides(cfg, argv):
+def parse_overrides(cfg, argv, strict=True):
     """nanoGPT's configurator as a function: `--key=value` (value read with ast.literal_eval, else kept as a
     string; its type must match the default) and `config/*.py` files of `key = value` lines, in order.
     A key of SWEEPABLE may take several values (`--loss=l1,jl`, `--l1_coeff=[1, 5]`): a list, one SAE per
-    combination (expand_sweep). Returns {key: value or list}; an unknown key raises ValueError listing the valid ones."""
+    combination (expand_sweep). Returns {key: value or list}; an unknown key raises ValueError listing the valid ones
+    (strict=False: is left out)."""
     valid = {f.name for f in fields(cfg)}
     overrides = {}
     for arg in argv:
@@ -193,6 +175,8 @@ def parse_overrides(cfg, argv):
                 pass  # not a Python literal: keep the string
             pairs = [(key, value)]
         for key, value in pairs:
+            if key not in valid and not strict:
+                continue
             if key not in valid:
                 raise ValueError(f"unknown config key '{key}'; valid keys: {', '.join(sorted(valid))}")
             default = getattr(cfg, key)
@@ -211,11 +195,15 @@ def config_help(cfg):
     import inspect
     lines = [f"usage: python {os.path.basename(sys.argv[0])} [config/FILE.py ...] [--key=value ...]"]
     names = {f.name for f in fields(cfg)}
-    for line in inspect.getsource(type(cfg)).splitlines()[1:]:
+    source = [line for klass in reversed(type(cfg).__mro__) if dataclasses.is_dataclass(klass)
+              for line in inspect.getsource(klass).splitlines()[1:]]
+    for line in source:
         code, _, comment = line.strip().partition("#")
         name = code.split(":")[0].strip()
-        if not code and comment:                    # a section comment
+        if not code and comment and not line.startswith("     "):  # a section comment, at the fields' indent
             lines.append(f"\n{comment.strip()}:")
+        elif not code and comment:                  # the previous flag's comment, continued
+            lines.append(" " * 41 + comment.strip())
         elif name in names:
             lines.append(f"  --{name}={getattr(cfg, name)!r}".ljust(40) + f" {comment.strip()}")
     return "\n".join(lines)
@@ -233,7 +221,9 @@ def coerce(key, value, default):
 
 
 # keys that may differ between the SAEs of one process: they share the model's forward, the buffer and the batches
-L1_KEYS, JL_KEYS = ("l1_coeff", "l1_warmup_iters"), ("jl_coeff", "jl_on", "jl_warmup_mult", "jl_warmup_iters", "jl_sample")
+L1_KEYS = ("l1_coeff", "l1_warmup_iters")
+JL_KEYS = ("jl_coeff", "jl_on", "jl_warmup_mult", "jl_warmup_iters", "jl_sample", "jl_form", "jl_power", "jl_margin")
+JL_FORM_KEYS = {"jl_power": "power", "jl_margin": "welch"}  # read by that form only
 AUXK_KEYS = ("k", "k_aux", "auxk_coeff")
 ARCH_KEYS = {  # the keys each architecture reads, its sparsity coefficient first (none for the k-sparse ones)
     "relu": ("l1_coeff", "l1_by_decoder_norm"), "topk": AUXK_KEYS, "batchtopk": AUXK_KEYS + ("threshold_rate",),
@@ -242,6 +232,8 @@ ARCH_KEYS = {  # the keys each architecture reads, its sparsity coefficient firs
 ARCHS = tuple(ARCH_KEYS)
 K_SPARSE = ("topk", "batchtopk", "matryoshka", "fsq")  # a code of about k features a token, decoded by gathering rows
 SPARSITY_COEFF = {"relu": "l1_coeff", "jumprelu": "l0_coeff", "vae": "kl_coeff"}
+
+
 # --init_norm=0: each architecture's initial encoder norm (and relu's free decoder rows'). relu starts at 0.1, SAELens
 # 6's decoder_init_norm: at 1 the tied init reconstructs with FVU 13 (half of the features on), and on SmolLM2 that
 # start was still 0.09 FVU behind at L0 40 after 2,000 steps (docs/training.md "the ReLU recipe"). The k-sparse
@@ -252,20 +244,16 @@ SWEEPABLE = ("arch", "loss", "d_sae", "b_dec_init", "init_norm", "lr", "lr_enc",
 
 
 def unused_keys(run):
-    """The swept keys an SAE does not read: other architectures' keys, the JL keys without JL, the sparsity
-    coefficient (and its warmup) with --loss=jl."""
+    """The swept keys an SAE does not read: other architectures' keys, the JL keys without JL (and another form's),
+    the sparsity coefficient (and its warmup) with --loss=jl."""
     arch, loss = run.get("arch", TrainConfig.arch), run.get("loss", TrainConfig.loss)
     read = set(ARCH_KEYS[arch]) | ({"l1_warmup_iters"} if arch in SPARSITY_COEFF else set())
     if loss == "jl":
         read -= {SPARSITY_COEFF.get(arch), "l1_warmup_iters"}
     if loss != "l1":
-        read |= set(JL_KEYS)
+        form = run.get("jl_form", TrainConfig.jl_form)
+        read |= {k for k in JL_KEYS if JL_FORM_KEYS.get(k, form) == form}
     return {k for keys in (*ARCH_KEYS.values(), L1_KEYS, JL_KEYS) for k in keys} - read
-
-
-def canonical_loss(arch, loss):
-    """A k-sparse architecture has no sparsity term: JL alone is JL with its k, the same SAE as hybrid."""
-    return "hybrid" if arch in K_SPARSE and loss == "jl" else loss
 
 
 def expand_sweep(overrides):
@@ -277,33 +265,24 @@ def expand_sweep(overrides):
     runs, names = [], set()
     for combo in itertools.product(*(overrides[k] for k in axes)):
         run = {**overrides, **dict(zip(axes, combo))}
-        if "loss" in run:
-            run["loss"] = canonical_loss(run.get("arch", TrainConfig.arch), run["loss"])
+        if run.get("loss") == "jl" and run.get("arch", TrainConfig.arch) in K_SPARSE:
+            run["loss"] = "hybrid"  # a k-sparse SAE has no sparsity term: JL alone is JL with its k, hybrid's SAE
         unused = unused_keys(run)
         run = {k: v for k, v in run.items() if not (k in axes and k in unused)}  # swept for others: the default
-        name = "-".join(str(run[k]) if k in ("arch", "loss") else f"{k}{run[k]}" for k in axes if k not in unused)
+        name = "-".join(str(run[k]) if k in ("arch", "loss", "jl_form") else f"{k}{run[k]}" for k in axes if k not in unused)
         if name not in names:
             names.add(name)
             runs.append((name, run))
     return runs
 
 
-def parse_args(cfg, argv):
-    """-> a new dataclass with the overrides applied, each printed (one configuration: no lists)."""
-    overrides = parse_overrides(cfg, argv)
-    for key, value in overrides.items():
-        if isinstance(value, list):
-            raise ValueError(f"--{key}={value!r}: one value only here")
-        print(f"override: {key} = {value!r}")
-    return replace(cfg, **overrides)
-
-
 def check_config(cfg, world_size=1):
     """Invariants of a config, as one-line ValueErrors listing what is valid."""
     for key, valid in (("arch", ARCHS), ("loss", LOSSES), ("jl_on", JL_ON), ("decay", DECAYS), ("b_dec_init", B_DEC_INITS),
-                       ("mode", MODES), ("cache_dtype", CACHE_DTYPES)):
+                       ("mode", MODES), ("cache_dtype", CACHE_DTYPES), ("jl_form", JL_FORMS)):
         if getattr(cfg, key) not in valid:
             raise ValueError(f"--{key}={getattr(cfg, key)!r}: valid values are {', '.join(valid)}")
+    jl_margin(cfg.jl_form, cfg.jl_power, cfg.jl_margin, cfg.d_sae, 1)  # --jl_power < 1 or a margin outside [0, 1)
     if cfg.site not in SITES:
         raise ValueError(f"--site={cfg.site!r}: valid sites are {', '.join(SITES)}")
     if cfg.batch_size % world_size:
@@ -334,12 +313,76 @@ def check_config(cfg, world_size=1):
                              f"({cfg.d_sae})")
     if cfg.exclude_pos0 and cfg.block_size < 2:
         raise ValueError("--block_size must be at least 2 with --exclude_pos0=True")
-    if cfg.mode == "finetune" and (not cfg.finetune_dir or cfg.acts):
-        raise ValueError("--mode=finetune needs --finetune_dir=DIR (and no --acts): it tunes the model of --init_from")
-    if cfg.mode == "finetune" and min(cfg.finetune_iters, cfg.lora_rank, cfg.finetune_lr) <= 0:
-        raise ValueError("--finetune_iters, --lora_rank and --finetune_lr must be positive")
-    if cfg.eval_model and not cfg.eval_only:
-        raise ValueError("--eval_model is for --eval_only=True: it scores a trained SAE on another model")
+
+
+# -----------------------------------------------------------------------------
+# tokens: prepare.py's shards, read in steps that stride over the ranks (train) or as fixed contexts (val)
+
+class DataLoaderLite:
+    """Yields (B, T) int64 token batches from the shards of one split. Rank r of W starts at B*T*r and
+    strides B*T*W (nanoGPT/llm.c), moving to the next shard, and past the last back to the first."""
+
+    def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1):
+        self.B, self.T, self.rank, self.world = B, T, process_rank, num_processes
+        self.shards = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
+        if not self.shards:
+            raise ValueError(f"no {split} shards (*_{split}_*.bin) in {data_dir}; HINT: run prepare.py first")
+        self.lengths = [len(read_shard(path)) for path in self.shards]  # validates every header up front
+        if max(self.lengths) < B * T * num_processes:
+            raise ValueError(f"{data_dir}: the largest {split} shard has {max(self.lengths)} tokens, fewer than "
+                             f"one step of {B}x{T}x{num_processes} ranks; prepare more tokens")
+        self.reset()
+
+    def reset(self):
+        self.shard, self.pos = 0, self.B * self.T * self.rank
+        self.tokens = read_shard(self.shards[0])
+
+    def state_dict(self):
+        # the position of rank 0: the same state restores every rank, each adding its own offset
+        return {"shard": self.shard, "pos": self.pos - self.B * self.T * self.rank}
+
+    def load_state_dict(self, state):
+        self.shard, self.pos = state["shard"], state["pos"] + self.B * self.T * self.rank
+        self.tokens = read_shard(self.shards[self.shard])
+
+    def next_batch(self):
+        n = self.B * self.T
+        while self.pos + n > len(self.tokens):  # the rest of this shard is short of a step: next shard
+            self.shard = (self.shard + 1) % len(self.shards)
+            self.pos, self.tokens = n * self.rank, read_shard(self.shards[self.shard])
+        batch = torch.from_numpy(self.tokens[self.pos:self.pos + n].astype(np.int64)).view(self.B, self.T)
+        self.pos += n * self.world
+        return batch
+
+
+def check_tokenizer(data_dir, spec):
+    """Refuses token shards that another tokenizer than the model's (spec) wrote: prepare.json's record of
+    the shards' tokenizer against the model's, by name, else by fingerprint (the same vocabulary, however named)."""
+    from prepare import load_tokenizer, read_tokenizer_record
+    record = read_tokenizer_record(data_dir)
+    if record is None or record["spec"] == spec:
+        return
+    theirs = record.get("fingerprint") or load_tokenizer(record["spec"]).fingerprint()
+    if theirs != load_tokenizer(spec).fingerprint():
+        raise ValueError(f"{data_dir} holds tokens of {record['spec']}, but the model reads {spec}'s; HINT: "
+                         f"python prepare.py --tokenizer={spec} --out_dir=<a new directory>")
+
+
+def val_contexts(data_dir, block_size, n_tokens, what):
+    """The first n_tokens // block_size whole contexts of the val split, each once: (n, block_size) int64.
+    A shorter split gives what it holds, said in one line (evaluation and dashboards never repeat a context)."""
+    shards = sorted(glob.glob(os.path.join(data_dir, "*_val_*.bin")))
+    if not shards:
+        raise ValueError(f"no val shards (*_val_*.bin) in {data_dir}; HINT: run prepare.py first")
+    tokens = np.concatenate([read_shard(path) for path in shards])
+    want, have = max(1, n_tokens // block_size), len(tokens) // block_size
+    if have == 0:
+        raise ValueError(f"{data_dir}: the val split has {len(tokens)} tokens, fewer than one context of {block_size}")
+    if have < want:
+        print(f"{what}: the val split holds {have} contexts of {block_size} tokens ({have * block_size:,} of the "
+              f"{n_tokens:,} asked for); using each once")
+    n = min(want, have)
+    return torch.from_numpy(tokens[:n * block_size].astype(np.int64)).view(n, block_size)
 
 
 # -----------------------------------------------------------------------------
@@ -367,8 +410,8 @@ class Linear(nn.Linear):
 
 
 class LanguageModel(nn.Module):
-    """What sae.py asks of a model, whatever its family: `forward(idx, layer, site, edit, head)` -> logits,
-    `blocks`, `final_norm`, `lm_head`, `down_proj(layer)` (the matrix from mlp_hidden to the residual)."""
+    """What sae.py and analyze.py ask of a model, whatever its family: `forward(idx, layer, site, edit, head)` ->
+    logits, `blocks`, `final_norm`, `lm_head`, `down_proj(layer)` (the matrix from mlp_hidden to the residual)."""
 
     def harvest(self, idx, layer, site):
         """idx (B, T) -> the activation at (layer, site): (B, T, n_embd), or (B, T, n_inner) for
@@ -382,14 +425,21 @@ class LanguageModel(nn.Module):
             return e.act
         raise AssertionError("unreachable: the forward always passes the site")
 
-    @torch.no_grad()
-    def logit_effects(self, layer, site, directions):
-        """The direct effect on the logits of adding each direction at (layer, site): through the MLP's output
-        matrix for mlp_hidden, then the final norm's gain and the unembedding, as TransformerLens folds them
-        (the norm's scale, which depends on the input, left out). directions (k, width) -> (k, vocab)"""
-        if site == "mlp_hidden":
-            directions = directions @ self.down_proj(layer).T        # (k, n_inner) @ (n_inner, C)
-        return (directions * self.final_norm.weight) @ self.lm_head.weight.T  # (k, C) @ (C, vocab)
+
+class SiteBlock(nn.Module):
+    """A pre-norm block with the six SITES in block order, the same in both families, which name their parts:
+    attend (norm and attention), mlp_norm (whose output is mlp_in), mlp.hidden and mlp_out (the MLP's two halves)."""
+
+    def forward(self, x, *rope, site=None, edit=None):
+        """x (B, T, C) -> the residual after the block; rope: the Llama family's (cos, sin). At `site`, edit(act) is
+        called on that activation and its return value replaces it."""
+        at = lambda name, act: edit(act) if name == site else act
+        x = at("resid_pre", x)
+        x = at("resid_mid", x + self.attend(x, *rope))
+        h = at("mlp_in", self.mlp_norm(x))        # (B, T, C)
+        h = at("mlp_hidden", self.mlp.hidden(h))  # (B, T, n_inner)
+        h = at("mlp_out", self.mlp_out(h))        # (B, T, C)
+        return at("resid_post", x + h)
 
 
 # --- GPT-2 (Radford et al. 2019): nanoGPT's model
@@ -428,14 +478,14 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, config.n_inner)  # with GPT-2's "gelu_new" (Hendrycks & Gimpel 2016,
-        self.c_proj = Linear(config.n_inner, config.n_embd)  # tanh form) fused into c_fc: act="gelu_tanh"
+        self.c_fc, self.c_proj = Linear(config.n_embd, config.n_inner), Linear(config.n_inner, config.n_embd)
 
-    def forward(self, x):
-        return self.c_proj(self.c_fc(x, act="gelu_tanh"))
+    def hidden(self, x):
+        """GPT-2's "gelu_new" (Hendrycks & Gimpel 2016, tanh form) fused into c_fc: (B, T, C) -> (B, T, n_inner)."""
+        return self.c_fc(x, act="gelu_tanh")
 
 
-class Block(nn.Module):
+class Block(SiteBlock):
     def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
@@ -444,17 +494,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     mlp_norm = property(lambda self: self.ln_2)  # the norm whose output is mlp_in
-
-    def forward(self, x, site=None, edit=None):
-        """x (B, T, C) -> residual after the block. At `site`, edit(act) is called on that activation and
-        its return value replaces it."""
-        at = lambda name, act: edit(act) if name == site else act
-        x = at("resid_pre", x)
-        x = at("resid_mid", x + self.attn(self.ln_1(x)))
-        h = at("mlp_in", self.ln_2(x))                          # (B, T, C)
-        h = at("mlp_hidden", self.mlp.c_fc(h, act="gelu_tanh"))  # (B, T, n_inner)
-        h = at("mlp_out", self.mlp.c_proj(h))                   # (B, T, C)
-        return at("resid_post", x + h)
+    attend = lambda self, x: self.attn(self.ln_1(x))
+    mlp_out = property(lambda self: self.mlp.c_proj)
 
 
 class GPT(LanguageModel):
@@ -489,7 +530,7 @@ class GPT(LanguageModel):
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
         for i, block in enumerate(self.h):
-            x = block(x, site, edit) if i == layer else block(x)
+            x = block(x, site=site, edit=edit) if i == layer else block(x)
         x = self.ln_f(x)
         return self.lm_head(x) if head else x  # (B, T, vocab) or (B, T, C)
 
@@ -669,7 +710,7 @@ class LlamaMLP(nn.Module):
         return self.gate_proj(x, act="silu") * self.up_proj(x)
 
 
-class LlamaBlock(nn.Module):
+class LlamaBlock(SiteBlock):
     def __init__(self, config, window=0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -678,16 +719,8 @@ class LlamaBlock(nn.Module):
         self.mlp = LlamaMLP(config)
 
     mlp_norm = property(lambda self: self.post_attention_layernorm)
-
-    def forward(self, x, cos, sin, site=None, edit=None):
-        """The same six sites as GPT-2's Block, in the same order."""
-        at = lambda name, act: edit(act) if name == site else act
-        x = at("resid_pre", x)
-        x = at("resid_mid", x + self.self_attn(self.input_layernorm(x), cos, sin))
-        h = at("mlp_in", self.post_attention_layernorm(x))  # (B, T, C)
-        h = at("mlp_hidden", self.mlp.hidden(h))             # (B, T, H)
-        h = at("mlp_out", self.mlp.down_proj(h))             # (B, T, C)
-        return at("resid_post", x + h)
+    attend = lambda self, x, cos, sin: self.self_attn(self.input_layernorm(x), cos, sin)
+    mlp_out = property(lambda self: self.mlp.down_proj)
 
 
 class Llama(LanguageModel):
@@ -739,26 +772,8 @@ class Llama(LanguageModel):
 # --- loading either family from a Hugging Face checkpoint
 
 def checkpoint_file(name_or_path, filename):
-    """A file of a local directory, or of a Hub repo fetched (and cached) by huggingface_hub; None if absent."""
-    if os.path.isdir(name_or_path):
-        path = os.path.join(name_or_path, filename)
-        return path if os.path.exists(path) else None
-    from huggingface_hub import hf_hub_download  # comes with datasets
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-    import huggingface_hub.utils.logging
-    huggingface_hub.utils.logging.set_verbosity_error()  # no retry chatter: one line when offline
-    try:
-        return hf_hub_download(name_or_path, filename)
-    except LocalEntryNotFoundError:  # before its parent class: offline, and not in the local cache
-        raise ValueError(f"could not fetch '{name_or_path}' from the Hugging Face Hub (offline, and not in the "
-                         f"local cache); pass a local directory written by save_pretrained") from None
-    except EntryNotFoundError:
-        return None
-    except GatedRepoError:
-        raise ValueError(f"'{name_or_path}' is gated on the Hugging Face Hub: accept its licence there and log in "
-                         f"(hf auth login, or HF_TOKEN)") from None
-    except RepositoryNotFoundError:
-        raise ValueError(f"'{name_or_path}' is neither a local directory nor a model on the Hugging Face Hub") from None
+    """A file of a local directory or a Hub repo (fetched and cached), None if absent; offline: one line."""
+    return hub_file(name_or_path, filename, f"--init_from={name_or_path}")
 
 
 def read_hf_config(name_or_path):
@@ -825,6 +840,25 @@ def load_model(name_or_path):
     return (GPT if model_family(name_or_path) == "gpt2" else Llama).from_pretrained(name_or_path)
 
 
+def load_lm(cfg, has_site=True):
+    """The frozen model a run reads: a random GPT-2 (init_from=scratch) or a checkpoint of either family; its
+    (layer, site) checked unless has_site is False (a fine-tune reads none). model.tokenizer is the spec of its
+    tokenizer for prepare.load_tokenizer: the checkpoint's own tokenizer.json (the Llama family, or a GPT-2
+    directory that has one), else tiktoken's gpt2."""
+    if cfg.init_from == "scratch":  # a random GPT-2 of the given size (nanoGPT), the same for the same seed
+        torch.manual_seed(cfg.seed)
+        model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+    else:
+        model = load_model(cfg.init_from)
+    own = isinstance(model, Llama) or os.path.isfile(os.path.join(cfg.init_from, "tokenizer.json"))
+    model.tokenizer = cfg.init_from if own else "gpt2"
+    if has_site:
+        check_site(model.config, cfg.layer, cfg.site)
+    if cfg.block_size > model.config.block_size:
+        raise ValueError(f"--block_size={cfg.block_size}: the model has {model.config.block_size} positions")
+    return model.eval().requires_grad_(False)
+
+
 def check_site(config, layer, site):
     if site not in SITES:
         raise ValueError(f"unknown site '{site}'; valid sites: {', '.join(SITES)}")
@@ -837,441 +871,39 @@ def site_width(config, site):
 
 
 # -----------------------------------------------------------------------------
-# token loader over prepare.py's shards
+# activations: what an SAE reads, (N, d_in) rows of one (layer, site): the model's harvest through a
+# shuffling buffer, a .npy file, or the activation cache (harvested once to disk)
+
+def activation_source(cfg, device, autocast, rank=0, world=1):
+    """-> (source of training batches, d_in, model or None, val contexts for evaluation, val rows or None).
+    The source is a .npy file, an activation cache, or the model's harvest over the token shards through the
+    shuffling buffer. Evaluation runs the val contexts through the model (FVU, and CE and KL with the SAE
+    spliced in) wherever there is a model and its token shards; else it scores the held-out rows (FVU only)."""
+    if cfg.acts:
+        source = ActsFile(cfg.acts, cfg.batch_size, cfg.eval_tokens, cfg.seed, rank, world, cfg.micro_batches,
+                          pin=torch.device(device).type == "cuda")
+        d_in = source.d_in
+        shards = os.path.isdir(cfg.acts) and glob.glob(os.path.join(cfg.data_dir, "*_val_*.bin"))
+        if os.path.isdir(cfg.acts) and not shards and rank == 0:
+            print(f"{cfg.acts}: no token shards at {cfg.data_dir} (the cache's data_dir): evaluation without CE and KL")
+        if not shards:  # no model to run: evaluation scores the held-out rows (rank 0 alone evaluates)
+            return source, d_in, None, [], source.val() if rank == 0 else None
+    model = load_lm(cfg).to(device)
+    check_tokenizer(cfg.data_dir, model.tokenizer)
+    if not cfg.acts:
+        loader = DataLoaderLite(cfg.data_dir, "train", cfg.harvest_batch, cfg.block_size, rank, world)
+        def harvest(idx):
+            with torch.no_grad(), autocast:
+                return model.harvest(idx.to(device), cfg.layer, cfg.site)  # (B, T, d_in)
+        source = ActivationBuffer(harvest, loader, cfg.buffer_tokens, cfg.batch_size // world, cfg.seed + rank,
+                                  cfg.exclude_pos0)
+        d_in = site_width(model.config, cfg.site)
+    if rank != 0:  # rank 0 alone evaluates
+        return source, d_in, model, [], None
+    # the same contexts every time
+    contexts = val_contexts(cfg.data_dir, cfg.eval_block_size or cfg.block_size, cfg.eval_tokens, "evaluation")
+    return source, d_in, model, [b.to(device) for b in contexts.split(cfg.harvest_batch)], None
 
-class DataLoaderLite:
-    """Yields (B, T) int64 token batches from the shards of one split. Rank r of W starts at B*T*r and
-    strides B*T*W (nanoGPT/llm.c), moving to the next shard, and past the last back to the first."""
-
-    def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1):
-        self.B, self.T, self.rank, self.world = B, T, process_rank, num_processes
-        self.shards = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
-        if not self.shards:
-            raise ValueError(f"no {split} shards (*_{split}_*.bin) in {data_dir}; HINT: run prepare.py first")
-        self.lengths = [len(read_shard(path)) for path in self.shards]  # validates every header up front
-        if max(self.lengths) < B * T * num_processes:
-            raise ValueError(f"{data_dir}: the largest {split} shard has {max(self.lengths)} tokens, fewer than "
-                             f"one step of {B}x{T}x{num_processes} ranks; prepare more tokens")
-        self.reset()
-
-    def reset(self):
-        self.shard, self.pos = 0, self.B * self.T * self.rank
-        self.tokens = read_shard(self.shards[0])
-
-    def state_dict(self):
-        # the position of rank 0: the same state restores every rank, each adding its own offset
-        return {"shard": self.shard, "pos": self.pos - self.B * self.T * self.rank}
-
-    def load_state_dict(self, state):
-        self.shard, self.pos = state["shard"], state["pos"] + self.B * self.T * self.rank
-        self.tokens = read_shard(self.shards[self.shard])
-
-    def next_batch(self):
-        n = self.B * self.T
-        while self.pos + n > len(self.tokens):  # the rest of this shard is short of a step: next shard
-            self.shard = (self.shard + 1) % len(self.shards)
-            self.pos, self.tokens = n * self.rank, read_shard(self.shards[self.shard])
-        batch = torch.from_numpy(self.tokens[self.pos:self.pos + n].astype(np.int64)).view(self.B, self.T)
-        self.pos += n * self.world
-        return batch
-
-
-# -----------------------------------------------------------------------------
-# the SAEs. Every architecture shares the affine maps of Bricken et al. 2023, with a pre-encoder bias,
-#   pre = (x - b_dec) @ W_enc + b_enc (N, d_sae),   x_hat = f @ W_dec + b_dec (N, d_in),
-# and differs in the code f, the loss's terms and what inference keeps (docs/training.md "architectures"):
-#   relu        f = relu(pre); + l1 sum_i f_i (or sum_i f_i |W_dec,i| with free decoder norms)
-#   topk        the k largest pre of each token, relu'd (Gao et al. 2024); + AuxK
-#   batchtopk   the k N largest relu(pre) of the batch (Bussmann et al. 2024); inference: pre where pre > theta,
-#               one global theta estimated in training; + AuxK
-#   matryoshka  batchtopk, the reconstruction error averaged over nested prefixes of the dictionary
-#               (Bussmann et al. 2025); + AuxK
-#   jumprelu    pre where pre > theta_i, theta_i learned through straight-through estimators
-#               (Rajamanoharan et al. 2024); + l0 #(f > 0)
-#   fsq         topk, then each active value bounded and rounded to one of fsq_levels levels with a
-#               straight-through gradient (finite scalar quantisation, Mentzer et al. 2023); + AuxK
-#   vae         f = relu(z), z ~ N(pre, sigma_i^2) in training and z = pre at inference (Kingma & Welling 2014);
-#               + kl KL(N(pre, sigma^2) || N(m, 1)), m < 0 so that most features sit below 0
-# The k-sparse ones (K_SPARSE) never form a dense code in training: pre comes without autograd, the selection
-# gives (indices, values) (N, K), and sae_kernels.sparse_encode / sparse_decode carry the gradients through the
-# selected entries only. Decoder rows are kept at unit norm except with --l1_by_decoder_norm.
-
-def matryoshka_prefixes(spec, d_sae):
-    """The nested dictionary sizes: spec, or () for the SAEBench recipe's groups of 1/32, 1/16, 1/8, 1/4 and the
-    rest of d_sae, i.e. prefixes at d_sae x (1, 3, 7, 15, 32) / 32."""
-    return tuple(spec) if spec else tuple(max(1, d_sae * n // 32) for n in (1, 3, 7, 15)) + (d_sae,)
-
-
-class SAE(nn.Module):
-    def __init__(self, d_in, d_sae, arch="relu", k=32, free_norms=False, init_threshold=0.1, fsq_levels=8,
-                 prefixes=(), init_norm=0.0):
-        super().__init__()
-        self.arch, self.k, self.free_norms, self.fsq_levels, self.prefixes = arch, k, free_norms, fsq_levels, prefixes
-        init_norm = init_norm or INIT_NORM[arch]
-        # random dictionary directions; the encoder starts as their transpose scaled to init_norm ("tied" init), and
-        # free decoder rows start at that norm too (SAELens 6's decoder_init_norm); unit-norm rows start at 1
-        W_dec = F.normalize(torch.randn(d_sae, d_in), dim=1)
-        # contiguous: W_dec.T * c would keep the transpose's strides, and every step's gradient (row-major from the
-        # matmul) would then be copied into them, a strided copy that cost a tenth of a CPU step
-        self.W_enc = nn.Parameter((W_dec.T * init_norm).contiguous())  # (d_in, d_sae)
-        W_dec = W_dec * (init_norm if free_norms else 1.0)
-        self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.W_dec = nn.Parameter(W_dec)                      # (d_sae, d_in)
-        self.b_dec = nn.Parameter(torch.zeros(d_in))          # pre-encoder bias, subtracted before encoding
-        if arch == "jumprelu":  # the threshold itself, not its log: under Adam a log threshold hardly moves
-            self.threshold = nn.Parameter(torch.full((d_sae,), float(init_threshold)))  # (SAELens PR #718)
-        if arch in ("batchtopk", "matryoshka"):  # the global inference threshold; 0 until training estimates it
-            self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
-        if arch == "fsq":  # each feature's top level; E|x|^2 = d_in shared by k features starts it at sqrt(d_in / k)
-            self.log_scale = nn.Parameter(torch.full((d_sae,), 0.5 * math.log(d_in / k)))
-        if arch == "vae":  # the posterior's standard deviation per feature, starting small
-            self.log_sigma = nn.Parameter(torch.full((d_sae,), math.log(0.1)))
-
-    @classmethod
-    def from_config(cls, d_in, cfg):
-        free_norms = cfg.l1_by_decoder_norm and cfg.arch == "relu"  # the others keep unit-norm rows
-        return cls(d_in, cfg.d_sae, cfg.arch, cfg.k, free_norms, cfg.jumprelu_init_threshold,
-                   cfg.fsq_levels, matryoshka_prefixes(cfg.matryoshka_prefixes, cfg.d_sae), cfg.init_norm)
-
-    def latent_params(self):
-        """The per-feature parameters besides W_enc's columns, b_enc and W_dec's rows (d_sae,)."""
-        return [getattr(self, n) for n in ("threshold", "log_scale", "log_sigma")
-                if isinstance(getattr(self, n, None), nn.Parameter)]
-
-    def pre(self, x):
-        """The dense pre-activations, (x - b_dec) @ W_enc + b_enc: (N, d_in) @ (d_in, d_sae) -> (N, d_sae)."""
-        return linear(x - self.b_dec, self.W_enc.T, self.b_enc).float()  # fp32 also when the matmul ran in bf16
-
-    def encode(self, x):
-        """The inference code f (N, d_sae) of every architecture but relu (the fused kernel's)."""
-        pre = self.pre(x)
-        if self.arch in ("topk", "fsq"):
-            values, indices = pre.topk(self.k, dim=1)  # (N, k), then relu: SAELens's and OpenAI's order
-            values = fsq_code(values, self.log_scale[indices], self.fsq_levels) if self.arch == "fsq" else values.relu()
-            return torch.zeros_like(pre).scatter_(1, indices, values)
-        if self.arch in ("batchtopk", "matryoshka"):
-            if self.threshold == 0:  # not estimated yet: the training selection over this batch
-                indices, keep, _ = batch_topk_select(pre, self.k)
-                return torch.zeros_like(pre).scatter_(1, indices, pre.gather(1, indices) * keep)
-            return pre * (pre > self.threshold)  # a JumpReLU with one threshold (> 0: relu included)
-        if self.arch == "jumprelu":
-            return pre.relu() * (pre > self.threshold)
-        return pre.relu()  # vae: the posterior mean's code
-
-    def forward(self, x, stats=False, code=True):
-        """x (N, d_in) -> (x_hat (N, d_in), f (N, d_sae)); with stats also (l1 (N,), l0 (N,), fired (d_sae,)).
-        relu runs the fused kernel (sae_kernels.py); with free norms f is scaled by the rows' norms, the code of the
-        unit-norm dictionary that the L1 term and every reader of f see, and the kernel weights l1 by them.
-        code=False (training, which reads x_hat and the stats only): f is None, its scaled copy never made."""
-        if self.arch == "relu":
-            norms = self.W_dec.norm(dim=1) if self.free_norms else None  # (d_sae,)
-            x_hat, f, (l1, l0, fired) = encode_relu_decode(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, True,
-                                                           norms)
-            if not code:
-                f = None
-            elif self.free_norms:
-                f = f * norms  # (N, d_sae) * (d_sae,)
-            return (x_hat, f, (l1, l0, fired)) if stats else (x_hat, f)
-        f = self.encode(x)
-        x_hat = linear(f, self.W_dec.T, self.b_dec)  # (N, d_sae) @ (d_sae, d_in)
-        if not stats:
-            return x_hat, f
-        active = f > 0
-        return x_hat, f, (f.sum(dim=1), active.sum(dim=1, dtype=torch.int32), active.sum(dim=0, dtype=torch.int32))
-
-    def dictionary(self, on="dec"):
-        """The unit-norm rows the JL penalty sees: W_dec's rows, or W_enc's columns. (d_sae, d_in)"""
-        return F.normalize(self.W_dec if on == "dec" else self.W_enc.T, dim=1)
-
-    @torch.no_grad()
-    def remove_parallel_grad_(self):
-        # the part of each row's gradient along the row only changes its norm, which is fixed at 1
-        # (Bricken et al. 2023; openai/sparse_autoencoder's unit_norm_decoder_grad_adjustment_)
-        if self.W_dec.grad is not None:
-            g, w = self.W_dec.grad, self.W_dec
-            g -= (g * w).sum(dim=1, keepdim=True) * w  # (d_sae, d_in)
-
-    @torch.no_grad()
-    def unit_norm_decoder_(self):
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
-
-    @torch.no_grad()
-    def fold_decoder_norms_(self):
-        """Free norms folded into the encoder: rows of unit norm, the same x_hat, f scaled by the norms n:
-        W_enc[:, i] *= n_i, b_enc_i *= n_i, threshold_i *= n_i, W_dec[i] /= n_i (SAELens's fold_W_dec_norm)."""
-        n = self.W_dec.norm(dim=1).clamp_min(1e-12)
-        self.W_enc.mul_(n), self.b_enc.mul_(n), self.W_dec.div_(n[:, None])
-        if self.arch == "jumprelu":
-            self.threshold.mul_(n)
-        return self
-
-
-def batch_topk_select(pre, k):
-    """BatchTopK's selection: the k N largest positive entries of pre (N, d_sae). -> (indices (N, K), keep (N, K)
-    bool, t), K the most any row keeps, t the smallest kept value. A flat top-(k N) of N d_sae entries costs 15x
-    a per-row top-k on the CPU, so candidates come per row (4k, widened if some row keeps all of its own)."""
-    N, m = pre.shape
-    width = min(m, 4 * k)
-    while True:
-        values, indices = pre.topk(width, dim=1)  # (N, width), sorted
-        t = values.flatten().topk(min(k * N, values.numel())).values[-1]
-        if width == m or (values[:, -1] < t).all():  # no row can hold a kept entry beyond its candidates
-            break
-        width = min(m, 4 * width)
-    keep = (values >= t) & (values > 0)
-    K = max(int(keep.sum(dim=1).max()), 1)
-    return indices[:, :K], keep[:, :K], t
-
-
-def fsq_code(values, scale_log, levels):
-    """Finite scalar quantisation of active values (N, K): bounded to [0, a) by a tanh(relu(v) / a), a = e^scale_log
-    the feature's top level, then rounded to a (0, 1, ..., L - 1) / (L - 1), the rounding's gradient passed
-    straight through (Mentzer et al. 2023). Level 0 is off: a small value rounds to an inactive feature."""
-    a = scale_log.exp()
-    u = torch.tanh(values.relu() / a) * (levels - 1)
-    return a * (u + (u.round() - u).detach()) / (levels - 1)
-
-
-def near_threshold(pre, theta, eps):
-    """The rectangle kernel K((pre - theta) / eps) = 1[|pre - theta| < eps / 2] of both estimators below."""
-    return ((pre - theta).abs() < eps / 2).to(pre.dtype)
-
-
-class JumpReLU(torch.autograd.Function):
-    """f = pre H(pre - theta); df/dpre = H, df/dtheta = -(theta / eps) K((pre - theta) / eps) with the rectangle
-    kernel K(u) = 1[|u| < 1/2] (Rajamanoharan et al. 2024, eq. 11; the rule dictionary_learning and SAELens use)."""
-    @staticmethod
-    def forward(ctx, pre, theta, eps):
-        ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
-        return pre * (pre > theta)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, theta = ctx.saved_tensors
-        near = near_threshold(pre, theta, ctx.eps)  # (N, d_sae)
-        return grad * (pre > theta), -(theta / ctx.eps) * (near * grad).sum(dim=0), None
-
-
-class Step(torch.autograd.Function):
-    """H(pre - theta), the L0 term; dH/dtheta = -(1 / eps) K((pre - theta) / eps), dH/dpre = 0 (same paper)."""
-    @staticmethod
-    def forward(ctx, pre, theta, eps):
-        ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
-        return (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, theta = ctx.saved_tensors
-        return None, -(near_threshold(pre, theta, ctx.eps) * grad).sum(dim=0) / ctx.eps, None
-
-
-def mse_of(x_hat, x):
-    return (x_hat - x).pow(2).sum(dim=-1).mean()
-
-
-def relu_terms(sae, x, cfg, it, dead):
-    x_hat, _, (l1_rows, l0_rows, fired) = sae(x, stats=True, code=False)  # (N, d_in), (N,), (N,), (d_sae,)
-    l1 = l1_rows.mean()
-    return {"mse": mse_of(x_hat, x), "l1": l1, "sparsity": l1, "l0": l0_rows.float().mean(), "fired": fired}
-
-
-def sparse_terms(sae, x, cfg, it, dead):
-    """The k-sparse architectures, with AuxK: the k_aux largest pre-activations of dead features (relu'd, no
-    b_dec) fit the residual x - x_hat (detached), in the units of mse, weighted auxk_coeff (Gao et al. 2024)."""
-    with torch.no_grad():
-        pre = sae.pre(x)  # (N, d_sae): the step's one dense matmul
-    if sae.arch in ("batchtopk", "matryoshka"):
-        indices, keep, t = batch_topk_select(pre, sae.k)
-        if sae.training:  # the inference threshold: an EMA of the smallest kept value (docs/training.md); tensor ops, no
-            # Python branch on a value (each would wait for the GPU)
-            ema = torch.where(sae.threshold == 0, t, sae.threshold + cfg.threshold_rate * (t - sae.threshold))
-            sae.threshold.copy_(torch.where(t > 0, ema, sae.threshold))
-    else:
-        top, indices = pre.topk(sae.k, dim=1)  # (N, k)
-        keep = top > 0
-    values = sparse_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, indices, pre=pre) * keep  # (N, K), with gradients
-    if sae.arch == "fsq":
-        values = fsq_code(values, sae.log_scale[indices], sae.fsq_levels)
-        keep = values.detach() > 0
-    x_hat = sparse_decode(indices, values, sae.W_dec, sae.b_dec)  # (N, d_in)
-    mse = mse_of(x_hat, x)
-    fired = torch.zeros(pre.shape[1], dtype=torch.int64, device=x.device)  # (d_sae,); not bincount(indices[keep]),
-    fired.index_add_(0, indices.flatten(), keep.flatten().long())          # whose mask and size wait for the GPU
-    terms = {"mse": mse, "l1": values.sum(dim=1).mean(), "l0": keep.sum(dim=1).float().mean(), "fired": fired}
-    if sae.arch == "matryoshka":  # each prefix reconstructs alone; the full dictionary is the last prefix
-        inner = [mse_of(sparse_decode(indices, values * (indices < size), sae.W_dec, sae.b_dec), x)
-                 for size in sae.prefixes[:-1]]
-        terms["recon"] = (sum(inner) + mse) / len(sae.prefixes)
-    # the dead set's size decides the shapes: one wait for the GPU a step (the only one of topk and fsq)
-    dead_ids = dead.nonzero().squeeze(1) if dead is not None and cfg.auxk_coeff > 0 else ()
-    if len(dead_ids):
-        aux_top, aux_at = pre[:, dead_ids].topk(min(cfg.k_aux, len(dead_ids)), dim=1)  # (N, k_aux)
-        aux_indices = dead_ids[aux_at]
-        aux_values = sparse_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, aux_indices, pre=pre) * (aux_top > 0)
-        residual = (x - x_hat).detach()
-        terms["aux"] = mse_of(sparse_decode(aux_indices, aux_values, sae.W_dec), residual)
-    return terms
-
-
-def jumprelu_terms(sae, x, cfg, it, dead):
-    pre = sae.pre(x)  # with autograd: both its gradients are dense here
-    eps = cfg.jumprelu_bandwidth
-    f = JumpReLU.apply(pre, sae.threshold, eps)
-    x_hat = f @ sae.W_dec + sae.b_dec                              # (N, d_sae) @ (d_sae, d_in)
-    l0 = Step.apply(pre, sae.threshold, eps).sum(dim=1).mean()
-    active = f.detach() > 0
-    return {"mse": mse_of(x_hat, x), "l1": f.sum(dim=1).mean(), "sparsity": l0, "l0": l0.detach(),
-            "fired": active.sum(dim=0)}
-
-
-def vae_terms(sae, x, cfg, it, dead):
-    """The reparameterised sample z = mu + sigma eps, eps drawn from (seed, iteration) so a resumed run draws
-    the same; KL(N(mu, sigma^2) || N(m, 1)) = (sigma^2 + (mu - m)^2 - 1) / 2 - log sigma, summed over features."""
-    mu = sae.pre(x)
-    # drawn on mu's device: (N, d_sae) normals made on the CPU and copied cost a CUDA step more than the step
-    eps = torch.randn(mu.shape, generator=torch.Generator(mu.device).manual_seed(cfg.seed + it), device=mu.device)
-    f = (mu + sae.log_sigma.exp() * eps).relu()
-    x_hat = f @ sae.W_dec + sae.b_dec                              # (N, d_sae) @ (d_sae, d_in)
-    kl = (0.5 * ((2 * sae.log_sigma).exp() + (mu - cfg.vae_prior_mean).pow(2) - 1) - sae.log_sigma).sum(dim=1).mean()
-    active = mu.detach() > 0  # what inference keeps (z = mu): the tracker counts these
-    return {"mse": mse_of(x_hat, x), "l1": f.sum(dim=1).mean(), "sparsity": kl, "l0": active.sum(dim=1).float().mean(),
-            "fired": active.sum(dim=0)}
-
-
-ARCH_TERMS = {"relu": relu_terms, "jumprelu": jumprelu_terms, "vae": vae_terms,
-              **{arch: sparse_terms for arch in K_SPARSE}}
-
-
-def sae_loss(sae, x, cfg, it, dead=None):
-    """-> (loss, terms, fired). mse = mean over the batch of sum over d_in of (x_hat - x)^2 (matryoshka: averaged
-    over its prefixes); l1 = mean over the batch of sum over features of f; l0 = mean number of active features;
-    the architecture's sparsity term (relu: l1, jumprelu: L0, vae: KL) with --loss=l1 or hybrid; jl = the JL mean
-    of sae_kernels.jl_penalty with --loss=jl or hybrid; aux = AuxK (k-sparse architectures, dead (d_sae,) bool given);
-    fired (d_sae,) = how many of the batch activated each feature."""
-    terms = ARCH_TERMS[sae.arch](sae, x, cfg, it, dead)
-    loss = terms.pop("recon", terms["mse"])
-    if cfg.loss in ("l1", "hybrid") and "sparsity" in terms:
-        loss = loss + sparsity_coeff_at(cfg, it) * terms["sparsity"]
-    if "aux" in terms:
-        loss = loss + cfg.auxk_coeff * terms["aux"]
-    terms["jl"] = torch.zeros((), device=x.device)
-    if cfg.loss in ("jl", "hybrid"):
-        with torch.autocast(x.device.type, enabled=False):  # fp32 always: atanh |cos| is steep near |cos| = 1
-            terms["jl"] = jl_penalty(sae.dictionary(cfg.jl_on), cfg.jl_sample,
-                                     torch.Generator(x.device).manual_seed(cfg.seed + it))
-        loss = loss + jl_coeff_at(cfg, it) * terms["jl"]
-    terms.pop("sparsity", None)
-    return loss, terms, terms.pop("fired")
-
-
-def sae_step(sae, optimizer, loss, cfg, world_size=1):
-    """One update from one batch's loss: backward, then sae_update."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    sae_update(sae, optimizer, cfg, world_size)
-
-
-def backward_in_pieces(sae, optimizer, x, cfg, it, dead, autocast):
-    """Forward and backward over the batch x (per_rank, d_in) in cfg.micro_batches pieces, each piece's loss divided
-    by their number, so that .grad holds the gradient of the pieces' mean loss, summed in piece order. The buffers a
-    forward estimates (batchtopk's threshold) start each piece where the step started and end as the pieces' mean,
-    as ranks' buffers are averaged. With 2 pieces this is the arithmetic of 2 ranks of 1 piece, bit for bit: g0/2 +
-    g1/2 equals (g0 + g1)/2, halving being exact. -> (loss, terms, fired): mean loss and terms, summed firings."""
-    optimizer.zero_grad(set_to_none=True)
-    pieces, start = x.chunk(cfg.micro_batches), [b.clone() for b in sae.buffers()]
-    buffer_sums, loss_sum, term_sums, fired_sum = [torch.zeros_like(b) for b in start], 0, {}, 0
-    for piece in pieces:
-        for b, b0 in zip(sae.buffers(), start):
-            b.copy_(b0)
-        with autocast:  # the backward runs in the forward's dtypes
-            loss, terms, fired = sae_loss(sae, piece, cfg, it, dead)
-        (loss / len(pieces)).backward()
-        for acc, b in zip(buffer_sums, sae.buffers()):
-            acc += b
-        loss_sum, fired_sum = loss_sum + loss.detach(), fired_sum + fired
-        term_sums = {k: term_sums.get(k, 0) + v.detach() for k, v in terms.items()}
-    for b, acc in zip(sae.buffers(), buffer_sums):
-        b.copy_(acc / len(pieces))
-    return loss_sum / len(pieces), {k: v / len(pieces) for k, v in term_sums.items()}, fired_sum
-
-
-def sae_update(sae, optimizer, cfg, world_size=1):
-    """One update from the gradients in .grad: gradients (and estimated thresholds) averaged over ranks; the
-    decoder's along-row component removed; clipping; Adam; decoder rows renormalised (both skipped with free norms);
-    JumpReLU's thresholds kept >= 0."""
-    if world_size > 1:  # average the gradients (gloo has no AVG), and the buffers each rank estimated
-        import torch.distributed as dist
-        for t in [p.grad for p in sae.parameters() if p.grad is not None] + list(sae.buffers()):
-            dist.all_reduce(t)
-            t /= world_size
-    if not sae.free_norms:
-        sae.remove_parallel_grad_()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-    optimizer.step()
-    if not sae.free_norms:
-        sae.unit_norm_decoder_()
-    if sae.arch == "jumprelu":
-        with torch.no_grad():
-            sae.threshold.clamp_(min=0)
-
-
-def sparsity_coeff_at(cfg, it):
-    """The architecture's sparsity coefficient (l1_coeff, l0_coeff or kl_coeff), warmed up linearly from 0 over
-    l1_warmup_iters (Anthropic, April 2024 update; Gemma Scope warms up its L0 coefficient too)."""
-    return getattr(cfg, SPARSITY_COEFF[cfg.arch]) * min(1.0, (it + 1) / max(cfg.l1_warmup_iters, 1))
-
-
-def jl_coeff_at(cfg, it):
-    """jl_warmup_mult * jl_coeff at iteration 0, cosine decay to jl_coeff at jl_warmup_iters, then constant:
-    a strong early push keeps the dictionary spread out before the reconstruction takes over."""
-    progress = min(1.0, it / max(cfg.jl_warmup_iters, 1))
-    return cfg.jl_coeff * (1 + (cfg.jl_warmup_mult - 1) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def get_lr_mult(cfg, it):
-    """Learning-rate multiplier: linear warmup, then constant, cosine to min_lr_frac, or linear to 0 over
-    the last decay_frac of training (Anthropic, April 2024 update)."""
-    if it < cfg.warmup_iters:
-        return (it + 1) / cfg.warmup_iters
-    if cfg.decay == "cosine":
-        progress = (it - cfg.warmup_iters) / max(cfg.max_iters - cfg.warmup_iters, 1)
-        return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    if cfg.decay == "linear":
-        decay_start = cfg.max_iters * (1 - cfg.decay_frac)
-        return 1.0 if it < decay_start else max(0.0, (cfg.max_iters - it) / (cfg.max_iters - decay_start))
-    return 1.0
-
-
-@torch.no_grad()
-def geometric_median(x, iters=100, eps=1e-8):
-    """Weiszfeld's algorithm: argmin_y sum_i |x_i - y|, x (N, d) -> (d,). Starts at the mean."""
-    y = x.mean(dim=0)
-    for _ in range(iters):
-        w = 1 / (x - y).norm(dim=1).clamp_min(eps)  # (N,)
-        y_next = (w[:, None] * x).sum(dim=0) / w.sum()
-        if (y_next - y).norm() < 1e-6 * y.norm().clamp_min(1e-12):
-            return y_next
-        y = y_next
-    return y
-
-
-@torch.no_grad()
-def mean_max_cosine(W, block=1024):
-    """Mean over rows of the largest |cos| with any other row, W (n, d); blocked so memory is block x n."""
-    W = F.normalize(W.float(), dim=1)
-    best = torch.empty(W.shape[0], device=W.device)
-    for i in range(0, W.shape[0], block):
-        G = (W[i:i + block] @ W.T).abs()  # (block, d) @ (d, n) -> (block, n)
-        G[torch.arange(G.shape[0]), torch.arange(i, i + G.shape[0])] = 0  # not with itself
-        best[i:i + block] = G.max(dim=1).values
-    return best.mean().item()
-
-
-# -----------------------------------------------------------------------------
-# activations: a shuffling buffer over the model's harvest, a .npy file, or the activation cache
 
 class ActivationBuffer:
     """Harvests contexts into halves of n_tokens/2 activations and serves shuffled batches, refilling a half
@@ -1437,16 +1069,15 @@ def read_cache_manifest(cache_dir, complete=True):
     return manifest
 
 
-def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)  # atomic: a crash leaves the previous file whole
-
-
-def write_npy(path, array):
-    with open(path + ".tmp", "wb") as f:
-        np.save(f, array)
+def write_atomic(path, write, mode="w"):
+    """write(file) into path.tmp, then renamed to path: a crash leaves the previous file whole (json, .npy, ckpt.pt)."""
+    with open(path + ".tmp", mode) as f:
+        write(f)
     os.replace(path + ".tmp", path)
+
+
+write_json = lambda path, obj: write_atomic(path, lambda f: json.dump(obj, f, indent=1))
+write_npy = lambda path, array: write_atomic(path, lambda f: np.save(f, array), "wb")
 
 
 def progress(iterable=None, **kwargs):
@@ -1538,23 +1169,336 @@ def write_activation_cache(cfg, device, autocast):
     return manifest
 
 
-def synthetic_activations(n, d, n_true, k, seed=0):
-    """Activations with a known answer: each row a sum of k of n_true random unit directions (drawn with
-    Zipf-like frequencies p_i ~ 1/sqrt(i)), with non-negative magnitudes U(0.5, 1.5).
-    -> (X (n, d) float32, true directions (n_true, d) float32)"""
-    g = np.random.default_rng(seed)
-    D = g.standard_normal((n_true, d))
-    D /= np.linalg.norm(D, axis=1, keepdims=True)
-    p = 1 / np.sqrt(np.arange(1, n_true + 1))
-    X = np.zeros((n, d))
-    for i in range(n):
-        active = g.choice(n_true, size=k, replace=False, p=p / p.sum())
-        X[i] = g.uniform(0.5, 1.5, size=k) @ D[active]  # (k,) @ (k, d) -> (d,)
-    return X.astype(np.float32), D.astype(np.float32)
+# -----------------------------------------------------------------------------
+# the SAEs. Every architecture shares the affine maps of Bricken et al. 2023, with a pre-encoder bias,
+#   pre = (x - b_dec) @ W_enc + b_enc (N, d_sae),   x_hat = f @ W_dec + b_dec (N, d_in),
+# and differs in the code f, the loss's terms and what inference keeps (docs/training.md "architectures"):
+#   relu        f = relu(pre); + l1 sum_i f_i (or sum_i f_i |W_dec,i| with free decoder norms)
+#   topk        the k largest pre of each token, relu'd (Gao et al. 2024); + AuxK
+#   batchtopk   the k N largest relu(pre) of the batch (Bussmann et al. 2024); inference: pre where pre > theta,
+#               one global theta estimated in training; + AuxK
+#   matryoshka  batchtopk, the reconstruction error averaged over nested prefixes of the dictionary
+#               (Bussmann et al. 2025); + AuxK
+#   jumprelu    pre where pre > theta_i, theta_i learned through straight-through estimators
+#               (Rajamanoharan et al. 2024); + l0 #(f > 0)
+#   fsq         topk, then each active value bounded and rounded to one of fsq_levels levels with a
+#               straight-through gradient (finite scalar quantisation, Mentzer et al. 2023); + AuxK
+#   vae         f = relu(z), z ~ N(pre, sigma_i^2) in training and z = pre at inference (Kingma & Welling 2014);
+#               + kl KL(N(pre, sigma^2) || N(m, 1)), m < 0 so that most features sit below 0
+# The k-sparse ones (K_SPARSE) never form a dense code in training: pre comes without autograd, the selection
+# gives (indices, values) (N, K), and sae_kernels.sparse_encode / sparse_decode carry the gradients through the
+# selected entries only. Decoder rows are kept at unit norm except with --l1_by_decoder_norm.
+
+def matryoshka_prefixes(spec, d_sae):
+    """The nested dictionary sizes: spec, or () for the SAEBench recipe's groups of 1/32, 1/16, 1/8, 1/4 and the
+    rest of d_sae, i.e. prefixes at d_sae x (1, 3, 7, 15, 32) / 32."""
+    return tuple(spec) if spec else tuple(max(1, d_sae * n // 32) for n in (1, 3, 7, 15)) + (d_sae,)
+
+
+class SAE(nn.Module):
+    def __init__(self, d_in, d_sae, arch="relu", k=32, free_norms=False, init_threshold=0.1, fsq_levels=8,
+                 prefixes=(), init_norm=0.0):
+        super().__init__()
+        self.arch, self.k, self.free_norms, self.fsq_levels, self.prefixes = arch, k, free_norms, fsq_levels, prefixes
+        init_norm = init_norm or INIT_NORM[arch]
+        # random dictionary directions; the encoder starts as their transpose scaled to init_norm ("tied" init), and
+        # free decoder rows start at that norm too (SAELens 6's decoder_init_norm); unit-norm rows start at 1
+        W_dec = F.normalize(torch.randn(d_sae, d_in), dim=1)
+        # contiguous: W_dec.T * c would keep the transpose's strides, and every step's gradient (row-major from the
+        # matmul) would then be copied into them, a strided copy that cost a tenth of a CPU step
+        self.W_enc = nn.Parameter((W_dec.T * init_norm).contiguous())  # (d_in, d_sae)
+        W_dec = W_dec * (init_norm if free_norms else 1.0)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(W_dec)                      # (d_sae, d_in)
+        self.b_dec = nn.Parameter(torch.zeros(d_in))          # pre-encoder bias, subtracted before encoding
+        if arch == "jumprelu":  # the threshold itself, not its log: under Adam a log threshold hardly moves
+            self.threshold = nn.Parameter(torch.full((d_sae,), float(init_threshold)))  # (SAELens PR #718)
+        if arch in ("batchtopk", "matryoshka"):  # the global inference threshold; 0 until training estimates it
+            self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
+        if arch == "fsq":  # each feature's top level; E|x|^2 = d_in shared by k features starts it at sqrt(d_in / k)
+            self.log_scale = nn.Parameter(torch.full((d_sae,), 0.5 * math.log(d_in / k)))
+        if arch == "vae":  # the posterior's standard deviation per feature, starting small
+            self.log_sigma = nn.Parameter(torch.full((d_sae,), math.log(0.1)))
+
+    @classmethod
+    def from_config(cls, d_in, cfg):
+        free_norms = cfg.l1_by_decoder_norm and cfg.arch == "relu"  # the others keep unit-norm rows
+        return cls(d_in, cfg.d_sae, cfg.arch, cfg.k, free_norms, cfg.jumprelu_init_threshold,
+                   cfg.fsq_levels, matryoshka_prefixes(cfg.matryoshka_prefixes, cfg.d_sae), cfg.init_norm)
+
+    def latent_params(self):
+        """The per-feature parameters besides W_enc's columns, b_enc and W_dec's rows (d_sae,)."""
+        return [getattr(self, n) for n in ("threshold", "log_scale", "log_sigma")
+                if isinstance(getattr(self, n, None), nn.Parameter)]
+
+    def pre(self, x):
+        """The dense pre-activations, (x - b_dec) @ W_enc + b_enc: (N, d_in) @ (d_in, d_sae) -> (N, d_sae)."""
+        return linear(x - self.b_dec, self.W_enc.T, self.b_enc).float()  # fp32 also when the matmul ran in bf16
+
+    def encode(self, x):
+        """The inference code f (N, d_sae) of every architecture but relu (the fused kernel's)."""
+        pre = self.pre(x)
+        if self.arch in ("topk", "fsq"):
+            values, indices = pre.topk(self.k, dim=1)  # (N, k), then relu: SAELens's and OpenAI's order
+            values = fsq_code(values, self.log_scale[indices], self.fsq_levels) if self.arch == "fsq" else values.relu()
+            return torch.zeros_like(pre).scatter_(1, indices, values)
+        if self.arch in ("batchtopk", "matryoshka"):
+            if self.threshold == 0:  # not estimated yet: the training selection over this batch
+                indices, keep, _ = batch_topk_select(pre, self.k)
+                return torch.zeros_like(pre).scatter_(1, indices, pre.gather(1, indices) * keep)
+            return pre * (pre > self.threshold)  # a JumpReLU with one threshold (> 0: relu included)
+        if self.arch == "jumprelu":
+            return pre.relu() * (pre > self.threshold)
+        return pre.relu()  # vae: the posterior mean's code
+
+    def forward(self, x, stats=False, code=True):
+        """x (N, d_in) -> (x_hat (N, d_in), f (N, d_sae)); with stats also (l1 (N,), l0 (N,), fired (d_sae,)).
+        relu runs the fused kernel (sae_kernels.py); with free norms f is scaled by the rows' norms, the code of the
+        unit-norm dictionary that the L1 term and every reader of f see, and the kernel weights l1 by them.
+        code=False (training, which reads x_hat and the stats only): f is None, its scaled copy never made."""
+        if self.arch == "relu":
+            norms = self.W_dec.norm(dim=1) if self.free_norms else None  # (d_sae,)
+            x_hat, f, (l1, l0, fired) = encode_relu_decode(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, True,
+                                                           norms)
+            if not code:
+                f = None
+            elif self.free_norms:
+                f = f * norms  # (N, d_sae) * (d_sae,)
+            return (x_hat, f, (l1, l0, fired)) if stats else (x_hat, f)
+        f = self.encode(x)
+        x_hat = linear(f, self.W_dec.T, self.b_dec)  # (N, d_sae) @ (d_sae, d_in)
+        if not stats:
+            return x_hat, f
+        active = f > 0
+        return x_hat, f, (f.sum(dim=1), active.sum(dim=1, dtype=torch.int32), active.sum(dim=0, dtype=torch.int32))
+
+    def dictionary(self, on="dec"):
+        """The unit-norm rows the JL penalty sees: W_dec's rows, or W_enc's columns. (d_sae, d_in)"""
+        return F.normalize(self.W_dec if on == "dec" else self.W_enc.T, dim=1)
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self):
+        # the part of each row's gradient along the row only changes its norm, which is fixed at 1
+        # (Bricken et al. 2023; openai/sparse_autoencoder's unit_norm_decoder_grad_adjustment_)
+        if self.W_dec.grad is not None:
+            g, w = self.W_dec.grad, self.W_dec
+            g -= (g * w).sum(dim=1, keepdim=True) * w  # (d_sae, d_in)
+
+    @torch.no_grad()
+    def unit_norm_decoder_(self):
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def geometric_median(x, iters=100, eps=1e-8):
+    """Weiszfeld's algorithm: argmin_y sum_i |x_i - y|, x (N, d) -> (d,). Starts at the mean."""
+    y = x.mean(dim=0)
+    for _ in range(iters):
+        w = 1 / (x - y).norm(dim=1).clamp_min(eps)  # (N,)
+        y_next = (w[:, None] * x).sum(dim=0) / w.sum()
+        if (y_next - y).norm() < 1e-6 * y.norm().clamp_min(1e-12):
+            return y_next
+        y = y_next
+    return y
 
 
 # -----------------------------------------------------------------------------
-# tracking and resampling
+# the loss: each architecture's terms (reconstruction, its sparsity term, AuxK) and the JL penalty
+# (sae_kernels.jl_penalty), with their coefficients' schedules
+
+def mse_of(x_hat, x):
+    return (x_hat - x).pow(2).sum(dim=-1).mean()
+
+
+def relu_terms(sae, x, cfg, it, dead):
+    x_hat, _, (l1_rows, l0_rows, fired) = sae(x, stats=True, code=False)  # (N, d_in), (N,), (N,), (d_sae,)
+    l1 = l1_rows.mean()
+    return {"mse": mse_of(x_hat, x), "l1": l1, "sparsity": l1, "l0": l0_rows.float().mean(), "fired": fired}
+
+
+def sparse_terms(sae, x, cfg, it, dead):
+    """The k-sparse architectures, with AuxK: the k_aux largest pre-activations of dead features (relu'd, no
+    b_dec) fit the residual x - x_hat (detached), in the units of mse, weighted auxk_coeff (Gao et al. 2024)."""
+    with torch.no_grad():
+        pre = sae.pre(x)  # (N, d_sae): the step's one dense matmul
+    if sae.arch in ("batchtopk", "matryoshka"):
+        indices, keep, t = batch_topk_select(pre, sae.k)
+        if sae.training:  # the inference threshold: an EMA of the smallest kept value (docs/training.md); tensor ops, no
+            # Python branch on a value (each would wait for the GPU)
+            ema = torch.where(sae.threshold == 0, t, sae.threshold + cfg.threshold_rate * (t - sae.threshold))
+            sae.threshold.copy_(torch.where(t > 0, ema, sae.threshold))
+    else:
+        top, indices = pre.topk(sae.k, dim=1)  # (N, k)
+        keep = top > 0
+    values = sparse_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, indices, pre=pre) * keep  # (N, K), with gradients
+    if sae.arch == "fsq":
+        values = fsq_code(values, sae.log_scale[indices], sae.fsq_levels)
+        keep = values.detach() > 0
+    x_hat = sparse_decode(indices, values, sae.W_dec, sae.b_dec)  # (N, d_in)
+    mse = mse_of(x_hat, x)
+    fired = torch.zeros(pre.shape[1], dtype=torch.int64, device=x.device)  # (d_sae,); not bincount(indices[keep]),
+    fired.index_add_(0, indices.flatten(), keep.flatten().long())          # whose mask and size wait for the GPU
+    terms = {"mse": mse, "l1": values.sum(dim=1).mean(), "l0": keep.sum(dim=1).float().mean(), "fired": fired}
+    if sae.arch == "matryoshka":  # each prefix reconstructs alone; the full dictionary is the last prefix
+        inner = [mse_of(sparse_decode(indices, values * (indices < size), sae.W_dec, sae.b_dec), x)
+                 for size in sae.prefixes[:-1]]
+        terms["recon"] = (sum(inner) + mse) / len(sae.prefixes)
+    # the dead set's size decides the shapes: one wait for the GPU a step (the only one of topk and fsq)
+    dead_ids = dead.nonzero().squeeze(1) if dead is not None and cfg.auxk_coeff > 0 else ()
+    if len(dead_ids):
+        aux_top, aux_at = pre[:, dead_ids].topk(min(cfg.k_aux, len(dead_ids)), dim=1)  # (N, k_aux)
+        aux_indices = dead_ids[aux_at]
+        aux_values = sparse_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, aux_indices, pre=pre) * (aux_top > 0)
+        residual = (x - x_hat).detach()
+        terms["aux"] = mse_of(sparse_decode(aux_indices, aux_values, sae.W_dec), residual)
+    return terms
+
+
+def jumprelu_terms(sae, x, cfg, it, dead):
+    pre = sae.pre(x)  # with autograd: both its gradients are dense here
+    eps = cfg.jumprelu_bandwidth
+    f = JumpReLU.apply(pre, sae.threshold, eps)
+    x_hat = f @ sae.W_dec + sae.b_dec                              # (N, d_sae) @ (d_sae, d_in)
+    l0 = Step.apply(pre, sae.threshold, eps).sum(dim=1).mean()
+    active = f.detach() > 0
+    return {"mse": mse_of(x_hat, x), "l1": f.sum(dim=1).mean(), "sparsity": l0, "l0": l0.detach(),
+            "fired": active.sum(dim=0)}
+
+
+def vae_terms(sae, x, cfg, it, dead):
+    """The reparameterised sample z = mu + sigma eps, eps drawn from (seed, iteration) so a resumed run draws
+    the same; KL(N(mu, sigma^2) || N(m, 1)) = (sigma^2 + (mu - m)^2 - 1) / 2 - log sigma, summed over features."""
+    mu = sae.pre(x)
+    # drawn on mu's device: (N, d_sae) normals made on the CPU and copied cost a CUDA step more than the step
+    eps = torch.randn(mu.shape, generator=torch.Generator(mu.device).manual_seed(cfg.seed + it), device=mu.device)
+    f = (mu + sae.log_sigma.exp() * eps).relu()
+    x_hat = f @ sae.W_dec + sae.b_dec                              # (N, d_sae) @ (d_sae, d_in)
+    kl = (0.5 * ((2 * sae.log_sigma).exp() + (mu - cfg.vae_prior_mean).pow(2) - 1) - sae.log_sigma).sum(dim=1).mean()
+    active = mu.detach() > 0  # what inference keeps (z = mu): the tracker counts these
+    return {"mse": mse_of(x_hat, x), "l1": f.sum(dim=1).mean(), "sparsity": kl, "l0": active.sum(dim=1).float().mean(),
+            "fired": active.sum(dim=0)}
+
+
+ARCH_TERMS = {"relu": relu_terms, "jumprelu": jumprelu_terms, "vae": vae_terms,
+              **{arch: sparse_terms for arch in K_SPARSE}}
+
+
+def sae_loss(sae, x, cfg, it, dead=None):
+    """-> (loss, terms, fired). mse = mean over the batch of sum over d_in of (x_hat - x)^2 (matryoshka: averaged
+    over its prefixes); l1 = mean over the batch of sum over features of f; l0 = mean number of active features;
+    the architecture's sparsity term (relu: l1, jumprelu: L0, vae: KL) with --loss=l1 or hybrid; jl = the JL mean
+    of sae_kernels.jl_penalty with --loss=jl or hybrid; aux = AuxK (k-sparse architectures, dead (d_sae,) bool given);
+    fired (d_sae,) = how many of the batch activated each feature."""
+    terms = ARCH_TERMS[sae.arch](sae, x, cfg, it, dead)
+    loss = terms.pop("recon", terms["mse"])
+    if cfg.loss in ("l1", "hybrid") and "sparsity" in terms:
+        loss = loss + sparsity_coeff_at(cfg, it) * terms["sparsity"]
+    if "aux" in terms:
+        loss = loss + cfg.auxk_coeff * terms["aux"]
+    terms["jl"] = torch.zeros((), device=x.device)
+    if cfg.loss in ("jl", "hybrid"):
+        with torch.autocast(x.device.type, enabled=False):  # fp32 always: atanh |cos| is steep near |cos| = 1
+            terms["jl"] = jl_penalty(sae.dictionary(cfg.jl_on), cfg.jl_sample, torch.Generator(x.device).manual_seed(
+                cfg.seed + it), cfg.jl_form, cfg.jl_power, cfg.jl_margin)
+        loss = loss + jl_coeff_at(cfg, it) * terms["jl"]
+    terms.pop("sparsity", None)
+    return loss, terms, terms.pop("fired")
+
+
+def sparsity_coeff_at(cfg, it):
+    """The architecture's sparsity coefficient (l1_coeff, l0_coeff or kl_coeff), warmed up linearly from 0 over
+    l1_warmup_iters (Anthropic, April 2024 update; Gemma Scope warms up its L0 coefficient too)."""
+    return getattr(cfg, SPARSITY_COEFF[cfg.arch]) * min(1.0, (it + 1) / max(cfg.l1_warmup_iters, 1))
+
+
+def jl_coeff_at(cfg, it):
+    """jl_warmup_mult * jl_coeff at iteration 0, cosine decay to jl_coeff at jl_warmup_iters, then constant:
+    a strong early push keeps the dictionary spread out before the reconstruction takes over."""
+    progress = min(1.0, it / max(cfg.jl_warmup_iters, 1))
+    return cfg.jl_coeff * (1 + (cfg.jl_warmup_mult - 1) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# -----------------------------------------------------------------------------
+# the step: one update of one SAE from one batch (forward and backward in pieces, gradients averaged
+# over ranks, Adam, the decoder's norms) at the scheduled learning rate; and what the step tracks:
+# firing frequencies and dead features, which resampling gives new directions
+
+def get_lr_mult(cfg, it):
+    """Learning-rate multiplier: linear warmup, then constant, cosine to min_lr_frac, or linear to 0 over
+    the last decay_frac of training (Anthropic, April 2024 update)."""
+    if it < cfg.warmup_iters:
+        return (it + 1) / cfg.warmup_iters
+    if cfg.decay == "cosine":
+        progress = (it - cfg.warmup_iters) / max(cfg.max_iters - cfg.warmup_iters, 1)
+        return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if cfg.decay == "linear":
+        decay_start = cfg.max_iters * (1 - cfg.decay_frac)
+        return 1.0 if it < decay_start else max(0.0, (cfg.max_iters - it) / (cfg.max_iters - decay_start))
+    return 1.0
+
+
+def train_step(run, x, it, autocast, world_size=1):
+    """One iteration of one SAE on the batch x (per_rank, d_in): learning rate, forward and backward (in pieces),
+    update, feature tracking. On a GPU nothing in it waits for the device, but where shapes follow values
+    (batchtopk's selection, AuxK's dead set; test_sae.py's STEP_WAITS lists each). -> (loss, terms, lr multiplier)"""
+    import torch.distributed as dist
+    lr_mult = get_lr_mult(run.cfg, it)
+    for group, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
+        group["lr"] = base_lr * lr_mult
+    dead = run.tracker.dead() if run.cfg.arch in K_SPARSE else None
+    loss, terms, fired = backward_in_pieces(run.train_sae, run.optimizer, x, run.cfg, it, dead, autocast)
+    run.finite = run.finite & torch.isfinite(loss)  # read at log steps and saves (check_finite)
+    sae_update(run.sae, run.optimizer, run.cfg, world_size)
+    if world_size > 1:
+        dist.all_reduce(fired)
+    run.tracker.update(fired, run.cfg.batch_size)
+    return loss, terms, lr_mult
+
+
+def backward_in_pieces(sae, optimizer, x, cfg, it, dead, autocast):
+    """Forward and backward over the batch x (per_rank, d_in) in cfg.micro_batches pieces, each piece's loss divided
+    by their number, so that .grad holds the gradient of the pieces' mean loss, summed in piece order. The buffers a
+    forward estimates (batchtopk's threshold) start each piece where the step started and end as the pieces' mean,
+    as ranks' buffers are averaged. With 2 pieces this is the arithmetic of 2 ranks of 1 piece, bit for bit: g0/2 +
+    g1/2 equals (g0 + g1)/2, halving being exact. -> (loss, terms, fired): mean loss and terms, summed firings."""
+    optimizer.zero_grad(set_to_none=True)
+    pieces, start = x.chunk(cfg.micro_batches), [b.clone() for b in sae.buffers()]
+    buffer_sums, loss_sum, term_sums, fired_sum = [torch.zeros_like(b) for b in start], 0, {}, 0
+    for piece in pieces:
+        for b, b0 in zip(sae.buffers(), start):
+            b.copy_(b0)
+        with autocast:  # the backward runs in the forward's dtypes
+            loss, terms, fired = sae_loss(sae, piece, cfg, it, dead)
+        (loss / len(pieces)).backward()
+        for acc, b in zip(buffer_sums, sae.buffers()):
+            acc += b
+        loss_sum, fired_sum = loss_sum + loss.detach(), fired_sum + fired
+        term_sums = {k: term_sums.get(k, 0) + v.detach() for k, v in terms.items()}
+    for b, acc in zip(sae.buffers(), buffer_sums):
+        b.copy_(acc / len(pieces))
+    return loss_sum / len(pieces), {k: v / len(pieces) for k, v in term_sums.items()}, fired_sum
+
+
+def sae_update(sae, optimizer, cfg, world_size=1):
+    """One update from the gradients in .grad: gradients (and estimated thresholds) averaged over ranks; the
+    decoder's along-row component removed; clipping; Adam; decoder rows renormalised (both skipped with free norms);
+    JumpReLU's thresholds kept >= 0."""
+    if world_size > 1:  # average the gradients (gloo has no AVG), and the buffers each rank estimated
+        import torch.distributed as dist
+        for t in [p.grad for p in sae.parameters() if p.grad is not None] + list(sae.buffers()):
+            dist.all_reduce(t)
+            t /= world_size
+    if not sae.free_norms:
+        sae.remove_parallel_grad_()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    optimizer.step()
+    if not sae.free_norms:
+        sae.unit_norm_decoder_()
+    if sae.arch == "jumprelu":
+        with torch.no_grad():
+            sae.threshold.clamp_(min=0)
+
 
 class FeatureTracker:
     """Dead features, exactly: a feature is dead when it has not fired in the last `window` tokens (counted
@@ -1600,14 +1544,6 @@ class FeatureTracker:
         self.chunk, self.seen = state["chunk"], state["seen"]
 
 
-def log10_freq_histogram(freq, bins=50):
-    """The log10 firing-frequency histogram (zeros counted apart): {edges (bins+1,), counts (bins,), n_zero}."""
-    nonzero = freq[freq > 0].double().log10().cpu()
-    edges = torch.linspace(-10, 0, bins + 1, dtype=torch.float64)
-    return {"edges": edges, "counts": torch.histc(nonzero.clamp(-10, 0), bins=bins, min=-10, max=0).long(),
-            "n_zero": int((freq == 0).sum())}
-
-
 @torch.no_grad()
 def resample_dead_(sae, optimizer, dead, x):
     """Towards Monosemanticity's resampling: for each dead feature, an input x_i drawn with probability
@@ -1636,7 +1572,8 @@ def resample_dead_(sae, optimizer, dead, x):
 
 
 # -----------------------------------------------------------------------------
-# evaluation
+# evaluation: FVU, L0, dead and dense fractions, and with the SAE spliced into the model, CE and KL,
+# overall and by position
 
 def position_buckets(T, first):
     """[(lo, hi)]: the positions first..63, 64..127, 128..255, ... of a T-token context, the last cut at T."""
@@ -1659,76 +1596,21 @@ def evaluate(saes, trackers, scale, cfg, model=None, val_batches=(), val_acts=No
     (position_buckets: 1-63, 64-127, 128-255, ...). The clean and ablated forwards are shared: n SAEs cost 2 + n
     forwards, in the parameters' dtype (main() calls it outside autocast), their logits made EVAL_POSITIONS
     positions at a time. -> [metrics], one per SAE."""
-    keep = slice(1, None) if cfg.exclude_pos0 else slice(None)  # positions the SAE reads and writes
-    stats = [dict.fromkeys(("n", "sq_err", "sum_x", "sq_x", "l0", "l1"), 0.0) for _ in saes]
-    # by position in the context, summed over the contexts (float64): the CE terms, and the FVU's parts
+    # sums over the rows (float64), and by position in the context, summed over the contexts: the FVU's parts per
+    # SAE, the CE terms shared by all (clean, ablated) and each SAE's own
     T = val_batches[0].shape[1] if len(val_batches) else 0
     by_pos = lambda *shape: torch.zeros(T, *shape, dtype=torch.float64)
     shared = {"ce_clean": by_pos(), "ce_zero": by_pos(), "n_ce": by_pos(), "n_kl": by_pos()}
-    for sae, s in zip(saes, stats):
-        s["pos"] = {"ce_sae": by_pos(), "kl": by_pos(), "n": by_pos(), "sq_err": by_pos(), "sq_x": by_pos(),
-                    "sum_x": by_pos(sae.W_dec.shape[1])}
-
-    def score(sae, s, x, pos=None):  # x (N, d) in normalised units; pos (N,) their positions in their contexts
-        x_hat, f = sae(x)
-        s["n"] += len(x)
-        s["sq_err"] += (x - x_hat).double().pow(2).sum().item()
-        s["sum_x"] = s["sum_x"] + x.double().sum(dim=0)
-        s["sq_x"] += x.double().pow(2).sum().item()
-        s["l0"] += (f > 0).sum().item()
-        s["l1"] += f.double().sum().item()
-        if pos is not None:
-            p = s["pos"]
-            for key, rows in (("sq_err", (x - x_hat).double().pow(2).sum(dim=1)), ("sq_x", x.double().pow(2).sum(dim=1)),
-                              ("n", torch.ones(len(x), dtype=torch.float64)), ("sum_x", x.double())):
-                p[key].index_add_(0, pos.cpu(), rows.cpu())
-        return x_hat
-
+    stats = [{**dict.fromkeys(("n", "sq_err", "sum_x", "sq_x", "l0", "l1"), 0.0),
+              "pos": {"ce_sae": by_pos(), "kl": by_pos(), "n": by_pos(), "sq_err": by_pos(), "sq_x": by_pos(),
+                      "sum_x": by_pos(sae.W_dec.shape[1])}} for sae in saes]
     if val_acts is not None:
         for i in range(0, len(val_acts), cfg.batch_size):
             x = val_acts[i:i + cfg.batch_size].to(scale.device) * scale
             for sae, s in zip(saes, stats):
-                score(sae, s, x)
+                score_rows(sae, s, x)
     for idx in progress(val_batches, desc=f"eval ({len(saes)} SAE{'s' * (len(saes) > 1)})", unit="batch", leave=False):
-        captured = {}
-        def capture(act):
-            captured["act"] = act
-            return act
-        def splice(act, replacement):
-            act = act.clone()
-            act[:, keep] = replacement.to(act.dtype)
-            return act
-        def final_hidden(edit):  # the final norm's output, (B*T, C): logits are made a slice at a time below
-            h = model(idx, cfg.layer, cfg.site, edit, head=False)
-            return h.reshape(-1, h.shape[-1])
-        targets = F.pad(idx[:, 1:], (0, 1), value=-1).reshape(-1)  # (B*T,) next tokens; -1: a context's last, none
-        h_clean = final_hidden(capture)
-        act = captured["act"][:, keep].float()  # (B, T', d)
-        h_zero = final_hidden(lambda a: splice(a, torch.zeros_like(act)))
-        h_saes = []
-        positions = torch.arange(T)[keep].repeat(len(idx))  # (B*T',) each row's position
-        shared["n_kl"] += len(idx)  # KL counts every position, the first and the last included
-        for sae, s in zip(saes, stats):
-            x_hat = score(sae, s, act.reshape(-1, act.shape[-1]) * scale, positions).view_as(act) / scale
-            h_saes.append(final_hidden(lambda a: splice(a, x_hat)))
-        # the vocabulary-sized work, EVAL_POSITIONS positions at a time: over a whole batch of 32 contexts, each
-        # (B, T, vocab) fp32 tensor is 823 MiB at GPT-2's vocabulary, and logits, log-softmax, their exp and
-        # products for the clean, ablated and spliced runs took 7.4 GiB at once (measured)
-        log_probs = lambda h, part: F.log_softmax(model.lm_head(h[part]), -1)  # (P, C) @ (C, vocab) -> (P, vocab)
-        nll = lambda logp, part: F.nll_loss(logp, targets[part], ignore_index=-1, reduction="none")  # (P,), 0 at -1
-        for rows in range(0, len(targets), EVAL_POSITIONS):
-            part = slice(rows, rows + EVAL_POSITIONS)
-            pos = torch.arange(part.start, min(part.stop, len(targets))) % T  # (P,) positions in their contexts
-            add = lambda total, values: total.index_add_(0, pos, values.double().cpu())
-            logp_clean = log_probs(h_clean, part)
-            add(shared["ce_clean"], nll(logp_clean, part))
-            add(shared["ce_zero"], nll(log_probs(h_zero, part), part))
-            add(shared["n_ce"], targets[part] >= 0)
-            for s, h in zip(stats, h_saes):
-                logp_sae = log_probs(h, part)
-                add(s["pos"]["ce_sae"], nll(logp_sae, part))
-                # KL(clean || spliced) = sum_vocab p_clean (log p_clean - log p_sae), at every position
-                add(s["pos"]["kl"], F.kl_div(logp_sae, logp_clean, log_target=True, reduction="none").sum(dim=-1))
+        score_spliced(model, idx, saes, stats, shared, scale, cfg)
     results = []
     for sae, tracker, s in zip(saes, trackers, stats):
         n = max(s["n"], 1)
@@ -1738,10 +1620,9 @@ def evaluate(saes, trackers, scale, cfg, model=None, val_batches=(), val_acts=No
                    "l1": s["l1"] / n, "dead_frac": tracker.dead().float().mean().item(),
                    "dense_frac": (freq > cfg.dense_threshold).float().mean().item(),
                    "mean_max_cos": mean_max_cosine(sae.W_dec)}
-        if T:
-            metrics.update(downstream(shared, s["pos"], slice(None)))
-            metrics["context"], metrics["positions"] = T, {}
-            for lo, hi in position_buckets(T, keep.start or 0):
+        if T:  # and the same by position bucket
+            metrics.update(downstream(shared, s["pos"], slice(None)), context=T, positions={})
+            for lo, hi in position_buckets(T, 1 if cfg.exclude_pos0 else 0):
                 p = s["pos"]
                 variance = (p["sq_x"][lo:hi].sum() - p["sum_x"][lo:hi].sum(0).pow(2).sum() / p["n"][lo:hi].sum()).item()
                 metrics["positions"][f"{lo}-{hi - 1}"] = {"tokens": int(p["n"][lo:hi].sum().item()),
@@ -1749,6 +1630,70 @@ def evaluate(saes, trackers, scale, cfg, model=None, val_batches=(), val_acts=No
                                                          **downstream(shared, p, slice(lo, hi))}
         results.append(metrics)
     return results
+
+
+def score_rows(sae, s, x, pos=None):
+    """Adds one SAE's sums over the rows x (N, d) in normalised units to s; pos (N,): their positions in their
+    contexts, for the sums by position. -> x_hat (N, d)"""
+    x_hat, f = sae(x)
+    s["n"] += len(x)
+    s["sq_err"] += (x - x_hat).double().pow(2).sum().item()
+    s["sum_x"] = s["sum_x"] + x.double().sum(dim=0)
+    s["sq_x"] += x.double().pow(2).sum().item()
+    s["l0"] += (f > 0).sum().item()
+    s["l1"] += f.double().sum().item()
+    if pos is not None:
+        p = s["pos"]
+        for key, rows in (("sq_err", (x - x_hat).double().pow(2).sum(dim=1)), ("sq_x", x.double().pow(2).sum(dim=1)),
+                          ("n", torch.ones(len(x), dtype=torch.float64)), ("sum_x", x.double())):
+            p[key].index_add_(0, pos.cpu(), rows.cpu())
+    return x_hat
+
+
+def score_spliced(model, idx, saes, stats, shared, scale, cfg):
+    """One batch of val contexts idx (B, T) through the model: clean, with the site zero-ablated, and with each SAE's
+    reconstruction spliced in; adds the rows' sums (score_rows) and the CE and KL sums by position."""
+    keep = slice(1, None) if cfg.exclude_pos0 else slice(None)  # positions the SAE reads and writes
+    T = idx.shape[1]
+    captured = {}
+    def capture(act):
+        captured["act"] = act
+        return act
+    def splice(act, replacement):
+        act = act.clone()
+        act[:, keep] = replacement.to(act.dtype)
+        return act
+    def final_hidden(edit):  # the final norm's output, (B*T, C): logits are made a slice at a time below
+        h = model(idx, cfg.layer, cfg.site, edit, head=False)
+        return h.reshape(-1, h.shape[-1])
+    targets = F.pad(idx[:, 1:], (0, 1), value=-1).reshape(-1)  # (B*T,) next tokens; -1: a context's last, none
+    h_clean = final_hidden(capture)
+    act = captured["act"][:, keep].float()  # (B, T', d)
+    h_zero = final_hidden(lambda a: splice(a, torch.zeros_like(act)))
+    h_saes = []
+    positions = torch.arange(T)[keep].repeat(len(idx))  # (B*T',) each row's position
+    shared["n_kl"] += len(idx)  # KL counts every position, the first and the last included
+    for sae, s in zip(saes, stats):
+        x_hat = score_rows(sae, s, act.reshape(-1, act.shape[-1]) * scale, positions).view_as(act) / scale
+        h_saes.append(final_hidden(lambda a: splice(a, x_hat)))
+    # the vocabulary-sized work, EVAL_POSITIONS positions at a time: over a whole batch of 32 contexts, each
+    # (B, T, vocab) fp32 tensor is 823 MiB at GPT-2's vocabulary, and logits, log-softmax, their exp and
+    # products for the clean, ablated and spliced runs took 7.4 GiB at once (measured)
+    log_probs = lambda h, part: F.log_softmax(model.lm_head(h[part]), -1)  # (P, C) @ (C, vocab) -> (P, vocab)
+    nll = lambda logp, part: F.nll_loss(logp, targets[part], ignore_index=-1, reduction="none")  # (P,), 0 at -1
+    for rows in range(0, len(targets), EVAL_POSITIONS):
+        part = slice(rows, rows + EVAL_POSITIONS)
+        pos = torch.arange(part.start, min(part.stop, len(targets))) % T  # (P,) positions in their contexts
+        add = lambda total, values: total.index_add_(0, pos, values.double().cpu())
+        logp_clean = log_probs(h_clean, part)
+        add(shared["ce_clean"], nll(logp_clean, part))
+        add(shared["ce_zero"], nll(log_probs(h_zero, part), part))
+        add(shared["n_ce"], targets[part] >= 0)
+        for s, h in zip(stats, h_saes):
+            logp_sae = log_probs(h, part)
+            add(s["pos"]["ce_sae"], nll(logp_sae, part))
+            # KL(clean || spliced) = sum_vocab p_clean (log p_clean - log p_sae), at every position
+            add(s["pos"]["kl"], F.kl_div(logp_sae, logp_clean, log_target=True, reduction="none").sum(dim=-1))
 
 
 def downstream(shared, pos, part):
@@ -1762,8 +1707,29 @@ def downstream(shared, pos, part):
             "ce_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan")}
 
 
+@torch.no_grad()
+def mean_max_cosine(W, block=1024):
+    """Mean over rows of the largest |cos| with any other row, W (n, d); blocked so memory is block x n."""
+    W = F.normalize(W.float(), dim=1)
+    best = torch.empty(W.shape[0], device=W.device)
+    for i in range(0, W.shape[0], block):
+        G = (W[i:i + block] @ W.T).abs()  # (block, d) @ (d, n) -> (block, n)
+        G[torch.arange(G.shape[0]), torch.arange(i, i + G.shape[0])] = 0  # not with itself
+        best[i:i + block] = G.max(dim=1).values
+    return best.mean().item()
+
+
+def log10_freq_histogram(freq, bins=50):
+    """The log10 firing-frequency histogram (zeros counted apart): {edges (bins+1,), counts (bins,), n_zero}."""
+    nonzero = freq[freq > 0].double().log10().cpu()
+    edges = torch.linspace(-10, 0, bins + 1, dtype=torch.float64)
+    return {"edges": edges, "counts": torch.histc(nonzero.clamp(-10, 0), bins=bins, min=-10, max=0).long(),
+            "n_zero": int((freq == 0).sum())}
+
+
 # -----------------------------------------------------------------------------
-# checkpoints and the run's config
+# checkpoints: written atomically; a resumed run (or a sweep's SAEs, committed together) continues
+# where it stopped, with its saved config
 
 # what a resumed run cannot change: the SAE's shape and the meaning of the saved data position
 LOCKED_ON_RESUME = ("d_sae", "layer", "site", "acts", "init_from", "n_layer", "n_head", "n_embd", "block_size",
@@ -1771,9 +1737,7 @@ LOCKED_ON_RESUME = ("d_sae", "layer", "site", "acts", "init_from", "n_layer", "n
 
 
 def save_checkpoint(path, checkpoint):
-    tmp = path + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-save leaves the previous checkpoint whole
+    write_atomic(path, lambda f: torch.save(checkpoint, f), "wb")
 
 
 def load_checkpoint(path):
@@ -1782,14 +1746,26 @@ def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def resolve_runs(argv):
+# the defaults a checkpoint trained before a key existed was trained with (l1_by_decoder_norm's default was False
+# until the ReLU recipe's measurement; init_norm did not exist, relu started at 1)
+LEGACY_DEFAULTS = {"l1_by_decoder_norm": False, "init_norm": 1.0}
+
+
+def saved_config(checkpoint, config_class=TrainConfig):
+    """A checkpoint's TrainConfig (or analyze.py's extension of it); keys it predates take the values it was trained
+    with (LEGACY_DEFAULTS), and keys that are no longer sae.py's (analyze.py's, saved before issue 23) are dropped."""
+    known = {f.name for f in fields(config_class)}
+    return config_class(**{k: v for k, v in {**LEGACY_DEFAULTS, **checkpoint["config"]}.items() if k in known})
+
+
+def resolve_runs(argv, config_class=TrainConfig):
     """-> [(cfg, checkpoint or None)], one per SAE of this process: defaults, then config files and flags in
     order; with --init_from=resume, --eval_only=True or another --mode the checkpoint's config is the base, and
     the flags may change all but LOCKED_ON_RESUME. A sweep (lists of SWEEPABLE values) puts SAE
     <name> in out_dir/<name>/ and records the names in out_dir/sweep.json; resuming reads that file."""
-    overrides = parse_overrides(TrainConfig(), argv)
+    overrides = parse_overrides(config_class(), argv)
     scalars = {k: v for k, v in overrides.items() if not isinstance(v, list)}
-    base = replace(TrainConfig(), **scalars)
+    base = replace(config_class(), **scalars)
     if base.init_from != "resume" and not base.eval_only and base.mode in ("train", "cache", "finetune"):  # a new run
         if base.acts and os.path.isdir(base.acts):
             scalars = from_cache_manifest(base.acts, scalars)
@@ -1810,7 +1786,7 @@ def resolve_runs(argv):
         checkpoint = load_checkpoint(path)
         if len(paths) > 1 and checkpoint["iter_num"] != committed:
             raise ValueError(f"{path} is at iter {checkpoint['iter_num']}, {base.out_dir}/sweep.json at {committed}")
-        saved = saved_config(checkpoint)
+        saved = saved_config(checkpoint, config_class)
         changed = [k for k in LOCKED_ON_RESUME if k in scalars and scalars[k] != getattr(saved, k)]
         if changed:
             raise ValueError(f"cannot change {', '.join(changed)} of a saved run; start a new --out_dir instead")
@@ -1856,176 +1832,10 @@ def recover_sweep_checkpoint(out_dir):
     return paths, manifest["iter_num"]
 
 
-def load_lm(cfg, has_site=True):
-    """The frozen model a run reads: a random GPT-2 (init_from=scratch) or a checkpoint of either family; its
-    (layer, site) checked unless has_site is False (a fine-tune reads none). model.tokenizer is the spec of its
-    tokenizer for prepare.load_tokenizer: the checkpoint's own tokenizer.json (the Llama family, or a GPT-2
-    directory that has one), else tiktoken's gpt2."""
-    if cfg.init_from == "scratch":  # a random GPT-2 of the given size (nanoGPT), the same for the same seed
-        torch.manual_seed(cfg.seed)
-        model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
-    else:
-        model = load_model(cfg.init_from)
-    own = isinstance(model, Llama) or os.path.isfile(os.path.join(cfg.init_from, "tokenizer.json"))
-    model.tokenizer = cfg.init_from if own else "gpt2"
-    if has_site:
-        check_site(model.config, cfg.layer, cfg.site)
-    if cfg.block_size > model.config.block_size:
-        raise ValueError(f"--block_size={cfg.block_size}: the model has {model.config.block_size} positions")
-    return model.eval().requires_grad_(False)
-
-
-def check_tokenizer(data_dir, spec):
-    """Refuses token shards that another tokenizer than the model's (spec) wrote: prepare.json's record of
-    the shards' tokenizer against the model's, by name, else by fingerprint (the same vocabulary, however named)."""
-    from prepare import load_tokenizer, read_tokenizer_record
-    record = read_tokenizer_record(data_dir)
-    if record is None or record["spec"] == spec:
-        return
-    theirs = record.get("fingerprint") or load_tokenizer(record["spec"]).fingerprint()
-    if theirs != load_tokenizer(spec).fingerprint():
-        raise ValueError(f"{data_dir} holds tokens of {record['spec']}, but the model reads {spec}'s; HINT: "
-                         f"python prepare.py --tokenizer={spec} --out_dir=<a new directory>")
-
-
-def val_contexts(data_dir, block_size, n_tokens, what):
-    """The first n_tokens // block_size whole contexts of the val split, each once: (n, block_size) int64.
-    A shorter split gives what it holds, said in one line (evaluation and dashboards never repeat a context)."""
-    shards = sorted(glob.glob(os.path.join(data_dir, "*_val_*.bin")))
-    if not shards:
-        raise ValueError(f"no val shards (*_val_*.bin) in {data_dir}; HINT: run prepare.py first")
-    tokens = np.concatenate([read_shard(path) for path in shards])
-    want, have = max(1, n_tokens // block_size), len(tokens) // block_size
-    if have == 0:
-        raise ValueError(f"{data_dir}: the val split has {len(tokens)} tokens, fewer than one context of {block_size}")
-    if have < want:
-        print(f"{what}: the val split holds {have} contexts of {block_size} tokens ({have * block_size:,} of the "
-              f"{n_tokens:,} asked for); using each once")
-    n = min(want, have)
-    return torch.from_numpy(tokens[:n * block_size].astype(np.int64)).view(n, block_size)
-
-
-# the defaults a checkpoint trained before a key existed was trained with (l1_by_decoder_norm's default was False
-# until the ReLU recipe's measurement; init_norm did not exist, relu started at 1)
-LEGACY_DEFAULTS = {"l1_by_decoder_norm": False, "init_norm": 1.0}
-
-
-def saved_config(checkpoint):
-    """A checkpoint's TrainConfig; keys it predates take the values it was trained with (LEGACY_DEFAULTS)."""
-    return TrainConfig(**{**LEGACY_DEFAULTS, **checkpoint["config"]})
-
-
-# feature persistence: --eval_only --eval_model=<another model> scores an SAE on another model's activations too,
-# the second half of the persistence experiment (analyze.py --mode=finetune makes that model: a LoRA fine-tune)
-
-PERSISTENCE_MIN_FIRINGS = 10  # a feature is compared when it fires at least this often on the SAE's own model
-
-
-@torch.no_grad()
-def feature_persistence(sae, scale, own_model, other_model, cfg, val_batches):
-    """Each feature's firing frequency on the same val contexts and positions through the SAE's own model and
-    another (its fine-tune): of the features firing at least PERSISTENCE_MIN_FIRINGS times on the own model
-    ("compared"), the fraction whose count on the other lies within a factor of 2 ("within_2x"), and the fraction
-    that never fires there ("silent")."""
-    keep = slice(1, None) if cfg.exclude_pos0 else slice(None)
-    counts = []
-    for model in (own_model, other_model):
-        fired = torch.zeros(sae.W_dec.shape[0], dtype=torch.float64)
-        for idx in val_batches:
-            act = model.harvest(idx, cfg.layer, cfg.site)[:, keep]  # (B, T', d)
-            _, f = sae(act.reshape(-1, act.shape[-1]).float() * scale)
-            fired += (f > 0).sum(dim=0).double().cpu()
-        counts.append(fired)
-    own, other = counts
-    compared = own >= PERSISTENCE_MIN_FIRINGS
-    ratio = other[compared] / own[compared]
-    return {"compared": int(compared.sum()), "within_2x": ((ratio >= 0.5) & (ratio <= 2)).double().mean().item(),
-            "silent": (ratio == 0).double().mean().item()}
-
-
 # -----------------------------------------------------------------------------
-# training: python sae.py [config/...py] [--key=value ...]; torchrun --standalone --nproc_per_node=N sae.py ...
-
-def activation_source(cfg, device, autocast, rank=0, world=1):
-    """-> (source of training batches, d_in, model or None, val contexts for evaluation, val rows or None).
-    The source is a .npy file, an activation cache, or the model's harvest over the token shards through the
-    shuffling buffer. Evaluation runs the val contexts through the model (FVU, and CE and KL with the SAE
-    spliced in) wherever there is a model and its token shards; else it scores the held-out rows (FVU only)."""
-    if cfg.acts:
-        source = ActsFile(cfg.acts, cfg.batch_size, cfg.eval_tokens, cfg.seed, rank, world, cfg.micro_batches,
-                          pin=torch.device(device).type == "cuda")
-        d_in = source.d_in
-        shards = os.path.isdir(cfg.acts) and glob.glob(os.path.join(cfg.data_dir, "*_val_*.bin"))
-        if os.path.isdir(cfg.acts) and not shards and rank == 0:
-            print(f"{cfg.acts}: no token shards at {cfg.data_dir} (the cache's data_dir): evaluation without CE and KL")
-        if not shards:  # no model to run: evaluation scores the held-out rows (rank 0 alone evaluates)
-            return source, d_in, None, [], source.val() if rank == 0 else None
-    model = load_lm(cfg).to(device)
-    check_tokenizer(cfg.data_dir, model.tokenizer)
-    if not cfg.acts:
-        loader = DataLoaderLite(cfg.data_dir, "train", cfg.harvest_batch, cfg.block_size, rank, world)
-        def harvest(idx):
-            with torch.no_grad(), autocast:
-                return model.harvest(idx.to(device), cfg.layer, cfg.site)  # (B, T, d_in)
-        source = ActivationBuffer(harvest, loader, cfg.buffer_tokens, cfg.batch_size // world, cfg.seed + rank,
-                                  cfg.exclude_pos0)
-        d_in = site_width(model.config, cfg.site)
-    if rank != 0:  # rank 0 alone evaluates
-        return source, d_in, model, [], None
-    # the same contexts every time
-    contexts = val_contexts(cfg.data_dir, cfg.eval_block_size or cfg.block_size, cfg.eval_tokens, "evaluation")
-    return source, d_in, model, [b.to(device) for b in contexts.split(cfg.harvest_batch)], None
-
-
-class Run:
-    """One SAE of the process, with what is its own: config (cfg.out_dir is its directory), Adam (two groups, so
-    the encoder and decoder rates can differ), feature tracker, and its checkpoint's state when resuming."""
-
-    def __init__(self, cfg, checkpoint, d_in, device, sweep=False):
-        self.cfg, self.prefix = cfg, f"{os.path.basename(cfg.out_dir)} | " if sweep else ""
-        torch.manual_seed(cfg.seed)  # the same init on every rank, in every run of this seed, for every SAE of a sweep
-        self.sae = SAE.from_config(d_in, cfg).to(device)
-        self.optimizer = torch.optim.Adam([  # an architecture's per-feature parameters learn at the encoder's rate
-            {"params": [self.sae.W_enc, self.sae.b_enc, *self.sae.latent_params()], "lr": cfg.lr_enc or cfg.lr},
-            {"params": [self.sae.W_dec, self.sae.b_dec], "lr": cfg.lr_dec or cfg.lr}], betas=(cfg.beta1, cfg.beta2))
-        # not fused=True: 8% of a bf16 CPU step faster, but its results differ in the last bits from one process to
-        # the next (a resumed run or a sweep's SAE then leaves its uninterrupted twin; seen in the resume tests)
-        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.tracker = FeatureTracker(cfg.d_sae, cfg.dead_window, device=device)
-        self.train_sae = torch.compile(self.sae) if cfg.compile else self.sae
-        # whether every loss since iteration `checked` was finite, kept on the device (check_finite reads it)
-        self.finite, self.checked = torch.ones((), dtype=torch.bool, device=device), 0
-        if checkpoint:
-            self.sae.load_state_dict(checkpoint["sae"])
-            self.tracker.load_state_dict(checkpoint["tracker"])
-            if not cfg.eval_only:
-                self.optimizer.load_state_dict(checkpoint["optimizer"])
-
-
-def import_wandb():
-    try:
-        import wandb
-    except ImportError:
-        raise ValueError("--wandb_log=True needs the wandb package: pip install wandb (WANDB_MODE=offline logs "
-                         "without the network)") from None
-    return wandb
-
-
-def start_wandb(wandb, runs, sweep_dir):
-    """--wandb_log: one W&B run per SAE (a sweep's SAEs in one group), its config the SAE's. The run's id is kept
-    in out_dir/wandb_id, so a resumed SAE continues its W&B run. WANDB_MODE=offline writes to out_dir/wandb
-    without the network (`wandb sync` uploads it later)."""
-    for run in runs:
-        id_path = os.path.join(run.cfg.out_dir, "wandb_id")
-        if not os.path.exists(id_path):
-            with open(id_path + ".tmp", "w") as f:
-                f.write(os.urandom(4).hex())  # a W&B run id: 8 characters of [0-9a-f]
-            os.replace(id_path + ".tmp", id_path)
-        run.wandb = wandb.init(project=run.cfg.wandb_project, name=os.path.basename(os.path.abspath(run.cfg.out_dir)),
-                               group=os.path.basename(os.path.abspath(sweep_dir)) if len(runs) > 1 else None,
-                               id=open(id_path).read().strip(), resume="allow", config=asdict(run.cfg),
-                               dir=run.cfg.out_dir, reinit="create_new")  # several runs at once: wandb >= 0.19.10
-
+# the run: python sae.py [config/...py] [--key=value ...]; torchrun --standalone --nproc_per_node=N sae.py ...
+# The device and process group, each SAE's state (Run), what the parts share (Context), and main's
+# parts: start, prepare, the loop (evaluate and save, resample, a step of every SAE, log), finish
 
 def auto_dtype(device_type):
     return "bfloat16" if device_type == "cuda" or cpu_bf16_native() else "float32"
@@ -2066,22 +1876,43 @@ def init_device(cfg):
     return ddp, rank, world, device, torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
 
 
-def train_step(run, x, it, autocast, world_size=1):
-    """One iteration of one SAE on the batch x (per_rank, d_in): learning rate, forward and backward (in pieces),
-    update, feature tracking. On a GPU nothing in it waits for the device, but where shapes follow values
-    (batchtopk's selection, AuxK's dead set; test_sae.py lists each). -> (loss, terms, lr multiplier)"""
-    import torch.distributed as dist
-    lr_mult = get_lr_mult(run.cfg, it)
-    for group, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
-        group["lr"] = base_lr * lr_mult
-    dead = run.tracker.dead() if run.cfg.arch in K_SPARSE else None
-    loss, terms, fired = backward_in_pieces(run.train_sae, run.optimizer, x, run.cfg, it, dead, autocast)
-    run.finite = run.finite & torch.isfinite(loss)  # read at log steps and saves (check_finite)
-    sae_update(run.sae, run.optimizer, run.cfg, world_size)
-    if world_size > 1:
-        dist.all_reduce(fired)
-    run.tracker.update(fired, run.cfg.batch_size)
-    return loss, terms, lr_mult
+class Run:
+    """One SAE of the process, with what is its own: config (cfg.out_dir is its directory), Adam (two groups, so
+    the encoder and decoder rates can differ), feature tracker, and its checkpoint's state when resuming."""
+
+    def __init__(self, cfg, checkpoint, d_in, device, sweep=False):
+        self.cfg, self.prefix = cfg, f"{os.path.basename(cfg.out_dir)} | " if sweep else ""
+        torch.manual_seed(cfg.seed)  # the same init on every rank, in every run of this seed, for every SAE of a sweep
+        self.sae = SAE.from_config(d_in, cfg).to(device)
+        self.optimizer = torch.optim.Adam([  # an architecture's per-feature parameters learn at the encoder's rate
+            {"params": [self.sae.W_enc, self.sae.b_enc, *self.sae.latent_params()], "lr": cfg.lr_enc or cfg.lr},
+            {"params": [self.sae.W_dec, self.sae.b_dec], "lr": cfg.lr_dec or cfg.lr}], betas=(cfg.beta1, cfg.beta2))
+        # not fused=True: 8% of a bf16 CPU step faster, but its results differ in the last bits from one process to
+        # the next (a resumed run or a sweep's SAE then leaves its uninterrupted twin; seen in the resume tests)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.tracker = FeatureTracker(cfg.d_sae, cfg.dead_window, device=device)
+        self.train_sae = torch.compile(self.sae) if cfg.compile else self.sae
+        # whether every loss since iteration `checked` was finite, kept on the device (check_finite reads it)
+        self.finite, self.checked = torch.ones((), dtype=torch.bool, device=device), 0
+        if checkpoint:
+            self.sae.load_state_dict(checkpoint["sae"])
+            self.tracker.load_state_dict(checkpoint["tracker"])
+            if not cfg.eval_only:
+                self.optimizer.load_state_dict(checkpoint["optimizer"])
+
+
+def start_wandb(wandb, runs, sweep_dir):
+    """--wandb_log: one W&B run per SAE (a sweep's SAEs in one group), its config the SAE's. The run's id is kept
+    in out_dir/wandb_id, so a resumed SAE continues its W&B run. WANDB_MODE=offline writes to out_dir/wandb
+    without the network (`wandb sync` uploads it later)."""
+    for run in runs:
+        id_path = os.path.join(run.cfg.out_dir, "wandb_id")
+        if not os.path.exists(id_path):  # a W&B run id: 8 characters of [0-9a-f]
+            write_atomic(id_path, lambda f: f.write(os.urandom(4).hex()))
+        run.wandb = wandb.init(project=run.cfg.wandb_project, name=os.path.basename(os.path.abspath(run.cfg.out_dir)),
+                               group=os.path.basename(os.path.abspath(sweep_dir)) if len(runs) > 1 else None,
+                               id=open(id_path).read().strip(), resume="allow", config=asdict(run.cfg),
+                               dir=run.cfg.out_dir, reinit="create_new")  # several runs at once: wandb >= 0.19.10
 
 
 def check_finite(runs, it, ddp=False, params=False):
@@ -2117,8 +1948,7 @@ class Context:
     autocast: object
     wandb: object = None
     source: object = None          # ActivationBuffer or ActsFile
-    model: object = None           # what evaluation runs the val contexts through (--eval_model's, if given)
-    own_model: object = None       # the SAE's own model, with --eval_model (feature persistence)
+    model: object = None           # what evaluation runs the val contexts through
     val_batches: list = ()
     val_acts: object = None
     runs: list = ()
@@ -2139,11 +1969,17 @@ def start_process(cfg, argv, resolved):
     ddp, rank, world, device, autocast = init_device(cfg)
     ctx = Context(cfg, ddp, rank, world, device, autocast)
     if ctx.master:
-        for key, value in parse_overrides(TrainConfig(), argv).items():
+        for key, value in parse_overrides(type(cfg)(), argv).items():
             print(f"override: {key} = {value!r}")
     for run_cfg, _ in resolved:
         check_config(run_cfg, world)
-    ctx.wandb = import_wandb() if cfg.wandb_log and ctx.master else None
+    if cfg.wandb_log and ctx.master:
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("--wandb_log=True needs the wandb package: pip install wandb (WANDB_MODE=offline logs "
+                             "without the network)") from None
+        ctx.wandb = wandb
     if any(run_cfg.jl_sample and run_cfg.loss != "l1" for run_cfg, _ in resolved):
         ctx.print0("note: --jl_sample estimates the JL penalty without its training behaviour (docs/results.md: the "
                    "JL penalty, measured); --jl_sample=0 is the exact penalty")
@@ -2153,18 +1989,13 @@ def start_process(cfg, argv, resolved):
 
 
 def prepare_runs(ctx, resolved, checkpoint):
-    """The activations and the models (--eval_model: the val contexts run through another model, the SAE's own kept
-    for feature persistence), every SAE of the sweep, and the data position: the checkpoint's, or a fresh start
+    """The activations and the model, every SAE of the sweep, and the data position: the checkpoint's, or a fresh start
     with the activation scale and b_dec estimated from a first sample. Rank 0 writes each SAE's config and starts
     wandb. -> the iteration to start at"""
     import torch.distributed as dist
     cfg, device = ctx.cfg, ctx.device
-    ctx.source, d_in, ctx.model, ctx.val_batches, ctx.val_acts = activation_source(
-        replace(cfg, init_from=cfg.eval_model) if cfg.eval_model else cfg, device, ctx.autocast, ctx.rank, ctx.world)
-    ctx.own_model = load_lm(cfg).to(device) if cfg.eval_model and ctx.master else None
-    if ctx.model is not None and site_width(ctx.model.config, cfg.site) != d_in:
-        raise ValueError(f"--eval_model={cfg.eval_model}: its {cfg.site} is {site_width(ctx.model.config, cfg.site)} "
-                         f"wide, the SAE reads {d_in}")
+    ctx.source, d_in, ctx.model, ctx.val_batches, ctx.val_acts = activation_source(cfg, device, ctx.autocast, ctx.rank,
+                                                                                   ctx.world)
     ctx.runs = [Run(run_cfg, run_checkpoint, d_in, device, sweep=len(resolved) > 1) for run_cfg, run_checkpoint in resolved]
     if checkpoint:
         ctx.scale, iter_num = checkpoint["act_scale"], checkpoint["iter_num"]
@@ -2201,33 +2032,61 @@ def prepare_runs(ctx, resolved, checkpoint):
     return iter_num
 
 
+def train(ctx, start_iter):
+    """The loop: evaluate and save every eval_interval (rank 0), resample at resample_iters, and for each batch
+    every SAE's step; a line per SAE every log_interval."""
+    cfg = ctx.cfg
+    t0, last_log = time.time(), start_iter - 1
+    for run in ctx.runs:
+        run.checked = start_iter
+    for it in range(start_iter, cfg.max_iters + 1):
+        if ctx.master and (it % cfg.eval_interval == 0 or it == cfg.max_iters) and (it > start_iter or it == 0):
+            evaluate_runs(ctx, it)
+            if it > 0:
+                save_runs(ctx, it)
+            t0, last_log = time.time(), it - 1  # evaluation is not training time
+        if it == cfg.max_iters:
+            break
+        if it in cfg.resample_iters:
+            resample_runs(ctx, it)
+        x = ctx.source.next_batch().to(ctx.device, non_blocking=True) * ctx.scale  # (per_rank, d_in): for every SAE
+        log_now, stats = it % cfg.log_interval == 0 or it == cfg.max_iters - 1, []
+        for run in ctx.runs:
+            loss, terms, lr_mult = train_step(run, x, it, ctx.autocast, ctx.world)
+            if log_now:  # (loss and its terms (5,), lr)
+                stats.append((torch.stack([loss.detach(), *(terms[k].detach() for k in ("mse", "l1", "jl", "l0"))]),
+                              run.base_lrs[-1] * lr_mult))
+        if log_now:
+            if ctx.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            dt, t0, steps, last_log = time.time() - t0, time.time(), it - last_log, it
+            log_progress(ctx, it, stats, dt, steps)
+
+
 def evaluate_runs(ctx, it):
     """Rank 0: every SAE evaluated (evaluate()), in fp32 whatever --dtype says: CE recovered divides by the
     ablation's cost, 0.10 nats at SmolLM2's layer 15 mlp_in, and bf16 forwards moved CE there by 0.0015 nats
-    (2,032 tokens), 1.5% of that cost. Each SAE's metrics appended to its log.jsonl, sent to wandb, printed."""
-    cfg = ctx.cfg
+    (2,032 tokens), 1.5% of that cost. Each SAE's metrics logged (log_evaluation)."""
     all_metrics = evaluate([run.sae for run in ctx.runs], [run.tracker for run in ctx.runs],
-                           torch.tensor(ctx.scale, device=ctx.device), cfg, ctx.model, ctx.val_batches, ctx.val_acts)
+                           torch.tensor(ctx.scale, device=ctx.device), ctx.cfg, ctx.model, ctx.val_batches, ctx.val_acts)
     for run, metrics in zip(ctx.runs, all_metrics):
-        if cfg.eval_model:
-            metrics["eval_model"] = cfg.eval_model
-            metrics["persistence"] = feature_persistence(run.sae, ctx.scale, ctx.own_model, ctx.model, cfg,
-                                                         ctx.val_batches)
-        if cfg.wandb_log:
-            run.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=it)
-        metrics = {"iter": it, **metrics}
-        with open(os.path.join(run.cfg.out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        line = f"eval {it:5d} | {run.prefix}mse {metrics['mse']:.4f} | fvu {metrics['fvu']:.4f} | " \
-               f"l0 {metrics['l0']:.1f} | dead {metrics['dead_frac']:.3f} | dense {metrics['dense_frac']:.3f} | " \
-               f"max cos {metrics['mean_max_cos']:.3f}"
-        if "ce_clean" in metrics:
-            line += f" | ce {metrics['ce_clean']:.3f}/{metrics['ce_sae']:.3f}/{metrics['ce_zero']:.3f} (clean/sae/zero)" \
-                    f" | recovered {metrics['ce_recovered']:.3f} | kl {metrics['kl']:.4f}"
-        if cfg.eval_model:
-            p = metrics["persistence"]
-            line += f" | on {cfg.eval_model}: {p['within_2x']:.3f} of {p['compared']} features fire within 2x"
-        print(line)
+        log_evaluation(run, it, metrics)
+
+
+def log_evaluation(run, it, metrics, note=""):
+    """One SAE's metrics at iteration it: appended to its log.jsonl (what analyze.py's plots read), sent to wandb, and
+    printed in one line (note appended)."""
+    if run.cfg.wandb_log:
+        run.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=it)
+    metrics = {"iter": it, **metrics}
+    with open(os.path.join(run.cfg.out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    line = f"eval {it:5d} | {run.prefix}mse {metrics['mse']:.4f} | fvu {metrics['fvu']:.4f} | l0 {metrics['l0']:.1f} | " \
+           f"dead {metrics['dead_frac']:.3f} | dense {metrics['dense_frac']:.3f} | max cos {metrics['mean_max_cos']:.3f}"
+    if "ce_clean" in metrics:
+        line += f" | ce {metrics['ce_clean']:.3f}/{metrics['ce_sae']:.3f}/{metrics['ce_zero']:.3f} (clean/sae/zero)" \
+                f" | recovered {metrics['ce_recovered']:.3f} | kl {metrics['kl']:.4f}"
+    print(line + note)
 
 
 def make_checkpoint(ctx, run, it):
@@ -2287,37 +2146,6 @@ def log_progress(ctx, it, stats, dt, steps):
                            "train/lr": lr, "train/ms_per_step": dt / steps * 1000}, step=it)
 
 
-def train(ctx, start_iter):
-    """The loop: evaluate and save every eval_interval (rank 0), resample at resample_iters, and for each batch
-    every SAE's step; a line per SAE every log_interval."""
-    cfg = ctx.cfg
-    t0, last_log = time.time(), start_iter - 1
-    for run in ctx.runs:
-        run.checked = start_iter
-    for it in range(start_iter, cfg.max_iters + 1):
-        if ctx.master and (it % cfg.eval_interval == 0 or it == cfg.max_iters) and (it > start_iter or it == 0):
-            evaluate_runs(ctx, it)
-            if it > 0:
-                save_runs(ctx, it)
-            t0, last_log = time.time(), it - 1  # evaluation is not training time
-        if it == cfg.max_iters:
-            break
-        if it in cfg.resample_iters:
-            resample_runs(ctx, it)
-        x = ctx.source.next_batch().to(ctx.device, non_blocking=True) * ctx.scale  # (per_rank, d_in): for every SAE
-        log_now, stats = it % cfg.log_interval == 0 or it == cfg.max_iters - 1, []
-        for run in ctx.runs:
-            loss, terms, lr_mult = train_step(run, x, it, ctx.autocast, ctx.world)
-            if log_now:  # (loss and its terms (5,), lr)
-                stats.append((torch.stack([loss.detach(), *(terms[k].detach() for k in ("mse", "l1", "jl", "l0"))]),
-                              run.base_lrs[-1] * lr_mult))
-        if log_now:
-            if ctx.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            dt, t0, steps, last_log = time.time() - t0, time.time(), it - last_log, it
-            log_progress(ctx, it, stats, dt, steps)
-
-
 def finish(ctx):
     """wandb's runs closed; under torchrun, the group left once rank 0 has saved."""
     import torch.distributed as dist
@@ -2335,7 +2163,7 @@ def finish(ctx):
 
 
 def main(argv):
-    mode = parse_overrides(TrainConfig(), argv).get("mode", "train")
+    mode = parse_overrides(TrainConfig(), argv, strict=False).get("mode", "train")  # before analyze.py's own flags
     if mode in READER_MODES:  # analyze.py imports this file, never the other way round
         raise ValueError(f"--mode={mode} is analyze.py's: python analyze.py {' '.join(argv)}")
     resolved = resolve_runs(argv)

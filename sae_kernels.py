@@ -4,7 +4,7 @@ the PyTorch reference `<op>_ref` (the specification: every eps, clamp and dtype 
 Triton kernels; the launchers; a module-level torch.autograd.Function; `<op> = ...`.
 
 Dispatch: compiled Triton on CUDA tensors; with TRITON_INTERPRET=1 (set before triton is imported) the
-same kernels run interpreted on CPU tensors, which is how test_sae.py reaches them; otherwise on the CPU
+same kernels run interpreted on CPU tensors, which is how test_sae_kernels.py reaches them; otherwise on the CPU
 the ops run PyTorch code that wastes less than autograd's graph (encode-ReLU-decode: five matmuls, not
 six; sparse codes: embedding_bag and sampled_addmm, never a dense code; JL: blocked over rows, never
 materialising the n x n Gram matrix). SAE_NO_TRITON=1 forces the references everywhere. COMPILE:
@@ -13,7 +13,8 @@ jl_penalty; torch.compiler.disable) and compiles the code around them: Dynamo tr
 failed on the interpreter's kernels, and their kernels are fused already. `linear` is the CPU's dense fp32 matmul
 for encode-ReLU-decode's CPU path and GPT-2's layers (oneDNN where it works; see its section). References: the
 Triton tutorials (03-matrix-multiplication), llm.c's CPU reference beside each kernel,
-openai/sparse_autoencoder's kernels.py, modded-nanogpt's symmetric XXT.
+openai/sparse_autoencoder's kernels.py, modded-nanogpt's symmetric XXT. A last section holds the architectures' small
+ops in PyTorch alone: BatchTopK's selection, FSQ's rounding and JumpReLU's straight-through estimators.
 """
 import os
 import warnings
@@ -576,7 +577,7 @@ def _gather_dot(A, W, indices):
     if not use_triton(W):
         # sampled_addmm: A @ W^T at the code's positions only, a CSR matrix with K entries a row. Its CPU kernel
         # computes each entry on its own, so columns need not be sorted and padding may repeat one: outside the
-        # CSR invariants (hence check_invariants=False); test_sae.py's sparse-code padding cases check it
+        # CSR invariants (hence check_invariants=False); test_sae_kernels.py's sparse-code padding cases check it
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore")
             pattern = torch.sparse_csr_tensor(torch.arange(0, N * K + 1, K, device=A.device), indices.reshape(-1),
@@ -688,26 +689,66 @@ def sparse_encode(x, W_enc, b_enc, b_dec, indices, pre=None):
 
 
 # -----------------------------------------------------------------------------
-# JL penalty
-# W (n, d) with unit-norm rows -> mean over i != j of atanh(min(|G_ij|, 1 - JL_EPS)), G = W @ W.T (n, n).
-# Gradient: 2 S W / (n (n - 1)), S_ij = sign(G_ij) / (1 - min(|G_ij|, 1 - JL_EPS)^2) off the diagonal, S_ii = 0.
+# JL penalty: a mean over pairs of rows of a function of their |cos|, in one of three forms (JL_FORMS)
+# W (n, d) with unit-norm rows, G = W @ W.T (n, n), g = |G_ij| -> mean over i != j of phi(g):
+#   atanh (the default): phi(g) = atanh(min(g, 1 - JL_EPS)), phi'(g) = 1 / (1 - min(g, 1 - JL_EPS)^2), the slope at
+#     the clamped point (never 0). With n >> d it acts like an L1 penalty on G: 8 stacked copies of an orthonormal
+#     basis score lower than random rows, and Adam collapses rows onto each other (issues 12 and 24).
+#   power: phi(g) = g^p, phi'(g) = p g^(p-1), p >= 1: the p-frame potential (Ehler and Okoudjou 2012, "Minimization
+#     of the probabilistic p-frame potential", J. Stat. Planning and Inference 142). p = 2 is the frame potential
+#     (Benedetto and Fickus 2003, "Finite normalized tight frames", Adv. Comput. Math. 18), minimised by every tight
+#     frame, the stacked bases included; below 2 an orthonormal basis's duplicates do best, above 2 spread rows do
+#     (at n = 8 d, d = 576: p = 1 charges the copies 22x less than random rows, p = 4 168x more).
+#   welch: phi(g) = relu(g - mu)^2, phi'(g) = 2 relu(g - mu), mu = margin if > 0, else the Welch bound
+#     sqrt((n - d) / (d (n - 1))) (0 for n <= d), the least largest |cos| n unit vectors in R^d can have (Welch 1974,
+#     "Lower bounds on the maximum cross correlation of signals", IEEE Trans. Inf. Theory 20): zero only for a
+#     dictionary as spread as can be (an equiangular tight frame), and blind to the pairs already below mu.
+# Gradient: 2 S W / (n (n - 1)), S_ij = sign(G_ij) phi'(|G_ij|) off the diagonal, S_ii = 0. sign(0) = 0, so a pair
+# with G_ij = 0 exactly has no slope in any form (power at p = 1, whose phi' is 1 elsewhere, included).
 # The Triton kernel and the blocked CPU path compute value and gradient together, tile by tile, on and
 # above the diagonal only (G is symmetric), accumulating in fp32; the backward scales the saved gradient.
 
 JL_EPS = 1e-4  # atanh(1 - 1e-4) = 4.95 and its slope 1/(1 - g^2) = 5e3: finite for (near-)duplicate rows
+JL_FORMS = ("atanh", "power", "welch")
 
 
-def jl_penalty_ref(W):
-    """Dense reference: materialises G (n, n), in fp32 or wider. The value clamps |G| at 1 - JL_EPS; the gradient
-    is that of atanh at the clamped value, sign(G)/(1 - min(|G|, 1-eps)^2), never 0, so duplicate rows
-    are still pushed apart. Its gradient w.r.t. W is 2 S W / (n (n - 1)), S_ij = that slope, S_ii = 0."""
+def welch_bound(n, d):
+    """sqrt((n - d) / (d (n - 1))), the smallest maximum |cos| of n unit vectors in R^d (Welch 1974); 0 for n <= d."""
+    return ((n - d) / (d * (n - 1))) ** 0.5 if n > d else 0.0
+
+
+def jl_margin(form, power, margin, n, d):
+    """Checks a form's settings (ValueError: they come from the command line) -> mu, the welch form's margin."""
+    if form not in JL_FORMS:
+        raise ValueError(f"JL form {form!r}: valid values are {', '.join(JL_FORMS)}")
+    if not power >= 1:  # also catches NaN
+        raise ValueError(f"JL power {power!r}: valid values are >= 1 (|cos|^p with p < 1 has an infinite slope at 0)")
+    if not 0 <= margin < 1:
+        raise ValueError(f"JL margin {margin!r}: valid values are 0 (the Welch bound) or a |cos| in (0, 1)")
+    return float(margin) if margin > 0 else welch_bound(n, d)
+
+
+def jl_pairs_ref(G, form="atanh", power=4.0, mu=0.0):
+    """phi(|G|) elementwise, through torch ops (autograd gives the slopes): the pair function of each form."""
+    g = G.abs()
+    if form == "atanh":
+        g = g - (g - g.clamp(max=1 - JL_EPS)).detach()  # value clamped, gradient taken at the clamped point
+        return torch.atanh(g)
+    if form == "power":
+        return g.pow(power)  # autograd: p g^(p-1) sign(G), 0 at G = 0 for every p >= 1 (abs's slope there is 0)
+    return torch.relu(g - mu).square()
+
+
+def jl_penalty_ref(W, form="atanh", power=4.0, margin=0.0):
+    """Dense reference: materialises G (n, n), in fp32 or wider -> the mean over i != j of phi(|G_ij|). atanh clamps
+    |G| at 1 - JL_EPS; its gradient is atanh's slope at the clamped value, sign(G)/(1 - min(|G|, 1-eps)^2), never 0,
+    so duplicate rows are still pushed apart. The gradient w.r.t. W is 2 S W / (n (n - 1)), S_ij = that slope."""
     n = W.shape[0]
+    mu = jl_margin(form, power, margin, n, W.shape[1])
     W = W.to(torch.promote_types(W.dtype, torch.float32))  # fp32 at least: bf16 rounds a cos of 0.998 to 1
     G = W @ W.T  # (n, d) @ (d, n) -> (n, n)
-    g = G.abs()
-    g = g - (g - g.clamp(max=1 - JL_EPS)).detach()  # value clamped, gradient taken at the clamped point
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=W.device)
-    return torch.atanh(g)[off_diagonal].sum() / (n * (n - 1))
+    return jl_pairs_ref(G, form, power, mu)[off_diagonal].sum() / (n * (n - 1))
 
 
 @triton.jit
@@ -716,10 +757,12 @@ def _jl_fwd_bwd_kernel(
         w_ptr, grad_ptr, value_ptr,
         # sizes
         n, d, inv_pairs, clamp,
+        # the forms' parameters: p (power), mu (welch)
+        power, mu,
         # strides
         stride_wn, stride_wd,
-        # meta
-        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+        # meta: FORM one of JL_FORMS
+        FORM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_i, pid_j = tl.program_id(0), tl.program_id(1)
     if pid_j < pid_i:  # G is symmetric: tiles on and above the diagonal only
         return
@@ -733,13 +776,30 @@ def _jl_fwd_bwd_kernel(
         wj = tl.load(w_ptr + rj[:, None] * stride_wn + kk[None, :] * stride_wd, mask=(rj[:, None] < n) & (kk[None, :] < d), other=0.0)
         G += tl.dot(wi, tl.trans(wj), input_precision="ieee")
     valid = (ri[:, None] < n) & (rj[None, :] < n) & (ri[:, None] != rj[None, :])  # no padding, no diagonal
-    g = tl.minimum(tl.abs(G), clamp)
-    atanh = 0.5 * tl.log((1.0 + g) / (1.0 - g))
+    # each form's phi(g), the pairs' values (BLOCK, BLOCK), as in jl_pairs_ref (FORM is a constexpr: one branch compiles)
+    if FORM == "atanh":
+        g = tl.minimum(tl.abs(G), clamp)
+        phi = 0.5 * tl.log((1.0 + g) / (1.0 - g))
+    elif FORM == "power":
+        g = tl.abs(G)
+        # g^p = 2^(p log2 g); log2 of 1 on the zeros, where 0 * -inf would be NaN at p = 1, then phi = 0 there
+        log_g = tl.log2(tl.where(g > 0, g, 1.0))
+        phi = tl.where(g > 0, tl.exp2(power * log_g), 0.0)
+    else:  # "welch"
+        excess = tl.maximum(tl.abs(G) - mu, 0.0)
+        phi = excess * excess
     # an off-diagonal tile stands for itself and its mirror image below the diagonal
     weight = tl.where(pid_i == pid_j, 1.0, 2.0)
-    tl.atomic_add(value_ptr, weight * inv_pairs * tl.sum(tl.where(valid, atanh, 0.0)))
+    tl.atomic_add(value_ptr, weight * inv_pairs * tl.sum(tl.where(valid, phi, 0.0)))
+    # the slopes S = sign(G) phi'(g); the atanh lines in the order they had before the forms (the same PTX)
     sign = tl.where(G > 0, 1.0, tl.where(G < 0, -1.0, 0.0))
-    S = tl.where(valid, sign / (1.0 - g * g), 0.0) * (2.0 * inv_pairs)  # (BLOCK, BLOCK)
+    if FORM == "atanh":
+        S = sign / (1.0 - g * g)
+    elif FORM == "power":
+        S = sign * power * tl.exp2((power - 1.0) * log_g)  # at G = 0 sign is 0: no slope, whatever p
+    else:
+        S = sign * 2.0 * excess
+    S = tl.where(valid, S, 0.0) * (2.0 * inv_pairs)  # (BLOCK, BLOCK)
     for k0 in range(0, d, BLOCK_K):  # grad_I += S W_J, and the mirror tile's grad_J += S^T W_I
         kk = k0 + rk
         mi = (ri[:, None] < n) & (kk[None, :] < d)
@@ -752,22 +812,23 @@ def _jl_fwd_bwd_kernel(
                           mask=mj)
 
 
-def _jl_triton(W):
-    """Launcher: -> (value (), grad (n, d)) in fp32, whatever W's dtype."""
+def _jl_triton(W, form="atanh", power=4.0, mu=0.0):
+    """Launcher: -> (value (), grad (n, d)) in fp32, whatever W's dtype; form, power and mu checked by the caller."""
     assert W.dim() == 2, f"W must be (n, d), got {tuple(W.shape)}"
     n, d = W.shape
     assert n >= 2, "the JL penalty needs at least two rows"
+    assert form in JL_FORMS, f"unknown JL form {form!r}: jl_margin checks the user's settings"
     W = W.float().contiguous()
     grad = torch.zeros_like(W)
     value = torch.zeros(1, device=W.device, dtype=torch.float32)
     BLOCK = 32 if INTERPRET else 64
     grid = (triton.cdiv(n, BLOCK), triton.cdiv(n, BLOCK))
-    _jl_fwd_bwd_kernel[grid](W, grad, value, n, d, 1.0 / (n * (n - 1)), 1.0 - JL_EPS, W.stride(0), W.stride(1),
-                             BLOCK=BLOCK, BLOCK_K=32)
+    _jl_fwd_bwd_kernel[grid](W, grad, value, n, d, 1.0 / (n * (n - 1)), 1.0 - JL_EPS, float(power), float(mu),
+                             W.stride(0), W.stride(1), FORM=form, BLOCK=BLOCK, BLOCK_K=32)
     return value[0], grad
 
 
-def _jl_blocked(W, block=None):
+def _jl_blocked(W, block=None, form="atanh", power=4.0, mu=0.0):
     """The CPU path: value and gradient over row blocks, each block against itself and the rows after it
     (symmetry), so memory is three (block, n) temporaries, not (n, n): 64 MiB each by default.
     -> (value (), grad (n, d))"""
@@ -780,12 +841,26 @@ def _jl_blocked(W, block=None):
         b = min(block, n - i)
         Wi, rest = W[i:i + b], W[i:]
         G = Wi @ rest.T                                 # (b, d) @ (d, n - i) -> (b, n - i)
-        g = G.abs().clamp_(max=1 - JL_EPS)
+        if form == "atanh":
+            g = G.abs().clamp_(max=1 - JL_EPS)
+        else:
+            g = G.abs()
         g.diagonal()[:] = 0                             # the diagonal entries (j = i) lie in the first b columns
-        atanh = torch.atanh(g)
-        total += atanh[:, :b].sum(dtype=torch.float64) + 2 * atanh[:, b:].sum(dtype=torch.float64)  # mirror tiles
-        del atanh
-        S = g.square_().neg_().add_(1).reciprocal_().mul_(G.sign_())  # sign(G) / (1 - g^2), all in place
+        if form == "atanh":
+            phi = torch.atanh(g)
+        elif form == "power":
+            phi = g.pow(power)
+        else:
+            phi = (g - mu).relu_().square_()
+        total += phi[:, :b].sum(dtype=torch.float64) + 2 * phi[:, b:].sum(dtype=torch.float64)  # mirror tiles
+        del phi
+        # S = sign(G) phi'(g), all in place
+        if form == "atanh":
+            S = g.square_().neg_().add_(1).reciprocal_().mul_(G.sign_())  # sign(G) / (1 - g^2)
+        elif form == "power":
+            S = g.pow_(power - 1).mul_(G.sign_()).mul_(power)   # 0^0 = 1 at p = 1, times sign(0) = 0
+        else:
+            S = g.sub_(mu).relu_().mul_(G.sign_()).mul_(2)
         S.diagonal()[:] = 0
         grad[i + b:].addmm_(S[:, b:].T, Wi)             # (n - i - b, b) @ (b, d): the mirror tiles' rows
         grad[i:i + b].addmm_(S, rest)                   # (b, n - i) @ (n - i, d)
@@ -796,8 +871,8 @@ def _jl_blocked(W, block=None):
 
 class JLPenalty(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, W):
-        value, grad = _jl_triton(W) if use_triton(W) else _jl_blocked(W)
+    def forward(ctx, W, form="atanh", power=4.0, mu=0.0):
+        value, grad = _jl_triton(W, form, power, mu) if use_triton(W) else _jl_blocked(W, form=form, power=power, mu=mu)
         ctx.save_for_backward(grad)
         ctx.dtype = W.dtype
         return value.to(torch.promote_types(W.dtype, torch.float32))
@@ -805,28 +880,96 @@ class JLPenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_value):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_value).to(ctx.dtype)
+        return (grad * grad_value).to(ctx.dtype), None, None, None
 
 
-def jl_penalty_sampled(W, n_sample, generator=None):
+def jl_penalty_sampled(W, n_sample, generator=None, form="atanh", power=4.0, margin=0.0):
     """An unbiased estimate of the JL mean from n_sample random rows i against all rows j != i; its gradient
     is an unbiased estimate of the full gradient. Cost n_sample/n of the exact penalty. W (n, d) -> ()"""
     n = W.shape[0]
+    mu = jl_margin(form, power, margin, n, W.shape[1])  # the whole dictionary's bound, not the sample's
     device = generator.device if generator is not None else W.device  # sae.py's generator lives on W's device
     rows = torch.randperm(n, generator=generator, device=device)[:n_sample].to(W.device)  # (m,)
     W = W.to(torch.promote_types(W.dtype, torch.float32))
     G = W[rows] @ W.T                                     # (m, d) @ (d, n) -> (m, n)
-    g = G.abs()
-    g = g - (g - g.clamp(max=1 - JL_EPS)).detach()        # as in jl_penalty_ref
-    g = g.scatter(1, rows[:, None], 0.0)                  # a row with itself is no pair
-    return torch.atanh(g).sum() / (len(rows) * (n - 1))
+    phi = jl_pairs_ref(G, form, power, mu)                # (m, n)
+    phi = phi.scatter(1, rows[:, None], 0.0)              # a row with itself is no pair
+    return phi.sum() / (len(rows) * (n - 1))
 
 
 @torch.compiler.disable  # see COMPILE
-def jl_penalty(W, sample=0, generator=None):
-    """The JL mean of W's rows (the caller normalises them): exact, or estimated from `sample` rows."""
+def jl_penalty(W, sample=0, generator=None, form="atanh", power=4.0, margin=0.0):
+    """The JL mean of W's rows (the caller normalises them) in one of JL_FORMS: exact, or estimated from `sample`
+    rows."""
     if sample and sample < W.shape[0]:
-        return jl_penalty_sampled(W, sample, generator)
+        return jl_penalty_sampled(W, sample, generator, form, power, margin)
     if NO_TRITON:
-        return jl_penalty_ref(W)
-    return JLPenalty.apply(W)
+        return jl_penalty_ref(W, form, power, margin)
+    mu = jl_margin(form, power, margin, *W.shape)
+    return JLPenalty.apply(W, form, power, mu)
+
+
+# -----------------------------------------------------------------------------
+# the architectures' small ops: selections and straight-through estimators, whose gradients torch's autograd does not
+# give as the papers define them; PyTorch only (no hot spot here: each is elementwise or a top-k), each with its
+# reference in the tests (exhaustive selections, gradients by hand)
+
+def batch_topk_select(pre, k):
+    """BatchTopK's selection: the k N largest positive entries of pre (N, d_sae). -> (indices (N, K), keep (N, K)
+    bool, t), K the most any row keeps, t the smallest kept value. A flat top-(k N) of N d_sae entries costs 15x
+    a per-row top-k on the CPU, so candidates come per row (4k, widened if some row keeps all of its own)."""
+    N, m = pre.shape
+    width = min(m, 4 * k)
+    while True:
+        values, indices = pre.topk(width, dim=1)  # (N, width), sorted
+        t = values.flatten().topk(min(k * N, values.numel())).values[-1]
+        if width == m or (values[:, -1] < t).all():  # no row can hold a kept entry beyond its candidates
+            break
+        width = min(m, 4 * width)
+    keep = (values >= t) & (values > 0)
+    K = max(int(keep.sum(dim=1).max()), 1)
+    return indices[:, :K], keep[:, :K], t
+
+
+def fsq_code(values, scale_log, levels):
+    """Finite scalar quantisation of active values (N, K): bounded to [0, a) by a tanh(relu(v) / a), a = e^scale_log
+    the feature's top level, then rounded to a (0, 1, ..., L - 1) / (L - 1), the rounding's gradient passed
+    straight through (Mentzer et al. 2023). Level 0 is off: a small value rounds to an inactive feature."""
+    a = scale_log.exp()
+    u = torch.tanh(values.relu() / a) * (levels - 1)
+    return a * (u + (u.round() - u).detach()) / (levels - 1)
+
+
+def near_threshold(pre, theta, eps):
+    """The rectangle kernel K((pre - theta) / eps) = 1[|pre - theta| < eps / 2] of both estimators below."""
+    return ((pre - theta).abs() < eps / 2).to(pre.dtype)
+
+
+class JumpReLU(torch.autograd.Function):
+    """f = pre H(pre - theta); df/dpre = H, df/dtheta = -(theta / eps) K((pre - theta) / eps) with the rectangle
+    kernel K(u) = 1[|u| < 1/2] (Rajamanoharan et al. 2024, eq. 11; the rule dictionary_learning and SAELens use)."""
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        near = near_threshold(pre, theta, ctx.eps)  # (N, d_sae)
+        return grad * (pre > theta), -(theta / ctx.eps) * (near * grad).sum(dim=0), None
+
+
+class Step(torch.autograd.Function):
+    """H(pre - theta), the L0 term; dH/dtheta = -(1 / eps) K((pre - theta) / eps), dH/dpre = 0 (same paper)."""
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        return None, -(near_threshold(pre, theta, ctx.eps) * grad).sum(dim=0) / ctx.eps, None

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 12's runs on SmolLM2-135M, end to end from a clean clone (docs/results.md), each part one
-# command: bash config/smollm2_experiments.sh PART, PART one of data frontier jl lr context finetune layers plot
+# command: bash config/smollm2_experiments.sh PART, PART one of data frontier jl lr jl_forms context finetune layers plot
 # (or all, in that order). Every step's output goes to logs/<step>.log; a step whose log ends in "done" is skipped, so
 # a rerun continues after the last finished step. About 6 hours on 2 CPU cores in all (docs/results.md gives each part's).
 set -euo pipefail
@@ -35,6 +35,12 @@ data() {
 frontier() { step smollm2_l15_frontier python sae.py config/smollm2_l15_frontier.py; }
 jl() { step smollm2_l15_jl python sae.py config/smollm2_l15_jl.py; }
 lr() { step smollm2_l15_lr python sae.py config/smollm2_l15_lr.py; }
+jl_forms() {  # issue 24: the power and welch forms in hybrid, the baselines retrained, and each SAE's feature overlap
+  for part in base power welch; do
+    step smollm2_l15_jl_$part python sae.py config/smollm2_l15_jl_$part.py
+    step smollm2_l15_jl_${part}_overlap python analyze.py --mode=overlap --out_dir=out/smollm2_l15_jl_$part
+  done
+}
 context() {  # 512-token SAEs, and the frontier's 128-token ones scored on 512-token contexts
   step smollm2_l15_ctx512_cache cache $MODEL 15 data/smollm2_l15_ctx512 512 262144
   step smollm2_l15_ctx512 python sae.py config/smollm2_l15_ctx512.py
@@ -56,12 +62,12 @@ layers() {
 finetune() {  # LoRA on FineWeb-Edu; the layer-15 SAEs on the fine-tune, against SAEs trained on it
   step prepare_smollm2_edu python prepare.py --input='../shared/data/text/fineweb_edu*.jsonl' --tokenizer=$MODEL \
     --out_dir=data/smollm2_edu
-  step smollm2_lora_edu python sae.py config/smollm2_lora_edu.py
+  step smollm2_lora_edu python analyze.py config/smollm2_lora_edu.py
   step smollm2_edu_l15_cache cache $MODEL-edu 15 data/smollm2_edu_l15
   step smollm2_edu_layers_l15 layer_saes data/smollm2_edu_l15 out/smollm2_edu/l15
   step smollm2_layers_l15 layer_saes data/smollm2_l15 out/smollm2_layers/l15  # the original's (also in layers)
   for run in out/smollm2_layers/l15 out/smollm2_layers/l15-hybrid; do
-    step "smollm2_l15_on_edu_$(basename $run)" python sae.py --eval_only=True --out_dir=$run --eval_model=$MODEL-edu
+    step "smollm2_l15_on_edu_$(basename $run)" python analyze.py --mode=persistence --out_dir=$run --eval_model=$MODEL-edu
   done
 }
 plot() {  # from the copies in logs/runs: the figures and tables come back from the committed logs alone
@@ -74,7 +80,8 @@ plot() {  # from the copies in logs/runs: the figures and tables come back from 
     --plot_dir=figures/smollm2_finetune
 }
 case "${1:-all}" in
-  all) data; frontier; jl; lr; context; layers; finetune; plot ;;
-  data|frontier|jl|lr|context|layers|finetune|plot) "$1" ;;
-  *) echo "usage: bash config/smollm2_experiments.sh [all|data|frontier|jl|lr|context|layers|finetune|plot]"; exit 1 ;;
+  all) data; frontier; jl; lr; jl_forms; context; layers; finetune; plot ;;
+  data|frontier|jl|lr|jl_forms|context|layers|finetune|plot) "$1" ;;
+  *) echo "usage: bash config/smollm2_experiments.sh [all|data|frontier|jl|lr|jl_forms|context|layers|finetune|plot]"
+     exit 1 ;;
 esac

@@ -3,7 +3,7 @@
 # that every SAE here is evaluated on, so those are held out from the fine-tune. Before it, once:
 #   python prepare.py --input='../shared/data/text/fineweb_edu*.jsonl' --tokenizer=models/smollm2-135m \
 #       --out_dir=data/smollm2_edu
-# then python sae.py config/smollm2_lora_edu.py (writes models/smollm2-135m-edu, a save_pretrained directory).
+# then python analyze.py config/smollm2_lora_edu.py (writes models/smollm2-135m-edu, a save_pretrained directory).
 # The whole experiment, this included: bash config/smollm2_experiments.sh finetune
 mode = "finetune"
 init_from = "models/smollm2-135m"

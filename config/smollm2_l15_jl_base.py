@@ -1,0 +1,19 @@
+# Issue 24: the baselines of config/smollm2_l15_jl_power.py and config/smollm2_l15_jl_welch.py (plain L1 at
+# coefficient 3, topk at k 32), trained here so that --mode=overlap reads their checkpoints too; the
+# same settings and batches as config/smollm2_l15_frontier.py, whose logs they should repeat. Needs the cache of
+# config/smollm2_l15.py. python sae.py config/smollm2_l15_jl_base.py
+acts = "data/smollm2_l15"
+out_dir = "out/smollm2_l15_jl_base"
+d_sae = 4608
+batch_size = 1024
+lr = 3e-3
+max_iters = 600
+arch = ["relu", "topk"]
+loss = "l1"
+l1_coeff = 3.0
+k = 32
+l1_warmup_iters = 200
+eval_interval = 600
+eval_tokens = 8192
+resample_iters = ()
+dead_window = 300_000

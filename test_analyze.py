@@ -1,0 +1,637 @@
+"""analyze.py's tests: export (loaded by SAELens's documented forward), steering, dashboards, plots, the LoRA
+fine-tune and feature persistence. The command: `TRITON_INTERPRET=1 python -m pytest -q` (all test files)."""
+import dataclasses
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import analyze
+import sae
+import sae_kernels
+from sae import GPT, GPTConfig, SAE, TrainConfig
+from conftest import cpu_env, HERE, hf_gpt2, hf_site_activations, load_ckpt, read_shard_numpy, run_sae, TINY, \
+    TINY_GPT_RUN, TINY_LLAMA_RUN, token_ids, transformers
+
+
+# -----------------------------------------------------------------------------
+# export to SAELens's format (and TransformerLens's hooks), steering
+
+def saelens_forward(cfg, w, x):
+    """SAELens 6's inference forward for the architectures we export, as its sae_lens/saes/*.py compute it:
+    standard relu(pre); topk: the k largest pre, relu'd, scattered; jumprelu: relu(pre) * (pre > threshold)."""
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]  # apply_b_dec_to_input
+    if cfg["architecture"] == "topk":
+        top = pre.topk(cfg["k"], dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    elif cfg["architecture"] == "jumprelu":
+        f = pre.relu() * (pre > w["threshold"])
+    else:
+        f = pre.relu()
+    return f @ w["W_dec"] + w["b_dec"], f
+
+
+@pytest.mark.parametrize("name,architecture", [("relu-l1_by_decoder_normTrue", "standard"), ("topk", "topk"),
+                                               ("batchtopk", "jumprelu"), ("matryoshka", "jumprelu"),
+                                               ("jumprelu", "jumprelu"), ("vae", "standard")])
+def test_export_of_each_architecture_is_saelens_forward(arch_sweep, synthetic, name, architecture, tmp_path):
+    from safetensors.torch import load_file
+    r = run_sae("--mode=export", f"--ckpt={arch_sweep / name / 'ckpt.pt'}", f"--export_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    cfg, w = json.load(open(tmp_path / "cfg.json")), load_file(tmp_path / "sae_weights.safetensors")
+    assert cfg["architecture"] == architecture and (cfg.get("k") == 4) == (architecture == "topk")
+    assert sorted(w) == sorted(["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if architecture == "jumprelu" else []))
+    ckpt = load_ckpt(arch_sweep / name)
+    model, _, s = analyze.load_sae(ckpt)
+    x = torch.from_numpy(np.load(synthetic[0])[:300])  # raw activations, as SAELens would read them
+    x_hat_ref, f_ref = saelens_forward(cfg, w, x)
+    with torch.no_grad():
+        x_hat, f = model(x * s)  # ours on the scaled activations, norms folded by load_sae
+    assert (f > 0).sum() > 0
+    torch.testing.assert_close(f, f_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x_hat / s, x_hat_ref, atol=1e-4, rtol=1e-4)
+    if name.startswith("relu"):  # the free norms are folded: unit rows in the export, up to the scale
+        torch.testing.assert_close(w["W_dec"].norm(dim=1) * s, torch.ones(192), atol=1e-5, rtol=1e-5)
+
+
+def test_export_of_fsq_is_refused_in_one_line(arch_sweep, tmp_path):
+    r = run_sae("--mode=export", f"--ckpt={arch_sweep / 'fsq' / 'ckpt.pt'}", f"--export_dir={tmp_path}")
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: --arch=fsq has no SAELens format")
+    assert len(r.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_shards, tmp_path_factory):
+    """A short SAE run on a tiny random GPT-2 (layer 1, mlp_in): its out_dir."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    r = run_sae(*TINY_GPT_RUN, f"--data_dir={tiny_shards}", f"--out_dir={out}", "--max_iters=60",
+                "--eval_interval=60", "--resample_iters=()")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_export_matches_saelens_format_and_folds_the_scale(tiny_run, tmp_path):
+    from safetensors.torch import load_file
+    r = run_sae("--mode=export", f"--out_dir={tiny_run}", f"--export_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["cfg.json", "sae_weights.safetensors"]
+    cfg = json.load(open(tmp_path / "cfg.json"))
+    # the fields and values of ../shared/notes/saelens-format.md for a standard ReLU SAE
+    assert {k: cfg[k] for k in ("d_in", "d_sae", "dtype", "apply_b_dec_to_input", "normalize_activations",
+                                "reshape_activations", "architecture")} == {
+        "d_in": 32, "d_sae": 96, "dtype": "float32", "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "reshape_activations": "none", "architecture": "standard"}
+    assert cfg["metadata"]["hook_name"] == "blocks.1.ln2.hook_normalized" and cfg["metadata"]["context_size"] == 32
+    weights = load_file(tmp_path / "sae_weights.safetensors")
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {"W_enc": (32, 96), "b_enc": (96,), "W_dec": (96, 32),
+                                                               "b_dec": (32,)}
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    # SAELens's forward on raw activations equals ours on scaled ones, scaled back
+    ckpt = load_ckpt(tiny_run)
+    model, _, s = analyze.load_sae(ckpt)
+    x = torch.randn(50, 32) * 3
+    f_ref = torch.relu((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"])
+    x_hat_ref = f_ref @ weights["W_dec"] + weights["b_dec"]
+    with torch.no_grad():
+        x_hat, f = sae_kernels.encode_relu_decode_ref(x * s, *(ckpt["sae"][k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")))
+    assert ckpt["config"]["l1_by_decoder_norm"]  # the default: free rows, exported as unit rows with f scaled by them
+    f = f * ckpt["sae"]["W_dec"].norm(dim=1)  # (50, 96) * (96,)
+    torch.testing.assert_close(f, f_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x_hat / s, x_hat_ref, atol=1e-5, rtol=1e-5)
+
+
+def captured_input(module, fn):
+    """The first positional input that `module` receives while fn() runs."""
+    seen = {}
+    def keep(module, args):  # returns None: the input goes on unchanged
+        seen.setdefault("x", args[0].clone())
+    handle = module.register_forward_pre_hook(keep)
+    fn()
+    handle.remove()
+    return seen["x"]
+
+
+STEER_READERS = {  # (family, site) -> the module whose input is that site's activation, edited or not
+    ("gpt2", "mlp_in"): "h.1.mlp.c_fc", ("gpt2", "resid_post"): "h.2.ln_1", ("gpt2", "mlp_hidden"): "h.1.mlp.c_proj",
+    ("llama", "mlp_in"): "model.layers.1.mlp.up_proj", ("llama", "resid_post"): "model.layers.2.input_layernorm",
+    ("llama", "mlp_hidden"): "model.layers.1.mlp.down_proj"}
+
+
+@pytest.mark.parametrize("family,site", list(STEER_READERS))
+def test_steering_moves_the_site_by_scale_times_direction(family, site):
+    torch.manual_seed(0)
+    model = (GPT(GPTConfig(n_layer=3, n_head=2, n_embd=24, vocab_size=60, block_size=16)) if family == "gpt2" else
+             sae.Llama(sae.LlamaConfig(vocab_size=60, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=12))).eval()
+    width = sae.site_width(model.config, site)
+    sae_model, act_scale = SAE(width, 40), 2.5
+    idx = torch.randint(0, 60, (2, 9))
+    module = dict(model.named_modules())[STEER_READERS[family, site]]
+    with torch.no_grad():
+        clean_logits = model(idx)
+        clean = captured_input(module, lambda: model(idx))
+        with analyze.steer(model, sae_model, {7: 3.0, 11: -1.5}, 1, site, act_scale):
+            steered = captured_input(module, lambda: model(idx))
+        with analyze.steer(model, sae_model, {7: 0.0}, 1, site, act_scale):
+            zero_logits = model(idx)
+        after = model(idx)
+    direction = (3.0 * sae_model.W_dec[7] - 1.5 * sae_model.W_dec[11]).detach() / act_scale
+    torch.testing.assert_close(steered - clean, direction.expand_as(clean), atol=1e-5, rtol=0)
+    assert torch.equal(zero_logits, clean_logits)  # scale 0 changes nothing
+    assert torch.equal(after, clean_logits) and not model.blocks[1]._forward_pre_hooks  # the model is as it was
+
+
+def test_steering_ablate_and_clamp_change_the_feature():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=24, vocab_size=60, block_size=16)).eval()
+    sae_model = SAE(24, 40)
+    idx = torch.randint(0, 60, (1, 9))
+    reader = model.h[0].mlp.c_fc
+    with torch.no_grad():
+        clean = captured_input(reader, lambda: model(idx))
+        f_clean = sae_model(clean.reshape(-1, 24))[1]
+        feature = int(f_clean.sum(dim=0).argmax())  # a feature that fires here
+        with analyze.steer(model, sae_model, {feature: 0.0}, 0, "mlp_in", mode="ablate"):
+            ablated = captured_input(reader, lambda: model(idx))
+    # the activation moved by -f * W_dec[feature] at each position: exactly what ablating it in the SAE removes
+    expected = clean - f_clean[:, feature].view(1, -1, 1) * sae_model.W_dec[feature]
+    torch.testing.assert_close(ablated, expected, atol=1e-5, rtol=0)
+
+
+def test_steer_mode_prints_both_continuations(tiny_run, enc):
+    r = run_sae("--mode=steer", f"--out_dir={tiny_run}", "--feature=3", "--scale=50.0", "--prompt=Hello world",
+                "--max_new_tokens=8")
+    assert r.returncode == 0, r.stderr
+    assert "--- unsteered\nHello world" in r.stdout and "--- feature 3 x 50\nHello world" in r.stdout
+    r = run_sae("--mode=steer", f"--out_dir={tiny_run}", "--feature=999")
+    assert r.returncode == 1 and "--feature=999: the SAE has features 0..95" in r.stderr
+
+
+def test_a_batchtopk_sae_on_the_model_evaluates_steers_and_makes_a_dashboard(tiny_shards, enc, tmp_path):
+    # through the model: CE and KL with its JumpReLU-threshold inference code spliced in, then the helpers
+    r = run_sae(*TINY_GPT_RUN, f"--data_dir={tiny_shards}", f"--out_dir={tmp_path}", "--arch=batchtopk", "--k=8",
+                "--max_iters=60", "--eval_interval=60", "--loss=l1")
+    assert r.returncode == 0, r.stderr
+    final = json.loads(open(tmp_path / "log.jsonl").readlines()[-1])
+    assert np.isfinite(final["ce_sae"]) and np.isfinite(final["kl"]) and 0 < final["l0"] < 96
+    r = run_sae("--mode=steer", f"--out_dir={tmp_path}", "--feature=3", "--scale=50.0", "--prompt=Hello world",
+                "--max_new_tokens=8")
+    assert r.returncode == 0 and "--- feature 3 x 50\nHello world" in r.stdout, r.stderr
+    r = run_sae("--mode=dashboard", f"--out_dir={tmp_path}", "--features=top_freq:3", "--dashboard_tokens=640")
+    assert r.returncode == 0 and (tmp_path / "dashboard.html").stat().st_size > 1000, r.stderr
+
+
+def tl_normalized(x, family, eps):
+    """TransformerLens's hook_normalized, computed here from the norm's input: LayerNorm (GPT-2) or RMSNorm."""
+    x = x.double() - (x.double().mean(-1, keepdim=True) if family == "gpt2" else 0)  # RMSNorm does not centre
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_export_folds_the_norm_for_transformerlens(family, tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+    from dataclasses import asdict
+    if family == "gpt2":
+        hf = hf_gpt2(**TINY)
+        with torch.no_grad():  # gains and biases far from 1 and 0, as in a trained GPT-2
+            for name, p in hf.named_parameters():
+                if "ln_" in name:
+                    p.uniform_(0.5, 1.5) if name.endswith("weight") else p.uniform_(-1, 1)
+        hf.save_pretrained(tmp_path / "model")
+        saved, d, eps, norm = tmp_path / "model", 48, 1e-5, hf.transformer.h[1].ln_2
+    else:
+        saved, hf = tiny_llama
+        d, eps, norm = 48, 1e-5, hf.model.layers[1].post_attention_layernorm
+    idx = torch.randint(0, 300, (2, 12))
+    seen = {}
+    handle = norm.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
+    with torch.no_grad():
+        hf(idx)
+    handle.remove()
+    n = tl_normalized(seen["x"], family, eps).reshape(-1, d)  # what TransformerLens's hook holds
+    mlp_in = seen["y"].reshape(-1, d)                          # what our SAE read
+    g = torch.Generator().manual_seed(1)
+    state = {"W_enc": torch.randn(d, 40, generator=g) / 7, "b_enc": torch.randn(40, generator=g) / 3,
+             "W_dec": torch.nn.functional.normalize(torch.randn(40, d, generator=g), dim=1), "b_dec": torch.randn(d, generator=g)}
+    checkpoint = {"config": asdict(TrainConfig(init_from=str(saved), layer=1, site="mlp_in", block_size=32)), "act_scale": 2.5,
+                  "sae": state, "iter_num": 7}
+    sae_cfg = analyze.export_saelens(checkpoint, str(tmp_path / "export"))
+    assert sae_cfg["metadata"]["hook_name"] == "blocks.1.ln2.hook_normalized"
+    w = {k: v.double() for k, v in load_file(tmp_path / "export" / "sae_weights.safetensors").items()}
+    f_tl = torch.relu((n - w["b_dec"]) @ w["W_enc"] + w["b_enc"])  # SAELens's standard SAE on TransformerLens's hook
+    x_hat, f = sae_kernels.encode_relu_decode_ref(mlp_in * 2.5, *state.values())
+    torch.testing.assert_close(f_tl.float(), f, atol=1e-4, rtol=1e-4)
+    bias = norm.bias.detach() if family == "gpt2" else 0  # and it writes n_hat = (x_hat - bias) / gain
+    torch.testing.assert_close((f_tl @ w["W_dec"] + w["b_dec"]).float(), (x_hat / 2.5 - bias) / norm.weight.detach(),
+                               atol=1e-4, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# feature dashboards
+
+@pytest.fixture(scope="module")
+def dashboard(tiny_run, enc):
+    path = tiny_run / "dash.html"
+    r = run_sae("--mode=dashboard", f"--out_dir={tiny_run}", "--features=0:5", "--dashboard_tokens=640",
+                f"--dashboard_file={path}")
+    assert r.returncode == 0, r.stderr
+    return path
+
+
+def test_dashboard_html_structure(dashboard, tiny_run):
+    from html.parser import HTMLParser
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.ids, self.tags, self.titles, self.attrs = [], set(), [], []
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            self.tags.add(tag)
+            self.attrs.extend(attrs)
+            if "id" in attrs:
+                self.ids.append(attrs["id"])
+            if tag == "span" and "title" in attrs:
+                self.titles.append(float(attrs["title"]))
+
+    page = open(dashboard, encoding="utf-8").read()
+    parsed = Collect()
+    parsed.feed(page)
+    assert parsed.ids == ["density"] + [f"feature-{i}" for i in range(5)]
+    assert not {"script", "link", "img", "iframe"} & parsed.tags and not {"src", "href"} & set(parsed.attrs)
+    assert "http" not in page  # self-contained: opens from disk with no network
+    assert "svg" in parsed.tags and parsed.titles and max(parsed.titles) > 0
+    # the firing frequency shown for feature 0 against a direct computation on the same val tokens
+    ckpt = load_ckpt(tiny_run)
+    model_sae, saved, s = analyze.load_sae(ckpt)
+    gpt = sae.load_lm(saved)
+    val = read_shard_numpy(glob.glob(f"{saved.data_dir}/*_val_*.bin")[0])[:640].astype(np.int64)
+    with torch.no_grad():
+        acts = gpt.harvest(torch.from_numpy(val).view(20, 32), saved.layer, saved.site)[:, 1:]  # position 0 left out
+        f = sae_kernels.encode_relu_decode_ref(acts.reshape(-1, 32) * s, *(ckpt["sae"][k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")))[1]
+    fired = int((f[:, 0] > 0).sum())
+    assert f"firing frequency {fired / len(f):.4%} ({fired} tokens)" in page
+
+
+def png_distinct_bytes(path):
+    """Distinct byte values in a PNG's decompressed pixel data: a blank page has a handful."""
+    import zlib
+    raw = open(path, "rb").read()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, data = 8, b""
+    while pos < len(raw):
+        length = int.from_bytes(raw[pos:pos + 4], "big")
+        if raw[pos + 4:pos + 8] == b"IDAT":
+            data += raw[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    return len(set(zlib.decompress(data)))
+
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if os.path.exists(p)), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_dashboard_renders_in_headless_chromium(dashboard, tmp_path):
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "dashboard.png"
+    r = subprocess.run(flags + ["--window-size=1200,1600", f"--screenshot={shot}", dashboard.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert shot.exists(), r.stderr
+    assert png_distinct_bytes(shot) > 50  # text, shading and charts, not an empty page
+    dom = subprocess.run(flags + ["--dump-dom", dashboard.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert all(f'id="feature-{i}"' in dom for i in range(5)) and 'id="density"' in dom
+
+
+def test_feature_selection():
+    freq = torch.tensor([0.1, 0.5, 0.0, 0.3])
+    assert analyze.select_features("1:3", freq) == [1, 2] and analyze.select_features("top_freq:2", freq) == [1, 3]
+    for bad in ("3:1", "0:9", "top:2", "all"):
+        with pytest.raises(ValueError, match="expected a:b with 0 <= a < b <= 4, or top_freq:K"):
+            analyze.select_features(bad, freq)
+
+
+# -----------------------------------------------------------------------------
+# plots and tables from log.jsonl
+
+def write_fake_run(root, name, config, finals):
+    """A run directory as training leaves it: config.json and log.jsonl (one evaluation per record)."""
+    run = Path(root) / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({**dataclasses.asdict(sae.TrainConfig()), **config}))
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in finals))
+
+
+def fake_eval(it, l0, fvu, layer_cost=0.1):
+    return {"iter": it, "mse": 100 * fvu, "fvu": fvu, "l0": l0, "l1": 3.0, "dead_frac": 0.01, "dense_frac": 0.0,
+            "mean_max_cos": 0.3, "ce_clean": 3.5, "ce_sae": 3.5 + fvu * layer_cost, "ce_zero": 3.5 + layer_cost,
+            "kl": fvu * layer_cost, "ce_recovered": 1 - fvu}
+
+
+def test_at_l0_interpolates_in_log_l0_and_never_extrapolates():
+    points = [(16.0, 0.5), (64.0, 0.3), (8.0, 0.6)]
+    assert analyze.at_l0(points, 32.0) == pytest.approx(0.4)   # halfway between 16 and 64 in log L0
+    assert analyze.at_l0(points, 8.0) == pytest.approx(0.6)
+    assert analyze.at_l0(points, 11.313708498984761) == pytest.approx(0.55)  # sqrt(8 * 16)
+    assert analyze.at_l0(points, 100.0) is None and analyze.at_l0(points, 4.0) is None
+    assert analyze.at_l0([(10.0, float("nan")), (50.0, 1.0)], 32.0) is None  # a missing metric is no point
+
+
+def test_plot_command_draws_the_figures_and_the_matched_table_from_fake_logs(tmp_path):
+    """--mode=plot on a small fake set of logs: the frontier and layer figures are PNG images, and the table's
+    values at L0 32 are the interpolation computed here by hand."""
+    pytest.importorskip("matplotlib")
+    runs = tmp_path / "runs"
+    for l1, l0 in ((1.0, 64.0), (2.0, 16.0), (4.0, 4.0)):  # relu: FVU 0.3 at L0 64, 0.5 at 16 -> 0.4 at 32
+        write_fake_run(runs / "relu", f"l1_coeff{l1}", {"arch": "relu", "l1_coeff": l1, "layer": 15},
+                       [fake_eval(0, 2000.0, 1.0), fake_eval(100, l0, {64.0: 0.3, 16.0: 0.5, 4.0: 0.7}[l0])])
+    for k in (40, 80):  # topk: L0 40 to 80, outside 32: no value at 32
+        write_fake_run(runs / "topk", f"k{k}", {"arch": "topk", "k": k, "layer": 15}, [fake_eval(100, float(k), 0.2)])
+    for layer in (5, 25):  # a second and third layer: the layers figure, with the zero-ablation cost per layer
+        write_fake_run(runs / "layers", f"layer{layer}", {"arch": "relu", "layer": layer},
+                       [fake_eval(100, 30.0, 0.4, layer_cost=0.05 * layer)])
+    for block in (128, 512):  # the context-length comparison: both evaluated by position on 512-token contexts
+        record = {**fake_eval(100, 30.0, 0.4), "context": 512, "positions": {
+            b: {**fake_eval(100, 30.0, 0.3 + 0.1 * i * (block == 128)), "tokens": 100} for i, b in
+            enumerate(("1-63", "64-127", "128-255", "256-511"))}}
+        write_fake_run(runs / "context", f"block{block}", {"arch": "topk", "block_size": block, "layer": 10}, [record])
+    r = run_sae("--mode=plot", f"--plot_runs={runs}", f"--plot_dir={tmp_path / 'figures'}")
+    assert r.returncode == 0, r.stderr
+    import matplotlib.image
+    for name in ("frontier.png", "layers.png", "positions.png"):
+        image = matplotlib.image.imread(tmp_path / "figures" / name)
+        assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 1000, (name, image.shape)
+        assert image[..., :3].std() > 0.05, f"{name} is blank"
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in (tmp_path / "figures" / "matched_l0.md").read_text().splitlines() if line.startswith("| ")}
+    header = rows.pop("method")
+    relu = dict(zip(header, rows["relu"]))
+    assert relu["SAEs"] == "3" and relu["L0 range"] == "4.0–64.0"  # the layer-15 frontier: the other layers are apart
+    assert float(relu["FVU"]) == pytest.approx(0.4, abs=1e-3)
+    assert float(relu["CE increase (nats)"]) == pytest.approx(0.04, abs=1e-3)  # 0.4 x the 0.1-nat ablation cost
+    assert float(relu["CE loss recovered"]) == pytest.approx(0.6, abs=1e-3)
+    assert dict(zip(header, rows["topk"]))["FVU"] == "—"
+    listed = [line.split("|") for line in (tmp_path / "figures" / "runs.md").read_text().splitlines()[2:]]
+    assert len(listed) == 8  # every run with a final evaluation once (block128 has only its 512-token one)
+    assert {(row[4].strip(), row[6].strip()) for row in listed if "relu/" in row[1]} == {
+        ("l1_coeff 1", "0.300"), ("l1_coeff 2", "0.500"), ("l1_coeff 4", "0.700")}  # (setting, FVU)
+    # without matplotlib: one line, exit 1
+    fake = tmp_path / "no_matplotlib" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    env = {**cpu_env(), "PYTHONPATH": str(fake.parent)}
+    r = subprocess.run([sys.executable, str(HERE / "analyze.py"), "--mode=plot", f"--plot_runs={runs}"], cwd=tmp_path,
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and r.stderr.strip() == "error: --mode=plot needs matplotlib: pip install matplotlib"
+
+
+def test_frontier_gap_compares_each_hybrid_with_its_plain_frontier_at_its_own_l0(tmp_path):
+    """frontier_gap.md: a hybrid SAE at L0 sqrt(10 x 100) against the relu frontier through (10, 0.5) and (100, 0.2):
+    the frontier's FVU there is the log-L0 midpoint 0.35, so the gap is +0.05; one outside the range gets no gap; the
+    plain runs stay out of the table unless --mode=overlap wrote their numbers."""
+    pytest.importorskip("matplotlib")
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "relu-a", {"arch": "relu", "l1_coeff": 1.0}, [fake_eval(100, 100.0, 0.2)])
+    write_fake_run(runs, "relu-b", {"arch": "relu", "l1_coeff": 4.0}, [fake_eval(100, 10.0, 0.5)])
+    (runs / "relu-b" / "overlap.json").write_text(json.dumps({"features": 90, "shared_peak": 0.25, "distinct_peaks": 0.8}))
+    hybrid = {"arch": "relu", "loss": "hybrid", "jl_form": "welch", "jl_coeff": 3e4}
+    write_fake_run(runs, "welch-in", hybrid, [fake_eval(100, 10 ** 1.5, 0.4)])
+    write_fake_run(runs, "welch-out", {**hybrid, "jl_coeff": 3e5}, [fake_eval(100, 5.0, 0.7)])
+    r = run_sae("--mode=plot", f"--plot_runs={runs}", f"--plot_dir={tmp_path / 'figures'}")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split(" | ")[0].strip("| ").split("/")[-1]: line.split(" | ")
+            for line in (tmp_path / "figures" / "frontier_gap.md").read_text().splitlines() if "runs/" in line}
+    assert set(rows) == {"welch-in", "welch-out", "relu-b"}
+    assert rows["welch-in"][1] == "relu hybrid welch 30000" and rows["welch-in"][3] == "0.400 (+0.050)"
+    assert rows["welch-out"][3] == "0.700" and rows["relu-b"][-1].strip(" |") == "0.250"
+
+
+def test_plot_draws_the_fine_tuning_comparison_from_fake_logs(tmp_path):
+    """finetune.png and finetune.md: each SAE on its model, on the fine-tune, and the fine-tune's own SAE of the same
+    setting beside it; the fine-tune's SAEs stay out of the base model's frontier."""
+    pytest.importorskip("matplotlib")
+    runs = tmp_path / "runs"
+    other = {**fake_eval(100, 30.0, 0.5), "ce_clean": 3.2, "eval_model": "models/tuned",
+             "persistence": {"compared": 900, "within_2x": 0.75, "silent": 0.01}}
+    for k, fvu in ((16, 0.4), (32, 0.3)):
+        write_fake_run(runs / "base", f"k{k}", {"arch": "topk", "k": k, "init_from": "models/base"},
+                       [fake_eval(100, float(k), fvu)] + ([other] if k == 32 else []))
+    write_fake_run(runs / "tuned", "k32", {"arch": "topk", "k": 32, "init_from": "models/tuned/"},
+                   [fake_eval(100, 32.0, 0.35)])
+    r = run_sae("--mode=plot", f"--plot_runs={runs}", f"--plot_dir={tmp_path / 'figures'}")
+    assert r.returncode == 0, r.stderr
+    import matplotlib.image
+    image = matplotlib.image.imread(tmp_path / "figures" / "finetune.png")
+    assert image.shape[1] > 1000 and image[..., :3].std() > 0.05
+    rows = [line for line in (tmp_path / "figures" / "finetune.md").read_text().splitlines() if line.startswith("| topk")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    assert cells[0] == "topk, k 32" and cells[1] == "3.500 → 3.200"
+    assert cells[2] == "0.300 / 0.500 / 0.350" and cells[-2:] == ["0.750 (900)", "0.010"]
+    table = (tmp_path / "figures" / "matched_l0.md").read_text()
+    assert "| topk | 2 | 16.0–32.0 |" in table  # the base model's two, not the fine-tune's
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning (LoRA) and feature persistence
+
+def tiny_gpt2_dir(root):
+    hf = hf_gpt2(**TINY)
+    hf.save_pretrained(root)
+    return root, hf
+
+
+def add_lora_by_hand_(hf, family, adapters, scale):
+    """The reference: each adapted weight of a transformers model moved by scale B A, computed here in float64 from
+    the adapters' own A and B (GPT-2's Conv1D weights are (in, out): the transpose)."""
+    params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for name, (A, B) in adapters.items():
+            key = ("transformer.h." if family == "gpt2" else "model.layers.") + name + ".weight"
+            delta = scale * (B.double() @ A.double())  # (out, r) @ (r, in)
+            params[key].add_((delta.T if family == "gpt2" else delta).float())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_lora_starts_at_the_model_and_its_merged_directory_is_the_tuned_model(family, request, tmp_path):
+    """LoRA leaves the model unchanged at the start (B = 0); with random adapters our forward equals transformers'
+    model with W + (alpha / r) B A put in by hand; merged and saved, the directory loads in transformers and in
+    load_model as that same model."""
+    saved, _ = tiny_gpt2_dir(tmp_path / "base") if family == "gpt2" else request.getfixturevalue("tiny_llama")
+    model = sae.load_model(str(saved))
+    vocab = model.config.vocab_size
+    idx = torch.randint(0, vocab, (2, 19), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        base = model(idx)
+    names = analyze.add_lora_(model, rank=3, alpha=6.0)
+    assert len(names) == (4 if family == "gpt2" else 7) * len(model.blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), base, atol=1e-6, rtol=0)
+        adapters = {}
+        for name in names:
+            lora = model.blocks.get_submodule(name).parametrizations.weight[0]
+            lora.A.normal_(std=0.3), lora.B.normal_(std=0.3)
+            adapters[name] = (lora.A.clone(), lora.B.clone())
+        tuned = model(idx)
+    hf_class = transformers.GPT2LMHeadModel if family == "gpt2" else transformers.LlamaForCausalLM
+    reference = hf_class.from_pretrained(saved, torch_dtype=torch.float32).eval()
+    add_lora_by_hand_(reference, family, adapters, scale=2.0)
+    with torch.no_grad():
+        expected = reference(idx).logits
+    assert (tuned - base).abs().max() > 0.1  # the adapters matter
+    torch.testing.assert_close(tuned, expected, atol=2e-4, rtol=0)
+    analyze.merge_lora_(model)
+    assert not any(n.endswith((".A", ".B")) for n, _ in model.named_parameters())
+    analyze.save_hf_model(model, str(saved), str(tmp_path / "merged"))
+    assert os.path.isfile(tmp_path / "merged" / "config.json")
+    with torch.no_grad():
+        torch.testing.assert_close(hf_class.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).eval()(idx).logits,
+                                   expected, atol=2e-4, rtol=0)
+        torch.testing.assert_close(sae.load_model(str(tmp_path / "merged"))(idx), expected, atol=2e-4, rtol=0)
+
+
+FINETUNE_RUN = ["--mode=finetune", "--block_size=32", "--harvest_batch=4", "--eval_tokens=256", "--finetune_iters=30",
+                "--eval_interval=10", "--log_interval=10", "--finetune_lr=0.01", "--lora_rank=4"]
+
+
+DIE_FINETUNING = """
+import os, signal, sys
+import analyze, sae
+calls, next_batch = [0], sae.DataLoaderLite.next_batch
+def dying_next_batch(self):
+    calls[0] += 1
+    if calls[0] == 16:  # after the save at iter 10, in the middle of the next interval
+        os.kill(os.getpid(), signal.SIGKILL)
+    return next_batch(self)
+sae.DataLoaderLite.next_batch = dying_next_batch
+analyze.main(sys.argv[1:])
+"""
+
+
+def test_finetune_lowers_the_val_loss_resumes_exactly_and_writes_a_model(tiny_llama, llama_shards, tmp_path):
+    """--mode=finetune on a tiny Llama: the val loss it reports is transformers' loss of the base model before and
+    of the written model after, and it falls; a run killed mid-way resumes from its last save to the same weights."""
+    saved, hf = tiny_llama
+    args = [f"--init_from={saved}", f"--data_dir={llama_shards}", *FINETUNE_RUN]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    r = run_sae(*args, f"--finetune_dir={whole}")
+    assert r.returncode == 0, r.stderr
+    record = json.load(open(whole / "finetune.json"))
+    losses = [e["val_loss"] for e in record["val_loss"]]
+    assert [e["iter"] for e in record["val_loss"]] == [0, 10, 20, 30] and losses[-1] < losses[0] - 0.05
+    assert {"config.json", "model.safetensors", "tokenizer.json", "lora.pt"} <= set(os.listdir(whole))
+    assert not os.path.exists(f"{whole}.partial")
+    val = torch.from_numpy(token_ids(glob.glob(f"{llama_shards}/*_val_*.bin")[0])[:256]).view(8, 32)
+    tuned = transformers.LlamaForCausalLM.from_pretrained(whole, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert losses[0] == pytest.approx(hf(val, labels=val).loss.item(), abs=1e-4)
+        assert losses[-1] == pytest.approx(tuned(val, labels=val).loss.item(), abs=1e-4)
+    r = subprocess.run([sys.executable, "-c", DIE_FINETUNING, *args, f"--finetune_dir={killed}", "--dtype=float32"],
+                       cwd=HERE, capture_output=True, text=True, timeout=300, env=cpu_env())
+    assert r.returncode == -signal.SIGKILL and not os.path.exists(killed)
+    r = run_sae(*args, f"--finetune_dir={killed}")
+    assert r.returncode == 0 and "at iter 10" in r.stdout, r.stderr
+    from safetensors.torch import load_file
+    a, b = load_file(whole / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.load(open(killed / "finetune.json"))["val_loss"] == record["val_loss"]
+    r = run_sae(*args, f"--finetune_dir={killed}")
+    assert r.returncode == 1 and r.stderr.strip() == f"error: --finetune_dir={killed} exists; delete it or name another"
+    r = run_sae(*args, f"--finetune_dir={tmp_path / 'bad'}", "--lora_targets=q_proj,c_attn")
+    assert r.returncode == 1 and r.stderr.strip() == ("error: --lora_targets: no linear layer of the blocks is named "
+                                                      "c_attn; they are down_proj, gate_proj, k_proj, o_proj, q_proj, "
+                                                      "up_proj, v_proj")
+    assert not os.path.exists(tmp_path / "bad.partial")
+
+
+def test_persistence_scores_an_sae_on_a_fine_tune(tiny_llama, llama_shards, tmp_path):
+    """analyze.py --mode=persistence --eval_model: on the SAE's own model it repeats the native evaluation and every compared feature
+    keeps its frequency; on a fine-tune its clean CE is transformers' loss of the fine-tune, and persistence is the
+    count taken here from transformers' activations of both models."""
+    saved, hf = tiny_llama
+    run = tmp_path / "sae"
+    r = run_sae(f"--init_from={saved}", *TINY_LLAMA_RUN, f"--data_dir={llama_shards}", "--max_iters=40",
+                "--eval_interval=40", "--resample_iters=()", f"--out_dir={run}", "--site=mlp_in")
+    assert r.returncode == 0, r.stderr
+    tuned_dir = tmp_path / "tuned"
+    assert run_sae(f"--init_from={saved}", f"--data_dir={llama_shards}", *FINETUNE_RUN,
+                   f"--finetune_dir={tuned_dir}").returncode == 0
+    for other in (saved, tuned_dir):
+        r = run_sae("--mode=persistence", f"--out_dir={run}", f"--eval_model={other}")
+        assert r.returncode == 0, r.stderr
+    log = [json.loads(line) for line in open(run / "log.jsonl")]
+    native, same, tuned = log[-3:]
+    assert same["eval_model"] == str(saved) and tuned["eval_model"] == str(tuned_dir)
+    for key in ("fvu", "l0", "ce_sae", "kl"):
+        assert same[key] == pytest.approx(native[key], abs=1e-9), key
+    assert same["persistence"]["within_2x"] == 1.0 and same["persistence"]["silent"] == 0.0
+    val = torch.from_numpy(token_ids(glob.glob(f"{llama_shards}/*_val_*.bin")[0])[:256]).view(8, 32)
+    tuned_hf = transformers.LlamaForCausalLM.from_pretrained(tuned_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert tuned["ce_clean"] == pytest.approx(tuned_hf(val, labels=val).loss.item(), abs=1e-4)
+    # persistence by hand: the SAE's code on transformers' mlp_in activations of both models, positions 1 on
+    ckpt = load_ckpt(run)
+    model_sae, _, scale = analyze.load_sae(ckpt)
+    counts = []
+    with torch.no_grad():
+        for model in (hf, tuned_hf):
+            act = hf_site_activations(model, val, 1, ("mlp_in",))["mlp_in"][:, 1:]
+            counts.append((model_sae(act.reshape(-1, act.shape[-1]) * scale)[1] > 0).sum(0).double())
+    compared = counts[0] >= analyze.PERSISTENCE_MIN_FIRINGS
+    ratio = counts[1][compared] / counts[0][compared]
+    assert tuned["persistence"]["compared"] == int(compared.sum()) > 10
+    assert tuned["persistence"]["within_2x"] == pytest.approx(((ratio >= 0.5) & (ratio <= 2)).double().mean().item(), abs=0.02)
+    assert tuned["persistence"]["within_2x"] < 1.0  # the fine-tune moved some features
+    r = run_sae("--mode=persistence", f"--out_dir={run}")
+    assert r.returncode == 1 and r.stderr.strip() == ("error: --mode=persistence needs --eval_model=DIR: the model (e.g. "
+                                                      "a fine-tune) to score the SAE on")
+    assert len(open(run / "log.jsonl").readlines()) == len(log)  # nothing written
+
+
+# -----------------------------------------------------------------------------
+# feature overlap (issue 24)
+
+def test_top_token_overlap_against_a_loop_over_features():
+    """A random relu SAE on random rows with tokens from a small vocabulary (so peaks collide): each counted feature's
+    peak token recomputed by sorting its column, and the shares counted by hand."""
+    g = torch.Generator().manual_seed(0)
+    model = SAE(7, 29, "relu")
+    model.W_enc.data = torch.randn(7, 29, generator=g)
+    model.b_enc.data = torch.linspace(-12, 0, 29)  # the first features fire rarely: below the count
+    rows, tokens = torch.randn(3001, 7, generator=g), torch.randint(0, 6, (3001,), generator=g)
+    result = analyze.top_token_overlap(model, rows, tokens, top=10, batch=256)  # batches of 256: the merge is tested
+    _, f = model(rows)
+    peaks = {}
+    for i in range(29):
+        column = f[:, i]
+        if (column > 0).sum() >= 10:
+            top_rows = sorted(range(len(column)), key=lambda r: -column[r].item())[:10]
+            votes = [tokens[r].item() for r in top_rows]
+            peaks[i] = min(set(votes), key=lambda t: (-votes.count(t), t))  # the most common, the smallest on a tie
+    shared = sum(1 for i in peaks if sum(p == peaks[i] for p in peaks.values()) > 1)
+    assert 5 < result["features"] == len(peaks) < 29
+    assert result["shared_peak"] == pytest.approx(shared / len(peaks))
+    assert result["distinct_peaks"] == pytest.approx(len(set(peaks.values())) / len(peaks))
+    assert 0 < result["shared_peak"] < 1  # the case is not degenerate
+
+
+def test_overlap_mode_writes_each_runs_numbers(tiny_shards, tmp_path):
+    """--mode=overlap on a sweep of two SAEs of a random GPT-2: overlap.json in each run, the table printed."""
+    out = tmp_path / "runs"
+    r = run_sae(*TINY_GPT_RUN, f"--data_dir={tiny_shards}", "--arch=relu,topk", "--k=4", "--max_iters=20",
+                "--eval_interval=20", "--resample_iters=()", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    r = run_sae("--mode=overlap", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    for name in ("relu", "topk"):
+        result = json.load(open(out / name / "overlap.json"))
+        assert result["val_rows"] == 256 // 32 * 31 and result["iter"] == 20 and 0 <= result["shared_peak"] <= 1
+        assert str(out / name) in r.stdout
