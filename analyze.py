@@ -561,14 +561,18 @@ def score_on_another_model(resolved, argv):
 # the same token read the same thing (one feature split into several, or absorbed), without a model judge.
 
 OVERLAP_TOP = 10  # a feature's top activations; it is counted when it fires at least this often
+OVERLAP_SUBSET = (1000, 20)  # the shared fraction is also taken in 20 random sets of 1000 counted features: the
+                             # more features, the more collisions by chance, so SAEs compare at equal numbers
 
 
 @torch.no_grad()
-def top_token_overlap(sae, rows, tokens, top=OVERLAP_TOP, batch=2048):
+def top_token_overlap(sae, rows, tokens, top=OVERLAP_TOP, batch=2048, subset=OVERLAP_SUBSET):
     """rows (N, d_in) in the SAE's units, tokens (N,) the token each row sits on. A feature's peak token: the most
     common token among its `top` largest activations. -> {"features": features firing at least `top` times,
     "shared_peak": the fraction of them whose peak token is another counted feature's peak token too,
-    "distinct_peaks": distinct peak tokens per counted feature (1: all differ)}"""
+    "distinct_peaks": distinct peak tokens per counted feature (1: all differ), "shared_peak_subset": the shared
+    fraction within random sets of subset[0] counted features, averaged over subset[1] sets (drawn by randperm
+    from torch.Generator seeds 0, 1, ...; None with fewer features)}"""
     d_sae = sae.W_dec.shape[0]
     best = torch.full((d_sae, top), -1.0)                  # each feature's largest activations so far
     best_rows = torch.zeros(d_sae, top, dtype=torch.long)  # ... and their rows
@@ -582,10 +586,18 @@ def top_token_overlap(sae, rows, tokens, top=OVERLAP_TOP, batch=2048):
         best_rows = at.gather(1, pick)
     counted = (fired >= top).nonzero().squeeze(1)
     peaks = tokens[best_rows[counted]].mode(dim=1).values  # (counted,) each feature's peak token
+    size, draws = subset
+    in_subsets = [shared_fraction(peaks[torch.randperm(len(peaks), generator=torch.Generator().manual_seed(i))[:size]])
+                  for i in range(draws)] if len(peaks) >= size else None
+    return {"features": len(counted), "shared_peak": shared_fraction(peaks),
+            "distinct_peaks": len(peaks.unique()) / max(len(counted), 1),
+            "shared_peak_subset": sum(in_subsets) / draws if in_subsets else None}
+
+
+def shared_fraction(peaks):
+    """The fraction of the entries of peaks (n,) that another entry equals."""
     _, inverse, counts = peaks.unique(return_inverse=True, return_counts=True)
-    n = max(len(counted), 1)
-    return {"features": len(counted), "shared_peak": (counts[inverse] > 1).double().mean().item() if len(counted) else 0.0,
-            "distinct_peaks": len(counts) / n}
+    return (counts[inverse] > 1).double().mean().item() if len(peaks) else 0.0
 
 
 def overlap_of_runs(resolved):
@@ -599,14 +611,15 @@ def overlap_of_runs(resolved):
     keep = 1 if cfg.exclude_pos0 else 0
     acts = torch.cat([model.harvest(b, cfg.layer, cfg.site)[:, keep:] for b in contexts.split(cfg.harvest_batch)])
     rows, tokens = acts.reshape(-1, acts.shape[-1]).float(), contexts[:, keep:].reshape(-1)  # (N, d_in), (N,)
-    print(f"{'run':<48} {'features':>8} {'shared peak':>12} {'distinct peaks':>15}")
+    print(f"{'run':<48} {'features':>8} {'shared peak':>12} {'distinct peaks':>15} {'shared, 1000 of them':>21}")
     for run_cfg, checkpoint in resolved:
         sae, _, scale = load_sae(checkpoint)
         result = top_token_overlap(sae, rows * scale, tokens)
         write_json(os.path.join(run_cfg.out_dir, "overlap.json"), {**result, "iter": checkpoint["iter_num"],
                                                                      "val_rows": len(rows), "top": OVERLAP_TOP})
+        subset = result["shared_peak_subset"]
         print(f"{run_cfg.out_dir:<48} {result['features']:>8} {result['shared_peak']:>12.3f} "
-              f"{result['distinct_peaks']:>15.3f}")
+              f"{result['distinct_peaks']:>15.3f} {'—' if subset is None else f'{subset:.3f}':>21}")
 
 
 # -----------------------------------------------------------------------------
@@ -705,7 +718,8 @@ def matched_sparsity_table(runs, target):
 def frontier_gap_table(runs):
     """Markdown: each hybrid SAE (and each with --mode=overlap's numbers) against its architecture's plain frontier
     (loss l1, the same architecture) at the SAE's own L0, interpolated as at_l0 does: its metrics and, in brackets,
-    the SAE's minus the frontier's (— : its L0 outside the frontier's range); the shared-peak fraction of overlap."""
+    the SAE's minus the frontier's (— : its L0 outside the frontier's range); overlap's shared-peak fraction among
+    1,000 of its features."""
     gap_metrics = [m for m in PLOT_METRICS if m[0] in ("fvu", "ce_increase", "kl", "mean_max_cos")]
     lines = ["| run | method | L0 | " + " | ".join(name for _, name, _ in gap_metrics) + " | shared peak |",
              "|---|---|---:|" + "---:|" * (len(gap_metrics) + 1)]
@@ -719,7 +733,8 @@ def frontier_gap_table(runs):
         for _, _, get in gap_metrics:
             base = at_l0([(r["l0"], get(r)) for r in plain], final["l0"])
             cells.append(f"{get(final):.3f}" + ("" if base is None else f" ({get(final) - base:+.3f})"))
-        shared = f"{run['overlap']['shared_peak']:.3f}" if run.get("overlap") else "—"
+        subset = (run.get("overlap") or {}).get("shared_peak_subset")
+        shared = "—" if subset is None else f"{subset:.3f}"
         lines.append(f"| {os.path.relpath(run['dir'])} | {method_label(cfg)} | {final['l0']:.1f} | " + " | ".join(cells)
                      + f" | {shared} |")
     return "\n".join(lines) + "\n"

@@ -401,7 +401,8 @@ def test_frontier_gap_compares_each_hybrid_with_its_plain_frontier_at_its_own_l0
     runs = tmp_path / "runs"
     write_fake_run(runs, "relu-a", {"arch": "relu", "l1_coeff": 1.0}, [fake_eval(100, 100.0, 0.2)])
     write_fake_run(runs, "relu-b", {"arch": "relu", "l1_coeff": 4.0}, [fake_eval(100, 10.0, 0.5)])
-    (runs / "relu-b" / "overlap.json").write_text(json.dumps({"features": 90, "shared_peak": 0.25, "distinct_peaks": 0.8}))
+    (runs / "relu-b" / "overlap.json").write_text(json.dumps({"features": 90, "shared_peak": 0.5, "distinct_peaks": 0.8,
+                                                             "shared_peak_subset": 0.25}))
     hybrid = {"arch": "relu", "loss": "hybrid", "jl_form": "welch", "jl_coeff": 3e4}
     write_fake_run(runs, "welch-in", hybrid, [fake_eval(100, 10 ** 1.5, 0.4)])
     write_fake_run(runs, "welch-out", {**hybrid, "jl_coeff": 3e5}, [fake_eval(100, 5.0, 0.7)])
@@ -621,6 +622,14 @@ def test_top_token_overlap_against_a_loop_over_features():
     assert result["shared_peak"] == pytest.approx(shared / len(peaks))
     assert result["distinct_peaks"] == pytest.approx(len(set(peaks.values())) / len(peaks))
     assert 0 < result["shared_peak"] < 1  # the case is not degenerate
+    assert result["shared_peak_subset"] is None  # fewer features than the subsets' 1,000
+    # in subsets of 5 counted features (in feature order), drawn as the function draws them, 3 sets
+    counted = sorted(peaks)
+    subsets = [[counted[j] for j in torch.randperm(len(counted), generator=torch.Generator().manual_seed(i))[:5]]
+               for i in range(3)]
+    by_hand = sum(sum(1 for i in s if sum(peaks[j] == peaks[i] for j in s) > 1) / 5 for s in subsets) / 3
+    result = analyze.top_token_overlap(model, rows, tokens, top=10, batch=256, subset=(5, 3))
+    assert result["shared_peak_subset"] == pytest.approx(by_hand)
 
 
 def test_overlap_mode_writes_each_runs_numbers(tiny_shards, tmp_path):

@@ -16,11 +16,14 @@ step() {  # step NAME COMMAND...: runs the command once, its output in logs/NAME
   echo done >> "logs/$name.log"
   collect
 }
-collect() {  # every run's log.jsonl and config.json under out/ copied to logs/runs/ (committed; plot reads them)
+collect() {  # every run's log.jsonl, config.json and overlap.json under out/ copied to logs/runs/ (committed; plot reads them)
   [ -d out ] || return 0  # a clean clone's first steps (data, caches) have no runs yet: find would fail the script
   find out -name log.jsonl 2>/dev/null | while read -r log; do
     dir=$(dirname "$log"); mkdir -p "logs/runs/${dir#out/}"
-    cp "$log" "logs/runs/${dir#out/}/"; [ -f "$dir/config.json" ] && cp "$dir/config.json" "logs/runs/${dir#out/}/"
+    cp "$log" "logs/runs/${dir#out/}/"
+    for extra in config.json overlap.json; do
+      if [ -f "$dir/$extra" ]; then cp "$dir/$extra" "logs/runs/${dir#out/}/"; fi
+    done
   done
 }
 cache() {  # cache MODEL LAYER DIR [BLOCK TOKENS]: an activation cache of mlp_in at LAYER, harvested in fp32
@@ -73,6 +76,8 @@ finetune() {  # LoRA on FineWeb-Edu; the layer-15 SAEs on the fine-tune, against
 plot() {  # from the copies in logs/runs: the figures and tables come back from the committed logs alone
   R=logs/runs
   python analyze.py --mode=plot --plot_runs=$R/smollm2_l15_frontier,$R/smollm2_l15_jl,$R/smollm2_l15_lr --plot_dir=figures/smollm2_l15
+  python analyze.py --mode=plot --plot_runs="$R/smollm2_l15_frontier/relu-*,$R/smollm2_l15_frontier/topk-*,$R/smollm2_l15_jl/hybrid-*,$R/smollm2_l15_jl_base,$R/smollm2_l15_jl_power,$R/smollm2_l15_jl_welch" \
+    --plot_dir=figures/smollm2_l15_jl_forms
   python analyze.py --mode=plot --plot_runs=$R/smollm2_layers --plot_dir=figures/smollm2_layers
   python analyze.py --mode=plot --plot_runs=$R/smollm2_l15_ctx512,$R/smollm2_l15_frontier/relu-l1_coeff2.0,$R/smollm2_l15_frontier/topk-k32 \
     --plot_dir=figures/smollm2_context
