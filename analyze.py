@@ -26,9 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sae import ARCH_KEYS, CONV1D_WEIGHTS, GPT, INIT_NORM, READER_MODES, SAE, SPARSITY_COEFF, DataLoaderLite, \
-    TrainConfig, check_site, check_tokenizer, checkpoint_file, evaluate, load_checkpoint, load_lm, log_evaluation, \
-    model_family, parse_overrides, prepare_runs, progress, resolve_runs, save_checkpoint, saved_config, site_width, \
-    start_process, val_contexts, write_atomic, write_json
+    TrainConfig, check_site, check_tokenizer, checkpoint_file, evaluate, is_transcoder, load_checkpoint, load_lm, \
+    log_evaluation, model_family, parse_overrides, prepare_runs, progress, resolve_runs, save_checkpoint, saved_config, \
+    site_width, sites_of, start_process, val_contexts, write_atomic, write_json
 
 # -----------------------------------------------------------------------------
 # config: sae.py's flags (a checkpoint's own, which the command line may override) and each mode's below
@@ -81,6 +81,9 @@ HOOK_NAMES = {"resid_pre": "blocks.{}.hook_resid_pre", "resid_mid": "blocks.{}.h
 # so); a vae at inference is a ReLU SAE; fsq's rounding has no SAELens counterpart
 SAELENS_ARCH = {"relu": "standard", "vae": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
                 "matryoshka": "jumprelu"}
+# transcoders: SAELens 6.54 loads ReLU and JumpReLU ones, each with or without the skip path (sae_lens/saes/
+# transcoder.py), without an input bias (b_in is folded into b_enc); it has no TopK transcoder
+SAELENS_TRANSCODER = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}
 
 
 def export_saelens(checkpoint, export_dir):
@@ -94,35 +97,40 @@ def export_saelens(checkpoint, export_dir):
     the pre-activations, so thresholds carry over as they are."""
     from safetensors.torch import save_file
     sae, cfg, s = load_sae(checkpoint)  # norms folded
-    if cfg.arch not in SAELENS_ARCH:
-        raise ValueError(f"--arch={cfg.arch} has no SAELens format (its code is rounded to {cfg.fsq_levels} levels); "
-                         f"export supports {', '.join(SAELENS_ARCH)}")
-    sd = {k: v.detach() for k, v in sae.state_dict().items()}
-    weights = {"W_enc": sd["W_enc"] * s, "b_enc": sd["b_enc"].clone(), "W_dec": sd["W_dec"] / s,
-               "b_dec": sd["b_dec"] / s}
+    if cfg.arch not in SAELENS_ARCH or (sae.transcoder and SAELENS_ARCH[cfg.arch] not in SAELENS_TRANSCODER):
+        what = "its code is rounded to {} levels".format(cfg.fsq_levels) if cfg.arch == "fsq" else "SAELens 6.54 " \
+            "has no TopK transcoder"
+        supported = [a for a in SAELENS_ARCH if not sae.transcoder or SAELENS_ARCH[a] in SAELENS_TRANSCODER]
+        raise ValueError(f"--arch={cfg.arch}{' transcoder' * sae.transcoder} has no SAELens format ({what}); export "
+                         f"supports {', '.join(supported)}")
+    weights = transcoder_weights(sae, s, target_scale(checkpoint)) if sae.transcoder else sae_weights(sae, s)
     if SAELENS_ARCH[cfg.arch] == "jumprelu":  # one threshold per feature (batchtopk's global one, repeated)
-        weights["threshold"] = sd["threshold"].float().expand(sd["b_enc"].shape).clone()
+        weights["threshold"] = sae.threshold.detach().float().expand(sae.b_enc.shape).clone()
     from_model = has_model(cfg)
     model = load_lm(cfg) if from_model and cfg.site == "mlp_in" else None
     if model is not None:
-        norm = model.blocks[cfg.layer].mlp_norm
-        g, b = norm.weight.detach(), norm.bias.detach() if getattr(norm, "bias", None) is not None else 0.0
-        if (g == 0).any():
-            raise ValueError(f"layer {cfg.layer}'s norm has zero gains: the SAE cannot be folded into its normalised input")
-        weights.update(W_enc=g[:, None] * weights["W_enc"], W_dec=weights["W_dec"] / g, b_dec=(weights["b_dec"] - b) / g)
+        fold_input_norm_(weights, model.blocks[cfg.layer].mlp_norm, cfg.layer, sae.transcoder)
     d_in, d_sae = weights["W_enc"].shape
     metadata = {"model_name": cfg.init_from if from_model else cfg.acts, "hook_name": HOOK_NAMES[cfg.site].format(cfg.layer),
                 "hook_layer": cfg.layer, "context_size": cfg.block_size, "prepend_bos": False,
                 "dataset_path": cfg.data_dir if from_model else cfg.acts, "trained_with": "gpt_sae",
                 "arch": cfg.arch, "loss": cfg.loss, "iter_num": checkpoint["iter_num"]}
-    if from_model and cfg.site in ("resid_pre", "resid_mid", "resid_post", "mlp_out") and \
+    if sae.transcoder:  # the hook it writes (SAELens's TranscoderConfig has no field for it yet: metadata carries it)
+        metadata.update(hook_name_out=HOOK_NAMES[cfg.target_site].format(cfg.layer), hook_layer_out=cfg.layer)
+    if from_model and {"resid_pre", "resid_mid", "resid_post", "mlp_out"} & set(sites_of(cfg)) and \
             (cfg.init_from == "scratch" or model_family(cfg.init_from) == "gpt2"):
         # TransformerLens centres what GPT-2 (a LayerNorm model) writes into the residual stream by default;
         # our SAE read the uncentred stream, which TransformerLens gives with this option
         metadata["model_from_pretrained_kwargs"] = {"center_writing_weights": False}
-    sae_cfg = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-               "normalize_activations": "none", "reshape_activations": "none", "architecture": SAELENS_ARCH[cfg.arch],
-               "metadata": metadata}
+    architecture = SAELENS_ARCH[cfg.arch]
+    if sae.transcoder:
+        architecture = SAELENS_TRANSCODER[architecture].replace("transcoder", "skip_transcoder" if sae.skips else
+                                                                "transcoder")
+    sae_cfg = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
+               "apply_b_dec_to_input": not sae.transcoder, "normalize_activations": "none",
+               "reshape_activations": "none", "architecture": architecture, "metadata": metadata}
+    if sae.transcoder:
+        sae_cfg["d_out"] = weights["W_dec"].shape[1]
     if cfg.arch == "topk":
         sae_cfg["k"] = cfg.k
     os.makedirs(export_dir, exist_ok=True)
@@ -134,29 +142,78 @@ def export_saelens(checkpoint, export_dir):
     return sae_cfg
 
 
+def sae_weights(sae, s):
+    """An SAE's weights for inputs in model units: ours reads s*x, so W_enc' = s W_enc, b_dec' = b_dec / s and
+    W_dec' = W_dec / s."""
+    return {"W_enc": sae.W_enc.detach() * s, "b_enc": sae.b_enc.detach().clone(), "W_dec": sae.W_dec.detach() / s,
+            "b_dec": sae.b_dec.detach() / s}
+
+
+def transcoder_weights(sae, s_in, s_out):
+    """A transcoder's, as SAELens computes one: pre = x @ W_enc + b_enc (no input bias), y = f @ W_dec + b_dec
+    (+ x @ W_skip^T). Ours reads s_in x and predicts s_out y: W_enc' = s_in W_enc, b_enc' = b_enc - b_in @ W_enc,
+    W_dec' = W_dec / s_out, b_dec' = b_dec / s_out, W_skip' = W_skip s_in / s_out."""
+    weights = {"W_enc": sae.W_enc.detach() * s_in, "b_enc": (sae.b_enc - sae.b_in @ sae.W_enc).detach(),  # (d_in,) @ (d_in, d_sae)
+               "W_dec": sae.W_dec.detach() / s_out, "b_dec": sae.b_dec.detach() / s_out}
+    if sae.skips:
+        weights["W_skip"] = sae.W_skip.detach() * (s_in / s_out)
+    return weights
+
+
+def fold_input_norm_(weights, norm, layer, transcoder):
+    """At mlp_in, TransformerLens's hook (blocks.L.ln2.hook_normalized) holds the norm's output n before its gain g
+    and bias b, x = g * n + b (RMSNorm: b = 0): folded into what reads x, exactly, as an affine change of coordinates.
+    An SAE: W_enc'' = diag(g) W_enc', W_dec'' = W_dec' / g, b_dec'' = (b_dec' - b) / g (it reads n and writes
+    n_hat = (x_hat - b) / g). A transcoder writes another site: W_enc'' = diag(g) W_enc', b_enc'' = b_enc' + b @ W_enc',
+    W_skip'' = W_skip' diag(g), b_dec'' = b_dec' + b @ W_skip'^T. Neither changes the pre-activations."""
+    g, b = norm.weight.detach(), norm.bias.detach() if getattr(norm, "bias", None) is not None else torch.zeros_like(norm.weight)
+    if (g == 0).any():
+        raise ValueError(f"layer {layer}'s norm has zero gains: the SAE cannot be folded into its normalised input")
+    W_enc = weights["W_enc"]
+    if not transcoder:
+        weights.update(W_enc=g[:, None] * W_enc, W_dec=weights["W_dec"] / g, b_dec=(weights["b_dec"] - b) / g)
+        return
+    weights.update(W_enc=g[:, None] * W_enc, b_enc=weights["b_enc"] + b @ W_enc)  # (d_in,) @ (d_in, d_sae)
+    if "W_skip" in weights:
+        weights.update(W_skip=weights["W_skip"] * g, b_dec=weights["b_dec"] + weights["W_skip"] @ b)  # (d_out, d_in) @ (d_in,)
+
+
 @contextlib.contextmanager
 def steer(model, sae, features, layer, site, act_scale=1.0, mode="add"):
     """During the block, edits the model's activation at (layer, site) with SAE features {index: value}:
     add: + value * W_dec[index] / act_scale (the decoder direction in un-normalised units);
     clamp: moves the activation so that the SAE reads the feature at value (adds (value - f) * W_dec[index] / s);
-    ablate: clamp to 0 (values ignored). Leaves the model as it was on exit."""
+    ablate: clamp to 0 (values ignored). A transcoder's features: site is (site, target_site) and act_scale (the
+    input's, the target's): the code is read at the input, the directions added at the target, as it writes them.
+    Leaves the model as it was on exit."""
     assert mode in ("add", "clamp", "ablate"), f"mode {mode!r}: add, clamp or ablate"
-    check_site(model.config, layer, site)
+    sites, (s_in, s_out) = (site if isinstance(site, tuple) else (site,)), (
+        act_scale if isinstance(act_scale, tuple) else (act_scale, act_scale))
+    for name in sites:
+        check_site(model.config, layer, name)
     idx = torch.tensor(list(features), dtype=torch.long)
     values = torch.tensor([float(v) for v in features.values()])
+    code, calls = {}, [0]
 
-    def edit(act):  # act (B, T, d) in model units
-        directions = sae.W_dec[idx.to(act.device)].to(act.dtype) / act_scale  # (k, d)
+    def edit(act):  # at each of sites in block order; act (B, T, d) in model units
+        at, calls[0] = calls[0], calls[0] + 1
+        if at == 0 and mode != "add":  # the code the SAE reads here
+            code["f"] = sae((act * s_in).float().reshape(-1, act.shape[-1]))[1]  # (B*T, d_sae)
+        if at < len(sites) - 1:
+            return act
+        directions = sae.W_dec[idx.to(act.device)].to(act.dtype) / s_out  # (k, d)
         if mode == "add":
             return act + values.to(act) @ directions                          # (k,) @ (k, d) -> (d,)
-        _, f = sae((act * act_scale).float().reshape(-1, act.shape[-1]))     # (B*T, d_sae)
+        f = code["f"]
         target = torch.zeros_like(values) if mode == "ablate" else values
         delta = target.to(f) - f[:, idx.to(f.device)]                          # (B*T, k)
         return act + (delta @ directions.float()).view_as(act).to(act.dtype)
 
-    block = model.blocks[layer]  # the edit reaches the block as its site/edit arguments (see Block.forward)
-    handle = block.register_forward_pre_hook(lambda m, args, kwargs: (args, {**kwargs, "site": site, "edit": edit}),
-                                             with_kwargs=True)
+    def reach_block(module, args, kwargs):  # the edit reaches the block as its site/edit arguments (SiteBlock.forward)
+        calls[0] = 0
+        return args, {**kwargs, "site": sites, "edit": edit}
+
+    handle = model.blocks[layer].register_forward_pre_hook(reach_block, with_kwargs=True)
     try:
         yield model
     finally:
@@ -186,14 +243,21 @@ def fold_decoder_norms_(sae):
 
 
 def load_sae(checkpoint):
-    """-> (SAE, its TrainConfig, activation scale) from a checkpoint dict."""
+    """-> (SAE, its TrainConfig, activation scale (a transcoder's input's: target_scale() gives its target's)) from a
+    checkpoint dict."""
     cfg = saved_config(checkpoint, AnalyzeConfig)
-    d_in, d_sae = checkpoint["sae"]["W_enc"].shape
-    sae = SAE.from_config(d_in, replace(cfg, d_sae=d_sae))  # the weights' shape, whatever the config says
+    (d_in, d_sae), d_out = checkpoint["sae"]["W_enc"].shape, checkpoint["sae"]["W_dec"].shape[1]
+    widths = (d_in, d_out if is_transcoder(cfg) else 0)
+    sae = SAE.from_config(widths, replace(cfg, d_sae=d_sae))  # the weights' shape, whatever the config says
     sae.load_state_dict(checkpoint["sae"])
     if sae.free_norms:
         fold_decoder_norms_(sae)  # free norms folded: every helper reads unit-norm rows and the code in their units
     return sae.eval().requires_grad_(False), cfg, checkpoint["act_scale"]
+
+
+def target_scale(checkpoint):
+    """The scale of what the SAE writes: a transcoder's target's, an SAE's own input's."""
+    return checkpoint.get("target_scale", checkpoint["act_scale"])
 
 
 def has_model(cfg):
@@ -220,7 +284,7 @@ def steer_demo(cfg, checkpoint):
     idx = torch.tensor([[tok.separator_id] + tok.encode(cfg.prompt)])  # as a document starts in the shards
     outputs = {}
     for label, scale in (("unsteered", 0.0), (f"feature {cfg.feature} x {cfg.scale:g}", cfg.scale)):
-        with steer(model, sae, {cfg.feature: scale}, saved.layer, saved.site, act_scale):
+        with steer(model, sae, {cfg.feature: scale}, saved.layer, sites_of(saved), (act_scale, target_scale(checkpoint))):
             out = generate(model, idx, cfg.max_new_tokens, generator=torch.Generator().manual_seed(cfg.seed))
         outputs[label] = tok.decode(out[0, 1:].tolist())
         print(f"--- {label}\n{outputs[label]}\n")
@@ -313,9 +377,11 @@ def write_dashboard(cfg, checkpoint):
     freq_all, _, _, n_tokens = feature_stats(model, sae, saved, act_scale, contexts, [])
     features = select_features(cfg.features, freq_all)
     freq, values, top, _ = feature_stats(model, sae, saved, act_scale, contexts, features)
-    effects = logit_effects(model, saved.layer, saved.site, sae.W_dec[features] / act_scale)  # (k, vocab)
+    # what a feature writes, at the site it writes (a transcoder's target)
+    effects = logit_effects(model, saved.layer, sites_of(saved)[-1], sae.W_dec[features] / target_scale(checkpoint))
     density = freq_all[freq_all > 0].log10()
-    parts = [f"<h1>SAE features: {html.escape(saved.init_from)} layer {saved.layer} {saved.site}, d_sae {len(freq_all)}</h1>",
+    what = f"{saved.site} -> {saved.target_site} transcoder" if sae.transcoder else saved.site
+    parts = [f"<h1>SAE features: {html.escape(saved.init_from)} layer {saved.layer} {what}, d_sae {len(freq_all)}</h1>",
              f"<p>{contexts.numel():,} val tokens in {len(contexts)} contexts of {saved.block_size}; "
              f"{int((freq_all == 0).sum())} features never fired (left out of the histogram).</p>",
              f"<section id=density><h2>log10 firing density, all features</h2>{svg_histogram(density, 40, 720, 120, label='log10 freq')}</section>"]
@@ -546,9 +612,8 @@ def score_on_another_model(resolved, argv):
     if site_width(other.config, cfg.site) != site_width(own.config, cfg.site):
         raise ValueError(f"--eval_model={cfg.eval_model}: its {cfg.site} is {site_width(other.config, cfg.site)} wide, "
                          f"the SAE reads {site_width(own.config, cfg.site)}")
-    scale = torch.tensor(ctx.scale, device=ctx.device)
-    all_metrics = evaluate([run.sae for run in ctx.runs], [run.tracker for run in ctx.runs], scale, cfg, other,
-                           ctx.val_batches)
+    all_metrics = evaluate([run.sae for run in ctx.runs], [run.tracker for run in ctx.runs],
+                           (ctx.scale, ctx.target_scale), cfg, other, ctx.val_batches)
     for run, metrics in zip(ctx.runs, all_metrics):
         p = feature_persistence(run.sae, ctx.scale, own, other, cfg, ctx.val_batches)
         log_evaluation(run, iter_num, {**metrics, "eval_model": cfg.eval_model, "persistence": p},
@@ -572,7 +637,9 @@ def top_token_overlap(sae, rows, tokens, top=OVERLAP_TOP, batch=2048, subset=OVE
     "shared_peak": the fraction of them whose peak token is another counted feature's peak token too,
     "distinct_peaks": distinct peak tokens per counted feature (1: all differ), "shared_peak_subset": the shared
     fraction within random sets of subset[0] counted features, averaged over subset[1] sets (drawn by randperm
-    from torch.Generator seeds 0, 1, ...; None with fewer features)}"""
+    from torch.Generator seeds 0, 1, ...; None with fewer features), "peak_share": the mean share of a counted
+    feature's top activations that sit on its peak token, "single_token": the fraction of counted features whose top
+    activations all sit on one token (a token feature, issue 25's comparison of transcoders with SAEs)}"""
     d_sae = sae.W_dec.shape[0]
     best = torch.full((d_sae, top), -1.0)                  # each feature's largest activations so far
     best_rows = torch.zeros(d_sae, top, dtype=torch.long)  # ... and their rows
@@ -585,13 +652,17 @@ def top_token_overlap(sae, rows, tokens, top=OVERLAP_TOP, batch=2048, subset=OVE
         best, pick = values.topk(top, dim=1)
         best_rows = at.gather(1, pick)
     counted = (fired >= top).nonzero().squeeze(1)
-    peaks = tokens[best_rows[counted]].mode(dim=1).values  # (counted,) each feature's peak token
+    top_tokens = tokens[best_rows[counted]]               # (counted, top)
+    peaks = top_tokens.mode(dim=1).values                  # (counted,) each feature's peak token
+    share = (top_tokens == peaks[:, None]).double().mean(dim=1)  # (counted,)
     size, draws = subset
     in_subsets = [shared_fraction(peaks[torch.randperm(len(peaks), generator=torch.Generator().manual_seed(i))[:size]])
                   for i in range(draws)] if len(peaks) >= size else None
     return {"features": len(counted), "shared_peak": shared_fraction(peaks),
             "distinct_peaks": len(peaks.unique()) / max(len(counted), 1),
-            "shared_peak_subset": sum(in_subsets) / draws if in_subsets else None}
+            "shared_peak_subset": sum(in_subsets) / draws if in_subsets else None,
+            "peak_share": share.mean().item() if len(share) else 0.0,
+            "single_token": (share == 1).double().mean().item() if len(share) else 0.0}
 
 
 def shared_fraction(peaks):
@@ -611,7 +682,8 @@ def overlap_of_runs(resolved):
     keep = 1 if cfg.exclude_pos0 else 0
     acts = torch.cat([model.harvest(b, cfg.layer, cfg.site)[:, keep:] for b in contexts.split(cfg.harvest_batch)])
     rows, tokens = acts.reshape(-1, acts.shape[-1]).float(), contexts[:, keep:].reshape(-1)  # (N, d_in), (N,)
-    print(f"{'run':<48} {'features':>8} {'shared peak':>12} {'distinct peaks':>15} {'shared, 1000 of them':>21}")
+    print(f"{'run':<48} {'features':>8} {'shared peak':>12} {'distinct peaks':>15} {'shared, 1000 of them':>21} "
+          f"{'single token':>13}")
     for run_cfg, checkpoint in resolved:
         sae, _, scale = load_sae(checkpoint)
         result = top_token_overlap(sae, rows * scale, tokens)
@@ -619,7 +691,8 @@ def overlap_of_runs(resolved):
                                                                      "val_rows": len(rows), "top": OVERLAP_TOP})
         subset = result["shared_peak_subset"]
         print(f"{run_cfg.out_dir:<48} {result['features']:>8} {result['shared_peak']:>12.3f} "
-              f"{result['distinct_peaks']:>15.3f} {'—' if subset is None else f'{subset:.3f}':>21}")
+              f"{result['distinct_peaks']:>15.3f} {'—' if subset is None else f'{subset:.3f}':>21} "
+              f"{result['single_token']:>13.3f}")
 
 
 # -----------------------------------------------------------------------------
@@ -659,11 +732,13 @@ def read_run_logs(roots):
 
 
 def method_label(cfg):
-    """What a frontier is made of: the architecture and loss (with the JL form but atanh, and jl_coeff), and the
-    decoder's rate multiple and the ReLU recipe where they differ from the defaults; the sparsity setting varies
-    along it."""
+    """What a frontier is made of: the architecture (a transcoder's, with or without the skip path) and loss (with the
+    JL form but atanh, and jl_coeff), and the decoder's rate multiple and the ReLU recipe where they differ from the
+    defaults; the sparsity setting varies along it."""
     form = {"atanh": "", "power": f"power{cfg['jl_power']:g} ", "welch": "welch "}[cfg["jl_form"]]
-    label = cfg["arch"] if cfg["loss"] == "l1" else f"{cfg['arch']} {cfg['loss']} {form}{cfg['jl_coeff']:g}"  # relu hybrid 1000
+    transcoder = cfg["target_site"] not in ("", cfg["site"])
+    arch = cfg["arch"] + (" skip transcoder" if cfg["skip"] else " transcoder") * transcoder
+    label = arch if cfg["loss"] == "l1" else f"{arch} {cfg['loss']} {form}{cfg['jl_coeff']:g}"  # relu hybrid 1000
     lr_enc, lr_dec = cfg["lr_enc"] or cfg["lr"], cfg["lr_dec"] or cfg["lr"]
     if lr_dec != lr_enc:
         label += f", decoder lr {lr_dec / lr_enc:g}x"

@@ -699,7 +699,7 @@ def bench_arch_steps(cfg, device, widths=(8192, 32768), k=32):
         for arch in ARCHS:
             tcfg = TrainConfig(arch=arch, d_sae=width, k=k, l1_warmup_iters=1)
             torch.manual_seed(0)
-            model = SAE.from_config(d, tcfg).to(device)
+            model = SAE.from_config((d, 0), tcfg).to(device)
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
             step = lambda: sae_step(model, optimizer, sae_loss(model, x, tcfg, 10, dead)[0], tcfg)
             step()  # Adam's state allocated before memory is measured
@@ -714,6 +714,33 @@ def bench_arch_steps(cfg, device, widths=(8192, 32768), k=32):
         base = results[f"relu_{width}"]["ms"]
         print(f"  d_sae {width}: " + ", ".join(f"{a} {results[f'{a}_{width}']['ms'] / base:.2f}x" for a in ARCHS) +
               " the relu step")
+        results.update(bench_transcoder_steps(cfg, device, width, k, dead, results))
+    return results
+
+
+def bench_transcoder_steps(cfg, device, width, k, dead, sae_results):
+    """Transcoders' steps beside the SAEs' (bench_arch_steps): mlp_in -> mlp_out at GPT-2 small's shape (d_in = d_out
+    = 768, rows of both side by side), relu and topk, plain and with the skip path (one more (N, 768) @ (768, 768)
+    matmul and its gradients)."""
+    d = 768
+    x = torch.randn(cfg.batch_size, 2 * d, device=device)  # [x_in | y]
+    results = {}
+    for arch in ("relu", "topk"):
+        for skip in (False, True):
+            tcfg = TrainConfig(arch=arch, d_sae=width, k=k, l1_warmup_iters=1, target_site="mlp_out", skip=skip)
+            torch.manual_seed(0)
+            model = SAE.from_config((d, d), tcfg).to(device)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+            step = lambda: sae_step(model, optimizer, sae_loss(model, x, tcfg, 10, dead)[0], tcfg)
+            step()
+            ms = time_ms(step, cfg.iters, device)
+            name = f"{arch}_{'skip_' * skip}transcoder_{width}"
+            results[name] = {"ms": ms[0], "ms_p20": ms[1], "ms_p80": ms[2],
+                             "vs_sae": ms[0] / sae_results[f"{arch}_{width}"]["ms"]}
+            label = f"{arch} {'skip ' * skip}transcoder, d_sae {width}"
+            print(f"  {label:<34} {ms[0]:9.1f} ms ({ms[1]:.1f}..{ms[2]:.1f})  {results[name]['vs_sae']:.2f}x the "
+                  f"{arch} SAE's step")
+            del model, optimizer
     return results
 
 

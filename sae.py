@@ -5,7 +5,8 @@ GPT-2 or a Llama-family model (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2: ou
 copied key for key from the Hugging Face checkpoint) reads the tokens prepare.py wrote with its tokenizer;
 `harvest` returns the activations at one (layer, site) and computes nothing past it; a shuffling buffer
 (or the activation cache, harvested once to disk) feeds them to an SAE trained with an L1, a JL (mean atanh |cos|
-between dictionary rows) or a hybrid loss through the ops of sae_kernels.py. Around it: evaluation
+between dictionary rows) or a hybrid loss through the ops of sae_kernels.py; with --target_site, a transcoder that
+reads one site and predicts a later one (the MLP's output from its input). Around it: evaluation
 (FVU, L0, CE loss recovered, KL), dead-feature resampling, checkpoints and exact resume, data-parallel
 runs, several SAEs on one pass (sweeps). What reads a trained SAE (export to SAELens, steering, feature
 dashboards, plots, the LoRA fine-tune) is analyze.py's, which imports this file (never the other way round).
@@ -35,8 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sae_kernels import JL_FORMS, ONEDNN_BF16, JumpReLU, Step, batch_topk_select, cpu_bf16_native, encode_relu_decode, \
-    fsq_code, jl_margin, jl_penalty, keep_freed_memory, linear, sparse_decode, sparse_encode
+from sae_kernels import JL_FORMS, ONEDNN_BF16, JumpReLU, Step, batch_topk_select, check_jl_form, cpu_bf16_native, \
+    encode_relu_decode, fsq_code, jl_penalty, keep_freed_memory, linear, sparse_decode, sparse_encode
 from prepare import hub_file, read_shard
 
 # -----------------------------------------------------------------------------
@@ -65,6 +66,8 @@ class TrainConfig:
     # the model and the site
     layer: int = 6                     # 0-indexed block; 6 is the middle of GPT-2 small, 15 of SmolLM2-135M
     site: str = "mlp_in"               # one of SITES
+    target_site: str = ""              # a transcoder's: the later site of the same layer it predicts from --site's
+                                       # activation (mlp_out from mlp_in); "" = --site, an SAE (docs/training.md)
     block_size: int = 128              # tokens per context
     harvest_batch: int = 32            # contexts per forward of the model
     n_layer: int = 12                  # scratch only: the random GPT-2's size
@@ -78,6 +81,7 @@ class TrainConfig:
     arch: str = "relu"                 # relu, topk, batchtopk, jumprelu, matryoshka, fsq, vae (docs/training.md "architectures")
     d_sae: int = 8192                  # features
     b_dec_init: str = "geometric_median"  # or mean, zeros: b_dec from a first sample of activations
+    skip: bool = False                 # transcoders: + x_in @ W_skip^T, a linear path from input to target (skip transcoder)
     loss: str = "l1"                   # l1: the architecture's sparsity term (relu: L1; jumprelu: L0; vae: KL; none for
                                        # the k-sparse ones); jl: the JL penalty instead; hybrid: both
     l1_coeff: float = 5.0              # on mean_batch sum_features f; Anthropic's April 2024 update uses 5 at E|x| = sqrt(d)
@@ -239,7 +243,7 @@ SPARSITY_COEFF = {"relu": "l1_coeff", "jumprelu": "l0_coeff", "vae": "kl_coeff"}
 # start was still 0.09 FVU behind at L0 40 after 2,000 steps (docs/training.md "the ReLU recipe"). The k-sparse
 # ones start tied at 1, as OpenAI's and dictionary_learning's TopK do; jumprelu and vae too (not measured at 0.1)
 INIT_NORM = {arch: 0.1 if arch == "relu" else 1.0 for arch in ARCHS}
-SWEEPABLE = ("arch", "loss", "d_sae", "b_dec_init", "init_norm", "lr", "lr_enc", "lr_dec", "beta1", "beta2", "grad_clip") + \
+SWEEPABLE = ("arch", "loss", "d_sae", "b_dec_init", "skip", "init_norm", "lr", "lr_enc", "lr_dec", "beta1", "beta2", "grad_clip") + \
     L1_KEYS + JL_KEYS + tuple(dict.fromkeys(k for keys in ARCH_KEYS.values() for k in keys if k != "matryoshka_prefixes"))
 
 
@@ -282,9 +286,20 @@ def check_config(cfg, world_size=1):
                        ("mode", MODES), ("cache_dtype", CACHE_DTYPES), ("jl_form", JL_FORMS)):
         if getattr(cfg, key) not in valid:
             raise ValueError(f"--{key}={getattr(cfg, key)!r}: valid values are {', '.join(valid)}")
-    jl_margin(cfg.jl_form, cfg.jl_power, cfg.jl_margin, cfg.d_sae, 1)  # --jl_power < 1 or a margin outside [0, 1)
+    check_jl_form(cfg.jl_form, cfg.jl_power, cfg.jl_margin)  # --jl_power < 1 or a margin outside [0, 1)
     if cfg.site not in SITES:
         raise ValueError(f"--site={cfg.site!r}: valid sites are {', '.join(SITES)}")
+    if cfg.target_site and cfg.target_site not in SITES:
+        raise ValueError(f"--target_site={cfg.target_site!r}: valid sites are {', '.join(SITES)} ('' = --site: an SAE)")
+    if is_transcoder(cfg) and SITES.index(cfg.target_site) < SITES.index(cfg.site):
+        raise ValueError(f"--target_site={cfg.target_site} comes before --site={cfg.site} in a block "
+                         f"({' -> '.join(SITES)}): a transcoder predicts a later site of its layer from an earlier one")
+    if cfg.skip and not is_transcoder(cfg):
+        raise ValueError("--skip=True is a transcoder's linear path: set --target_site (e.g. --site=mlp_in "
+                         "--target_site=mlp_out)")
+    if is_transcoder(cfg) and (cfg.acts.endswith(".npy") or os.path.isfile(cfg.acts)):
+        raise ValueError(f"--acts={cfg.acts}: a .npy holds one site; a transcoder trains on an activation cache of both "
+                         f"(--mode=cache --site={cfg.site} --target_site={cfg.target_site} --cache_dir=DIR)")
     if cfg.batch_size % world_size:
         raise ValueError(f"--batch_size={cfg.batch_size} must divide evenly over {world_size} ranks")
     if cfg.micro_batches < 1 or cfg.batch_size % (world_size * cfg.micro_batches):
@@ -313,6 +328,17 @@ def check_config(cfg, world_size=1):
                              f"({cfg.d_sae})")
     if cfg.exclude_pos0 and cfg.block_size < 2:
         raise ValueError("--block_size must be at least 2 with --exclude_pos0=True")
+
+
+def is_transcoder(cfg):
+    """Whether cfg trains a transcoder: a target site other than the one it reads."""
+    return cfg.target_site not in ("", cfg.site)
+
+
+def sites_of(cfg):
+    """The sites a run harvests, in block order: (site,) for an SAE, (site, target_site) for a transcoder, whose
+    rows are the two activations side by side, (N, d_in + d_out)."""
+    return (cfg.site, cfg.target_site) if is_transcoder(cfg) else (cfg.site,)
 
 
 # -----------------------------------------------------------------------------
@@ -413,14 +439,21 @@ class LanguageModel(nn.Module):
     """What sae.py and analyze.py ask of a model, whatever its family: `forward(idx, layer, site, edit, head)` ->
     logits, `blocks`, `final_norm`, `lm_head`, `down_proj(layer)` (the matrix from mlp_hidden to the residual)."""
 
-    def harvest(self, idx, layer, site):
-        """idx (B, T) -> the activation at (layer, site): (B, T, n_embd), or (B, T, n_inner) for
-        mlp_hidden. Computes nothing past that site."""
-        check_site(self.config, layer, site)
-        def stop(act):
-            raise StopForward(act)
+    def harvest(self, idx, layer, sites):
+        """idx (B, T) -> the activation at (layer, site): (B, T, n_embd), or (B, T, n_inner) for mlp_hidden; sites a
+        tuple of sites of the layer in block order (a transcoder's input and target): their activations side by side,
+        (B, T, sum of their widths). Computes nothing past the last."""
+        sites = (sites,) if isinstance(sites, str) else tuple(sites)
+        for site in sites:
+            check_site(self.config, layer, site)
+        acts = []
+        def stop(act):  # called at each site in block order: the last one ends the forward
+            acts.append(act)
+            if len(acts) == len(sites):
+                raise StopForward(torch.cat(acts, dim=-1) if len(acts) > 1 else act)
+            return act
         try:
-            self(idx, layer, site, stop)
+            self(idx, layer, sites, stop)
         except StopForward as e:
             return e.act
         raise AssertionError("unreachable: the forward always passes the site")
@@ -431,9 +464,10 @@ class SiteBlock(nn.Module):
     attend (norm and attention), mlp_norm (whose output is mlp_in), mlp.hidden and mlp_out (the MLP's two halves)."""
 
     def forward(self, x, *rope, site=None, edit=None):
-        """x (B, T, C) -> the residual after the block; rope: the Llama family's (cos, sin). At `site`, edit(act) is
-        called on that activation and its return value replaces it."""
-        at = lambda name, act: edit(act) if name == site else act
+        """x (B, T, C) -> the residual after the block; rope: the Llama family's (cos, sin). At `site` (or at each of
+        a tuple of sites, in block order), edit(act) is called on that activation and its return value replaces it."""
+        sites = site if isinstance(site, tuple) else (site,)
+        at = lambda name, act: edit(act) if name in sites else act
         x = at("resid_pre", x)
         x = at("resid_mid", x + self.attend(x, *rope))
         h = at("mlp_in", self.mlp_norm(x))        # (B, T, C)
@@ -870,39 +904,46 @@ def site_width(config, site):
     return config.n_inner if site == "mlp_hidden" else config.n_embd
 
 
+def site_widths(config, cfg):
+    """(d_in, d_out): the input site's width and the target's (0 for an SAE)."""
+    return site_width(config, cfg.site), site_width(config, cfg.target_site) if is_transcoder(cfg) else 0
+
+
 # -----------------------------------------------------------------------------
 # activations: what an SAE reads, (N, d_in) rows of one (layer, site): the model's harvest through a
 # shuffling buffer, a .npy file, or the activation cache (harvested once to disk)
 
 def activation_source(cfg, device, autocast, rank=0, world=1):
-    """-> (source of training batches, d_in, model or None, val contexts for evaluation, val rows or None).
+    """-> (source of training batches, (d_in, d_out), model or None, val contexts for evaluation, val rows or None);
+    d_out is the target's width for a transcoder (its rows (N, d_in + d_out): input and target side by side), 0 for
+    an SAE.
     The source is a .npy file, an activation cache, or the model's harvest over the token shards through the
     shuffling buffer. Evaluation runs the val contexts through the model (FVU, and CE and KL with the SAE
     spliced in) wherever there is a model and its token shards; else it scores the held-out rows (FVU only)."""
     if cfg.acts:
         source = ActsFile(cfg.acts, cfg.batch_size, cfg.eval_tokens, cfg.seed, rank, world, cfg.micro_batches,
                           pin=torch.device(device).type == "cuda")
-        d_in = source.d_in
+        widths = cache_widths(cfg.acts) if os.path.isdir(cfg.acts) else (source.width, 0)
         shards = os.path.isdir(cfg.acts) and glob.glob(os.path.join(cfg.data_dir, "*_val_*.bin"))
         if os.path.isdir(cfg.acts) and not shards and rank == 0:
             print(f"{cfg.acts}: no token shards at {cfg.data_dir} (the cache's data_dir): evaluation without CE and KL")
         if not shards:  # no model to run: evaluation scores the held-out rows (rank 0 alone evaluates)
-            return source, d_in, None, [], source.val() if rank == 0 else None
+            return source, widths, None, [], source.val() if rank == 0 else None
     model = load_lm(cfg).to(device)
     check_tokenizer(cfg.data_dir, model.tokenizer)
     if not cfg.acts:
         loader = DataLoaderLite(cfg.data_dir, "train", cfg.harvest_batch, cfg.block_size, rank, world)
         def harvest(idx):
             with torch.no_grad(), autocast:
-                return model.harvest(idx.to(device), cfg.layer, cfg.site)  # (B, T, d_in)
+                return model.harvest(idx.to(device), cfg.layer, sites_of(cfg))  # (B, T, d_in + d_out)
         source = ActivationBuffer(harvest, loader, cfg.buffer_tokens, cfg.batch_size // world, cfg.seed + rank,
                                   cfg.exclude_pos0)
-        d_in = site_width(model.config, cfg.site)
+        widths = site_widths(model.config, cfg)
     if rank != 0:  # rank 0 alone evaluates
-        return source, d_in, model, [], None
+        return source, widths, model, [], None
     # the same contexts every time
     contexts = val_contexts(cfg.data_dir, cfg.eval_block_size or cfg.block_size, cfg.eval_tokens, "evaluation")
-    return source, d_in, model, [b.to(device) for b in contexts.split(cfg.harvest_batch)], None
+    return source, widths, model, [b.to(device) for b in contexts.split(cfg.harvest_batch)], None
 
 
 class ActivationBuffer:
@@ -1005,7 +1046,7 @@ class ActsFile:
             n_val = min(n_val, len(data) // 10)
             self.parts, self.val_parts = [data[n_val:]], [data[:n_val]]
         self.offsets = np.cumsum([0] + [len(part) for part in self.parts])  # global row i is in part searchsorted(i)
-        self.n_train, self.d_in = int(self.offsets[-1]), self.parts[0].shape[1]
+        self.n_train, self.width = int(self.offsets[-1]), self.parts[0].shape[1]  # d_in (+ d_out: a transcoder's)
         if self.n_train < batch_size:
             raise ValueError(f"--acts={path}: {self.n_train} training rows, fewer than one batch of {batch_size}")
         self.batch_size, self.seed, self.rank, self.world, self.pieces = batch_size, seed, rank, world, pieces
@@ -1017,7 +1058,7 @@ class ActsFile:
         (cast from the cache's dtype as they are copied)."""
         index = np.sort(index.numpy())
         part = np.searchsorted(self.offsets, index, side="right") - 1
-        out = torch.empty(len(index), self.d_in, pin_memory=self.pin) if out is None else out
+        out = torch.empty(len(index), self.width, pin_memory=self.pin) if out is None else out
         np.concatenate([self.parts[p][index[part == p] - self.offsets[p]] for p in np.unique(part)], out=out.numpy())
         return out
 
@@ -1032,7 +1073,7 @@ class ActsFile:
         b = self.batch_size // self.world
         batch = self.perm[self.index + self.rank * b:self.index + (self.rank + 1) * b]
         self.index += self.batch_size
-        out = torch.empty(b, self.d_in, pin_memory=self.pin)
+        out = torch.empty(b, self.width, pin_memory=self.pin)
         for piece, rows in zip(batch.chunk(self.pieces), out.chunk(self.pieces)):
             self.rows(piece, rows)
         return out
@@ -1052,7 +1093,7 @@ class ActsFile:
 # the model's forward once. cache_dir/manifest.json says what it holds; acts_val_000000.npy holds the val
 # split's first eval_tokens tokens (the contexts evaluation reads), acts_train_*.npy the train split's.
 
-CACHE_SETTINGS = ("init_from", "layer", "site", "block_size", "exclude_pos0", "data_dir", "harvest_batch",
+CACHE_SETTINGS = ("init_from", "layer", "site", "target_site", "block_size", "exclude_pos0", "data_dir", "harvest_batch",
                   "cache_tokens", "cache_dtype", "cache_shard_tokens", "eval_tokens", "n_layer", "n_head", "n_embd", "seed")
 CACHE_DTYPES = ("float16", "float32")
 
@@ -1067,6 +1108,12 @@ def read_cache_manifest(cache_dir, complete=True):
         raise ValueError(f"{cache_dir}: the cache is incomplete ({manifest['train']['rows']:,} of "
                          f"{manifest['settings']['cache_tokens']:,} rows); HINT: rerun its --mode=cache command")
     return manifest
+
+
+def cache_widths(cache_dir):
+    """(d_in, d_out) of a cache's rows: a transcoder's cache holds input and target side by side, an SAE's d_out 0."""
+    manifest = read_cache_manifest(cache_dir, complete=False)
+    return manifest["d_in"], manifest.get("d_out", 0)
 
 
 def write_atomic(path, write, mode="w"):
@@ -1089,18 +1136,19 @@ def progress(iterable=None, **kwargs):
 
 @torch.no_grad()
 def write_activation_cache(cfg, device, autocast):
-    """--mode=cache: the model's activations at (layer, site) over the val split's first eval_tokens tokens and
-    cache_tokens rows of the train split, in .npy shards of about cache_shard_tokens rows each (whole harvest
-    batches), each written under a temporary name and renamed; manifest.json records every finished shard and
-    the loader's position, so a rerun of the same command resumes after the last one."""
+    """--mode=cache: the model's activations at (layer, site) (a transcoder's: site and target_site side by side, from
+    one forward) over the val split's first eval_tokens tokens and cache_tokens rows of the train split, in .npy
+    shards of about cache_shard_tokens rows each (whole harvest batches), each written under a temporary name and
+    renamed; manifest.json records every finished shard and the loader's position, so a rerun of the same command
+    resumes after the last one."""
     from prepare import read_tokenizer_record
     os.makedirs(cfg.cache_dir, exist_ok=True)
     path = lambda name: os.path.join(cfg.cache_dir, name)
     settings = {k: getattr(cfg, k) for k in CACHE_SETTINGS}
     settings["harvest_dtype"] = resolved_dtype(cfg, torch.device(device).type)  # the shards of one cache share it
     manifest = read_cache_manifest(cfg.cache_dir, complete=False) if os.path.exists(path("manifest.json")) else None
-    if manifest:  # caches from before issue 11 recorded no harvest dtype: taken as this run's
-        manifest["settings"].setdefault("harvest_dtype", settings["harvest_dtype"])
+    if manifest:  # caches from before issue 11 recorded no harvest dtype (before issue 25 no target): this run's
+        manifest["settings"] = {**{k: settings[k] for k in ("harvest_dtype", "target_site")}, **manifest["settings"]}
     if manifest and manifest["settings"] != settings:
         changed = sorted(k for k in settings if manifest["settings"].get(k) != settings[k])
         raise ValueError(f"{cfg.cache_dir} holds a cache of other settings ({', '.join(changed)} differ); use another "
@@ -1111,13 +1159,13 @@ def write_activation_cache(cfg, device, autocast):
     model = load_lm(cfg).to(device)
     check_tokenizer(cfg.data_dir, model.tokenizer)
     keep = 1 if cfg.exclude_pos0 else 0  # the positions training reads
-    d_in, dtype = site_width(model.config, cfg.site), np.dtype(cfg.cache_dtype)
+    (d_in, d_out), dtype = site_widths(model.config, cfg), np.dtype(cfg.cache_dtype)
 
-    def harvest(idx):  # (B, T) -> (B * (T - keep), d_in) in the cache's dtype
+    def harvest(idx):  # (B, T) -> (B * (T - keep), d_in + d_out) in the cache's dtype
         with autocast:
-            acts = model.harvest(idx.to(device), cfg.layer, cfg.site)[:, keep:].reshape(-1, d_in).float()
+            acts = model.harvest(idx.to(device), cfg.layer, sites_of(cfg))[:, keep:].reshape(-1, d_in + d_out).float()
         if not torch.isfinite(acts.to(getattr(torch, cfg.cache_dtype))).all():
-            raise ValueError(f"activations at layer {cfg.layer} {cfg.site} overflow {cfg.cache_dtype}: use "
+            raise ValueError(f"activations at layer {cfg.layer} {'/'.join(sites_of(cfg))} overflow {cfg.cache_dtype}: use "
                              f"--cache_dtype=float32")
         return acts.cpu().numpy().astype(dtype)
 
@@ -1132,7 +1180,7 @@ def write_activation_cache(cfg, device, autocast):
                   f"fewer than --cache_tokens={cfg.cache_tokens:,}; caching those")
         local = lambda path: os.path.abspath(path) if os.path.isdir(path) else path  # readable from any directory
         manifest = {"settings": settings, "model": local(cfg.init_from), "layer": cfg.layer, "site": cfg.site,
-                    "d_in": d_in, "dtype": cfg.cache_dtype,
+                    "target_site": cfg.target_site if d_out else "", "d_in": d_in, "d_out": d_out, "dtype": cfg.cache_dtype,
                     "tokenizer": read_tokenizer_record(cfg.data_dir) or model.tokenizer, "data_dir": local(cfg.data_dir),
                     "block_size": cfg.block_size, "exclude_pos0": cfg.exclude_pos0,
                     "rows_target": min(cfg.cache_tokens, available),
@@ -1151,7 +1199,7 @@ def write_activation_cache(cfg, device, autocast):
         for _ in range(n_batches):
             shard.append(harvest(loader.next_batch()))
             bar.update(min(rows_per_batch, need - rows_per_batch * (len(shard) - 1)))
-        shard = np.concatenate(shard)[:need]  # (rows, d_in)
+        shard = np.concatenate(shard)[:need]  # (rows, d_in + d_out)
         name = f"acts_train_{len(manifest['train']['files']) + 1:06d}.npy"
         write_npy(path(name), shard)
         train = manifest["train"]
@@ -1164,8 +1212,8 @@ def write_activation_cache(cfg, device, autocast):
     bar.close()
     manifest["complete"] = True
     write_json(path("manifest.json"), manifest)
-    print(f"wrote {manifest['train']['rows']:,} train and {manifest['val']['rows']:,} val activations of "
-          f"{cfg.init_from} layer {cfg.layer} {cfg.site} ({cfg.cache_dtype}, d {d_in}) to {cfg.cache_dir}")
+    print(f"wrote {manifest['train']['rows']:,} train and {manifest['val']['rows']:,} val rows of {cfg.init_from} "
+          f"layer {cfg.layer} {' + '.join(sites_of(cfg))} ({cfg.cache_dtype}, d {d_in + d_out}) to {cfg.cache_dir}")
     return manifest
 
 
@@ -1188,6 +1236,10 @@ def write_activation_cache(cfg, device, autocast):
 # The k-sparse ones (K_SPARSE) never form a dense code in training: pre comes without autograd, the selection
 # gives (indices, values) (N, K), and sae_kernels.sparse_encode / sparse_decode carry the gradients through the
 # selected entries only. Decoder rows are kept at unit norm except with --l1_by_decoder_norm.
+# A transcoder (Dunefsky et al. 2024) is any of them reading x_in (N, d_in) and predicting the target y (N, d_out)
+# at a later site: pre = (x_in - b_in) @ W_enc + b_enc, y_hat = f @ W_dec + b_dec, W_dec (d_sae, d_out), its own
+# input bias b_in; a skip transcoder (Paulo et al. 2025) adds x_in @ W_skip^T, W_skip (d_out, d_in) starting at 0.
+# Its batches hold [x_in | y] side by side (split()), so the buffer, the cache and the sweeps are an SAE's.
 
 def matryoshka_prefixes(spec, d_sae):
     """The nested dictionary sizes: spec, or () for the SAEBench recipe's groups of 1/32, 1/16, 1/8, 1/4 and the
@@ -1197,34 +1249,55 @@ def matryoshka_prefixes(spec, d_sae):
 
 class SAE(nn.Module):
     def __init__(self, d_in, d_sae, arch="relu", k=32, free_norms=False, init_threshold=0.1, fsq_levels=8,
-                 prefixes=(), init_norm=0.0):
+                 prefixes=(), init_norm=0.0, d_out=0, skip=False):
         super().__init__()
         self.arch, self.k, self.free_norms, self.fsq_levels, self.prefixes = arch, k, free_norms, fsq_levels, prefixes
+        self.transcoder, self.d_in, self.d_out = d_out > 0, d_in, d_out or d_in  # d_out 0: an SAE
+        self.skips = skip
         init_norm = init_norm or INIT_NORM[arch]
         # random dictionary directions; the encoder starts as their transpose scaled to init_norm ("tied" init), and
-        # free decoder rows start at that norm too (SAELens 6's decoder_init_norm); unit-norm rows start at 1
-        W_dec = F.normalize(torch.randn(d_sae, d_in), dim=1)
-        # contiguous: W_dec.T * c would keep the transpose's strides, and every step's gradient (row-major from the
+        # free decoder rows start at that norm too (SAELens 6's decoder_init_norm); unit-norm rows start at 1. A
+        # transcoder's encoder reads another space: its own random unit directions, at the same norm
+        W_dec = F.normalize(torch.randn(d_sae, self.d_out), dim=1)
+        W_in = F.normalize(torch.randn(d_sae, d_in), dim=1) if self.transcoder else W_dec
+        # contiguous: W_in.T * c would keep the transpose's strides, and every step's gradient (row-major from the
         # matmul) would then be copied into them, a strided copy that cost a tenth of a CPU step
-        self.W_enc = nn.Parameter((W_dec.T * init_norm).contiguous())  # (d_in, d_sae)
+        self.W_enc = nn.Parameter((W_in.T * init_norm).contiguous())  # (d_in, d_sae)
         W_dec = W_dec * (init_norm if free_norms else 1.0)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.W_dec = nn.Parameter(W_dec)                      # (d_sae, d_in)
-        self.b_dec = nn.Parameter(torch.zeros(d_in))          # pre-encoder bias, subtracted before encoding
+        self.W_dec = nn.Parameter(W_dec)                      # (d_sae, d_out)
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))    # an SAE's pre-encoder bias too, subtracted before encoding
+        if self.transcoder:
+            self.b_in = nn.Parameter(torch.zeros(d_in))       # the input's own
+        if skip:
+            self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in))  # (d_out, d_in), SAELens's layout
         if arch == "jumprelu":  # the threshold itself, not its log: under Adam a log threshold hardly moves
             self.threshold = nn.Parameter(torch.full((d_sae,), float(init_threshold)))  # (SAELens PR #718)
         if arch in ("batchtopk", "matryoshka"):  # the global inference threshold; 0 until training estimates it
             self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
-        if arch == "fsq":  # each feature's top level; E|x|^2 = d_in shared by k features starts it at sqrt(d_in / k)
-            self.log_scale = nn.Parameter(torch.full((d_sae,), 0.5 * math.log(d_in / k)))
+        if arch == "fsq":  # each feature's top level; E|y|^2 = d_out shared by k features starts it at sqrt(d_out / k)
+            self.log_scale = nn.Parameter(torch.full((d_sae,), 0.5 * math.log(self.d_out / k)))
         if arch == "vae":  # the posterior's standard deviation per feature, starting small
             self.log_sigma = nn.Parameter(torch.full((d_sae,), math.log(0.1)))
 
     @classmethod
-    def from_config(cls, d_in, cfg):
+    def from_config(cls, widths, cfg):
+        """widths: (d_in, d_out), d_out 0 for an SAE (activation_source's)."""
         free_norms = cfg.l1_by_decoder_norm and cfg.arch == "relu"  # the others keep unit-norm rows
-        return cls(d_in, cfg.d_sae, cfg.arch, cfg.k, free_norms, cfg.jumprelu_init_threshold,
-                   cfg.fsq_levels, matryoshka_prefixes(cfg.matryoshka_prefixes, cfg.d_sae), cfg.init_norm)
+        return cls(widths[0], cfg.d_sae, cfg.arch, cfg.k, free_norms, cfg.jumprelu_init_threshold,
+                   cfg.fsq_levels, matryoshka_prefixes(cfg.matryoshka_prefixes, cfg.d_sae), cfg.init_norm,
+                   widths[1], cfg.skip)
+
+    b_pre = property(lambda self: self.b_in if self.transcoder else self.b_dec)  # the bias subtracted before encoding
+
+    def split(self, x):
+        """A batch's rows -> (what the SAE reads, what it reconstructs): (x, x) for an SAE; ([:, :d_in], [:, d_in:])
+        of a transcoder's [x_in | y] (N, d_in + d_out)."""
+        return (x[:, :self.d_in], x[:, self.d_in:]) if self.transcoder else (x, x)
+
+    def skip_out(self, x_in):
+        """The skip transcoder's linear path x_in @ W_skip^T: (N, d_in) @ (d_in, d_out); 0 without one."""
+        return linear(x_in, self.W_skip) if self.skips else 0
 
     def latent_params(self):
         """The per-feature parameters besides W_enc's columns, b_enc and W_dec's rows (d_sae,)."""
@@ -1232,8 +1305,8 @@ class SAE(nn.Module):
                 if isinstance(getattr(self, n, None), nn.Parameter)]
 
     def pre(self, x):
-        """The dense pre-activations, (x - b_dec) @ W_enc + b_enc: (N, d_in) @ (d_in, d_sae) -> (N, d_sae)."""
-        return linear(x - self.b_dec, self.W_enc.T, self.b_enc).float()  # fp32 also when the matmul ran in bf16
+        """The dense pre-activations, (x - b_pre) @ W_enc + b_enc: (N, d_in) @ (d_in, d_sae) -> (N, d_sae)."""
+        return linear(x - self.b_pre, self.W_enc.T, self.b_enc).float()  # fp32 also when the matmul ran in bf16
 
     def encode(self, x):
         """The inference code f (N, d_sae) of every architecture but relu (the fused kernel's)."""
@@ -1252,28 +1325,30 @@ class SAE(nn.Module):
         return pre.relu()  # vae: the posterior mean's code
 
     def forward(self, x, stats=False, code=True):
-        """x (N, d_in) -> (x_hat (N, d_in), f (N, d_sae)); with stats also (l1 (N,), l0 (N,), fired (d_sae,)).
+        """x (N, d_in) -> (x_hat (N, d_out), f (N, d_sae)); with stats also (l1 (N,), l0 (N,), fired (d_sae,)).
+        A transcoder's x is its input x_in (split() a batch first), x_hat its prediction of the target.
         relu runs the fused kernel (sae_kernels.py); with free norms f is scaled by the rows' norms, the code of the
         unit-norm dictionary that the L1 term and every reader of f see, and the kernel weights l1 by them.
         code=False (training, which reads x_hat and the stats only): f is None, its scaled copy never made."""
         if self.arch == "relu":
             norms = self.W_dec.norm(dim=1) if self.free_norms else None  # (d_sae,)
             x_hat, f, (l1, l0, fired) = encode_relu_decode(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, True,
-                                                           norms)
+                                                           norms, self.b_in if self.transcoder else None)
+            x_hat = x_hat + self.skip_out(x)
             if not code:
                 f = None
             elif self.free_norms:
                 f = f * norms  # (N, d_sae) * (d_sae,)
             return (x_hat, f, (l1, l0, fired)) if stats else (x_hat, f)
         f = self.encode(x)
-        x_hat = linear(f, self.W_dec.T, self.b_dec)  # (N, d_sae) @ (d_sae, d_in)
+        x_hat = linear(f, self.W_dec.T, self.b_dec) + self.skip_out(x)  # (N, d_sae) @ (d_sae, d_out)
         if not stats:
             return x_hat, f
         active = f > 0
         return x_hat, f, (f.sum(dim=1), active.sum(dim=1, dtype=torch.int32), active.sum(dim=0, dtype=torch.int32))
 
     def dictionary(self, on="dec"):
-        """The unit-norm rows the JL penalty sees: W_dec's rows, or W_enc's columns. (d_sae, d_in)"""
+        """The unit-norm rows the JL penalty sees: W_dec's rows (d_sae, d_out), or W_enc's columns (d_sae, d_in)."""
         return F.normalize(self.W_dec if on == "dec" else self.W_enc.T, dim=1)
 
     @torch.no_grad()
@@ -1282,7 +1357,7 @@ class SAE(nn.Module):
         # (Bricken et al. 2023; openai/sparse_autoencoder's unit_norm_decoder_grad_adjustment_)
         if self.W_dec.grad is not None:
             g, w = self.W_dec.grad, self.W_dec
-            g -= (g * w).sum(dim=1, keepdim=True) * w  # (d_sae, d_in)
+            g -= (g * w).sum(dim=1, keepdim=True) * w  # (d_sae, d_out)
 
     @torch.no_grad()
     def unit_norm_decoder_(self):
@@ -1311,14 +1386,16 @@ def mse_of(x_hat, x):
 
 
 def relu_terms(sae, x, cfg, it, dead):
-    x_hat, _, (l1_rows, l0_rows, fired) = sae(x, stats=True, code=False)  # (N, d_in), (N,), (N,), (d_sae,)
+    x, y = sae.split(x)  # what it reads, what it reconstructs (the same rows for an SAE)
+    x_hat, _, (l1_rows, l0_rows, fired) = sae(x, stats=True, code=False)  # (N, d_out), (N,), (N,), (d_sae,)
     l1 = l1_rows.mean()
-    return {"mse": mse_of(x_hat, x), "l1": l1, "sparsity": l1, "l0": l0_rows.float().mean(), "fired": fired}
+    return {"mse": mse_of(x_hat, y), "l1": l1, "sparsity": l1, "l0": l0_rows.float().mean(), "fired": fired}
 
 
 def sparse_terms(sae, x, cfg, it, dead):
     """The k-sparse architectures, with AuxK: the k_aux largest pre-activations of dead features (relu'd, no
-    b_dec) fit the residual x - x_hat (detached), in the units of mse, weighted auxk_coeff (Gao et al. 2024)."""
+    b_dec) fit the residual y - x_hat (detached), in the units of mse, weighted auxk_coeff (Gao et al. 2024)."""
+    x, y = sae.split(x)  # what it reads, what it reconstructs (the same rows for an SAE)
     with torch.no_grad():
         pre = sae.pre(x)  # (N, d_sae): the step's one dense matmul
     if sae.arch in ("batchtopk", "matryoshka"):
@@ -1330,17 +1407,18 @@ def sparse_terms(sae, x, cfg, it, dead):
     else:
         top, indices = pre.topk(sae.k, dim=1)  # (N, k)
         keep = top > 0
-    values = sparse_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, indices, pre=pre) * keep  # (N, K), with gradients
+    values = sparse_encode(x, sae.W_enc, sae.b_enc, sae.b_pre, indices, pre=pre) * keep  # (N, K), with gradients
     if sae.arch == "fsq":
         values = fsq_code(values, sae.log_scale[indices], sae.fsq_levels)
         keep = values.detach() > 0
-    x_hat = sparse_decode(indices, values, sae.W_dec, sae.b_dec)  # (N, d_in)
-    mse = mse_of(x_hat, x)
+    skip = sae.skip_out(x)  # (N, d_out) or 0
+    x_hat = sparse_decode(indices, values, sae.W_dec, sae.b_dec) + skip  # (N, d_out)
+    mse = mse_of(x_hat, y)
     fired = torch.zeros(pre.shape[1], dtype=torch.int64, device=x.device)  # (d_sae,); not bincount(indices[keep]),
     fired.index_add_(0, indices.flatten(), keep.flatten().long())          # whose mask and size wait for the GPU
     terms = {"mse": mse, "l1": values.sum(dim=1).mean(), "l0": keep.sum(dim=1).float().mean(), "fired": fired}
     if sae.arch == "matryoshka":  # each prefix reconstructs alone; the full dictionary is the last prefix
-        inner = [mse_of(sparse_decode(indices, values * (indices < size), sae.W_dec, sae.b_dec), x)
+        inner = [mse_of(sparse_decode(indices, values * (indices < size), sae.W_dec, sae.b_dec) + skip, y)
                  for size in sae.prefixes[:-1]]
         terms["recon"] = (sum(inner) + mse) / len(sae.prefixes)
     # the dead set's size decides the shapes: one wait for the GPU a step (the only one of topk and fsq)
@@ -1348,34 +1426,36 @@ def sparse_terms(sae, x, cfg, it, dead):
     if len(dead_ids):
         aux_top, aux_at = pre[:, dead_ids].topk(min(cfg.k_aux, len(dead_ids)), dim=1)  # (N, k_aux)
         aux_indices = dead_ids[aux_at]
-        aux_values = sparse_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, aux_indices, pre=pre) * (aux_top > 0)
-        residual = (x - x_hat).detach()
+        aux_values = sparse_encode(x, sae.W_enc, sae.b_enc, sae.b_pre, aux_indices, pre=pre) * (aux_top > 0)
+        residual = (y - x_hat).detach()
         terms["aux"] = mse_of(sparse_decode(aux_indices, aux_values, sae.W_dec), residual)
     return terms
 
 
 def jumprelu_terms(sae, x, cfg, it, dead):
+    x, y = sae.split(x)
     pre = sae.pre(x)  # with autograd: both its gradients are dense here
     eps = cfg.jumprelu_bandwidth
     f = JumpReLU.apply(pre, sae.threshold, eps)
-    x_hat = f @ sae.W_dec + sae.b_dec                              # (N, d_sae) @ (d_sae, d_in)
+    x_hat = f @ sae.W_dec + sae.b_dec + sae.skip_out(x)           # (N, d_sae) @ (d_sae, d_out)
     l0 = Step.apply(pre, sae.threshold, eps).sum(dim=1).mean()
     active = f.detach() > 0
-    return {"mse": mse_of(x_hat, x), "l1": f.sum(dim=1).mean(), "sparsity": l0, "l0": l0.detach(),
+    return {"mse": mse_of(x_hat, y), "l1": f.sum(dim=1).mean(), "sparsity": l0, "l0": l0.detach(),
             "fired": active.sum(dim=0)}
 
 
 def vae_terms(sae, x, cfg, it, dead):
     """The reparameterised sample z = mu + sigma eps, eps drawn from (seed, iteration) so a resumed run draws
     the same; KL(N(mu, sigma^2) || N(m, 1)) = (sigma^2 + (mu - m)^2 - 1) / 2 - log sigma, summed over features."""
+    x, y = sae.split(x)
     mu = sae.pre(x)
     # drawn on mu's device: (N, d_sae) normals made on the CPU and copied cost a CUDA step more than the step
     eps = torch.randn(mu.shape, generator=torch.Generator(mu.device).manual_seed(cfg.seed + it), device=mu.device)
     f = (mu + sae.log_sigma.exp() * eps).relu()
-    x_hat = f @ sae.W_dec + sae.b_dec                              # (N, d_sae) @ (d_sae, d_in)
+    x_hat = f @ sae.W_dec + sae.b_dec + sae.skip_out(x)           # (N, d_sae) @ (d_sae, d_out)
     kl = (0.5 * ((2 * sae.log_sigma).exp() + (mu - cfg.vae_prior_mean).pow(2) - 1) - sae.log_sigma).sum(dim=1).mean()
     active = mu.detach() > 0  # what inference keeps (z = mu): the tracker counts these
-    return {"mse": mse_of(x_hat, x), "l1": f.sum(dim=1).mean(), "sparsity": kl, "l0": active.sum(dim=1).float().mean(),
+    return {"mse": mse_of(x_hat, y), "l1": f.sum(dim=1).mean(), "sparsity": kl, "l0": active.sum(dim=1).float().mean(),
             "fired": active.sum(dim=0)}
 
 
@@ -1384,7 +1464,7 @@ ARCH_TERMS = {"relu": relu_terms, "jumprelu": jumprelu_terms, "vae": vae_terms,
 
 
 def sae_loss(sae, x, cfg, it, dead=None):
-    """-> (loss, terms, fired). mse = mean over the batch of sum over d_in of (x_hat - x)^2 (matryoshka: averaged
+    """-> (loss, terms, fired). mse = mean over the batch of sum over d_out of (x_hat - y)^2 (matryoshka: averaged
     over its prefixes); l1 = mean over the batch of sum over features of f; l0 = mean number of active features;
     the architecture's sparsity term (relu: l1, jumprelu: L0, vae: KL) with --loss=l1 or hybrid; jl = the JL mean
     of sae_kernels.jl_penalty with --loss=jl or hybrid; aux = AuxK (k-sparse architectures, dead (d_sae,) bool given);
@@ -1438,7 +1518,7 @@ def get_lr_mult(cfg, it):
 
 
 def train_step(run, x, it, autocast, world_size=1):
-    """One iteration of one SAE on the batch x (per_rank, d_in): learning rate, forward and backward (in pieces),
+    """One iteration of one SAE on the batch x (per_rank, d_in (+ d_out)): learning rate, forward and backward (in pieces),
     update, feature tracking. On a GPU nothing in it waits for the device, but where shapes follow values
     (batchtopk's selection, AuxK's dead set; test_sae.py's STEP_WAITS lists each). -> (loss, terms, lr multiplier)"""
     import torch.distributed as dist
@@ -1456,7 +1536,7 @@ def train_step(run, x, it, autocast, world_size=1):
 
 
 def backward_in_pieces(sae, optimizer, x, cfg, it, dead, autocast):
-    """Forward and backward over the batch x (per_rank, d_in) in cfg.micro_batches pieces, each piece's loss divided
+    """Forward and backward over the batch x (per_rank, d_in (+ d_out)) in cfg.micro_batches pieces, each piece's loss divided
     by their number, so that .grad holds the gradient of the pieces' mean loss, summed in piece order. The buffers a
     forward estimates (batchtopk's threshold) start each piece where the step started and end as the pieces' mean,
     as ranks' buffers are averaged. With 2 pieces this is the arithmetic of 2 ranks of 1 piece, bit for bit: g0/2 +
@@ -1549,19 +1629,21 @@ def resample_dead_(sae, optimizer, dead, x):
     """Towards Monosemanticity's resampling: for each dead feature, an input x_i drawn with probability
     proportional to its squared reconstruction error becomes the decoder row (normalised) and the encoder
     column (normalised, times 0.2 x the mean alive encoder norm); b_enc = 0; Adam's moments of exactly those
-    entries are zeroed. dead (d_sae,) bool, x (N, d_in). Returns the number resampled."""
+    entries are zeroed. A transcoder's error is its target's: the decoder row is the target y_i's direction, the
+    encoder column x_in,i's. dead (d_sae,) bool, x (N, d_in (+ d_out)). Returns the number resampled."""
     idx = dead.nonzero().squeeze(1)
     if len(idx) == 0:
         return 0
+    x, y = sae.split(x)
     x_hat, _ = sae(x)
-    err = (x - x_hat).pow(2).sum(dim=1)  # (N,)
+    err = (y - x_hat).pow(2).sum(dim=1)  # (N,)
     g = torch.Generator(device=x.device).manual_seed(len(idx))
     pick = torch.multinomial(err.clamp_min(1e-12), len(idx), replacement=True, generator=g)
-    v = F.normalize(x[pick], dim=1)  # (n_dead, d_in)
+    v_in, v_out = F.normalize(x[pick], dim=1), F.normalize(y[pick], dim=1)  # (n_dead, d_in), (n_dead, d_out)
     alive_norm = sae.W_enc[:, ~dead].norm(dim=0).mean() if (~dead).any() else torch.tensor(1.0)
     row_norm = sae.W_dec[~dead].norm(dim=1).mean() if sae.free_norms and (~dead).any() else 1.0  # free norms: the alive mean
-    sae.W_dec[idx] = v * row_norm
-    sae.W_enc[:, idx] = v.T * 0.2 * alive_norm
+    sae.W_dec[idx] = v_out * row_norm
+    sae.W_enc[:, idx] = v_in.T * 0.2 * alive_norm
     sae.b_enc[idx] = 0
     per_feature = [(p, (idx,)) for p in sae.latent_params()]  # thresholds, scales: kept, their moments reset
     for p, index in [(sae.W_dec, (idx,)), (sae.W_enc, (slice(None), idx)), (sae.b_enc, (idx,))] + per_feature:
@@ -1587,15 +1669,16 @@ EVAL_POSITIONS = 512  # positions whose logits evaluation makes at once: 103 MiB
 
 
 @torch.no_grad()
-def evaluate(saes, trackers, scale, cfg, model=None, val_batches=(), val_acts=None):
-    """Metrics of each SAE on a fixed slice (val contexts through the model, or held-out rows), in normalised units:
-    mse (as in training), fvu = sum |x - x_hat|^2 / sum |x - mean x|^2, l0, l1; dead/dense fractions from its
+def evaluate(saes, trackers, scales, cfg, model=None, val_batches=(), val_acts=None):
+    """Metrics of each SAE on a fixed slice (val contexts through the model, or held-out rows), in normalised units
+    (scales: the input's and the target's, column_scales): mse (as in training), fvu = sum |y - x_hat|^2 /
+    sum |y - mean y|^2 (y = x for an SAE, a transcoder's target else), l0, l1; dead/dense fractions from its
     tracker; mean max |cos| between dictionary rows. With the model: cross-entropy clean, with the SAE's
-    reconstruction spliced in at the site, with the site zero-ablated; ce_recovered = (ce_zero - ce_sae) /
-    (ce_zero - ce_clean); kl = KL(clean || spliced) per token; and "positions": the same by position bucket
-    (position_buckets: 1-63, 64-127, 128-255, ...). The clean and ablated forwards are shared: n SAEs cost 2 + n
-    forwards, in the parameters' dtype (main() calls it outside autocast), their logits made EVAL_POSITIONS
-    positions at a time. -> [metrics], one per SAE."""
+    reconstruction spliced in at the site (a transcoder's prediction, made from the model's own input, at the target
+    site), with that site zero-ablated; ce_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean); kl = KL(clean ||
+    spliced) per token; and "positions": the same by position bucket (position_buckets: 1-63, 64-127, 128-255, ...).
+    The clean and ablated forwards are shared: n SAEs cost 2 + n forwards, in the parameters' dtype (main() calls it
+    outside autocast), their logits made EVAL_POSITIONS positions at a time. -> [metrics], one per SAE."""
     # sums over the rows (float64), and by position in the context, summed over the contexts: the FVU's parts per
     # SAE, the CE terms shared by all (clean, ablated) and each SAE's own
     T = val_batches[0].shape[1] if len(val_batches) else 0
@@ -1604,13 +1687,15 @@ def evaluate(saes, trackers, scale, cfg, model=None, val_batches=(), val_acts=No
     stats = [{**dict.fromkeys(("n", "sq_err", "sum_x", "sq_x", "l0", "l1"), 0.0),
               "pos": {"ce_sae": by_pos(), "kl": by_pos(), "n": by_pos(), "sq_err": by_pos(), "sq_x": by_pos(),
                       "sum_x": by_pos(sae.W_dec.shape[1])}} for sae in saes]
+    device = saes[0].W_dec.device
+    row_scale = column_scales((saes[0].d_in, saes[0].d_out * saes[0].transcoder), *scales, device)
     if val_acts is not None:
         for i in range(0, len(val_acts), cfg.batch_size):
-            x = val_acts[i:i + cfg.batch_size].to(scale.device) * scale
+            x = val_acts[i:i + cfg.batch_size].to(device) * row_scale
             for sae, s in zip(saes, stats):
                 score_rows(sae, s, x)
     for idx in progress(val_batches, desc=f"eval ({len(saes)} SAE{'s' * (len(saes) > 1)})", unit="batch", leave=False):
-        score_spliced(model, idx, saes, stats, shared, scale, cfg)
+        score_spliced(model, idx, saes, stats, shared, (row_scale, scales[1]), cfg)
     results = []
     for sae, tracker, s in zip(saes, trackers, stats):
         n = max(s["n"], 1)
@@ -1633,9 +1718,11 @@ def evaluate(saes, trackers, scale, cfg, model=None, val_batches=(), val_acts=No
 
 
 def score_rows(sae, s, x, pos=None):
-    """Adds one SAE's sums over the rows x (N, d) in normalised units to s; pos (N,): their positions in their
-    contexts, for the sums by position. -> x_hat (N, d)"""
+    """Adds one SAE's sums over the rows x (N, d_in (+ d_out)) in normalised units to s, against what it reconstructs
+    (split()); pos (N,): their positions in their contexts, for the sums by position. -> x_hat (N, d_out)"""
+    x, y = sae.split(x)
     x_hat, f = sae(x)
+    x = y  # the sums below are the target's
     s["n"] += len(x)
     s["sq_err"] += (x - x_hat).double().pow(2).sum().item()
     s["sum_x"] = s["sum_x"] + x.double().sum(dim=0)
@@ -1650,31 +1737,36 @@ def score_rows(sae, s, x, pos=None):
     return x_hat
 
 
-def score_spliced(model, idx, saes, stats, shared, scale, cfg):
+def score_spliced(model, idx, saes, stats, shared, scales, cfg):
     """One batch of val contexts idx (B, T) through the model: clean, with the site zero-ablated, and with each SAE's
-    reconstruction spliced in; adds the rows' sums (score_rows) and the CE and KL sums by position."""
+    reconstruction spliced in; adds the rows' sums (score_rows) and the CE and KL sums by position. A transcoder's
+    site is its target, its prediction made from the clean run's input (earlier in the block, so unchanged by the
+    splice). scales: (the rows' column_scales, the target's scale)."""
     keep = slice(1, None) if cfg.exclude_pos0 else slice(None)  # positions the SAE reads and writes
-    T = idx.shape[1]
-    captured = {}
+    T, sites = idx.shape[1], sites_of(cfg)
+    row_scale, target_scale = scales
+    captured = []
     def capture(act):
-        captured["act"] = act
+        captured.append(act)
         return act
     def splice(act, replacement):
         act = act.clone()
         act[:, keep] = replacement.to(act.dtype)
         return act
-    def final_hidden(edit):  # the final norm's output, (B*T, C): logits are made a slice at a time below
-        h = model(idx, cfg.layer, cfg.site, edit, head=False)
+    def final_hidden(edit, at=sites[-1]):  # the final norm's output, (B*T, C): logits are made a slice at a time below
+        h = model(idx, cfg.layer, at, edit, head=False)
         return h.reshape(-1, h.shape[-1])
     targets = F.pad(idx[:, 1:], (0, 1), value=-1).reshape(-1)  # (B*T,) next tokens; -1: a context's last, none
-    h_clean = final_hidden(capture)
-    act = captured["act"][:, keep].float()  # (B, T', d)
+    h_clean = final_hidden(capture, sites)
+    acts = [a[:, keep].float() for a in captured]  # [(B, T', d_in)] (+ the target's (B, T', d_out))
+    act = acts[-1]                                 # the site replaced
+    rows = torch.cat(acts, dim=-1).reshape(len(idx) * act.shape[1], -1) * row_scale  # (B*T', d_in (+ d_out))
     h_zero = final_hidden(lambda a: splice(a, torch.zeros_like(act)))
     h_saes = []
     positions = torch.arange(T)[keep].repeat(len(idx))  # (B*T',) each row's position
     shared["n_kl"] += len(idx)  # KL counts every position, the first and the last included
     for sae, s in zip(saes, stats):
-        x_hat = score_rows(sae, s, act.reshape(-1, act.shape[-1]) * scale, positions).view_as(act) / scale
+        x_hat = score_rows(sae, s, rows, positions).view_as(act) / target_scale
         h_saes.append(final_hidden(lambda a: splice(a, x_hat)))
     # the vocabulary-sized work, EVAL_POSITIONS positions at a time: over a whole batch of 32 contexts, each
     # (B, T, vocab) fp32 tensor is 823 MiB at GPT-2's vocabulary, and logits, log-softmax, their exp and
@@ -1732,7 +1824,7 @@ def log10_freq_histogram(freq, bins=50):
 # where it stopped, with its saved config
 
 # what a resumed run cannot change: the SAE's shape and the meaning of the saved data position
-LOCKED_ON_RESUME = ("d_sae", "layer", "site", "acts", "init_from", "n_layer", "n_head", "n_embd", "block_size",
+LOCKED_ON_RESUME = ("d_sae", "layer", "site", "target_site", "skip", "acts", "init_from", "n_layer", "n_head", "n_embd", "block_size",
                     "batch_size", "buffer_tokens", "harvest_batch", "exclude_pos0", "normalize", "seed")
 
 
@@ -1799,11 +1891,13 @@ def from_cache_manifest(cache_dir, scalars):
     from its manifest (init_from and data_dir may be given, e.g. where the shards moved). -> scalars updated"""
     manifest = read_cache_manifest(cache_dir)
     saved = manifest["settings"]
-    clash = [k for k in ("layer", "site", "block_size", "exclude_pos0") if k in scalars and scalars[k] != saved[k]]
+    saved = {"target_site": "", **saved}  # caches before issue 25 held one site
+    clash = [k for k in ("layer", "site", "target_site", "block_size", "exclude_pos0") if k in scalars and
+             scalars[k] != saved[k]]
     if clash:
         raise ValueError(f"--acts={cache_dir} holds {', '.join(f'{k}={saved[k]!r}' for k in clash)}; drop those flags "
                          f"or write another cache")
-    keys = ("layer", "site", "block_size", "exclude_pos0", "n_layer", "n_head", "n_embd")
+    keys = ("layer", "site", "target_site", "block_size", "exclude_pos0", "n_layer", "n_head", "n_embd")
     return {**{k: saved[k] for k in keys}, "init_from": manifest["model"], "data_dir": manifest["data_dir"], **scalars}
 
 
@@ -1880,13 +1974,16 @@ class Run:
     """One SAE of the process, with what is its own: config (cfg.out_dir is its directory), Adam (two groups, so
     the encoder and decoder rates can differ), feature tracker, and its checkpoint's state when resuming."""
 
-    def __init__(self, cfg, checkpoint, d_in, device, sweep=False):
+    def __init__(self, cfg, checkpoint, widths, device, sweep=False):
         self.cfg, self.prefix = cfg, f"{os.path.basename(cfg.out_dir)} | " if sweep else ""
         torch.manual_seed(cfg.seed)  # the same init on every rank, in every run of this seed, for every SAE of a sweep
-        self.sae = SAE.from_config(d_in, cfg).to(device)
-        self.optimizer = torch.optim.Adam([  # an architecture's per-feature parameters learn at the encoder's rate
-            {"params": [self.sae.W_enc, self.sae.b_enc, *self.sae.latent_params()], "lr": cfg.lr_enc or cfg.lr},
-            {"params": [self.sae.W_dec, self.sae.b_dec], "lr": cfg.lr_dec or cfg.lr}], betas=(cfg.beta1, cfg.beta2))
+        self.sae = sae = SAE.from_config(widths, cfg).to(device)
+        # an architecture's per-feature parameters (and a transcoder's input bias) learn at the encoder's rate, the
+        # skip path, which writes the target, at the decoder's
+        encoder = [sae.W_enc, sae.b_enc, *sae.latent_params()] + ([sae.b_in] if sae.transcoder else [])
+        decoder = [sae.W_dec, sae.b_dec] + ([sae.W_skip] if sae.skips else [])
+        self.optimizer = torch.optim.Adam([{"params": encoder, "lr": cfg.lr_enc or cfg.lr},
+                                           {"params": decoder, "lr": cfg.lr_dec or cfg.lr}], betas=(cfg.beta1, cfg.beta2))
         # not fused=True: 8% of a bf16 CPU step faster, but its results differ in the last bits from one process to
         # the next (a resumed run or a sweep's SAE then leaves its uninterrupted twin; seen in the resume tests)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
@@ -1952,7 +2049,10 @@ class Context:
     val_batches: list = ()
     val_acts: object = None
     runs: list = ()
-    scale: float = 1.0
+    widths: tuple = (0, 0)         # (d_in, d_out): d_out 0 for SAEs, a transcoder's target's width else
+    scale: float = 1.0             # the input's normalisation: E|x| = sqrt(d_in) after it
+    target_scale: float = 1.0      # a transcoder's target's: E|y| = sqrt(d_out) (an SAE's: scale)
+    row_scale: object = 1.0        # both, as the batches' columns are scaled (column_scales)
 
     @property
     def master(self):  # rank 0 logs, evaluates and checkpoints
@@ -1992,13 +2092,15 @@ def prepare_runs(ctx, resolved, checkpoint):
     """The activations and the model, every SAE of the sweep, and the data position: the checkpoint's, or a fresh start
     with the activation scale and b_dec estimated from a first sample. Rank 0 writes each SAE's config and starts
     wandb. -> the iteration to start at"""
-    import torch.distributed as dist
     cfg, device = ctx.cfg, ctx.device
-    ctx.source, d_in, ctx.model, ctx.val_batches, ctx.val_acts = activation_source(cfg, device, ctx.autocast, ctx.rank,
-                                                                                   ctx.world)
-    ctx.runs = [Run(run_cfg, run_checkpoint, d_in, device, sweep=len(resolved) > 1) for run_cfg, run_checkpoint in resolved]
+    ctx.source, ctx.widths, ctx.model, ctx.val_batches, ctx.val_acts = activation_source(cfg, device, ctx.autocast,
+                                                                                         ctx.rank, ctx.world)
+    ctx.runs = [Run(run_cfg, run_checkpoint, ctx.widths, device, sweep=len(resolved) > 1)
+                for run_cfg, run_checkpoint in resolved]
     if checkpoint:
         ctx.scale, iter_num = checkpoint["act_scale"], checkpoint["iter_num"]
+        ctx.target_scale = checkpoint.get("target_scale", ctx.scale)
+        ctx.row_scale = column_scales(ctx.widths, ctx.scale, ctx.target_scale, device)
         if not cfg.eval_only:
             ctx.source.start(checkpoint["data"])
             torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -2006,22 +2108,7 @@ def prepare_runs(ctx, resolved, checkpoint):
     else:
         iter_num = 0
         ctx.source.start()
-        sample = ctx.source.sample(cfg.resample_samples, torch.Generator().manual_seed(cfg.seed)).to(device)  # (n, d_in)
-        mean_norm = sample.norm(dim=1).mean()
-        if ctx.ddp:
-            dist.all_reduce(mean_norm)
-            mean_norm /= ctx.world
-        # E|x| = sqrt(d_in) (Anthropic, April 2024 update): coefficients then transfer across layers and models
-        ctx.scale = math.sqrt(d_in) / mean_norm.item() if cfg.normalize else 1.0
-        b_dec = {"zeros": lambda: torch.zeros(d_in, device=device), "mean": lambda: (sample * ctx.scale).mean(dim=0),
-                 "geometric_median": lambda: geometric_median(sample * ctx.scale)}
-        for init in {run.cfg.b_dec_init for run in ctx.runs}:  # each computed once for the whole sweep
-            value = b_dec[init]()
-            for run in ctx.runs:
-                if run.cfg.b_dec_init == init:
-                    run.sae.b_dec.data.copy_(value)
-                    if ctx.ddp:  # ranks saw different samples: rank 0's b_dec for all
-                        dist.broadcast(run.sae.b_dec.data, src=0)
+        start_scales_and_biases(ctx)
     if ctx.master:
         for run in ctx.runs:
             os.makedirs(run.cfg.out_dir, exist_ok=True)
@@ -2030,6 +2117,43 @@ def prepare_runs(ctx, resolved, checkpoint):
         if cfg.wandb_log:
             start_wandb(ctx.wandb, ctx.runs, os.path.dirname(cfg.out_dir) if len(ctx.runs) > 1 else cfg.out_dir)
     return iter_num
+
+
+def column_scales(widths, scale, target_scale, device):
+    """The factor each column of a batch is normalised by: scale for an SAE (widths (d_in, 0)); a transcoder's rows
+    [x_in | y] take scale on their d_in columns and target_scale on their d_out -> (d_in + d_out,)."""
+    d_in, d_out = widths
+    if not d_out:
+        return scale
+    return torch.cat([torch.full((d_in,), float(scale)), torch.full((d_out,), float(target_scale))]).to(device)
+
+
+def start_scales_and_biases(ctx):
+    """A fresh run's normalisation and b_dec (a transcoder's b_in too), from a first sample of the activations: the
+    scales make E|x| = sqrt(d_in) and E|y| = sqrt(d_out) (Anthropic, April 2024 update: coefficients then transfer
+    across layers and models); each bias starts at its side's b_dec_init (geometric median, mean or zeros)."""
+    import torch.distributed as dist
+    cfg, (d_in, d_out) = ctx.cfg, ctx.widths
+    sample = ctx.source.sample(cfg.resample_samples, torch.Generator().manual_seed(cfg.seed)).to(ctx.device)
+    parts = {"b_in": sample[:, :d_in], "b_dec": sample[:, d_in:]} if d_out else {"b_dec": sample}  # (n, d) each
+    mean_norms = torch.stack([part.norm(dim=1).mean() for part in parts.values()])
+    if ctx.ddp:
+        dist.all_reduce(mean_norms)
+        mean_norms /= ctx.world
+    scales = [math.sqrt(part.shape[1]) / norm if cfg.normalize else 1.0 for part, norm in zip(parts.values(),
+                                                                                            mean_norms.tolist())]
+    ctx.scale, ctx.target_scale = scales[0], scales[-1]
+    ctx.row_scale = column_scales(ctx.widths, ctx.scale, ctx.target_scale, ctx.device)
+    initial = {"zeros": lambda x: torch.zeros(x.shape[1], device=x.device), "mean": lambda x: x.mean(dim=0),
+               "geometric_median": geometric_median}
+    for init in {run.cfg.b_dec_init for run in ctx.runs}:  # each computed once for the whole sweep
+        for (name, part), part_scale in zip(parts.items(), scales):
+            value = initial[init](part * part_scale)
+            for run in ctx.runs:
+                if run.cfg.b_dec_init == init:
+                    getattr(run.sae, name).data.copy_(value)
+                    if ctx.ddp:  # ranks saw different samples: rank 0's for all
+                        dist.broadcast(getattr(run.sae, name).data, src=0)
 
 
 def train(ctx, start_iter):
@@ -2049,7 +2173,7 @@ def train(ctx, start_iter):
             break
         if it in cfg.resample_iters:
             resample_runs(ctx, it)
-        x = ctx.source.next_batch().to(ctx.device, non_blocking=True) * ctx.scale  # (per_rank, d_in): for every SAE
+        x = ctx.source.next_batch().to(ctx.device, non_blocking=True) * ctx.row_scale  # (per_rank, d_in (+ d_out))
         log_now, stats = it % cfg.log_interval == 0 or it == cfg.max_iters - 1, []
         for run in ctx.runs:
             loss, terms, lr_mult = train_step(run, x, it, ctx.autocast, ctx.world)
@@ -2068,7 +2192,7 @@ def evaluate_runs(ctx, it):
     ablation's cost, 0.10 nats at SmolLM2's layer 15 mlp_in, and bf16 forwards moved CE there by 0.0015 nats
     (2,032 tokens), 1.5% of that cost. Each SAE's metrics logged (log_evaluation)."""
     all_metrics = evaluate([run.sae for run in ctx.runs], [run.tracker for run in ctx.runs],
-                           torch.tensor(ctx.scale, device=ctx.device), ctx.cfg, ctx.model, ctx.val_batches, ctx.val_acts)
+                           (ctx.scale, ctx.target_scale), ctx.cfg, ctx.model, ctx.val_batches, ctx.val_acts)
     for run, metrics in zip(ctx.runs, all_metrics):
         log_evaluation(run, it, metrics)
 
@@ -2092,7 +2216,7 @@ def log_evaluation(run, it, metrics, note=""):
 def make_checkpoint(ctx, run, it):
     freq = run.tracker.freq()
     return {"sae": run.sae.state_dict(), "optimizer": run.optimizer.state_dict(), "config": asdict(run.cfg),
-            "iter_num": it, "act_scale": ctx.scale, "data": ctx.source.state_dict(),
+            "iter_num": it, "act_scale": ctx.scale, "target_scale": ctx.target_scale, "data": ctx.source.state_dict(),
             "rng": {"torch": torch.get_rng_state()}, "tracker": run.tracker.state_dict(), "feature_freq": freq.cpu(),
             "freq_hist": log10_freq_histogram(freq)}
 
@@ -2114,7 +2238,7 @@ def resample_runs(ctx, it):
     if not resampled:
         return
     x = ctx.source.sample(ctx.cfg.resample_samples, torch.Generator().manual_seed(ctx.cfg.seed + it)).to(ctx.device)
-    x = x * ctx.scale
+    x = x * ctx.row_scale
     for run in resampled:
         dead = run.tracker.dead()
         n = resample_dead_(run.sae, run.optimizer, dead, x)

@@ -267,6 +267,8 @@ def _sae_matmul(A, B, shift=None, shift_rows=False, bias=None, D=None, row=None,
 # -----------------------------------------------------------------------------
 # encode-ReLU-decode
 # x (N, d_model) -> f = relu((x - b_dec) @ W_enc + b_enc) (N, n_latents); x_hat = f @ W_dec + b_dec (N, d_model);
+# a transcoder reads x (N, d_in) and writes x_hat (N, d_out), W_dec (n_latents, d_out): its input bias b_in (d_in) is
+# not b_dec (d_out), and then db_in = -W_enc @ db_enc, db_dec = sum_N dx_hat (below, b_in = b_dec: the two summed);
 # and, in the same pass, l1 = f @ scale (N,) (scale (n_latents,) the L1 weight of each latent, the decoder rows'
 # norms for an SAE with free norms; all ones when not given: l1 = sum_latents f), l0 = #(f > 0) (N,),
 # fired = #_N(f > 0) (n_latents,): the L1 term, the sparsity and the dead-feature counts without reading f again.
@@ -288,11 +290,12 @@ def _sae_matmul(A, B, shift=None, shift_rows=False, bias=None, D=None, row=None,
 # but inactive rows are not skipped (TODO: a gathered decoder for very sparse f, as openai/sparse_autoencoder
 # does for inference).
 
-def encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, stats=False, scale=None):
+def encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, stats=False, scale=None, b_in=None):
     """The SAE forward with a pre-encoder bias (Bricken et al. 2023): returns (x_hat, f), and with stats
-    (x_hat, f, (l1 (N,), l0 (N,) int32, fired (n_latents,) int32)), l1 weighted by scale (n_latents,) if given."""
-    f = torch.relu((x - b_dec) @ W_enc + b_enc)  # (N, d_model) @ (d_model, n_latents) -> (N, n_latents)
-    x_hat = f @ W_dec + b_dec                     # (N, n_latents) @ (n_latents, d_model) -> (N, d_model)
+    (x_hat, f, (l1 (N,), l0 (N,) int32, fired (n_latents,) int32)), l1 weighted by scale (n_latents,) if given.
+    b_in: a transcoder's input bias (d_in,), subtracted instead of b_dec (d_out,)."""
+    f = torch.relu((x - (b_dec if b_in is None else b_in)) @ W_enc + b_enc)  # (N, d_in) @ (d_in, n_latents)
+    x_hat = f @ W_dec + b_dec                     # (N, n_latents) @ (n_latents, d_out) -> (N, d_out)
     if not stats:
         return x_hat, f
     active = f > 0
@@ -337,31 +340,33 @@ def matmul_dtype(device_type, default=torch.float32):
 
 class EncodeReluDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, scale):
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, scale, b_in):
+        shift = b_dec if b_in is None else b_in  # the input bias: an SAE's b_dec, a transcoder's own
+        ctx.d_out, ctx.tied = W_dec.shape[1], b_in is None
         if use_triton(x):  # bias, ReLU and the three counts fused into the encoder matmul
             # the operands cast once to autocast's dtype (bf16 on CUDA by default), the inputs' otherwise; the
             # biases stay fp32, added to the fp32 sums; f and x_hat come out in that dtype, as autocast's would
             dtype = matmul_dtype(x.device.type, torch.promote_types(x.dtype, W_enc.dtype))
             xm, W_enc_m, W_dec_m = x.to(dtype), W_enc.to(dtype), W_dec.to(dtype)
-            # (N, d_model) @ (d_model, n_latents) -> f (N, n_latents); f @ W_dec (n_latents, d_model) -> x_hat
-            f, l1, l0, fired = _sae_matmul(xm, W_enc_m, shift=b_dec, bias=b_enc, relu=True, stats=True)
+            # (N, d_in) @ (d_in, n_latents) -> f (N, n_latents); f @ W_dec (n_latents, d_out) -> x_hat
+            f, l1, l0, fired = _sae_matmul(xm, W_enc_m, shift=shift, bias=b_enc, relu=True, stats=True)
             x_hat = _sae_matmul(f, W_dec_m, bias=b_dec)
             if scale is not None:  # the row sums of f weighted by the L1 weights: a mat-vec
                 l1 = (f @ scale.to(dtype)).float()  # (N, n_latents) @ (n_latents,)
-            ctx.save_for_backward(xm, W_enc, W_enc_m, W_dec_m, b_dec, f, scale)
+            ctx.save_for_backward(xm, W_enc, W_enc_m, W_dec_m, shift, f, scale)
         else:  # under CPU autocast the matmuls run in bf16 (f and x_hat come out bf16), and so does the backward
             dtype = ctx.dtype = matmul_dtype("cpu")
-            d = x.shape[1]
+            d = ctx.d_out
             W_ext = torch.zeros(W_dec.shape[0], padded_width(d), dtype=dtype)  # [W_dec | scale | 0], cast once
             W_ext[:, :d] = W_dec
             W_ext[:, d] = 1.0 if scale is None else scale
-            f = linear(x - b_dec, W_enc.T, b_enc, "relu")            # (N, d_model) @ (d_model, n_latents), fused
+            f = linear(x - shift, W_enc.T, b_enc, "relu")            # (N, d_in) @ (d_in, n_latents), fused
             out = linear(f, W_ext.T, F.pad(b_dec, (0, W_ext.shape[1] - d)))  # (N, n_latents) @ (n_latents, D)
             x_hat, l1 = out[:, :d].contiguous(), out[:, d].float()  # l1 rounded as x_hat is, returned fp32
             active = torch.sign(f)  # the 0/1 mask of the features that fired (f > 0; f is never negative)
             l0, fired = count_ones(active)
             ctx.active = active  # not an input or output: a plain attribute is enough
-            ctx.save_for_backward(x, W_enc, W_enc, W_ext, b_dec, f, scale)
+            ctx.save_for_backward(x, W_enc, W_enc, W_ext, shift, f, scale)
         ctx.mark_non_differentiable(l0, fired)
         ctx.set_materialize_grads(False)  # an output the loss does not read gets None, not an (N, n_latents) zero block
         return x_hat, f, l1, l0, fired
@@ -370,19 +375,19 @@ class EncodeReluDecode(torch.autograd.Function):
     def backward(ctx, dx_hat, df, dl1, _dl0, _dfired):
         # x and the weights as the matmuls read them (the Triton path's casts; W_dec is [W_dec | scale] on the
         # CPU); W_enc the parameter itself
-        x, W_enc, W_enc_m, W_dec, b_dec, f, scale = ctx.saved_tensors
-        N, d = x.shape
+        x, W_enc, W_enc_m, W_dec, shift, f, scale = ctx.saved_tensors
+        (N, d_in), d = x.shape, ctx.d_out
         if use_triton(x):  # every matmul in the forward's dtype, the parameters' gradients stored in fp32
-            dx_hat = torch.zeros(x.shape, dtype=f.dtype, device=f.device) if dx_hat is None else \
+            dx_hat = torch.zeros(N, d, dtype=f.dtype, device=f.device) if dx_hat is None else \
                 dx_hat.to(f.dtype).contiguous()
             df = None if df is None else df.contiguous()
             dl1 = None if dl1 is None else dl1.contiguous()
             # (N,) @ (N, n_latents): the L1 weights' gradient
             dscale = None if scale is None or dl1 is None else (dl1.to(f.dtype) @ f).to(scale.dtype)
             col = None if dl1 is None else scale  # the L1 term's gradient dl1[m] scale[n], added in the epilogue
-            dpre = _sae_matmul(dx_hat, W_dec.T, D=df, row=dl1, col=col, mask_by=f)  # (N, d) @ (d, n_latents)
-            dW_dec = _sae_matmul(f.T, dx_hat, out_dtype=torch.float32)             # (n_latents, N) @ (N, d)
-            dW_enc = _sae_matmul(x.T, dpre, shift=b_dec, shift_rows=True, out_dtype=torch.float32)  # (d, N) @ (N, n)
+            dpre = _sae_matmul(dx_hat, W_dec.T, D=df, row=dl1, col=col, mask_by=f)  # (N, d_out) @ (d_out, n_latents)
+            dW_dec = _sae_matmul(f.T, dx_hat, out_dtype=torch.float32)             # (n_latents, N) @ (N, d_out)
+            dW_enc = _sae_matmul(x.T, dpre, shift=shift, shift_rows=True, out_dtype=torch.float32)  # (d_in, N) @ (N, n)
             db_enc = dpre.sum(dim=0, dtype=torch.float32).to(W_enc.dtype)          # (n_latents,)
         else:
             D = W_dec.shape[1]
@@ -393,9 +398,9 @@ class EncodeReluDecode(torch.autograd.Function):
                 g[:, d] = dl1
             # transposed copies within one dtype: torch's blocked transpose (a cast and a transpose in one copy is
             # a slow strided loop: 25 ms against 1 for W_dec's gradient)
-            xc = torch.zeros(D, N, dtype=ctx.dtype)  # [x - b_dec | 1 | 0]^T
-            xc[:d] = (x - b_dec).to(ctx.dtype).T
-            xc[d] = 1.0
+            xc = torch.zeros(padded_width(d_in), N, dtype=ctx.dtype)  # [x - b_in | 1 | 0]^T
+            xc[:d_in] = (x - shift).to(ctx.dtype).T
+            xc[d_in] = 1.0
             with torch.autocast("cpu", dtype=ctx.dtype, enabled=ctx.dtype != torch.float32):
                 if df is None:  # ReLU's backward, the forward's 0/1 floats, multiplied in the matmul's epilogue
                     dpre = linear(g, W_dec, mul=ctx.active)  # (N, D) @ (D, n_latents)
@@ -404,25 +409,26 @@ class EncodeReluDecode(torch.autograd.Function):
                 # oneDNN copies a transposed input but reads a transposed weight in place: the big (N, n_latents)
                 # operands go in as weights, and only (N, D) blocks are transposed
                 grad_dec = linear(g.T.contiguous(), f.T)  # (D, N) @ (N, n_latents): [dW_dec^T; dscale; 0]
-                grad_enc = linear(xc, dpre.T)             # (D, N) @ (N, n_latents): [dW_enc; db_enc; 0]
+                grad_enc = linear(xc, dpre.T)             # (D_in, N) @ (N, n_latents): [dW_enc; db_enc; 0]
             # the parameters' dtype, fp32, whatever the matmuls ran in
             dW_dec = grad_dec[:d].T.contiguous().to(W_enc.dtype)
             dscale = None if scale is None else grad_dec[d].to(scale.dtype)
-            dW_enc, db_enc = grad_enc[:d].to(W_enc.dtype), grad_enc[d].to(W_enc.dtype)
-        dx_sum = 0 if dx_hat is None else dx_hat.sum(dim=0, dtype=W_enc.dtype)
-        db_dec = dx_sum - W_enc @ db_enc  # (d_model,): a mat-vec, not a matmul
+            dW_enc, db_enc = grad_enc[:d_in].to(W_enc.dtype), grad_enc[d_in].to(W_enc.dtype)
+        db_dec = W_enc.new_zeros(d) if dx_hat is None else dx_hat.sum(dim=0, dtype=W_enc.dtype)  # (d_out,)
+        db_in = -(W_enc @ db_enc)  # (d_in, n_latents) @ (n_latents,): a mat-vec, not a matmul
+        db_dec, db_in = (db_dec + db_in, None) if ctx.tied else (db_dec, db_in)
         # W_enc's dtype for both: on the CPU the saved W_dec is W_ext, in the matmuls' dtype
-        return None, dW_enc.to(W_enc.dtype), db_enc, dW_dec.to(W_enc.dtype), db_dec, dscale
+        return None, dW_enc.to(W_enc.dtype), db_enc, dW_dec.to(W_enc.dtype), db_dec, dscale, db_in
 
 
 @torch.compiler.disable  # see COMPILE
-def encode_relu_decode(x, W_enc, b_enc, W_dec, b_dec, stats=False, scale=None):
+def encode_relu_decode(x, W_enc, b_enc, W_dec, b_dec, stats=False, scale=None, b_in=None):
     """-> (x_hat, f), and with stats (x_hat, f, (l1, l0, fired)); see the section's header. x needs no
     gradient; l1 (weighted by scale (n_latents,) if given, which may need a gradient) carries the gradient of a
-    loss on it."""
+    loss on it. b_in: a transcoder's input bias (d_in,); None: b_dec is the input bias too (an SAE)."""
     if NO_TRITON:
-        return encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, stats, scale)
-    x_hat, f, l1, l0, fired = EncodeReluDecode.apply(x, W_enc, b_enc, W_dec, b_dec, scale)
+        return encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, stats, scale, b_in)
+    x_hat, f, l1, l0, fired = EncodeReluDecode.apply(x, W_enc, b_enc, W_dec, b_dec, scale, b_in)
     return (x_hat, f, (l1, l0, fired)) if stats else (x_hat, f)
 
 
@@ -717,14 +723,19 @@ def welch_bound(n, d):
     return ((n - d) / (d * (n - 1))) ** 0.5 if n > d else 0.0
 
 
-def jl_margin(form, power, margin, n, d):
-    """Checks a form's settings (ValueError: they come from the command line) -> mu, the welch form's margin."""
+def check_jl_form(form, power, margin):
+    """A form's settings, as one-line ValueErrors (they come from the command line)."""
     if form not in JL_FORMS:
         raise ValueError(f"JL form {form!r}: valid values are {', '.join(JL_FORMS)}")
     if not power >= 1:  # also catches NaN
         raise ValueError(f"JL power {power!r}: valid values are >= 1 (|cos|^p with p < 1 has an infinite slope at 0)")
     if not 0 <= margin < 1:
         raise ValueError(f"JL margin {margin!r}: valid values are 0 (the Welch bound) or a |cos| in (0, 1)")
+
+
+def jl_margin(form, power, margin, n, d):
+    """Checks a form's settings (check_jl_form) -> mu, the welch form's margin for n rows in d dimensions."""
+    check_jl_form(form, power, margin)
     return float(margin) if margin > 0 else welch_bound(n, d)
 
 

@@ -194,29 +194,35 @@ def tl_normalized(x, family, eps):
     return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_export_folds_the_norm_for_transformerlens(family, tiny_llama, tmp_path):
-    from safetensors.torch import load_file
-    from dataclasses import asdict
+def normalized_and_mlp_in(family, tiny_llama, tmp_path):
+    """A saved model of the family whose layer-1 norm has gains and biases far from 1 and 0 (as a trained one's), and
+    on random tokens: (its directory, the norm, TransformerLens's hook_normalized (N, 48) there, our mlp_in (N, 48))."""
     if family == "gpt2":
         hf = hf_gpt2(**TINY)
-        with torch.no_grad():  # gains and biases far from 1 and 0, as in a trained GPT-2
+        with torch.no_grad():
             for name, p in hf.named_parameters():
                 if "ln_" in name:
                     p.uniform_(0.5, 1.5) if name.endswith("weight") else p.uniform_(-1, 1)
         hf.save_pretrained(tmp_path / "model")
-        saved, d, eps, norm = tmp_path / "model", 48, 1e-5, hf.transformer.h[1].ln_2
+        saved, norm = tmp_path / "model", hf.transformer.h[1].ln_2
     else:
         saved, hf = tiny_llama
-        d, eps, norm = 48, 1e-5, hf.model.layers[1].post_attention_layernorm
-    idx = torch.randint(0, 300, (2, 12))
+        norm = hf.model.layers[1].post_attention_layernorm
     seen = {}
     handle = norm.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
     with torch.no_grad():
-        hf(idx)
+        hf(torch.randint(0, 300, (2, 12)))
     handle.remove()
-    n = tl_normalized(seen["x"], family, eps).reshape(-1, d)  # what TransformerLens's hook holds
-    mlp_in = seen["y"].reshape(-1, d)                          # what our SAE read
+    return saved, norm, tl_normalized(seen["x"], family, 1e-5).reshape(-1, 48), seen["y"].reshape(-1, 48)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_export_folds_the_norm_for_transformerlens(family, tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+    from dataclasses import asdict
+    # n: what TransformerLens's hook holds; mlp_in: what our SAE read
+    saved, norm, n, mlp_in = normalized_and_mlp_in(family, tiny_llama, tmp_path)
+    d = 48
     g = torch.Generator().manual_seed(1)
     state = {"W_enc": torch.randn(d, 40, generator=g) / 7, "b_enc": torch.randn(40, generator=g) / 3,
              "W_dec": torch.nn.functional.normalize(torch.randn(40, d, generator=g), dim=1), "b_dec": torch.randn(d, generator=g)}
@@ -231,6 +237,138 @@ def test_export_folds_the_norm_for_transformerlens(family, tiny_llama, tmp_path)
     bias = norm.bias.detach() if family == "gpt2" else 0  # and it writes n_hat = (x_hat - bias) / gain
     torch.testing.assert_close((f_tl @ w["W_dec"] + w["b_dec"]).float(), (x_hat / 2.5 - bias) / norm.weight.detach(),
                                atol=1e-4, rtol=1e-4)
+
+
+# --- transcoders: export to SAELens's transcoder classes, steering at the target
+
+def saelens_transcoder_forward(cfg, w, x):
+    """SAELens 6.54's transcoder forward, as sae_lens/saes/transcoder.py computes it: no input bias (its
+    process_sae_in skips b_dec), pre = x @ W_enc + b_enc, relu (jumprelu_*: times 1[pre > threshold]),
+    y = f @ W_dec + b_dec, + x @ W_skip^T for the skip_* classes."""
+    pre = x @ w["W_enc"] + w["b_enc"]
+    f = pre.relu() * (pre > w["threshold"]) if cfg["architecture"].startswith("jumprelu") else pre.relu()
+    y = f @ w["W_dec"] + w["b_dec"]
+    return (y + x @ w["W_skip"].T if "skip" in cfg["architecture"] else y), f
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch,skip", [("relu", True), ("relu", False), ("jumprelu", True), ("batchtopk", False)])
+def test_transcoder_export_is_saelens_transcoder_on_transformerlens_hooks(family, arch, skip, tiny_llama, tmp_path):
+    """A transcoder mlp_in -> mlp_out exported: SAELens's transcoder class of its kind, reading TransformerLens's
+    hook_normalized (the norm's gain and bias folded, b_in into b_enc, both scales) gives our features and our
+    prediction of mlp_out in model units."""
+    from safetensors.torch import load_file
+    from dataclasses import asdict
+    saved, norm, n, mlp_in = normalized_and_mlp_in(family, tiny_llama, tmp_path)
+    d, d_sae, s_in, s_out = 48, 40, 2.5, 0.4
+    torch.manual_seed(1)
+    ours = SAE(d, d_sae, arch=arch, d_out=d, skip=skip)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.3)
+        if arch == "jumprelu":
+            ours.threshold.uniform_(0, 0.5)
+    state = ours.state_dict()
+    if arch == "batchtopk":
+        state["threshold"] = torch.tensor(0.3, dtype=torch.float64)
+        ours.threshold.fill_(0.3)
+    config = TrainConfig(init_from=str(saved), layer=1, site="mlp_in", target_site="mlp_out", block_size=32, arch=arch,
+                         skip=skip, l1_by_decoder_norm=False, d_sae=d_sae)
+    checkpoint = {"config": asdict(config), "act_scale": s_in, "target_scale": s_out, "sae": state, "iter_num": 7}
+    cfg = analyze.export_saelens(checkpoint, str(tmp_path / "export"))
+    assert cfg["architecture"] == {("relu", False): "transcoder", ("relu", True): "skip_transcoder",
+                                   ("jumprelu", True): "jumprelu_skip_transcoder",
+                                   ("batchtopk", False): "jumprelu_transcoder"}[arch, skip]
+    assert (cfg["d_in"], cfg["d_out"], cfg["d_sae"], cfg["apply_b_dec_to_input"]) == (d, d, d_sae, False)
+    assert (cfg["metadata"]["hook_name"], cfg["metadata"]["hook_name_out"]) == ("blocks.1.ln2.hook_normalized",
+                                                                                 "blocks.1.hook_mlp_out")
+    w = {k: v.double() for k, v in load_file(tmp_path / "export" / "sae_weights.safetensors").items()}
+    assert ("W_skip" in w) == skip and "b_in" not in w and w["W_dec"].shape == (d_sae, d)
+    y_tl, f_tl = saelens_transcoder_forward(cfg, w, n)
+    with torch.no_grad():
+        y_hat, f = ours.eval()(mlp_in * s_in)
+    assert (f > 0).any() and (f == 0).any()
+    torch.testing.assert_close(f_tl.float(), f, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y_tl.float(), y_hat / s_out, atol=1e-4, rtol=1e-4)
+
+
+def test_topk_transcoder_export_is_refused_in_one_line(tmp_path):
+    from dataclasses import asdict
+    state = SAE(8, 16, arch="topk", d_out=8).state_dict()
+    checkpoint = {"config": asdict(TrainConfig(acts="x.npy", arch="topk", target_site="mlp_out", d_sae=16)),
+                  "act_scale": 1.0, "sae": state, "iter_num": 1}
+    with pytest.raises(ValueError, match=r"^--arch=topk transcoder has no SAELens format \(SAELens 6.54 has no TopK "
+                                         r"transcoder\); export supports relu, vae, jumprelu, batchtopk, matryoshka$"):
+        analyze.export_saelens(checkpoint, str(tmp_path / "export"))
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("mode", ["add", "clamp"])
+def test_steering_a_transcoder_reads_its_input_and_writes_at_its_target(mode):
+    """A transcoder feature's steering edits mlp_out (seen in resid_post, block 2's input) by the feature's decoder
+    row in model units; clamp reads the feature at mlp_in, from the model's own input."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=24, vocab_size=60, block_size=16)).eval()
+    tc, s_in, s_out = SAE(24, 40, d_out=24, skip=True), 2.5, 0.5
+    with torch.no_grad():
+        tc.b_enc.normal_(0, 1.0)
+    idx = torch.randint(0, 60, (2, 9))
+    with torch.no_grad():
+        clean = captured_input(model.h[2].ln_1, lambda: model(idx))
+        mlp_in = captured_input(model.h[1].mlp.c_fc, lambda: model(idx)).reshape(-1, 24)
+        f = tc(mlp_in * s_in)[1]  # (B*T, 40)
+        feature = int(f.sum(dim=0).argmax())
+        with analyze.steer(model, tc, {feature: 3.0}, 1, ("mlp_in", "mlp_out"), (s_in, s_out), mode=mode):
+            steered = captured_input(model.h[2].ln_1, lambda: model(idx))
+    amount = torch.full((len(f),), 3.0) - (f[:, feature] if mode == "clamp" else 0)  # (B*T,)
+    expected = amount[:, None] * tc.W_dec[feature].detach() / s_out
+    torch.testing.assert_close((steered - clean).reshape(-1, 24), expected, atol=1e-5, rtol=0)
+    assert not model.blocks[1]._forward_pre_hooks
+
+
+@pytest.fixture(scope="module")
+def tiny_transcoder(tiny_shards, tmp_path_factory):
+    """A skip transcoder mlp_in -> mlp_out on the tiny random GPT-2 (layer 1), 40 steps: its out_dir."""
+    out = tmp_path_factory.mktemp("tiny_transcoder")
+    r = run_sae(*TINY_GPT_RUN, f"--data_dir={tiny_shards}", f"--out_dir={out}", "--target_site=mlp_out", "--skip=True",
+                "--max_iters=40", "--eval_interval=40", "--resample_iters=()")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_a_trained_transcoder_exports_steers_and_gets_a_dashboard(tiny_transcoder, enc, tmp_path):
+    """The helpers on a trained transcoder, through the command line: export (SAELens's forward on raw activations,
+    both scales folded), steering, and a dashboard whose logit effects are its decoder rows read from mlp_out."""
+    from safetensors.torch import load_file
+    r = run_sae("--mode=export", f"--out_dir={tiny_transcoder}", f"--export_dir={tmp_path / 'export'}")
+    assert r.returncode == 0, r.stderr
+    cfg = json.load(open(tmp_path / "export" / "cfg.json"))
+    w = load_file(tmp_path / "export" / "sae_weights.safetensors")
+    ckpt = load_ckpt(tiny_transcoder)
+    model_tc, saved, s_in = analyze.load_sae(ckpt)
+    s_out = analyze.target_scale(ckpt)
+    gpt = sae.load_lm(saved)
+    idx = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        acts = gpt.harvest(idx, 1, ("mlp_in", "mlp_out"))  # (B, T, 64): both in model units
+        x_in = acts[..., :32].reshape(-1, 32)
+        n = gpt.blocks[1].mlp_norm
+        n_hat = (x_in - n.bias) / n.weight  # TransformerLens's hook_normalized: the norm before its gain and bias
+        y_tl, _ = saelens_transcoder_forward(cfg, w, n_hat)
+        y_hat, _ = model_tc(x_in * s_in)
+    torch.testing.assert_close(y_tl, y_hat / s_out, atol=1e-4, rtol=1e-4)
+    r = run_sae("--mode=steer", f"--out_dir={tiny_transcoder}", "--feature=3", "--scale=50.0", "--prompt=Hello world",
+                "--max_new_tokens=4")
+    assert r.returncode == 0 and "--- feature 3 x 50\nHello world" in r.stdout, r.stderr
+    page = tmp_path / "dash.html"
+    r = run_sae("--mode=dashboard", f"--out_dir={tiny_transcoder}", "--features=0:3", "--dashboard_tokens=640",
+                f"--dashboard_file={page}")
+    assert r.returncode == 0, r.stderr
+    assert "layer 1 mlp_in -&gt; mlp_out transcoder" in open(page).read() or \
+        "layer 1 mlp_in -> mlp_out transcoder" in open(page).read()
+    effects = analyze.logit_effects(gpt, 1, "mlp_out", model_tc.W_dec[:3] / s_out)  # (3, vocab)
+    top = [enc.decode([t]) for t in effects[0].topk(10).indices.tolist()]
+    assert all(repr(t) in open(page).read() or __import__("html").escape(repr(t)) in open(page).read() for t in top[:3])
 
 
 # -----------------------------------------------------------------------------
@@ -608,20 +746,25 @@ def test_top_token_overlap_against_a_loop_over_features():
     model.W_enc.data = torch.randn(7, 29, generator=g)
     model.b_enc.data = torch.linspace(-12, 0, 29)  # the first features fire rarely: below the count
     rows, tokens = torch.randn(3001, 7, generator=g), torch.randint(0, 6, (3001,), generator=g)
+    rows[tokens == 2] += 4 * model.W_enc.data[:, 28] / model.W_enc.data[:, 28].norm()  # feature 28: a token-2 feature
     result = analyze.top_token_overlap(model, rows, tokens, top=10, batch=256)  # batches of 256: the merge is tested
     _, f = model(rows)
-    peaks = {}
+    peaks, shares = {}, {}
     for i in range(29):
         column = f[:, i]
         if (column > 0).sum() >= 10:
             top_rows = sorted(range(len(column)), key=lambda r: -column[r].item())[:10]
             votes = [tokens[r].item() for r in top_rows]
             peaks[i] = min(set(votes), key=lambda t: (-votes.count(t), t))  # the most common, the smallest on a tie
+            shares[i] = votes.count(peaks[i]) / 10
     shared = sum(1 for i in peaks if sum(p == peaks[i] for p in peaks.values()) > 1)
     assert 5 < result["features"] == len(peaks) < 29
     assert result["shared_peak"] == pytest.approx(shared / len(peaks))
     assert result["distinct_peaks"] == pytest.approx(len(set(peaks.values())) / len(peaks))
     assert 0 < result["shared_peak"] < 1  # the case is not degenerate
+    assert result["peak_share"] == pytest.approx(sum(shares.values()) / len(shares))
+    assert result["single_token"] == pytest.approx(sum(v == 1 for v in shares.values()) / len(shares))
+    assert shares[28] == 1 and 0 < result["single_token"] < 1
     assert result["shared_peak_subset"] is None  # fewer features than the subsets' 1,000
     # in subsets of 5 counted features (in feature order), drawn as the function draws them, 3 sets
     counted = sorted(peaks)

@@ -27,7 +27,7 @@ from sae_kernels import JL_EPS
 from sae import DataLoaderLite, GPT, GPTConfig, SAE, SITES, TrainConfig
 from bench import parse_args
 from torch.utils._python_dispatch import TorchDispatchMode
-from conftest import ACTS_RUN, ARCH_NAMES, arch_sweep_args, cpu_env, HERE, hf_gpt2, hf_site_activations, load_ckpt, \
+from conftest import ACTS_RUN, ARCH_NAMES, ARCH_SWEEP, arch_sweep_args, cpu_env, HERE, hf_gpt2, hf_site_activations, load_ckpt, \
     read_shard_numpy, relative_error, run_prepare, run_sae, SHARED, TINY, TINY_GPT_RUN, TINY_LLAMA_RUN, token_ids, \
     transformers
 
@@ -95,9 +95,9 @@ def test_sweep_over_architectures_names_and_drops_what_they_do_not_read():
     runs = sae.expand_sweep(sae.parse_overrides(TrainConfig(), ["--arch=topk", "--loss=l1,jl,hybrid"]))
     assert [name for name, _ in runs] == ["l1", "hybrid"]  # JL alone on a k-sparse SAE is hybrid
     # l1_by_decoder_norm (True by default) is relu's alone: a topk SAE keeps unit-norm rows under it
-    topk = SAE.from_config(10, TrainConfig(arch="topk", d_sae=40, l1_by_decoder_norm=True))
+    topk = SAE.from_config((10, 0), TrainConfig(arch="topk", d_sae=40, l1_by_decoder_norm=True))
     assert not topk.free_norms and topk.W_dec.norm(dim=1).sub(1).abs().max() < 1e-6
-    assert SAE.from_config(10, TrainConfig(arch="relu", d_sae=40)).free_norms
+    assert SAE.from_config((10, 0), TrainConfig(arch="relu", d_sae=40)).free_norms
     with pytest.raises(ValueError, match="--arch='gated': valid values are relu, topk"):
         sae.check_config(TrainConfig(arch="gated"))
 
@@ -147,6 +147,22 @@ def test_bad_input_is_one_line(case, synthetic, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr
     if case == "diverged":
         assert load_ckpt(tmp_path)["iter_num"] == 10
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (dict(site="mlp_out", target_site="mlp_in"), "--target_site=mlp_in comes before --site=mlp_out in a block"),
+    (dict(target_site="mlp_mid"), "--target_site='mlp_mid': valid sites are resid_pre"),
+    (dict(skip=True), "--skip=True is a transcoder's linear path: set --target_site"),
+    (dict(target_site="mlp_out", acts="x.npy"), "--acts=x.npy: a .npy holds one site; a transcoder trains on an "
+                                                "activation cache of both")])
+def test_transcoder_settings_that_are_not_defined_are_refused_in_one_line(flags, expect):
+    with pytest.raises(ValueError) as e:
+        sae.check_config(TrainConfig(**flags))
+    assert expect in str(e.value) and "\n" not in str(e.value)
+    for cfg in (TrainConfig(target_site="mlp_out"), TrainConfig(site="resid_mid", target_site="resid_post", skip=True),
+                TrainConfig(target_site="mlp_in")):  # defined pairs, and a target equal to the site: an SAE
+        sae.check_config(cfg)
+    assert not sae.is_transcoder(TrainConfig(target_site="mlp_in")) and sae.sites_of(TrainConfig()) == ("mlp_in",)
 
 
 @pytest.mark.parametrize("script", ["sae.py", "analyze.py", "bench.py"])
@@ -338,6 +354,24 @@ def test_harvest_computes_nothing_past_the_site(site):
     harvested = module_calls(model, lambda: model.harvest(idx, layer, site))
     last = LAST_MODULE[site].format(L=layer, P=layer - 1)
     assert harvested == full[:full.index(last) + 1]
+
+
+@pytest.mark.parametrize("pair", [("mlp_in", "mlp_out"), ("resid_mid", "resid_post"), ("mlp_in", "mlp_hidden")])
+def test_harvest_of_a_transcoders_sites_is_both_side_by_side_and_stops_at_the_second(checkpoints, pair):
+    """A transcoder's rows: its input and its target from one forward, each against transformers' hooks; nothing
+    computed past the target."""
+    hf, saved, _ = checkpoints
+    model = GPT.from_pretrained(str(saved))
+    idx = torch.randint(0, hf.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        both = model.harvest(idx, 1, pair)
+    widths = [4 * hf.config.n_embd if site == "mlp_hidden" else hf.config.n_embd for site in pair]
+    assert both.shape == (2, 19, sum(widths))
+    for part, site in zip(both.split(widths, dim=-1), pair):
+        torch.testing.assert_close(part, hf_site_activation(hf, idx, 1, site), atol=1e-4, rtol=0)
+    full = module_calls(model, lambda: model(idx))
+    last = LAST_MODULE[pair[1]].format(L=1, P=0)
+    assert module_calls(model, lambda: model.harvest(idx, 1, pair)) == full[:full.index(last) + 1]
 
 
 def test_harvest_at_the_middle_is_about_half_a_forward(monkeypatch):
@@ -876,6 +910,30 @@ def test_training_on_a_cache_evaluates_through_its_model(tiny_llama, llama_shard
         f"error: --acts={cache} holds site='mlp_in'; drop those flags or write another cache"]
 
 
+@pytest.fixture(scope="module")
+def transcoder_cache(tiny_llama, llama_shards, tmp_path_factory):
+    """The tiny Llama's layer 1 mlp_in and mlp_out in one activation cache: its directory."""
+    saved, _ = tiny_llama
+    cache = tmp_path_factory.mktemp("transcoder_cache")
+    r = run_sae("--mode=cache", f"--init_from={saved}", f"--data_dir={llama_shards}", f"--cache_dir={cache}",
+                *CACHE_RUN[:1], "--site=mlp_in", "--target_site=mlp_out", *CACHE_RUN[2:])
+    assert r.returncode == 0, r.stderr
+    return cache
+
+
+def test_a_transcoder_cache_holds_both_sites_row_for_row(tiny_llama, llama_shards, transcoder_cache):
+    _, hf = tiny_llama
+    manifest = json.load(open(transcoder_cache / "manifest.json"))
+    assert {k: manifest[k] for k in ("site", "target_site", "d_in", "d_out")} == {
+        "site": "mlp_in", "target_site": "mlp_out", "d_in": 48, "d_out": 48}
+    val = np.load(transcoder_cache / manifest["val"]["files"][0])  # (rows, 48 + 48)
+    ids = torch.from_numpy(token_ids(glob.glob(f"{llama_shards}/*_val_*.bin")[0])[:256]).view(-1, 32)
+    ref = hf_site_activations(hf, ids, 1, ("mlp_in", "mlp_out"))  # one forward of transformers' model
+    expect = torch.cat([ref["mlp_in"], ref["mlp_out"]], dim=-1)[:, 1:].reshape(-1, 96)
+    np.testing.assert_allclose(val, expect.numpy(), atol=1e-5, rtol=1e-4)
+    assert sae.cache_widths(transcoder_cache) == (48, 48)
+
+
 # -----------------------------------------------------------------------------
 # the SAE: each architecture's loss against a dense reference written from its paper's definition (autograd for
 # the gradients), selections against exhaustive ones; decoder norms
@@ -947,6 +1005,47 @@ def test_k_sparse_losses_and_gradients_match_dense_references(arch):
     assert fired.tolist() == (f > 0).sum(0).tolist() and terms["l0"].item() == pytest.approx((f > 0).sum(1).float().mean().item())
     if arch == "topk":
         assert terms["l0"].item() <= 3
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka"])
+def test_transcoder_losses_and_gradients_match_dense_references(arch):
+    """A skip transcoder (d_in 10 -> d_out 13): its loss from the definitions, pre = (x_in - b_in) W_enc + b_enc,
+    y_hat = f W_dec + b_dec + x_in W_skip^T against the target y (AuxK on y's residual), every gradient by autograd."""
+    torch.manual_seed(1)
+    model = SAE(10, 40, arch=arch, k=3, prefixes=(4, 13, 40), d_out=13, skip=True)
+    with torch.no_grad():
+        for p in (model.b_enc, model.b_dec, model.b_in, model.W_skip):
+            p.normal_(0, 0.3)
+    x_in, y = torch.randn(23, 10) * 2, torch.randn(23, 13) * 2
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[[1, 5, 8, 20, 33, 39]] = True
+    cfg = TrainConfig(arch=arch, k=3, k_aux=4, auxk_coeff=0.25, matryoshka_prefixes=(4, 13, 40), l1_coeff=0.7,
+                      l1_warmup_iters=1, l1_by_decoder_norm=False)
+    loss, terms, fired = sae.sae_loss(model, torch.cat([x_in, y], dim=1), cfg, it=0,
+                                      dead=dead if arch != "relu" else None)
+    ours = grads_of(loss, model)
+    pre = (x_in - model.b_in) @ model.W_enc + model.b_enc  # (N, 10) @ (10, 40)
+    f = {"relu": torch.relu, "topk": lambda p: topk_dense(p, 3)}.get(arch, lambda p: batch_topk_dense(p, 3))(pre)
+    decode = lambda f: f @ model.W_dec + model.b_dec + x_in @ model.W_skip.T  # (N, 40) @ (40, 13) + (N, 10) @ (10, 13)
+    mse = ((decode(f) - y) ** 2).sum(1).mean()
+    if arch == "relu":
+        reference = mse + 0.7 * f.sum(1).mean()
+    else:
+        cols = torch.arange(40)
+        recon = sum(((decode(f * (cols < p)) - y) ** 2).sum(1).mean() for p in (4, 13, 40)) / 3 if arch == "matryoshka" \
+            else mse
+        top = pre.masked_fill(~dead, float("-inf")).topk(4, dim=1)
+        f_aux = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+        aux = ((f_aux @ model.W_dec - (y - decode(f)).detach()) ** 2).sum(1).mean()
+        reference = recon + 0.25 * aux
+        assert terms["aux"].item() == pytest.approx(aux.item(), rel=1e-5)
+    assert terms["mse"].item() == pytest.approx(mse.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    expected = grads_of(reference, model)
+    assert set(ours) == set(expected) >= {"b_in", "W_skip"}
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert fired.tolist() == (f > 0).sum(0).tolist()
 
 
 def test_batch_topk_selection_is_exact_when_one_row_holds_most_of_the_batch():
@@ -1181,6 +1280,22 @@ def test_resampling_touches_only_dead_features_and_resets_their_adam_state():
             assert (now[mask] == 0).all() and torch.equal(now[~mask], then[~mask])
 
 
+def test_transcoder_resampling_takes_the_targets_error():
+    """A dead feature of a transcoder is reborn on the row whose target is worst predicted: its decoder row is that
+    target's direction, its encoder column that input's."""
+    torch.manual_seed(0)
+    model = SAE(6, 10, d_out=4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    dead = torch.zeros(10, dtype=torch.bool)
+    dead[[3]] = True
+    x = torch.randn(50, 10) * 1e-3  # [x_in (6) | y (4)]
+    x[11, 6:] = torch.tensor([0.0, 30.0, -40.0, 0.0])  # the largest error by far: a target, its input small
+    before = model.W_enc[:, ~dead].norm(dim=0).mean()
+    assert sae.resample_dead_(model, opt, dead, x) == 1
+    torch.testing.assert_close(model.W_dec[3], torch.tensor([0.0, 0.6, -0.8, 0.0]))
+    torch.testing.assert_close(model.W_enc[:, 3], F.normalize(x[11, :6], dim=0) * 0.2 * before)
+
+
 def test_feature_tracker_window_and_restart():
     tracker = sae.FeatureTracker(3, window=100, chunks=4)  # chunks of 25 tokens
     for step in range(8):  # 8 x 20 tokens; feature 0 fires always, feature 1 only in the first step
@@ -1198,7 +1313,7 @@ def test_micro_batches_give_the_whole_batchs_gradient(arch):
     and terms the pieces' mean, the firing counts their sum, batchtopk's threshold the mean of the pieces' own."""
     torch.manual_seed(0)
     cfg = TrainConfig(arch=arch, loss="hybrid", d_sae=64, k=4, micro_batches=4, l1_warmup_iters=1)
-    model, x = SAE.from_config(24, cfg), torch.randn(96, 24)
+    model, x = SAE.from_config((24, 0), cfg), torch.randn(96, 24)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     loss, terms, fired = sae.backward_in_pieces(model, torch.optim.Adam(model.parameters()), x, cfg, 3, None,
                                                 torch.autocast("cpu", enabled=False))
@@ -1280,7 +1395,7 @@ def test_the_step_draws_its_random_numbers_on_the_batchs_device(monkeypatch):
     there (a CPU test sees the request, not the device: every device here is the CPU). Before issue 22 both were drawn
     on the CPU and copied over, the VAE's an (N, d_sae) copy each step."""
     cfg = dataclasses.replace(sae.TrainConfig(), arch="vae", loss="hybrid", d_sae=64, jl_sample=16)
-    model, x = sae.SAE.from_config(24, cfg), torch.randn(32, 24)
+    model, x = sae.SAE.from_config((24, 0), cfg), torch.randn(32, 24)
     draws = []
     for name in ("randn", "randperm"):
         def recording(*args, _draw=getattr(torch, name), _name=name, **kwargs):
@@ -1337,9 +1452,9 @@ def test_evaluation_in_slices_of_positions_matches_whole_logits(monkeypatch):
         torch.nn.init.normal_(s.b_enc, std=0.3)
     trackers = [sae.FeatureTracker(40, 1000) for _ in saes]
     batches = [torch.randint(0, 101, (3, 16)) for _ in range(2)]
-    scale = torch.tensor(1.7)
+    scale = 1.7
     monkeypatch.setattr(sae, "EVAL_POSITIONS", 7)
-    metrics = sae.evaluate(saes, trackers, scale, cfg, model, batches)
+    metrics = sae.evaluate(saes, trackers, (scale, scale), cfg, model, batches)
     with torch.no_grad():
         def logits(idx, replacement=None):
             def edit(act):
@@ -1377,10 +1492,10 @@ def test_evaluation_by_position_bucket_matches_a_direct_computation(monkeypatch)
     s = SAE(24, 40)
     torch.nn.init.normal_(s.b_enc, std=0.3)
     batches = [torch.randint(0, 101, (3, 16)), torch.randint(0, 101, (2, 16))]  # a short last batch, as val splits give
-    scale = torch.tensor(1.7)
+    scale = 1.7
     monkeypatch.setattr(sae, "EVAL_POSITIONS", 7)
     monkeypatch.setattr(sae, "position_buckets", lambda T, first: [(first, 5), (5, 11), (11, T)])
-    (m,) = sae.evaluate([s], [sae.FeatureTracker(40, 1000)], scale, cfg, model, batches)
+    (m,) = sae.evaluate([s], [sae.FeatureTracker(40, 1000)], (scale, scale), cfg, model, batches)
     assert list(m["positions"]) == ["1-4", "5-10", "11-15"]
     idx = torch.cat(batches)
     with torch.no_grad():
@@ -1409,6 +1524,38 @@ def test_evaluation_by_position_bucket_matches_a_direct_computation(monkeypatch)
             for key, value in (("ce_clean", ce(clean)), ("ce_zero", ce(zero)), ("ce_sae", ce(spliced)), ("kl", kl), ("fvu", fvu)):
                 assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
             assert got["ce_recovered"] == pytest.approx((got["ce_zero"] - got["ce_sae"]) / (got["ce_zero"] - got["ce_clean"]))
+
+
+def test_an_exact_transcoder_spliced_in_gives_the_clean_ce():
+    """With a linear MLP (GELU left out), a skip transcoder whose skip path is the MLP's map, in normalised units,
+    predicts mlp_out exactly: spliced in at mlp_out from the model's own mlp_in, CE is the clean CE, KL and FVU 0,
+    while zero-ablating the MLP's output costs CE. A perturbed one does not."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=101, n_layer=2, n_head=2, n_embd=24)).eval()
+    mlp = model.h[1].mlp
+    with torch.no_grad():
+        for p in (mlp.c_fc.weight, mlp.c_proj.weight, mlp.c_fc.bias, mlp.c_proj.bias):
+            p.normal_(0, 0.3)  # an MLP that matters
+    mlp.hidden = lambda h: mlp.c_fc(h)  # linear: the block calls mlp.hidden
+    cfg = TrainConfig(layer=1, site="mlp_in", target_site="mlp_out", d_sae=40)
+    s_in, s_out = 2.0, 0.5
+    exact = SAE(24, 40, d_out=24, skip=True)
+    with torch.no_grad():
+        exact.W_dec.zero_(), exact.b_enc.fill_(-100.0)  # no feature fires: the skip path alone
+        # y = x W_fc^T W_proj^T + (b_fc W_proj^T + b_proj), y_n = s_out y, x = x_n / s_in
+        exact.W_skip.copy_(mlp.c_proj.weight @ mlp.c_fc.weight * (s_out / s_in))  # (24, 96) @ (96, 24)
+        exact.b_dec.copy_((mlp.c_proj.weight @ mlp.c_fc.bias + mlp.c_proj.bias) * s_out)
+    wrong = SAE(24, 40, d_out=24, skip=True)
+    wrong.load_state_dict(exact.state_dict())
+    with torch.no_grad():
+        wrong.W_skip.mul_(0.5)
+    batches = [torch.randint(0, 101, (3, 16)) for _ in range(2)]
+    m, m_wrong = sae.evaluate([exact, wrong], [sae.FeatureTracker(40, 1000) for _ in range(2)], (s_in, s_out), cfg,
+                              model, batches)
+    assert abs(m["ce_zero"] - m["ce_clean"]) > 0.01  # the MLP's output matters (a random model: either way)
+    assert m["ce_sae"] == pytest.approx(m["ce_clean"], abs=1e-5) and m["ce_recovered"] == pytest.approx(1.0, abs=1e-3)
+    assert m["kl"] < 1e-7 and m["fvu"] < 1e-9 and m["l0"] == 0
+    assert m_wrong["kl"] > 1e-4 and m_wrong["fvu"] > 0.1
 
 
 # -----------------------------------------------------------------------------
@@ -1592,6 +1739,25 @@ def test_two_gloo_processes_match_one(flags, names, synthetic, tmp_path):
     assert r.stdout.count("eval    40") == len(names)  # rank 0 alone logs, one line per SAE
 
 
+def test_a_transcoder_under_two_gloo_processes_matches_one(transcoder_cache, tmp_path):
+    """As test_two_gloo_processes_match_one, for skip transcoders (relu resampled at 20, topk with AuxK) on the pair
+    cache: both scales and both biases estimated across ranks, every gradient (b_in's, W_skip's) averaged."""
+    args = [f"--acts={transcoder_cache}", "--target_site=mlp_out", "--skip=True", "--arch=relu,topk", "--k=4",
+            "--d_sae=96", "--batch_size=256", "--lr=0.003", "--l1_coeff=1.0", "--eval_tokens=256", "--max_iters=30",
+            "--eval_interval=30", "--resample_iters=(20,)", "--dead_window=1024", "--device=cpu"]
+    r = run_sae(*args, f"--out_dir={tmp_path / 'one'}", "--micro_batches=2", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = run_sae(*args, f"--out_dir={tmp_path / 'two'}", launcher=torchrun, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    for name in ("relu", "topk"):
+        a, b = load_ckpt(tmp_path / "one" / name), load_ckpt(tmp_path / "two" / name)
+        assert {"b_in", "W_skip"} <= set(a["sae"]) and (a["act_scale"], a["target_scale"]) == (b["act_scale"],
+                                                                                              b["target_scale"])
+        for key in a["sae"]:
+            assert torch.equal(a["sae"][key], b["sae"][key]), (name, key)
+
+
 def test_every_architecture_trains_and_resumes_exactly_in_one_sweep(arch_sweep, synthetic, tmp_path):
     # AuxK (a 4-step dead window), resampling at 30 (relu, jumprelu, vae), the thresholds' EMA, the vae's noise: all
     # continue where they stopped
@@ -1613,6 +1779,44 @@ def test_every_architecture_trains_and_resumes_exactly_in_one_sweep(arch_sweep, 
     torch.testing.assert_close(load_ckpt(full / "topk")["sae"]["W_dec"].norm(dim=1), torch.ones(192))
     assert load_ckpt(full / "batchtopk")["sae"]["threshold"] > 0
     assert "resampled" in r.stdout and "topk | resampled" not in r.stdout  # AuxK, not resampling, for k-sparse
+
+
+def test_transcoders_of_every_architecture_train_on_a_pair_cache_and_resume_exactly(transcoder_cache, tmp_path):
+    """Every architecture as a skip transcoder from mlp_in to mlp_out in one sweep on the pair cache, evaluated through
+    the tiny Llama (CE with the prediction spliced in at mlp_out): it learns, and a run stopped at 20 and resumed is
+    the uninterrupted one bit for bit (AuxK, resampling, thresholds, the vae's noise; both scales and b_in)."""
+    args = [f"--acts={transcoder_cache}", *ARCH_SWEEP, "--l1_by_decoder_norm=True", "--skip=True", "--d_sae=96",
+            "--batch_size=256", "--lr=0.003", "--l1_coeff=1.0", "--l1_warmup_iters=10", "--eval_tokens=256",
+            "--dead_window=1024", "--eval_interval=20", "--resample_iters=(30,)"]
+    full, half = tmp_path / "full", tmp_path / "half"
+    r = run_sae(*args, f"--out_dir={full}", "--max_iters=40")
+    assert r.returncode == 0, r.stderr
+    names = json.load(open(full / "sweep.json"))["names"]
+    assert names == ["relu", "topk", "batchtopk", "matryoshka", "jumprelu", "fsq", "vae"]
+    assert run_sae(*args, f"--out_dir={half}", "--max_iters=20").returncode == 0
+    r = run_sae("--init_from=resume", f"--out_dir={half}", "--max_iters=40")
+    assert r.returncode == 0, r.stderr
+    for name in names:
+        a, b = load_ckpt(full / name), load_ckpt(half / name)
+        assert a["config"]["target_site"] == "mlp_out" and {"b_in", "W_skip"} <= set(a["sae"])
+        assert a["sae"]["W_dec"].shape == (96, 48) and a["target_scale"] != a["act_scale"]
+        for key in a["sae"]:
+            assert torch.equal(a["sae"][key], b["sae"][key]), (name, key)
+        assert_same_evaluations(full / name / "log.jsonl", half / name / "log.jsonl")
+        log = [json.loads(line) for line in open(full / name / "log.jsonl")]
+        assert log[-1]["fvu"] < log[0]["fvu"] and "ce_recovered" in log[-1], (name, log[-1])
+
+
+def test_a_transcoder_trains_from_the_models_harvest(tiny_shards, tmp_path):
+    """The shuffling buffer's path: mlp_in and mlp_out harvested together from the tiny GPT, the prediction of
+    mlp_out learned (FVU down) and spliced in for CE; a sweep over the skip path."""
+    r = run_sae(*TINY_GPT_RUN, f"--data_dir={tiny_shards}", f"--out_dir={tmp_path}", "--target_site=mlp_out",
+                "--skip=[False, True]", "--loss=l1", "--max_iters=60", "--eval_interval=60", "--resample_iters=()")
+    assert r.returncode == 0, r.stderr
+    for name in ("skipFalse", "skipTrue"):
+        log = [json.loads(line) for line in open(tmp_path / name / "log.jsonl")]
+        assert log[-1]["fvu"] < 0.8 * log[0]["fvu"] and log[-1]["ce_sae"] < log[-1]["ce_zero"], (name, log)
+    assert "W_skip" in load_ckpt(tmp_path / "skipTrue")["sae"] and "W_skip" not in load_ckpt(tmp_path / "skipFalse")["sae"]
 
 
 def test_jumprelu_thresholds_learn_and_the_l0_penalty_sparsifies(synthetic, tmp_path):

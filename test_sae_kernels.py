@@ -36,23 +36,34 @@ def sae_params(d, s, seed=0):
             for shape, scale in (((d, s), 0.3), ((s,), 0.1), ((s, d), 0.3), ((d,), 0.1))]
 
 
-def test_encode_relu_decode_reference_against_numpy_closed_form():
-    """The reference's forward against float64 numpy, and its autograd gradients against the closed form."""
-    N, d, s = 23, 13, 37
+def transcoder_params(d_in, d_out, s, seed=0):
+    """A transcoder's (W_enc (d_in, s), b_enc, W_dec (s, d_out), b_dec (d_out,), b_in (d_in,)), needing gradients."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*shape, generator=g) * scale).requires_grad_()
+            for shape, scale in (((d_in, s), 0.3), ((s,), 0.1), ((s, d_out), 0.3), ((d_out,), 0.1), ((d_in,), 0.1))]
+
+
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_encode_relu_decode_reference_against_numpy_closed_form(transcoder):
+    """The reference's forward against float64 numpy, and its autograd gradients against the closed form: an SAE
+    (b_dec also the input bias) and a transcoder (d_out != d_in, its own input bias b_in)."""
+    N, d, s, d_out = 23, 13, 37, 17 if transcoder else 13
     x = torch.randn(N, d, dtype=torch.float64)
-    params = [p.detach().double().requires_grad_() for p in sae_params(d, s)]
-    R, Q = torch.randn(N, d, dtype=torch.float64), torch.randn(N, s, dtype=torch.float64)
-    x_hat, f = sae_kernels.encode_relu_decode_ref(x, *params)
+    params = [p.detach().double().requires_grad_() for p in (transcoder_params(d, d_out, s) if transcoder
+                                                              else sae_params(d, s))]
+    R, Q = torch.randn(N, d_out, dtype=torch.float64), torch.randn(N, s, dtype=torch.float64)
+    x_hat, f = sae_kernels.encode_relu_decode_ref(x, *params[:4], b_in=params[4] if transcoder else None)
     ((x_hat * R).sum() + (f * Q).sum()).backward()  # dx_hat = R, df = Q
-    W_enc, b_enc, W_dec, b_dec = (p.detach().numpy() for p in params)
+    W_enc, b_enc, W_dec, b_dec = (p.detach().numpy() for p in params[:4])
+    b_in = params[4].detach().numpy() if transcoder else b_dec
     xn, Rn, Qn = x.numpy(), R.numpy(), Q.numpy()
-    fn = np.maximum((xn - b_dec) @ W_enc + b_enc, 0)
+    fn = np.maximum((xn - b_in) @ W_enc + b_enc, 0)
     np.testing.assert_allclose(f.detach().numpy(), fn, rtol=1e-12)
     np.testing.assert_allclose(x_hat.detach().numpy(), fn @ W_dec + b_dec, rtol=1e-12)
     dpre = (Rn @ W_dec.T + Qn) * (fn > 0)
-    expected = {"W_enc": (xn - b_dec).T @ dpre, "b_enc": dpre.sum(0), "W_dec": fn.T @ Rn,
-                "b_dec": Rn.sum(0) - W_enc @ dpre.sum(0)}
-    for name, p in zip(("W_enc", "b_enc", "W_dec", "b_dec"), params):
+    expected = {"W_enc": (xn - b_in).T @ dpre, "b_enc": dpre.sum(0), "W_dec": fn.T @ Rn,
+                "b_dec": Rn.sum(0) - (0 if transcoder else W_enc @ dpre.sum(0)), "b_in": -W_enc @ dpre.sum(0)}
+    for name, p in zip(("W_enc", "b_enc", "W_dec", "b_dec", "b_in"), params):
         np.testing.assert_allclose(p.grad.numpy(), expected[name], rtol=1e-10, atol=1e-12)
 
 
@@ -86,6 +97,30 @@ def test_encode_relu_decode_matches_reference(path, onednn_fp32, N, d, s, reads_
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-5)
     assert torch.equal(sae_kernels.encode_relu_decode(x, *params[:4])[1], outs[1])  # without stats: (x_hat, f), the same f
+
+
+@pytest.mark.parametrize("path", [pytest.param("triton", marks=interpreted), "cpu"], indirect=True)
+@pytest.mark.parametrize("scaled", [False, True])
+def test_encode_relu_decode_of_a_transcoder_matches_reference(path, scaled):
+    """d_out != d_in and an input bias of its own: forward, counts and every gradient (b_in's included) against the
+    reference's autograd, at ragged sizes."""
+    N, d_in, d_out, s = 29, 19, 45, 71
+    x = torch.randn(N, d_in)
+    ref_params, params = transcoder_params(d_in, d_out, s), transcoder_params(d_in, d_out, s)
+    scales = [(torch.rand(s, generator=torch.Generator().manual_seed(1)) + 0.5).requires_grad_() if scaled else None
+              for _ in range(2)]
+    R, P = torch.randn(N, d_out), torch.randn(N)
+    outs_ref = sae_kernels.encode_relu_decode_ref(x, *ref_params[:4], True, scales[0], b_in=ref_params[4])
+    outs = sae_kernels.encode_relu_decode(x, *params[:4], True, scales[1], b_in=params[4])
+    assert outs[0].shape == (N, d_out) and "EncodeReluDecode" in type(outs[1].grad_fn).__name__
+    for x_hat, f, (l1, _, _) in (outs_ref, outs):
+        ((x_hat * R).sum() + (l1 * P).sum()).backward()
+    for a, b in zip([*outs[:2], outs[2][0]], [*outs_ref[:2], outs_ref[2][0]]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    active = outs[1].detach() > 0
+    assert active.any() and torch.equal(outs[2][2], active.sum(dim=0, dtype=torch.int32))
+    for p, q in zip(params + scales[1:] * scaled, ref_params + scales[:1] * scaled):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-5)
 
 
 def use_onednn(monkeypatch, onednn, dtype=torch.float32):
@@ -352,7 +387,7 @@ def triton_type(value):
 def drive_every_launcher():
     """Every op with a Triton path, in each dtype a launcher can receive (fp32; bf16 and fp16 tensors as callers
     under autocast may pass), with every option: encode-ReLU-decode with and without stats and per-latent L1
-    weights, its backward reached through x_hat, f and l1; the sparse codes at every K up to 32 (the gather kernels'
+    weights, its backward reached through x_hat, f and l1, and a transcoder's (d_out != d_in, b_in); the sparse codes at every K up to 32 (the gather kernels'
     BLOCK_K follows K), pre given or not; the JL penalty."""
     g = torch.Generator().manual_seed(0)
     N, d, s = 96, 40, 136
@@ -365,6 +400,10 @@ def drive_every_launcher():
                 x, param(dtype, d, s), param(dtype, s), param(dtype, s, d), param(dtype, d), stats=True, scale=scale)
             read = {"x_hat": 0, "f": f.float().sum(), "l1": l1.float().sum()}[reads]
             (x_hat.float().sum() + read).backward()
+        d_out = d + 24  # a transcoder: d_out != d_in, its own input bias
+        x_hat, _ = sae_kernels.encode_relu_decode(x, param(dtype, d, s), param(dtype, s), param(dtype, s, d_out),
+                                                  param(dtype, d_out), b_in=param(dtype, d))
+        x_hat.float().sum().backward()
         for K in (1, 2, 3, 8, 16, 32):
             idx = torch.stack([torch.randperm(s, generator=g)[:K] for _ in range(N)])
             W_enc, b_enc, b_dec = param(dtype, d, s), param(dtype, s), param(dtype, d)
@@ -564,6 +603,29 @@ def test_sparse_encode_pre_is_the_recomputed_gather(path):
     # dvalues = 2 values differ by those roundings only, so the gradients agree to the same tolerance
     for a, b in zip(g_pre, g_new):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_sparse_ops_compose_a_transcoder(path):
+    """A k-sparse transcoder's step: sparse_encode reads x (N, d_in) shifted by b_in, sparse_decode writes (N, d_out)
+    from W_dec (m, d_out), d_out != d_in; the composition and every gradient against the dense reference's autograd."""
+    N, d_in, d_out, m, K = 21, 19, 45, 71, 5
+    indices, _ = sparse_code(N, m, K)
+    g = torch.Generator().manual_seed(3)
+    x, R = torch.randn(N, d_in, generator=g), torch.randn(N, d_out, generator=g)
+    params = [torch.randn(*shape, generator=g) * 0.3 for shape in ((d_in, m), (m,), (d_in,), (m, d_out), (d_out,))]
+    results = []
+    for encode, decode in ((sae_kernels.sparse_encode_ref, sae_kernels.sparse_decode_ref),
+                           (sae_kernels.sparse_encode, sae_kernels.sparse_decode)):
+        W_enc, b_enc, b_in, W_dec, b_dec = leaves = [p.clone().requires_grad_() for p in params]
+        y_hat = decode(indices, encode(x, W_enc, b_enc, b_in, indices).relu(), W_dec, b_dec)  # (N, d_out)
+        (y_hat * R).sum().backward()
+        results.append((y_hat, leaves))
+    (y_ref, ref), (y_hat, ours) = results
+    assert y_hat.shape == (N, d_out) and "SparseDecode" in type(y_hat.grad_fn).__name__
+    torch.testing.assert_close(y_hat, y_ref, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(("W_enc", "b_enc", "b_in", "W_dec", "b_dec"), ours, ref):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-5, msg=lambda msg: f"d{name}: {msg}")
 
 
 def test_sparse_ops_gradcheck_float64(monkeypatch):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12's runs on SmolLM2-135M, end to end from a clean clone (docs/results.md), each part one
-# command: bash config/smollm2_experiments.sh PART, PART one of data frontier jl lr jl_forms context finetune layers plot
+# command: bash config/smollm2_experiments.sh PART, PART one of data frontier jl lr jl_forms transcoders context finetune
+# layers plot
 # (or all, in that order). Every step's output goes to logs/<step>.log; a step whose log ends in "done" is skipped, so
 # a rerun continues after the last finished step. About 6 hours on 2 CPU cores in all (docs/results.md gives each part's).
 set -euo pipefail
@@ -26,9 +27,10 @@ collect() {  # every run's log.jsonl, config.json and overlap.json under out/ co
     done
   done
 }
-cache() {  # cache MODEL LAYER DIR [BLOCK TOKENS]: an activation cache of mlp_in at LAYER, harvested in fp32
+cache() {  # cache MODEL LAYER DIR [BLOCK TOKENS [FLAGS...]]: an activation cache of mlp_in at LAYER (FLAGS: another
+  # --site, a --target_site), harvested in fp32
   python sae.py --mode=cache --init_from="$1" --data_dir=data/smollm2 --layer="$2" --site=mlp_in --cache_dir="$3" \
-    --block_size="${4:-128}" --cache_tokens="${5:-524288}" --eval_tokens=8192 --dtype=float32
+    --block_size="${4:-128}" --cache_tokens="${5:-524288}" --eval_tokens=8192 --dtype=float32 "${@:6}"
 }
 data() {
   [ -f $MODEL/model.safetensors ] || python ../shared/tools/gguf_to_hf.py $MODEL
@@ -43,6 +45,51 @@ jl_forms() {  # issue 24: the power and welch forms in hybrid, the baselines ret
     step smollm2_l15_jl_$part python sae.py config/smollm2_l15_jl_$part.py
     step smollm2_l15_jl_${part}_overlap python analyze.py --mode=overlap --out_dir=out/smollm2_l15_jl_$part
   done
+}
+transcoders() {  # issue 25: transcoders (plain, skip) from mlp_in to mlp_out and SAEs on mlp_out beside them, at
+  # layer 15 (and a fourth relu skip transcoder: its L1 sweep stayed under L0 32), the best linear map alone, the
+  # features' top tokens (--mode=overlap) after 600 steps and of a skip transcoder and an SAE trained 4x longer; then
+  # layer 5, topk only
+  tc_layer 15
+  step smollm2_l15_linear_mlp linear_mlp
+  step smollm2_l15_tc_relu_skip python sae.py config/smollm2_l15_transcoders.py --arch=relu --skip=True \
+    --l1_coeff=0.5 --out_dir=out/smollm2_l15_tc/relu-skipTrue-l1_coeff0.5
+  step smollm2_l15_tc_long python sae.py config/smollm2_l15_tc_long.py
+  step smollm2_l15_out_long python sae.py config/smollm2_l15_tc_long.py --acts=data/smollm2_l15_out \
+    --site=mlp_out --target_site= --out_dir=out/smollm2_l15_out_long --skip=False
+  for run in l15_tc l15_out l15_tc_long l15_out_long; do
+    step smollm2_${run}_overlap python analyze.py --mode=overlap --out_dir=out/smollm2_$run
+  done
+  tc_layer 5 --arch=topk
+}
+tc_layer() {  # tc_layer L [FLAGS...]: both caches at layer L, config/smollm2_l15_transcoders.py's transcoders and SAEs
+  local L=$1; shift
+  step smollm2_l${L}_tc_cache cache $MODEL $L data/smollm2_l${L}_tc 128 524288 --target_site=mlp_out
+  step smollm2_l${L}_out_cache cache $MODEL $L data/smollm2_l${L}_out 128 524288 --site=mlp_out
+  step smollm2_l${L}_tc python sae.py config/smollm2_l15_transcoders.py --acts=data/smollm2_l${L}_tc \
+    --out_dir=out/smollm2_l${L}_tc "$@"
+  step smollm2_l${L}_out python sae.py config/smollm2_l15_transcoders.py --acts=data/smollm2_l${L}_out \
+    --site=mlp_out --target_site= --out_dir=out/smollm2_l${L}_out --skip=False "$@"
+}
+linear_mlp() {  # the least-squares affine map from mlp_in to mlp_out on the layer-15 pair cache's train rows, scored
+  # as a skip transcoder with no features (FVU on the cache's val rows; CE and KL with it spliced in)
+  python - <<'PY'
+import json, numpy as np, torch, sae
+m = json.load(open("data/smollm2_l15_tc/manifest.json"))
+rows = np.concatenate([np.load(f"data/smollm2_l15_tc/{f}") for f in m["train"]["files"]]).astype(np.float64)
+d = m["d_in"]
+X = np.hstack([rows[:, :d], np.ones((len(rows), 1))])  # (N, d + 1): the input and a bias column
+W = np.linalg.solve(X.T @ X, X.T @ rows[:, d:])        # (d + 1, d_out)
+linear = sae.SAE(d, 8, d_out=d, skip=True)
+with torch.no_grad():
+    linear.W_dec.zero_(), linear.b_enc.fill_(-1e4)     # no feature ever fires: the skip path alone
+    linear.W_skip.copy_(torch.from_numpy(W[:d].T)), linear.b_dec.copy_(torch.from_numpy(W[d]))
+cfg = sae.TrainConfig(init_from=m["model"], data_dir=m["data_dir"], layer=15, site="mlp_in", target_site="mlp_out",
+                      block_size=128, eval_tokens=8192, d_sae=8)
+batches = sae.val_contexts(cfg.data_dir, 128, 8192, "evaluation").split(cfg.harvest_batch)
+(metrics,) = sae.evaluate([linear], [sae.FeatureTracker(8, 1000)], (1.0, 1.0), cfg, sae.load_lm(cfg), batches)
+print({k: round(metrics[k], 4) for k in ("fvu", "ce_clean", "ce_sae", "ce_zero", "ce_recovered", "kl")})
+PY
 }
 context() {  # 512-token SAEs, and the frontier's 128-token ones scored on 512-token contexts
   step smollm2_l15_ctx512_cache cache $MODEL 15 data/smollm2_l15_ctx512 512 262144
@@ -78,6 +125,9 @@ plot() {  # from the copies in logs/runs: the figures and tables come back from 
   python analyze.py --mode=plot --plot_runs=$R/smollm2_l15_frontier,$R/smollm2_l15_jl,$R/smollm2_l15_lr --plot_dir=figures/smollm2_l15
   python analyze.py --mode=plot --plot_runs="$R/smollm2_l15_frontier/relu-*,$R/smollm2_l15_frontier/topk-*,$R/smollm2_l15_jl/hybrid-*,$R/smollm2_l15_jl_base,$R/smollm2_l15_jl_power,$R/smollm2_l15_jl_welch" \
     --plot_dir=figures/smollm2_l15_jl_forms
+  for L in 15 5; do
+    python analyze.py --mode=plot --plot_runs=$R/smollm2_l${L}_tc,$R/smollm2_l${L}_out --plot_dir=figures/smollm2_l${L}_transcoders
+  done
   python analyze.py --mode=plot --plot_runs=$R/smollm2_layers --plot_dir=figures/smollm2_layers
   python analyze.py --mode=plot --plot_runs=$R/smollm2_l15_ctx512,$R/smollm2_l15_frontier/relu-l1_coeff2.0,$R/smollm2_l15_frontier/topk-k32 \
     --plot_dir=figures/smollm2_context
@@ -85,8 +135,8 @@ plot() {  # from the copies in logs/runs: the figures and tables come back from 
     --plot_dir=figures/smollm2_finetune
 }
 case "${1:-all}" in
-  all) data; frontier; jl; lr; jl_forms; context; layers; finetune; plot ;;
-  data|frontier|jl|lr|jl_forms|context|layers|finetune|plot) "$1" ;;
-  *) echo "usage: bash config/smollm2_experiments.sh [all|data|frontier|jl|lr|jl_forms|context|layers|finetune|plot]"
+  all) data; frontier; jl; lr; jl_forms; transcoders; context; layers; finetune; plot ;;
+  data|frontier|jl|lr|jl_forms|transcoders|context|layers|finetune|plot) "$1" ;;
+  *) echo "usage: bash config/smollm2_experiments.sh [all|data|frontier|jl|lr|jl_forms|transcoders|context|layers|finetune|plot]"
      exit 1 ;;
 esac
