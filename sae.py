@@ -1148,7 +1148,7 @@ def write_activation_cache(cfg, device, autocast):
     settings["harvest_dtype"] = resolved_dtype(cfg, torch.device(device).type)  # the shards of one cache share it
     manifest = read_cache_manifest(cfg.cache_dir, complete=False) if os.path.exists(path("manifest.json")) else None
     if manifest:  # caches from before issue 11 recorded no harvest dtype (before issue 25 no target): this run's
-        manifest["settings"] = {**{k: settings[k] for k in ("harvest_dtype", "target_site")}, **manifest["settings"]}
+        manifest["settings"].update({k: manifest["settings"].get(k, settings[k]) for k in ("harvest_dtype", "target_site")})
     if manifest and manifest["settings"] != settings:
         changed = sorted(k for k in settings if manifest["settings"].get(k) != settings[k])
         raise ValueError(f"{cfg.cache_dir} holds a cache of other settings ({', '.join(changed)} differ); use another "

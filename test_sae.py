@@ -1378,7 +1378,7 @@ def test_a_training_step_waits_for_the_gpu_only_where_shapes_follow_values(arch)
     branched on two values."""
     cfg = dataclasses.replace(sae.TrainConfig(), arch=arch, loss="hybrid", d_sae=64, batch_size=32, k=4, k_aux=8,
                               micro_batches=2, dead_window=32, matryoshka_prefixes=(16, 64))
-    run = sae.Run(cfg, None, 24, "cpu")
+    run = sae.Run(cfg, None, (24, 0), "cpu")
     x, autocast = torch.randn(32, 24, generator=torch.Generator().manual_seed(0)), torch.autocast("cpu", enabled=False)
     run.sae.b_enc.data[:16] = -1e3  # features that never fire: dead after a step (the window), so AuxK runs
     sae.train_step(run, x, 0, autocast)
