@@ -197,6 +197,11 @@ def path(request, monkeypatch):
     return request.param
 
 
+# the tests that need a GPU and the compiled kernels (.ci/gpu runs them); they skip on a CPU
+CUDA = pytest.mark.skipif(not torch.cuda.is_available() or sae_kernels.INTERPRET,
+                          reason="needs a CUDA GPU and compiled kernels: run without TRITON_INTERPRET (.ci/gpu)")
+
+
 def relative_error(a, b):
     """|a - b| / |b| over the whole tensor (Frobenius), in float64."""
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()

@@ -164,7 +164,14 @@ def get_autotune_configs():
     return [c for c in configs if keep(c)]  # TODO: prune from TRITON_PRINT_AUTOTUNING=1 on an H100
 
 
-@triton.autotune(configs=get_autotune_configs(), key=["M", "N", "K"])
+# The outputs the kernel accumulates into with atomics (STATS): the autotuner runs the kernel once per config and
+# several times each while it times a new shape, so it must zero them before every run and before the real one, or
+# they come out summed over all those runs (seen on an H200, 2026-12-04: counts 4,980 to 12,212 times too large,
+# and the first step's L1 with them; the kernel's other output, C, is overwritten whole, never accumulated).
+ACCUMULATED = ["sums_ptr", "counts_ptr", "fired_ptr"]
+
+
+@triton.autotune(configs=get_autotune_configs(), key=["M", "N", "K"], reset_to_zero=ACCUMULATED)
 @triton.jit
 def _sae_matmul_kernel(
         # pointers
@@ -426,7 +433,8 @@ def encode_relu_decode(x, W_enc, b_enc, W_dec, b_dec, stats=False, scale=None, b
     """-> (x_hat, f), and with stats (x_hat, f, (l1, l0, fired)); see the section's header. x needs no
     gradient; l1 (weighted by scale (n_latents,) if given, which may need a gradient) carries the gradient of a
     loss on it. b_in: a transcoder's input bias (d_in,); None: b_dec is the input bias too (an SAE)."""
-    if NO_TRITON:
+    if NO_TRITON or torch.float64 in (x.dtype, W_enc.dtype):  # the kernels multiply fp32, bf16 and fp16 only (an
+        # fp64 tl.dot does not accumulate in the kernel's fp32): float64, for exact checks, takes the reference
         return encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, stats, scale, b_in)
     x_hat, f, l1, l0, fired = EncodeReluDecode.apply(x, W_enc, b_enc, W_dec, b_dec, scale, b_in)
     return (x_hat, f, (l1, l0, fired)) if stats else (x_hat, f)

@@ -27,8 +27,8 @@ from sae_kernels import JL_EPS
 from sae import DataLoaderLite, GPT, GPTConfig, SAE, SITES, TrainConfig
 from bench import parse_args
 from torch.utils._python_dispatch import TorchDispatchMode
-from conftest import ACTS_RUN, ARCH_NAMES, ARCH_SWEEP, arch_sweep_args, cpu_env, HERE, hf_gpt2, hf_site_activations, load_ckpt, \
-    read_shard_numpy, relative_error, run_prepare, run_sae, SHARED, TINY, TINY_GPT_RUN, TINY_LLAMA_RUN, token_ids, \
+from conftest import ACTS_RUN, ARCH_NAMES, ARCH_SWEEP, arch_sweep_args, cpu_env, CUDA, HERE, hf_gpt2, hf_site_activations, \
+    load_ckpt, read_shard_numpy, relative_error, run_prepare, run_sae, SHARED, TINY, TINY_GPT_RUN, TINY_LLAMA_RUN, token_ids, \
     transformers
 
 
@@ -1305,6 +1305,42 @@ def test_feature_tracker_window_and_restart():
     tracker.restart_(torch.tensor([False, True, False]))
     assert tracker.dead().tolist() == [False, False, True]  # just resampled: not dead until a window passes
 
+
+@CUDA
+@pytest.mark.parametrize("arch", [arch for arch in sae.ARCHS if arch != "vae"])
+@pytest.mark.parametrize("d_out", [0, 40])
+def test_each_architectures_loss_and_gradients_on_cuda_match_the_cpus(arch, d_out):
+    """One step's loss (hybrid: the JL penalty in it; AuxK with a dead set), its terms, firing counts and every
+    gradient, of an SAE (d_out 0) and a skip transcoder (48 -> 40), computed on a GPU (the compiled Triton kernels:
+    fused, sparse, JL) against the same model and batch on the CPU (oneDNN or torch's matmuls and the sparse
+    references, each tested against autograd above), fp32 both. The vae is left out: its noise comes from each
+    device's own generator."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(arch=arch, loss="hybrid", d_sae=200, k=8, k_aux=16, l1_warmup_iters=1, skip=d_out > 0,
+                      l1_by_decoder_norm=False)
+    cpu = SAE.from_config((48, d_out), cfg)
+    with torch.no_grad():  # biases off zero, so that each enters the gradients
+        for name, p in cpu.named_parameters():
+            if name.startswith("b_") or name == "W_skip":
+                p.normal_(0, 0.1)
+    gpu = SAE.from_config((48, d_out), cfg).to("cuda")
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(300, 48 + d_out) * 2
+    dead = torch.rand(200, generator=torch.Generator().manual_seed(1)) < 0.2 if arch in sae.K_SPARSE else None
+    results = []
+    for model, device in ((cpu, "cpu"), (gpu, "cuda")):
+        loss, terms, fired = sae.sae_loss(model, x.to(device), cfg, 5, None if dead is None else dead.to(device))
+        model.zero_grad()
+        loss.backward()
+        results.append((loss.item(), {k: v.item() for k, v in terms.items()}, fired.cpu(),
+                        {name: p.grad.cpu() for name, p in model.named_parameters() if p.grad is not None}))
+    (loss, terms, fired, grads), (loss_gpu, terms_gpu, fired_gpu, grads_gpu) = results
+    assert loss_gpu == pytest.approx(loss, rel=1e-4) and set(terms_gpu) == set(terms)
+    for key in terms:
+        assert terms_gpu[key] == pytest.approx(terms[key], rel=1e-4, abs=1e-6), key
+    assert torch.equal(fired_gpu, fired) and set(grads_gpu) == set(grads) >= {"W_enc", "W_dec", "b_dec"}
+    for name in grads:
+        assert relative_error(grads_gpu[name], grads[name]) < 1e-4, name
 
 @pytest.mark.parametrize("arch", ["relu", "batchtopk"])
 def test_micro_batches_give_the_whole_batchs_gradient(arch):

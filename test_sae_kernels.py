@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 import sae
 import sae_kernels
+import triton
 import triton.language as tl
 from sae_kernels import JL_EPS, JL_FORMS, jl_penalty_ref, welch_bound
-from conftest import cpu_env, HERE, relative_error
+from conftest import CUDA, cpu_env, HERE, relative_error
 
 
 # -----------------------------------------------------------------------------
@@ -230,8 +231,41 @@ def test_interpreter_multiplies_bf16_as_integers(monkeypatch):
     assert relative_error(sae_kernels._sae_matmul(A, B, out_dtype=torch.float32), expect) < 1e-6
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available() or sae_kernels.INTERPRET,
-                          reason="needs a CUDA GPU and compiled kernels: run without TRITON_INTERPRET (.ci/gpu)")
+@interpreted
+@pytest.mark.parametrize("reset", [True, False])
+def test_the_autotuners_timing_runs_do_not_add_into_the_counts(monkeypatch, reset):
+    """On a GPU the autotuner times every config of the matmul kernel at each new shape, running it several times
+    on the caller's buffers; the counts, L1 sums and firings are accumulated with atomics, so unless it zeroes them
+    (ACCUMULATED, its reset_to_zero) they come out summed over those runs (found on an H200). Here the interpreted
+    kernel under an autotuner of two configs whose timing runs the kernel three times: with the kernel's reset list
+    the stats are exact (against the float64 reference); without it (the control) they are not."""
+    from triton.runtime.autotuner import Autotuner
+    configs = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4),
+               triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4)]
+    def three_runs(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        return [1.0, 1.0, 1.0]
+    kernel = sae_kernels._sae_matmul_kernel
+    assert isinstance(kernel, Autotuner) and set(kernel.reset_to_zero) == set(sae_kernels.ACCUMULATED)
+    tuned = triton.autotune(configs, key=["M", "N", "K"], reset_to_zero=sae_kernels.ACCUMULATED if reset else None,
+                            do_bench=three_runs)(kernel.fn)
+    monkeypatch.setattr(sae_kernels, "_sae_matmul_kernel", tuned)
+    x, params = torch.randn(50, 24), sae_params(24, 70)
+    _, f, (l1, l0, fired) = sae_kernels.encode_relu_decode(x, *params, stats=True)
+    _, f_ref = sae_kernels.encode_relu_decode_ref(*(t.detach().double() for t in (x, *params)))
+    exact = torch.equal(l0, (f_ref > 0).sum(1, dtype=torch.int32)) and \
+        torch.equal(fired, (f_ref > 0).sum(0, dtype=torch.int32)) and relative_error(l1.detach(), f_ref.sum(1)) < 1e-5
+    assert exact == reset and len(tuned.cache) == 2  # the timing ran, at both matmuls of the forward
+
+
+def test_float64_takes_the_reference_path():
+    """The kernels multiply fp32, bf16 or fp16; a float64 call (an exact check) gets the reference's autograd graph,
+    not a kernel (on a GPU, Triton refused to compile an fp64 dot into the fp32 accumulator)."""
+    x, params = torch.randn(6, 4, dtype=torch.float64), [p.detach().double().requires_grad_() for p in sae_params(4, 5)]
+    x_hat, f = sae_kernels.encode_relu_decode(x, *params)
+    assert type(f.grad_fn).__name__ == "ReluBackward0" and x_hat.dtype == torch.float64
+
 
 
 @pytest.mark.parametrize("path", ["cpu", "triton", pytest.param("cuda", marks=CUDA)])
@@ -317,6 +351,63 @@ def test_cuda_kernels_in_fp32_against_their_references():
     value.backward(), value_ref.backward()
     close(value, value_ref), close(ours[0].grad, ref[0].grad)
 
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernels_at_every_option_against_float64(dtype):
+    """The compiled kernels at the options the fp32 test above leaves out, each against float64 on the CPU (an
+    independent computation), forward and every gradient: the sparse codes' decode and encode at every K the gather
+    kernels' BLOCK_K follows, pre given or not, in fp32 within 1e-4 (ieee products) and bf16 within BF16_TOLERANCE;
+    in fp32 only (as training runs them), a transcoder's encode-ReLU-decode (d_out != d_in, its own input bias, stats
+    and L1 weights; bf16 rounding flips pre-activations near 0 across the ReLU, which the bf16 test above handles)
+    and the JL penalty in each form."""
+    g = torch.Generator().manual_seed(0)
+    tolerance = 1e-4 if dtype == torch.float32 else BF16_TOLERANCE
+    N, d, s = 300, 72, 520
+    draw = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    def check(op, ref, inputs, upstream):  # op on CUDA copies in dtype, ref on float64 CPU copies: outputs, gradients
+        ours = [t.to("cuda", dtype).requires_grad_() for t in inputs]
+        theirs = [t.clone().requires_grad_() for t in inputs]
+        out, out_ref = op(*ours), ref(*theirs)
+        out, out_ref = (out, out_ref) if isinstance(out, tuple) else ((out,), (out_ref,))
+        for o, r in zip(out, out_ref):
+            assert o.is_cuda and relative_error(o.detach().double().cpu(), r.detach()) < tolerance
+        sum((o.double().cpu() * u).sum() for o, u in zip(out, upstream)).backward()
+        sum((r * u).sum() for r, u in zip(out_ref, upstream)).backward()
+        for a, b in zip(ours, theirs):
+            assert a.grad is not None and relative_error(a.grad.double().cpu(), b.grad) < tolerance
+
+    for K in (1, 2, 3, 8, 16, 32):
+        indices = torch.stack([torch.randperm(s, generator=g)[:K] for _ in range(N)])
+        check(lambda v, W, b: sae_kernels.sparse_decode(indices.cuda(), v, W, b),
+              lambda v, W, b: sae_kernels.sparse_decode_ref(indices, v, W, b),
+              [draw(N, K), draw(s, d, scale=0.1), draw(d, scale=0.1)], [draw(N, d)])
+        x, W_enc, b_enc, b_dec = draw(N, d), draw(d, s, scale=0.1), draw(s, scale=0.1), draw(d, scale=0.1)
+        pre = (x - b_dec) @ W_enc + b_enc  # (N, d) @ (d, s): what a caller that has the dense pre-activations passes
+        for given in (False, True):  # x gets no gradient (the activations): a constant here
+            check(lambda W, b, bd: sae_kernels.sparse_encode(x.to("cuda", dtype), W, b, bd, indices.cuda(),
+                                                             pre=pre.to("cuda", dtype) if given else None),
+                  lambda W, b, bd: sae_kernels.sparse_encode_ref(x, W, b, bd, indices),
+                  [W_enc, b_enc, b_dec], [draw(N, K)])
+    if dtype != torch.float32:
+        return
+    d_out = d + 24
+    x = draw(N, d)  # the activations: no gradient, a constant here
+    inputs = [draw(d, s, scale=0.1), draw(s, scale=0.1), draw(s, d_out, scale=0.1), draw(d_out, scale=0.1),
+              draw(d, scale=0.1), draw(s).abs() + 0.5]  # W_enc, b_enc, W_dec, b_dec, b_in, scale
+    def transcoder(W_enc, b_enc, W_dec, b_dec, b_in, scale):
+        y_hat, f, (l1, _, _) = sae_kernels.encode_relu_decode(x.to("cuda", dtype), W_enc, b_enc, W_dec, b_dec, stats=True,
+                                                               scale=scale, b_in=b_in)
+        return y_hat, f, l1
+    def transcoder_ref(W_enc, b_enc, W_dec, b_dec, b_in, scale):
+        f = torch.relu((x - b_in) @ W_enc + b_enc)  # (N, d) @ (d, s)
+        return f @ W_dec + b_dec, f, f @ scale       # (N, s) @ (s, d_out); (N, s) @ (s,)
+    check(transcoder, transcoder_ref, inputs, [draw(N, d_out), draw(N, s), draw(N)])
+    for form in sae_kernels.JL_FORMS:
+        check(lambda W: sae_kernels.jl_penalty(W, form=form), lambda W: sae_kernels.jl_penalty_ref(W, form=form),
+              [torch.nn.functional.normalize(draw(s, d), dim=1)], [torch.tensor(1.0, dtype=torch.float64)])
 
 # oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA) below AVX-512: how an AVX2-only CPU looks to oneDNN on any x86 machine
 AVX2_CAPS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI")
