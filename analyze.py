@@ -1003,7 +1003,8 @@ def plot_results(cfg):
     written.append(table)
     if any(run["cfg"]["loss"] == "hybrid" or run.get("overlap") for run in site_runs):
         table = os.path.join(cfg.plot_dir, "frontier_gap.md")
-        write_atomic(table, lambda f: f.write("Each hybrid SAE against its architecture's plain frontier at its own L0 (in "
+        write_atomic(table, lambda f: f.write("Each run (hybrids, transcoders, those with overlap numbers) against its "
+                                              "architecture's plain SAE frontier (loss l1) at its own L0 (in "
                                               "brackets: its value minus the frontier's); shared peak: --mode=overlap."
                                               f" Layer {layer}, {block}-token contexts.\n\n" + frontier_gap_table(site_runs)))
         written.append(table)

@@ -49,7 +49,7 @@ jl_forms() {  # issue 24: the power and welch forms in hybrid, the baselines ret
 transcoders() {  # issue 25: transcoders (plain, skip) from mlp_in to mlp_out and SAEs on mlp_out beside them, at
   # layer 15 (and a fourth relu skip transcoder: its L1 sweep stayed under L0 32), the best linear map alone, the
   # features' top tokens (--mode=overlap) after 600 steps and of a skip transcoder and an SAE trained 4x longer; then
-  # layer 5, topk only
+  # layer 5, topk and relu
   tc_layer 15
   step smollm2_l15_linear_mlp linear_mlp
   step smollm2_l15_tc_relu_skip python sae.py config/smollm2_l15_transcoders.py --arch=relu --skip=True \
@@ -60,7 +60,19 @@ transcoders() {  # issue 25: transcoders (plain, skip) from mlp_in to mlp_out an
   for run in l15_tc l15_out l15_tc_long l15_out_long; do
     step smollm2_${run}_overlap python analyze.py --mode=overlap --out_dir=out/smollm2_$run
   done
+  # the relu SAE on mlp_out stayed above L0 32 over L1 1-4: one coefficient more fills the matched-L0 row
+  step smollm2_l15_out_relu8 python sae.py config/smollm2_l15_transcoders.py --acts=data/smollm2_l15_out \
+    --site=mlp_out --target_site= --skip=False --arch=relu --l1_coeff=8.0 --out_dir=out/smollm2_l15_out/relu-l1_coeff8.0
   tc_layer 5 --arch=topk
+  # layer 5's relu transcoders and SAEs, beside the topk ones (their own out_dirs: a sweep's directory is its own)
+  step smollm2_l5_tc_relu python sae.py config/smollm2_l15_transcoders.py --acts=data/smollm2_l5_tc \
+    --out_dir=out/smollm2_l5_tc_relu --arch=relu
+  step smollm2_l5_out_relu python sae.py config/smollm2_l15_transcoders.py --acts=data/smollm2_l5_out \
+    --site=mlp_out --target_site= --out_dir=out/smollm2_l5_out_relu --skip=False --arch=relu
+  for c in 0.5 0.25; do  # layer 5's relu skip transcoders stayed under L0 15 over L1 1-4: two weaker ones reach 32
+    step smollm2_l5_tc_relu_skip$c python sae.py config/smollm2_l15_transcoders.py --acts=data/smollm2_l5_tc \
+      --arch=relu --skip=True --l1_coeff=$c --out_dir=out/smollm2_l5_tc_relu/skipTrue-l1_coeff$c
+  done
 }
 tc_layer() {  # tc_layer L [FLAGS...]: both caches at layer L, config/smollm2_l15_transcoders.py's transcoders and SAEs
   local L=$1; shift
@@ -125,9 +137,9 @@ plot() {  # from the copies in logs/runs: the figures and tables come back from 
   python analyze.py --mode=plot --plot_runs=$R/smollm2_l15_frontier,$R/smollm2_l15_jl,$R/smollm2_l15_lr --plot_dir=figures/smollm2_l15
   python analyze.py --mode=plot --plot_runs="$R/smollm2_l15_frontier/relu-*,$R/smollm2_l15_frontier/topk-*,$R/smollm2_l15_jl/hybrid-*,$R/smollm2_l15_jl_base,$R/smollm2_l15_jl_power,$R/smollm2_l15_jl_welch" \
     --plot_dir=figures/smollm2_l15_jl_forms
-  for L in 15 5; do
-    python analyze.py --mode=plot --plot_runs=$R/smollm2_l${L}_tc,$R/smollm2_l${L}_out --plot_dir=figures/smollm2_l${L}_transcoders
-  done
+  python analyze.py --mode=plot --plot_runs=$R/smollm2_l15_tc,$R/smollm2_l15_out --plot_dir=figures/smollm2_l15_transcoders
+  python analyze.py --mode=plot --plot_runs=$R/smollm2_l5_tc,$R/smollm2_l5_out,$R/smollm2_l5_tc_relu,$R/smollm2_l5_out_relu \
+    --plot_dir=figures/smollm2_l5_transcoders
   python analyze.py --mode=plot --plot_runs=$R/smollm2_layers --plot_dir=figures/smollm2_layers
   python analyze.py --mode=plot --plot_runs=$R/smollm2_l15_ctx512,$R/smollm2_l15_frontier/relu-l1_coeff2.0,$R/smollm2_l15_frontier/topk-k32 \
     --plot_dir=figures/smollm2_context
