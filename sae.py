@@ -1719,22 +1719,22 @@ def evaluate(saes, trackers, scales, cfg, model=None, val_batches=(), val_acts=N
 
 def score_rows(sae, s, x, pos=None):
     """Adds one SAE's sums over the rows x (N, d_in (+ d_out)) in normalised units to s, against what it reconstructs
-    (split()); pos (N,): their positions in their contexts, for the sums by position. -> x_hat (N, d_out)"""
-    x, y = sae.split(x)
-    x_hat, f = sae(x)
-    x = y  # the sums below are the target's
-    s["n"] += len(x)
-    s["sq_err"] += (x - x_hat).double().pow(2).sum().item()
-    s["sum_x"] = s["sum_x"] + x.double().sum(dim=0)
-    s["sq_x"] += x.double().pow(2).sum().item()
+    (split(): the input itself, or a transcoder's target); pos (N,): their positions in their contexts, for the sums
+    by position. -> y_hat (N, d_out)"""
+    x_in, y = sae.split(x)
+    y_hat, f = sae(x_in)
+    s["n"] += len(y)
+    s["sq_err"] += (y - y_hat).double().pow(2).sum().item()
+    s["sum_x"] = s["sum_x"] + y.double().sum(dim=0)
+    s["sq_x"] += y.double().pow(2).sum().item()
     s["l0"] += (f > 0).sum().item()
     s["l1"] += f.double().sum().item()
     if pos is not None:
         p = s["pos"]
-        for key, rows in (("sq_err", (x - x_hat).double().pow(2).sum(dim=1)), ("sq_x", x.double().pow(2).sum(dim=1)),
-                          ("n", torch.ones(len(x), dtype=torch.float64)), ("sum_x", x.double())):
+        for key, rows in (("sq_err", (y - y_hat).double().pow(2).sum(dim=1)), ("sq_x", y.double().pow(2).sum(dim=1)),
+                          ("n", torch.ones(len(y), dtype=torch.float64)), ("sum_x", y.double())):
             p[key].index_add_(0, pos.cpu(), rows.cpu())
-    return x_hat
+    return y_hat
 
 
 def score_spliced(model, idx, saes, stats, shared, scales, cfg):

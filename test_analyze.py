@@ -251,13 +251,10 @@ def saelens_transcoder_forward(cfg, w, x):
     return (y + x @ w["W_skip"].T if "skip" in cfg["architecture"] else y), f
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("arch,skip", [("relu", True), ("relu", False), ("jumprelu", True), ("batchtopk", False)])
-def test_transcoder_export_is_saelens_transcoder_on_transformerlens_hooks(family, arch, skip, tiny_llama, tmp_path):
-    """A transcoder mlp_in -> mlp_out exported: SAELens's transcoder class of its kind, reading TransformerLens's
-    hook_normalized (the norm's gain and bias folded, b_in into b_enc, both scales) gives our features and our
-    prediction of mlp_out in model units."""
-    from safetensors.torch import load_file
+def exported_transcoder(family, arch, skip, tiny_llama, tmp_path):
+    """A random transcoder mlp_in -> mlp_out (layer 1 of a saved model of the family) exported to tmp_path/export:
+    -> (its cfg.json, TransformerLens's hook_normalized n (N, 48), our features f and prediction of mlp_out in model
+    units from the model's own mlp_in)."""
     from dataclasses import asdict
     saved, norm, n, mlp_in = normalized_and_mlp_in(family, tiny_llama, tmp_path)
     d, d_sae, s_in, s_out = 48, 40, 2.5, 0.4
@@ -276,6 +273,24 @@ def test_transcoder_export_is_saelens_transcoder_on_transformerlens_hooks(family
                          skip=skip, l1_by_decoder_norm=False, d_sae=d_sae)
     checkpoint = {"config": asdict(config), "act_scale": s_in, "target_scale": s_out, "sae": state, "iter_num": 7}
     cfg = analyze.export_saelens(checkpoint, str(tmp_path / "export"))
+    with torch.no_grad():
+        y_hat, f = ours.eval()(mlp_in * s_in)
+    assert (f > 0).any() and (f == 0).any()
+    return cfg, n, f, y_hat / s_out
+
+
+TRANSCODER_KINDS = [("relu", True), ("relu", False), ("jumprelu", True), ("batchtopk", False)]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch,skip", TRANSCODER_KINDS)
+def test_transcoder_export_is_saelens_transcoder_on_transformerlens_hooks(family, arch, skip, tiny_llama, tmp_path):
+    """A transcoder mlp_in -> mlp_out exported: SAELens's transcoder class of its kind, reading TransformerLens's
+    hook_normalized (the norm's gain and bias folded, b_in into b_enc, both scales) gives our features and our
+    prediction of mlp_out in model units."""
+    from safetensors.torch import load_file
+    cfg, n, f, y_hat = exported_transcoder(family, arch, skip, tiny_llama, tmp_path)
+    d, d_sae = 48, 40
     assert cfg["architecture"] == {("relu", False): "transcoder", ("relu", True): "skip_transcoder",
                                    ("jumprelu", True): "jumprelu_skip_transcoder",
                                    ("batchtopk", False): "jumprelu_transcoder"}[arch, skip]
@@ -285,11 +300,25 @@ def test_transcoder_export_is_saelens_transcoder_on_transformerlens_hooks(family
     w = {k: v.double() for k, v in load_file(tmp_path / "export" / "sae_weights.safetensors").items()}
     assert ("W_skip" in w) == skip and "b_in" not in w and w["W_dec"].shape == (d_sae, d)
     y_tl, f_tl = saelens_transcoder_forward(cfg, w, n)
-    with torch.no_grad():
-        y_hat, f = ours.eval()(mlp_in * s_in)
-    assert (f > 0).any() and (f == 0).any()
     torch.testing.assert_close(f_tl.float(), f, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(y_tl.float(), y_hat / s_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y_tl.float(), y_hat, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch,skip", TRANSCODER_KINDS)
+def test_transcoder_export_loads_in_saelens_itself(arch, skip, tiny_llama, tmp_path):
+    """The same exports loaded by SAELens itself (`SAE.load_from_disk` picks the class from cfg.json): its encode and
+    forward on TransformerLens's hook_normalized give our features and prediction. SAELens is not a dependency (nor
+    installed in CI, where this skips): `pip install sae-lens==6.54.12` beside the project's packages to run it."""
+    sae_lens = pytest.importorskip("sae_lens")
+    cfg, n, f, y_hat = exported_transcoder("llama", arch, skip, tiny_llama, tmp_path)
+    loaded = sae_lens.SAE.load_from_disk(str(tmp_path / "export"), device="cpu")
+    assert type(loaded).__name__ == {"transcoder": "Transcoder", "skip_transcoder": "SkipTranscoder",
+                                     "jumprelu_transcoder": "JumpReLUTranscoder",
+                                     "jumprelu_skip_transcoder": "JumpReLUSkipTranscoder"}[cfg["architecture"]]
+    with torch.no_grad():
+        f_theirs, y_theirs = loaded.encode(n.float()), loaded(n.float())
+    torch.testing.assert_close(f_theirs, f, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y_theirs, y_hat, atol=1e-4, rtol=1e-4)
 
 
 def test_topk_transcoder_export_is_refused_in_one_line(tmp_path):
