@@ -1342,6 +1342,7 @@ def test_each_architectures_loss_and_gradients_on_cuda_match_the_cpus(arch, d_ou
     for name in grads:
         assert relative_error(grads_gpu[name], grads[name]) < 1e-4, name
 
+
 @pytest.mark.parametrize("arch", ["relu", "batchtopk"])
 def test_micro_batches_give_the_whole_batchs_gradient(arch):
     """backward_in_pieces with 4 pieces against autograd on the whole batch's mean loss (batchtopk: the mean of

@@ -267,7 +267,6 @@ def test_float64_takes_the_reference_path():
     assert type(f.grad_fn).__name__ == "ReluBackward0" and x_hat.dtype == torch.float64
 
 
-
 @pytest.mark.parametrize("path", ["cpu", "triton", pytest.param("cuda", marks=CUDA)])
 def test_bf16_encode_relu_decode_against_float64(monkeypatch, path):
     """Each path under autocast to bf16 (the Triton kernels' through the interpreter, as on a GPU under CUDA
@@ -352,7 +351,6 @@ def test_cuda_kernels_in_fp32_against_their_references():
     close(value, value_ref), close(ours[0].grad, ref[0].grad)
 
 
-
 @CUDA
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_kernels_at_every_option_against_float64(dtype):
@@ -408,6 +406,7 @@ def test_cuda_kernels_at_every_option_against_float64(dtype):
     for form in sae_kernels.JL_FORMS:
         check(lambda W: sae_kernels.jl_penalty(W, form=form), lambda W: sae_kernels.jl_penalty_ref(W, form=form),
               [torch.nn.functional.normalize(draw(s, d), dim=1)], [torch.tensor(1.0, dtype=torch.float64)])
+
 
 # oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA) below AVX-512: how an AVX2-only CPU looks to oneDNN on any x86 machine
 AVX2_CAPS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI")
