@@ -65,6 +65,8 @@ class TrainConfig:
     compile: bool = False              # torch.compile the SAE
     # the model and the site
     layer: int = 6                     # 0-indexed block; 6 is the middle of GPT-2 small, 15 of SmolLM2-135M
+    layers: str = ""                   # several layers from one forward, an SAE or transcoder each: all, a range 0-29
+                                       # or a list 3,7,11 ("" = --layer alone); each in out_dir/layerNN (docs/training.md)
     site: str = "mlp_in"               # one of SITES
     target_site: str = ""              # a transcoder's: the later site of the same layer it predicts from --site's
                                        # activation (mlp_out from mlp_in); "" = --site, an SAE (docs/training.md)
@@ -219,6 +221,9 @@ def coerce(key, value, default):
         value = float(value)  # --lr=1 means 1.0
     if isinstance(default, tuple) and isinstance(value, list):
         value = tuple(value)  # --resample_iters=[100, 200]
+    if isinstance(default, str) and isinstance(value, (int, tuple)) and not isinstance(value, bool) and \
+            all(isinstance(v, int) for v in (value if isinstance(value, tuple) else (value,))):
+        value = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)  # --layers=3,7,11 and --layers=5
     if type(value) is not type(default):
         raise ValueError(f"--{key}={value!r}: expected {type(default).__name__}, got {type(value).__name__}")
     return value
@@ -300,6 +305,9 @@ def check_config(cfg, world_size=1):
     if is_transcoder(cfg) and (cfg.acts.endswith(".npy") or os.path.isfile(cfg.acts)):
         raise ValueError(f"--acts={cfg.acts}: a .npy holds one site; a transcoder trains on an activation cache of both "
                          f"(--mode=cache --site={cfg.site} --target_site={cfg.target_site} --cache_dir=DIR)")
+    if cfg.layers and (cfg.acts.endswith(".npy") or os.path.isfile(cfg.acts)):
+        raise ValueError(f"--acts={cfg.acts}: a .npy holds one layer; several layers train on the model's harvest or on "
+                         f"an activation cache of them all (--mode=cache --layers={cfg.layers} --cache_dir=DIR)")
     if cfg.batch_size % world_size:
         raise ValueError(f"--batch_size={cfg.batch_size} must divide evenly over {world_size} ranks")
     if cfg.micro_batches < 1 or cfg.batch_size % (world_size * cfg.micro_batches):
@@ -339,6 +347,33 @@ def sites_of(cfg):
     """The sites a run harvests, in block order: (site,) for an SAE, (site, target_site) for a transcoder, whose
     rows are the two activations side by side, (N, d_in + d_out)."""
     return (cfg.site, cfg.target_site) if is_transcoder(cfg) else (cfg.site,)
+
+
+def parse_layers(spec, n_layer):
+    """--layers: all, a range a-b, a list a,b,c, or ranges in a list (0-3,7) -> the sorted distinct layers, each in
+    0..n_layer-1."""
+    if spec.strip() == "all":
+        return list(range(n_layer))
+    layers = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        first, dash, last = part.partition("-")
+        if not (first.isdigit() and (not dash or last.isdigit())) or dash and int(last) < int(first):
+            raise ValueError(f"--layers={spec}: expected all, a range a-b or a list a,b,c of layers (0-indexed)")
+        layers.update(range(int(first), int(last if dash else first) + 1))
+    if not layers:
+        raise ValueError(f"--layers={spec!r} names no layer: all, a range a-b or a list a,b,c")
+    outside = [layer for layer in sorted(layers) if layer >= n_layer]
+    if outside:
+        raise ValueError(f"--layers={spec}: layer {outside[0]} is out of range: the model has layers 0..{n_layer - 1}")
+    return sorted(layers)
+
+
+def model_n_layer(cfg):
+    """The number of blocks of the model a run reads, from its config.json (no weights read)."""
+    if cfg.init_from == "scratch":
+        return cfg.n_layer
+    hf, _ = read_hf_config(cfg.init_from)
+    return hf.get("n_layer") or hf["num_hidden_layers"]  # GPT-2's name, the Llama family's
 
 
 # -----------------------------------------------------------------------------
@@ -442,14 +477,15 @@ class LanguageModel(nn.Module):
     def harvest(self, idx, layer, sites):
         """idx (B, T) -> the activation at (layer, site): (B, T, n_embd), or (B, T, n_inner) for mlp_hidden; sites a
         tuple of sites of the layer in block order (a transcoder's input and target): their activations side by side,
-        (B, T, sum of their widths). Computes nothing past the last."""
+        (B, T, sum of their widths); layer a tuple of layers (--layers): each layer's sites side by side, in layer
+        order, (B, T, len(layers) * sum of the widths). Computes nothing past the last."""
         sites = (sites,) if isinstance(sites, str) else tuple(sites)
-        for site in sites:
-            check_site(self.config, layer, site)
-        acts = []
-        def stop(act):  # called at each site in block order: the last one ends the forward
+        for l, site in itertools.product(layers_of(layer), sites):
+            check_site(self.config, l, site)
+        acts, n_acts = [], len(layers_of(layer)) * len(sites)
+        def stop(act):  # called at each (layer, site) in forward order: the last one ends the forward
             acts.append(act)
-            if len(acts) == len(sites):
+            if len(acts) == n_acts:
                 raise StopForward(torch.cat(acts, dim=-1) if len(acts) > 1 else act)
             return act
         try:
@@ -457,6 +493,11 @@ class LanguageModel(nn.Module):
         except StopForward as e:
             return e.act
         raise AssertionError("unreachable: the forward always passes the site")
+
+
+def layers_of(layer):
+    """A forward's edited layers as a tuple: (layer,) for one, () for None, a tuple of them as it is."""
+    return () if layer is None else (layer,) if isinstance(layer, int) else tuple(layer)
 
 
 class SiteBlock(nn.Module):
@@ -563,8 +604,9 @@ class GPT(LanguageModel):
         assert T <= self.config.block_size, f"context of {T} tokens, the model has {self.config.block_size} positions"
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        edited = layers_of(layer)  # with harvest's tuple of layers, edit is called at each
         for i, block in enumerate(self.h):
-            x = block(x, site=site, edit=edit) if i == layer else block(x)
+            x = block(x, site=site, edit=edit) if i in edited else block(x)
         x = self.ln_f(x)
         return self.lm_head(x) if head else x  # (B, T, vocab) or (B, T, C)
 
@@ -785,8 +827,9 @@ class Llama(LanguageModel):
         emb = torch.cat((freqs, freqs), dim=-1)                                       # (T, hd)
         x = self.model.embed_tokens(idx)                                              # (B, T, C)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        edited = layers_of(layer)
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, site=site, edit=edit) if i == layer else block(x, cos, sin)
+            x = block(x, cos, sin, site=site, edit=edit) if i in edited else block(x, cos, sin)
         x = self.model.norm(x)
         return self.lm_head(x) if head else x  # (B, T, vocab) or (B, T, C)
 
@@ -913,10 +956,10 @@ def site_widths(config, cfg):
 # activations: what an SAE reads, (N, d_in) rows of one (layer, site): the model's harvest through a
 # shuffling buffer, a .npy file, or the activation cache (harvested once to disk)
 
-def activation_source(cfg, device, autocast, rank=0, world=1):
+def activation_source(cfg, device, autocast, rank=0, world=1, layers=None):
     """-> (source of training batches, (d_in, d_out), model or None, val contexts for evaluation, val rows or None);
     d_out is the target's width for a transcoder (its rows (N, d_in + d_out): input and target side by side), 0 for
-    an SAE.
+    an SAE. layers (--layers; default (cfg.layer,)): a row holds each layer's d_in + d_out columns, in layer order.
     The source is a .npy file, an activation cache, or the model's harvest over the token shards through the
     shuffling buffer. Evaluation runs the val contexts through the model (FVU, and CE and KL with the SAE
     spliced in) wherever there is a model and its token shards; else it scores the held-out rows (FVU only)."""
@@ -929,13 +972,16 @@ def activation_source(cfg, device, autocast, rank=0, world=1):
             print(f"{cfg.acts}: no token shards at {cfg.data_dir} (the cache's data_dir): evaluation without CE and KL")
         if not shards:  # no model to run: evaluation scores the held-out rows (rank 0 alone evaluates)
             return source, widths, None, [], source.val() if rank == 0 else None
+    layers = layers or (cfg.layer,)
     model = load_lm(cfg).to(device)
+    for layer in layers:
+        check_site(model.config, layer, cfg.site)
     check_tokenizer(cfg.data_dir, model.tokenizer)
     if not cfg.acts:
         loader = DataLoaderLite(cfg.data_dir, "train", cfg.harvest_batch, cfg.block_size, rank, world)
         def harvest(idx):
             with torch.no_grad(), autocast:
-                return model.harvest(idx.to(device), cfg.layer, sites_of(cfg))  # (B, T, d_in + d_out)
+                return model.harvest(idx.to(device), layers, sites_of(cfg))  # (B, T, L (d_in + d_out))
         source = ActivationBuffer(harvest, loader, cfg.buffer_tokens, cfg.batch_size // world, cfg.seed + rank,
                                   cfg.exclude_pos0)
         widths = site_widths(model.config, cfg)
@@ -1093,7 +1139,7 @@ class ActsFile:
 # the model's forward once. cache_dir/manifest.json says what it holds; acts_val_000000.npy holds the val
 # split's first eval_tokens tokens (the contexts evaluation reads), acts_train_*.npy the train split's.
 
-CACHE_SETTINGS = ("init_from", "layer", "site", "target_site", "block_size", "exclude_pos0", "data_dir", "harvest_batch",
+CACHE_SETTINGS = ("init_from", "layer", "layers", "site", "target_site", "block_size", "exclude_pos0", "data_dir", "harvest_batch",
                   "cache_tokens", "cache_dtype", "cache_shard_tokens", "eval_tokens", "n_layer", "n_head", "n_embd", "seed")
 CACHE_DTYPES = ("float16", "float32")
 
@@ -1137,7 +1183,7 @@ def progress(iterable=None, **kwargs):
 @torch.no_grad()
 def write_activation_cache(cfg, device, autocast):
     """--mode=cache: the model's activations at (layer, site) (a transcoder's: site and target_site side by side, from
-    one forward) over the val split's first eval_tokens tokens and cache_tokens rows of the train split, in .npy
+    one forward; with --layers, every layer's side by side in layer order) over the val split's first eval_tokens tokens and cache_tokens rows of the train split, in .npy
     shards of about cache_shard_tokens rows each (whole harvest batches), each written under a temporary name and
     renamed; manifest.json records every finished shard and the loader's position, so a rerun of the same command
     resumes after the last one."""
@@ -1147,8 +1193,9 @@ def write_activation_cache(cfg, device, autocast):
     settings = {k: getattr(cfg, k) for k in CACHE_SETTINGS}
     settings["harvest_dtype"] = resolved_dtype(cfg, torch.device(device).type)  # the shards of one cache share it
     manifest = read_cache_manifest(cfg.cache_dir, complete=False) if os.path.exists(path("manifest.json")) else None
-    if manifest:  # caches from before issue 11 recorded no harvest dtype (before issue 25 no target): this run's
-        manifest["settings"].update({k: manifest["settings"].get(k, settings[k]) for k in ("harvest_dtype", "target_site")})
+    if manifest:  # caches from before issue 11 recorded no harvest dtype (before issue 25 no target, 33 no layers)
+        manifest["settings"].update({k: manifest["settings"].get(k, settings[k]) for k in ("harvest_dtype", "target_site",
+                                                                                         "layers")})
     if manifest and manifest["settings"] != settings:
         changed = sorted(k for k in settings if manifest["settings"].get(k) != settings[k])
         raise ValueError(f"{cfg.cache_dir} holds a cache of other settings ({', '.join(changed)} differ); use another "
@@ -1156,17 +1203,19 @@ def write_activation_cache(cfg, device, autocast):
     if manifest and manifest["complete"]:
         print(f"{cfg.cache_dir}: complete ({manifest['train']['rows']:,} train rows); nothing to do")
         return manifest
-    model = load_lm(cfg).to(device)
+    layers = parse_layers(cfg.layers, model_n_layer(cfg)) if cfg.layers else [cfg.layer]
+    model = load_lm(replace(cfg, layer=layers[0])).to(device)
     check_tokenizer(cfg.data_dir, model.tokenizer)
     keep = 1 if cfg.exclude_pos0 else 0  # the positions training reads
     (d_in, d_out), dtype = site_widths(model.config, cfg), np.dtype(cfg.cache_dtype)
+    width = len(layers) * (d_in + d_out)
 
-    def harvest(idx):  # (B, T) -> (B * (T - keep), d_in + d_out) in the cache's dtype
+    def harvest(idx):  # (B, T) -> (B * (T - keep), L (d_in + d_out)) in the cache's dtype
         with autocast:
-            acts = model.harvest(idx.to(device), cfg.layer, sites_of(cfg))[:, keep:].reshape(-1, d_in + d_out).float()
+            acts = model.harvest(idx.to(device), tuple(layers), sites_of(cfg))[:, keep:].reshape(-1, width).float()
         if not torch.isfinite(acts.to(getattr(torch, cfg.cache_dtype))).all():
-            raise ValueError(f"activations at layer {cfg.layer} {'/'.join(sites_of(cfg))} overflow {cfg.cache_dtype}: use "
-                             f"--cache_dtype=float32")
+            raise ValueError(f"activations at layer {cfg.layers or cfg.layer} {'/'.join(sites_of(cfg))} overflow "
+                             f"{cfg.cache_dtype}: use --cache_dtype=float32")
         return acts.cpu().numpy().astype(dtype)
 
     loader = DataLoaderLite(cfg.data_dir, "train", cfg.harvest_batch, cfg.block_size)
@@ -1179,7 +1228,7 @@ def write_activation_cache(cfg, device, autocast):
             print(f"cache: the train split gives {available:,} rows of {cfg.block_size - keep} positions a context, "
                   f"fewer than --cache_tokens={cfg.cache_tokens:,}; caching those")
         local = lambda path: os.path.abspath(path) if os.path.isdir(path) else path  # readable from any directory
-        manifest = {"settings": settings, "model": local(cfg.init_from), "layer": cfg.layer, "site": cfg.site,
+        manifest = {"settings": settings, "model": local(cfg.init_from), "layer": layers[0], "layers": layers, "site": cfg.site,
                     "target_site": cfg.target_site if d_out else "", "d_in": d_in, "d_out": d_out, "dtype": cfg.cache_dtype,
                     "tokenizer": read_tokenizer_record(cfg.data_dir) or model.tokenizer, "data_dir": local(cfg.data_dir),
                     "block_size": cfg.block_size, "exclude_pos0": cfg.exclude_pos0,
@@ -1199,7 +1248,7 @@ def write_activation_cache(cfg, device, autocast):
         for _ in range(n_batches):
             shard.append(harvest(loader.next_batch()))
             bar.update(min(rows_per_batch, need - rows_per_batch * (len(shard) - 1)))
-        shard = np.concatenate(shard)[:need]  # (rows, d_in + d_out)
+        shard = np.concatenate(shard)[:need]  # (rows, L (d_in + d_out))
         name = f"acts_train_{len(manifest['train']['files']) + 1:06d}.npy"
         write_npy(path(name), shard)
         train = manifest["train"]
@@ -1213,7 +1262,7 @@ def write_activation_cache(cfg, device, autocast):
     manifest["complete"] = True
     write_json(path("manifest.json"), manifest)
     print(f"wrote {manifest['train']['rows']:,} train and {manifest['val']['rows']:,} val rows of {cfg.init_from} "
-          f"layer {cfg.layer} {' + '.join(sites_of(cfg))} ({cfg.cache_dtype}, d {d_in + d_out}) to {cfg.cache_dir}")
+          f"layer {cfg.layers or cfg.layer} {' + '.join(sites_of(cfg))} ({cfg.cache_dtype}, d {width}) to {cfg.cache_dir}")
     return manifest
 
 
@@ -1824,7 +1873,7 @@ def log10_freq_histogram(freq, bins=50):
 # where it stopped, with its saved config
 
 # what a resumed run cannot change: the SAE's shape and the meaning of the saved data position
-LOCKED_ON_RESUME = ("d_sae", "layer", "site", "target_site", "skip", "acts", "init_from", "n_layer", "n_head", "n_embd", "block_size",
+LOCKED_ON_RESUME = ("d_sae", "layer", "layers", "site", "target_site", "skip", "acts", "init_from", "n_layer", "n_head", "n_embd", "block_size",
                     "batch_size", "buffer_tokens", "harvest_batch", "exclude_pos0", "normalize", "seed")
 
 
@@ -1859,11 +1908,21 @@ def resolve_runs(argv, config_class=TrainConfig):
     scalars = {k: v for k, v in overrides.items() if not isinstance(v, list)}
     base = replace(config_class(), **scalars)
     if base.init_from != "resume" and not base.eval_only and base.mode in ("train", "cache", "finetune"):  # a new run
+        if "layer" in scalars and base.layers:
+            raise ValueError(f"--layer={base.layer} and --layers={base.layers}: give one of them")
         if base.acts and os.path.isdir(base.acts):
             scalars = from_cache_manifest(base.acts, scalars)
             base, overrides = replace(base, **scalars), {**overrides, **scalars}
+        runs = expand_sweep(overrides)
+        if base.layers and base.mode == "train":  # one SAE (or a sweep's) per layer, named after it, layer by layer
+            # a cache's layers are the ones it holds (checked against its model when it was written); a .npy holds
+            # one, which check_config says
+            layers = read_cache_manifest(base.acts)["layers"] if os.path.isdir(base.acts) else [base.layer] if \
+                base.acts else parse_layers(base.layers, model_n_layer(base))
+            named = lambda layer, name: "-".join([f"layer{layer:02d}"] * (len(layers) > 1) + [name] * bool(name))
+            runs = [(named(layer, name), {**run, "layer": layer}) for layer in layers for name, run in runs]
         return [(replace(base, **{**run, "out_dir": os.path.join(base.out_dir, name) if name else base.out_dir}), None)
-                for name, run in expand_sweep(overrides)]
+                for name, run in runs]
     if len(scalars) < len(overrides):
         raise ValueError(f"cannot change what a saved run sweeps ({', '.join(sorted(set(overrides) - set(scalars)))})")
     manifest = os.path.join(base.out_dir, "sweep.json")
@@ -1891,13 +1950,13 @@ def from_cache_manifest(cache_dir, scalars):
     from its manifest (init_from and data_dir may be given, e.g. where the shards moved). -> scalars updated"""
     manifest = read_cache_manifest(cache_dir)
     saved = manifest["settings"]
-    saved = {"target_site": "", **saved}  # caches before issue 25 held one site
-    clash = [k for k in ("layer", "site", "target_site", "block_size", "exclude_pos0") if k in scalars and
+    saved = {"target_site": "", "layers": "", **saved}  # caches before issue 25 held one site, before 33 one layer
+    clash = [k for k in ("layer", "layers", "site", "target_site", "block_size", "exclude_pos0") if k in scalars and
              scalars[k] != saved[k]]
     if clash:
         raise ValueError(f"--acts={cache_dir} holds {', '.join(f'{k}={saved[k]!r}' for k in clash)}; drop those flags "
                          f"or write another cache")
-    keys = ("layer", "site", "target_site", "block_size", "exclude_pos0", "n_layer", "n_head", "n_embd")
+    keys = ("layer", "layers", "site", "target_site", "block_size", "exclude_pos0", "n_layer", "n_head", "n_embd")
     return {**{k: saved[k] for k in keys}, "init_from": manifest["model"], "data_dir": manifest["data_dir"], **scalars}
 
 
@@ -1991,7 +2050,9 @@ class Run:
         self.train_sae = torch.compile(self.sae) if cfg.compile else self.sae
         # whether every loss since iteration `checked` was finite, kept on the device (check_finite reads it)
         self.finite, self.checked = torch.ones((), dtype=torch.bool, device=device), 0
+        self.scales = (1.0, 1.0)  # its layer's (input's, target's) normalisation, set by set_scales
         if checkpoint:
+            self.scales = (checkpoint["act_scale"], checkpoint.get("target_scale", checkpoint["act_scale"]))
             self.sae.load_state_dict(checkpoint["sae"])
             self.tracker.load_state_dict(checkpoint["tracker"])
             if not cfg.eval_only:
@@ -2049,14 +2110,27 @@ class Context:
     val_batches: list = ()
     val_acts: object = None
     runs: list = ()
-    widths: tuple = (0, 0)         # (d_in, d_out): d_out 0 for SAEs, a transcoder's target's width else
-    scale: float = 1.0             # the input's normalisation: E|x| = sqrt(d_in) after it
+    layers: tuple = ()             # the layers the rows hold, in order (--layers; else the one of --layer)
+    widths: tuple = (0, 0)         # (d_in, d_out) of a layer: d_out 0 for SAEs, a transcoder's target's width else
+    scale: float = 1.0             # the first layer's input's normalisation: E|x| = sqrt(d_in) after it
     target_scale: float = 1.0      # a transcoder's target's: E|y| = sqrt(d_out) (an SAE's: scale)
-    row_scale: object = 1.0        # both, as the batches' columns are scaled (column_scales)
+    row_scale: object = 1.0        # every layer's, as the batches' columns are scaled (row_scales)
 
     @property
     def master(self):  # rank 0 logs, evaluates and checkpoints
         return self.rank == 0
+
+    def columns(self, layer):
+        """The columns of a batch that hold layer's activations (all of them with one layer)."""
+        if len(self.layers) == 1:
+            return slice(None)
+        width, at = sum(self.widths), self.layers.index(layer)
+        return slice(at * width, (at + 1) * width)
+
+    def blocks(self, x):
+        """A batch (N, L (d_in + d_out)) -> {layer: its rows (N, d_in + d_out)}, each contiguous (the kernels' layout;
+        with one layer, x itself)."""
+        return {layer: x[:, self.columns(layer)].contiguous() for layer in self.layers}
 
     def print0(self, *args, **kwargs):
         if self.master:
@@ -2093,14 +2167,14 @@ def prepare_runs(ctx, resolved, checkpoint):
     with the activation scale and b_dec estimated from a first sample. Rank 0 writes each SAE's config and starts
     wandb. -> the iteration to start at"""
     cfg, device = ctx.cfg, ctx.device
+    ctx.layers = tuple(sorted({run_cfg.layer for run_cfg, _ in resolved}))
     ctx.source, ctx.widths, ctx.model, ctx.val_batches, ctx.val_acts = activation_source(cfg, device, ctx.autocast,
-                                                                                         ctx.rank, ctx.world)
+                                                                                         ctx.rank, ctx.world, ctx.layers)
     ctx.runs = [Run(run_cfg, run_checkpoint, ctx.widths, device, sweep=len(resolved) > 1)
                 for run_cfg, run_checkpoint in resolved]
     if checkpoint:
-        ctx.scale, iter_num = checkpoint["act_scale"], checkpoint["iter_num"]
-        ctx.target_scale = checkpoint.get("target_scale", ctx.scale)
-        ctx.row_scale = column_scales(ctx.widths, ctx.scale, ctx.target_scale, device)
+        iter_num = checkpoint["iter_num"]
+        set_scales(ctx, {run.cfg.layer: run.scales for run in ctx.runs})  # each SAE's checkpoint has its layer's
         if not cfg.eval_only:
             ctx.source.start(checkpoint["data"])
             torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -2128,6 +2202,21 @@ def column_scales(widths, scale, target_scale, device):
     return torch.cat([torch.full((d_in,), float(scale)), torch.full((d_out,), float(target_scale))]).to(device)
 
 
+def set_scales(ctx, scales):
+    """scales {layer: (input's scale, target's)}: each SAE's (run.scales), the first layer's as ctx.scale and
+    ctx.target_scale, and the batches' row_scale: column_scales of one layer, or each layer's block of columns
+    scaled by its own, (L (d_in + d_out),)."""
+    for run in ctx.runs:
+        run.scales = scales[run.cfg.layer]
+    ctx.scale, ctx.target_scale = scales[ctx.layers[0]]
+    if len(ctx.layers) == 1:
+        ctx.row_scale = column_scales(ctx.widths, ctx.scale, ctx.target_scale, ctx.device)
+        return
+    d_in, d_out = ctx.widths
+    ctx.row_scale = torch.cat([torch.full((d,), float(s)) for layer in ctx.layers
+                               for d, s in zip((d_in, d_out), scales[layer]) if d]).to(ctx.device)
+
+
 def start_scales_and_biases(ctx):
     """A fresh run's normalisation and b_dec (a transcoder's b_in too), from a first sample of the activations: the
     scales make E|x| = sqrt(d_in) and E|y| = sqrt(d_out) (Anthropic, April 2024 update: coefficients then transfer
@@ -2135,22 +2224,23 @@ def start_scales_and_biases(ctx):
     import torch.distributed as dist
     cfg, (d_in, d_out) = ctx.cfg, ctx.widths
     sample = ctx.source.sample(cfg.resample_samples, torch.Generator().manual_seed(cfg.seed)).to(ctx.device)
-    parts = {"b_in": sample[:, :d_in], "b_dec": sample[:, d_in:]} if d_out else {"b_dec": sample}  # (n, d) each
-    mean_norms = torch.stack([part.norm(dim=1).mean() for part in parts.values()])
+    parts = {layer: {"b_in": rows[:, :d_in], "b_dec": rows[:, d_in:]} if d_out else {"b_dec": rows}  # (n, d) each
+             for layer, rows in ctx.blocks(sample).items()}
+    mean_norms = torch.stack([part.norm(dim=1).mean() for layer in ctx.layers for part in parts[layer].values()])
     if ctx.ddp:
         dist.all_reduce(mean_norms)
         mean_norms /= ctx.world
-    scales = [math.sqrt(part.shape[1]) / norm if cfg.normalize else 1.0 for part, norm in zip(parts.values(),
-                                                                                            mean_norms.tolist())]
-    ctx.scale, ctx.target_scale = scales[0], scales[-1]
-    ctx.row_scale = column_scales(ctx.widths, ctx.scale, ctx.target_scale, ctx.device)
+    mean_norms = iter(mean_norms.tolist())
+    scales = {layer: [math.sqrt(part.shape[1]) / next(mean_norms) if cfg.normalize else 1.0 for part in
+                      parts[layer].values()] for layer in ctx.layers}
+    set_scales(ctx, {layer: (s[0], s[-1]) for layer, s in scales.items()})
     initial = {"zeros": lambda x: torch.zeros(x.shape[1], device=x.device), "mean": lambda x: x.mean(dim=0),
                "geometric_median": geometric_median}
-    for init in {run.cfg.b_dec_init for run in ctx.runs}:  # each computed once for the whole sweep
-        for (name, part), part_scale in zip(parts.items(), scales):
+    for layer, init in dict.fromkeys((run.cfg.layer, run.cfg.b_dec_init) for run in ctx.runs):  # each once a sweep
+        for (name, part), part_scale in zip(parts[layer].items(), scales[layer]):
             value = initial[init](part * part_scale)
             for run in ctx.runs:
-                if run.cfg.b_dec_init == init:
+                if run.cfg.layer == layer and run.cfg.b_dec_init == init:
                     getattr(run.sae, name).data.copy_(value)
                     if ctx.ddp:  # ranks saw different samples: rank 0's for all
                         dist.broadcast(getattr(run.sae, name).data, src=0)
@@ -2173,10 +2263,10 @@ def train(ctx, start_iter):
             break
         if it in cfg.resample_iters:
             resample_runs(ctx, it)
-        x = ctx.source.next_batch().to(ctx.device, non_blocking=True) * ctx.row_scale  # (per_rank, d_in (+ d_out))
-        log_now, stats = it % cfg.log_interval == 0 or it == cfg.max_iters - 1, []
+        x = ctx.source.next_batch().to(ctx.device, non_blocking=True) * ctx.row_scale  # (per_rank, L (d_in (+ d_out)))
+        log_now, stats, rows = it % cfg.log_interval == 0 or it == cfg.max_iters - 1, [], ctx.blocks(x)
         for run in ctx.runs:
-            loss, terms, lr_mult = train_step(run, x, it, ctx.autocast, ctx.world)
+            loss, terms, lr_mult = train_step(run, rows[run.cfg.layer], it, ctx.autocast, ctx.world)
             if log_now:  # (loss and its terms (5,), lr)
                 stats.append((torch.stack([loss.detach(), *(terms[k].detach() for k in ("mse", "l1", "jl", "l0"))]),
                               run.base_lrs[-1] * lr_mult))
@@ -2190,11 +2280,15 @@ def train(ctx, start_iter):
 def evaluate_runs(ctx, it):
     """Rank 0: every SAE evaluated (evaluate()), in fp32 whatever --dtype says: CE recovered divides by the
     ablation's cost, 0.10 nats at SmolLM2's layer 15 mlp_in, and bf16 forwards moved CE there by 0.0015 nats
-    (2,032 tokens), 1.5% of that cost. Each SAE's metrics logged (log_evaluation)."""
-    all_metrics = evaluate([run.sae for run in ctx.runs], [run.tracker for run in ctx.runs],
-                           (ctx.scale, ctx.target_scale), ctx.cfg, ctx.model, ctx.val_batches, ctx.val_acts)
-    for run, metrics in zip(ctx.runs, all_metrics):
-        log_evaluation(run, it, metrics)
+    (2,032 tokens), 1.5% of that cost. A layer's SAEs are evaluated together, spliced in at their layer alone.
+    Each SAE's metrics logged (log_evaluation)."""
+    for layer in ctx.layers:
+        runs = [run for run in ctx.runs if run.cfg.layer == layer]
+        val_acts = ctx.val_acts[:, ctx.columns(layer)] if ctx.val_acts is not None else None
+        all_metrics = evaluate([run.sae for run in runs], [run.tracker for run in runs], runs[0].scales, runs[0].cfg,
+                               ctx.model, ctx.val_batches, val_acts)
+        for run, metrics in zip(runs, all_metrics):
+            log_evaluation(run, it, metrics)
 
 
 def log_evaluation(run, it, metrics, note=""):
@@ -2216,7 +2310,7 @@ def log_evaluation(run, it, metrics, note=""):
 def make_checkpoint(ctx, run, it):
     freq = run.tracker.freq()
     return {"sae": run.sae.state_dict(), "optimizer": run.optimizer.state_dict(), "config": asdict(run.cfg),
-            "iter_num": it, "act_scale": ctx.scale, "target_scale": ctx.target_scale, "data": ctx.source.state_dict(),
+            "iter_num": it, "act_scale": run.scales[0], "target_scale": run.scales[1], "data": ctx.source.state_dict(),
             "rng": {"torch": torch.get_rng_state()}, "tracker": run.tracker.state_dict(), "feature_freq": freq.cpu(),
             "freq_hist": log10_freq_histogram(freq)}
 
@@ -2238,10 +2332,10 @@ def resample_runs(ctx, it):
     if not resampled:
         return
     x = ctx.source.sample(ctx.cfg.resample_samples, torch.Generator().manual_seed(ctx.cfg.seed + it)).to(ctx.device)
-    x = x * ctx.row_scale
+    rows = ctx.blocks(x * ctx.row_scale)
     for run in resampled:
         dead = run.tracker.dead()
-        n = resample_dead_(run.sae, run.optimizer, dead, x)
+        n = resample_dead_(run.sae, run.optimizer, dead, rows[run.cfg.layer])
         if ctx.ddp:  # every rank resampled the same features from its own inputs: rank 0's rows for all
             for p in (run.sae.W_enc, run.sae.b_enc, run.sae.W_dec):
                 dist.broadcast(p.data, src=0)

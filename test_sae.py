@@ -4,6 +4,7 @@ References are independent of the code under test: transformers' models, autogra
 of the shard bytes. The command: `TRITON_INTERPRET=1 python -m pytest -q` (all test files; docs/tests.md)."""
 import dataclasses
 import glob
+import itertools
 import importlib.metadata
 import json
 import os
@@ -163,6 +164,30 @@ def test_transcoder_settings_that_are_not_defined_are_refused_in_one_line(flags,
                 TrainConfig(target_site="mlp_in")):  # defined pairs, and a target equal to the site: an SAE
         sae.check_config(cfg)
     assert not sae.is_transcoder(TrainConfig(target_site="mlp_in")) and sae.sites_of(TrainConfig()) == ("mlp_in",)
+
+
+def test_layers_are_read_as_ranges_and_lists_and_bad_ones_are_refused_in_one_line(tmp_path):
+    assert sae.parse_layers("all", 4) == [0, 1, 2, 3] and sae.parse_layers("2-3", 4) == [2, 3]
+    assert sae.parse_layers("3,1,1", 4) == [1, 3] and sae.parse_layers("0-1,3", 4) == [0, 1, 3]
+    assert sae.parse_overrides(TrainConfig(), ["--layers=3,7,11", "--layer=2"]) == {"layers": "3,7,11", "layer": 2}
+    assert sae.parse_overrides(TrainConfig(), ["--layers=5"])["layers"] == "5"  # one layer: read as a number
+    for spec, expect in (("0-4", "--layers=0-4: layer 4 is out of range: the model has layers 0..3"),
+                         (",", "--layers=',' names no layer: all, a range a-b or a list a,b,c"),
+                         ("3-1", "--layers=3-1: expected all, a range a-b or a list a,b,c of layers (0-indexed)"),
+                         ("a,b", "--layers=a,b: expected all, a range a-b or a list a,b,c of layers (0-indexed)")):
+        with pytest.raises(ValueError) as e:
+            sae.parse_layers(spec, 4)
+        assert str(e.value) == expect
+    # through the command line: one line, exit 1, nothing trained
+    scratch = ["--init_from=scratch", "--n_layer=3", "--n_head=2", "--n_embd=32", f"--out_dir={tmp_path / 'out'}"]
+    for flags, expect in ((["--layers=0-3"], "--layers=0-3: layer 3 is out of range: the model has layers 0..2"),
+                          (["--layers=1,2", "--layer=1"], "--layer=1 and --layers=1,2: give one of them"),
+                          (["--layers=0,1", f"--acts={tmp_path / 'x.npy'}"], "a .npy holds one layer")):
+        np.save(tmp_path / "x.npy", np.zeros((10, 32), dtype=np.float32))
+        r = run_sae(*scratch, *flags)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and expect in lines[0], r.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("script", ["sae.py", "analyze.py", "bench.py"])
@@ -372,6 +397,23 @@ def test_harvest_of_a_transcoders_sites_is_both_side_by_side_and_stops_at_the_se
     full = module_calls(model, lambda: model(idx))
     last = LAST_MODULE[pair[1]].format(L=1, P=0)
     assert module_calls(model, lambda: model.harvest(idx, 1, pair)) == full[:full.index(last) + 1]
+
+
+def test_harvest_of_several_layers_is_each_layers_sites_side_by_side_and_stops_at_the_last(checkpoints):
+    """--layers' rows: every layer's input and target from one forward, each against transformers' hooks; nothing
+    computed past the last layer's target."""
+    hf, saved, _ = checkpoints
+    model = GPT.from_pretrained(str(saved))
+    idx = torch.randint(0, hf.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(4))
+    layers, pair, d = (0, 1), ("mlp_in", "mlp_out"), hf.config.n_embd
+    with torch.no_grad():
+        rows = model.harvest(idx, layers, pair)
+    assert rows.shape == (2, 17, 2 * 2 * d)
+    for (layer, site), part in zip(itertools.product(layers, pair), rows.split(d, dim=-1)):
+        torch.testing.assert_close(part, hf_site_activation(hf, idx, layer, site), atol=1e-4, rtol=0)
+    full = module_calls(model, lambda: model(idx))
+    last = LAST_MODULE["mlp_out"].format(L=1, P=0)
+    assert module_calls(model, lambda: model.harvest(idx, layers, pair)) == full[:full.index(last) + 1]
 
 
 def test_harvest_at_the_middle_is_about_half_a_forward(monkeypatch):
@@ -932,6 +974,37 @@ def test_a_transcoder_cache_holds_both_sites_row_for_row(tiny_llama, llama_shard
     expect = torch.cat([ref["mlp_in"], ref["mlp_out"]], dim=-1)[:, 1:].reshape(-1, 96)
     np.testing.assert_allclose(val, expect.numpy(), atol=1e-5, rtol=1e-4)
     assert sae.cache_widths(transcoder_cache) == (48, 48)
+
+
+def test_a_cache_of_every_layer_holds_each_layers_rows_and_trains_under_two_gloo_processes(tiny_llama, llama_shards,
+                                                                                             tmp_path):
+    """--mode=cache --layers=all: each layer's mlp_in and mlp_out side by side in layer order, row for row against
+    transformers' hooks; a transcoder per layer trained on it under two gloo processes matches one process of two
+    pieces bit for bit (test_two_gloo_processes_match_one says why pieces)."""
+    saved, hf = tiny_llama
+    cache = tmp_path / "cache"
+    r = run_sae("--mode=cache", f"--init_from={saved}", f"--data_dir={llama_shards}", f"--cache_dir={cache}",
+                "--layers=all", "--site=mlp_in", "--target_site=mlp_out", *CACHE_RUN[2:])
+    assert r.returncode == 0, r.stderr
+    manifest = json.load(open(cache / "manifest.json"))
+    assert (manifest["layers"], manifest["d_in"], manifest["d_out"]) == ([0, 1], 48, 48)
+    val = np.load(cache / manifest["val"]["files"][0])  # (rows, 2 x (48 + 48))
+    ids = torch.from_numpy(token_ids(glob.glob(f"{llama_shards}/*_val_*.bin")[0])[:256]).view(-1, 32)
+    refs = [hf_site_activations(hf, ids, layer, ("mlp_in", "mlp_out")) for layer in (0, 1)]
+    expect = torch.cat([ref[site] for ref in refs for site in ("mlp_in", "mlp_out")], dim=-1)[:, 1:].reshape(-1, 192)
+    np.testing.assert_allclose(val, expect.numpy(), atol=1e-5, rtol=1e-4)
+    args = [f"--acts={cache}", "--skip=True", "--arch=topk", "--k=4", "--d_sae=96", "--batch_size=256", "--lr=0.003",
+            "--eval_tokens=256", "--max_iters=30", "--eval_interval=30", "--dead_window=1024", "--device=cpu"]
+    r = run_sae(*args, f"--out_dir={tmp_path / 'one'}", "--micro_batches=2", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = run_sae(*args, f"--out_dir={tmp_path / 'two'}", launcher=torchrun, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    for name in ("layer00", "layer01"):
+        a, b = load_ckpt(tmp_path / "one" / name), load_ckpt(tmp_path / "two" / name)
+        assert a["config"]["layer"] == int(name[5:]) and a["act_scale"] == b["act_scale"]
+        for key in a["sae"]:
+            assert torch.equal(a["sae"][key], b["sae"][key]), (name, key)
 
 
 # -----------------------------------------------------------------------------
@@ -1678,6 +1751,39 @@ def test_sweep_trains_each_sae_as_if_alone_and_resumes(source, synthetic, tiny_s
     assert r.returncode == 0 and (tmp_path / "export" / "sae_weights.safetensors").exists(), r.stderr
     r = run_sae("--init_from=resume", f"--out_dir={half}", "--max_iters=60", "--lr=[1e-3, 1e-4]")
     assert r.returncode == 1 and "cannot change what a saved run sweeps (lr)" in r.stderr
+
+
+def test_one_pass_over_several_layers_trains_each_layer_as_its_own_run_and_resumes(tiny_shards, tmp_path):
+    """--layers=all: a skip transcoder per layer and architecture from one forward a batch; each ends bit for bit
+    where its own one-layer run would (its layer's scales, evaluations spliced at its layer), and the pass resumes
+    exactly."""
+    args = [*(a for a in TINY_GPT_RUN if not a.startswith("--layer=")), f"--data_dir={tiny_shards}",
+            "--target_site=mlp_out", "--skip=True", "--arch=relu,topk", "--k=4", "--resample_iters=(30,)",
+            "--eval_interval=20"]
+    names = ["layer00-relu", "layer00-topk", "layer01-relu", "layer01-topk"]
+    full, half, alone = tmp_path / "full", tmp_path / "half", tmp_path / "alone"
+    r = run_sae(*args, "--layers=all", f"--out_dir={full}", "--max_iters=40")
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(full / "sweep.json")) == {"names": names, "iter_num": 40}
+    one = [a if a != "--arch=relu,topk" else "--arch=topk" for a in args]
+    assert run_sae(*one, "--layer=1", f"--out_dir={alone}", "--max_iters=40").returncode == 0
+    a, b = load_ckpt(alone), load_ckpt(full / "layer01-topk")
+    assert (a["act_scale"], a["target_scale"]) == (b["act_scale"], b["target_scale"])
+    assert load_ckpt(full / "layer00-topk")["act_scale"] != a["act_scale"]  # each layer its own
+    for key in a["sae"]:
+        assert torch.equal(a["sae"][key], b["sae"][key]), key
+    assert_same_evaluations(alone / "log.jsonl", full / "layer01-topk" / "log.jsonl")
+    assert run_sae(*args, "--layers=0-1", f"--out_dir={half}", "--max_iters=20").returncode == 0
+    r = run_sae("--init_from=resume", f"--out_dir={half}", "--max_iters=40")
+    assert r.returncode == 0, r.stderr
+    for name in names:
+        a, b = load_ckpt(full / name), load_ckpt(half / name)
+        assert a["config"]["layer"] == int(name[5:7]) and a["data"] == b["data"]
+        for key in a["sae"]:
+            assert torch.equal(a["sae"][key], b["sae"][key]), (name, key)
+        assert_same_evaluations(full / name / "log.jsonl", half / name / "log.jsonl")
+    r = run_sae("--init_from=resume", f"--out_dir={half}", "--max_iters=60", "--layers=0")
+    assert r.returncode == 1 and "cannot change layers of a saved run" in r.stderr
 
 
 def test_sweep_checkpoint_is_all_or_nothing(tmp_path):
