@@ -1805,7 +1805,6 @@ def score_spliced(model, idx, saes, stats, shared, scales, cfg):
     def final_hidden(edit, at=sites[-1]):  # the final norm's output, (B*T, C): logits are made a slice at a time below
         h = model(idx, cfg.layer, at, edit, head=False)
         return h.reshape(-1, h.shape[-1])
-    targets = F.pad(idx[:, 1:], (0, 1), value=-1).reshape(-1)  # (B*T,) next tokens; -1: a context's last, none
     h_clean = final_hidden(capture, sites)
     acts = [a[:, keep].float() for a in captured]  # [(B, T', d_in)] (+ the target's (B, T', d_out))
     act = acts[-1]                                 # the site replaced
@@ -1813,10 +1812,19 @@ def score_spliced(model, idx, saes, stats, shared, scales, cfg):
     h_zero = final_hidden(lambda a: splice(a, torch.zeros_like(act)))
     h_saes = []
     positions = torch.arange(T)[keep].repeat(len(idx))  # (B*T',) each row's position
-    shared["n_kl"] += len(idx)  # KL counts every position, the first and the last included
     for sae, s in zip(saes, stats):
         x_hat = score_rows(sae, s, rows, positions).view_as(act) / target_scale
         h_saes.append(final_hidden(lambda a: splice(a, x_hat)))
+    add_ce_and_kl(model, idx, h_clean, h_zero, h_saes, shared, [s["pos"] for s in stats])
+
+
+def add_ce_and_kl(model, idx, h_clean, h_zero, h_edited, shared, pos_sums):
+    """Adds the cross-entropy of the next tokens of idx (B, T) by position, from the final norm's outputs (B*T, C) of
+    the clean, the ablated and each edited forward, into shared (clean and ablated) and each pos_sums (ce_sae, and
+    kl = KL(clean || edited) at every position)."""
+    T = idx.shape[1]
+    targets = F.pad(idx[:, 1:], (0, 1), value=-1).reshape(-1)  # (B*T,) next tokens; -1: a context's last, none
+    shared["n_kl"] += len(idx)  # KL counts every position, the first and the last included
     # the vocabulary-sized work, EVAL_POSITIONS positions at a time: over a whole batch of 32 contexts, each
     # (B, T, vocab) fp32 tensor is 823 MiB at GPT-2's vocabulary, and logits, log-softmax, their exp and
     # products for the clean, ablated and spliced runs took 7.4 GiB at once (measured)
@@ -1830,11 +1838,11 @@ def score_spliced(model, idx, saes, stats, shared, scales, cfg):
         add(shared["ce_clean"], nll(logp_clean, part))
         add(shared["ce_zero"], nll(log_probs(h_zero, part), part))
         add(shared["n_ce"], targets[part] >= 0)
-        for s, h in zip(stats, h_saes):
+        for p, h in zip(pos_sums, h_edited):
             logp_sae = log_probs(h, part)
-            add(s["pos"]["ce_sae"], nll(logp_sae, part))
+            add(p["ce_sae"], nll(logp_sae, part))
             # KL(clean || spliced) = sum_vocab p_clean (log p_clean - log p_sae), at every position
-            add(s["pos"]["kl"], F.kl_div(logp_sae, logp_clean, log_target=True, reduction="none").sum(dim=-1))
+            add(p["kl"], F.kl_div(logp_sae, logp_clean, log_target=True, reduction="none").sum(dim=-1))
 
 
 def downstream(shared, pos, part):
@@ -1846,6 +1854,51 @@ def downstream(shared, pos, part):
     kl = pos["kl"][part].sum().item() / shared["n_kl"][part].sum().item()
     return {"ce_clean": ce_clean, "ce_sae": ce_sae, "ce_zero": ce_zero, "kl": kl,
             "ce_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan")}
+
+
+@torch.no_grad()
+def evaluate_replacement(model, sets, cfg, val_batches):
+    """The replacement model of each set of per-layer SAEs or transcoders: every layer's site (a transcoder's target)
+    replaced at once, in one forward, by the prediction made from the replacement model's own input at that layer
+    (which the layers below have already replaced); position 0 stays the model's with exclude_pos0. sets:
+    {name: {layer: (sae, (input scale, target scale))}}, the same layers in each. -> {name: metrics}: ce_clean,
+    ce_sae (replaced), ce_zero (every replaced site zero-ablated), ce_recovered, ce_increase, kl (per token)."""
+    keep = slice(1, None) if cfg.exclude_pos0 else slice(None)
+    sites, layers = sites_of(cfg), tuple(sorted(next(iter(sets.values()))))
+    T = val_batches[0].shape[1]
+    shared = {key: torch.zeros(T, dtype=torch.float64) for key in ("ce_clean", "ce_zero", "n_ce", "n_kl")}
+    sums = {name: {key: torch.zeros(T, dtype=torch.float64) for key in ("ce_sae", "kl")} for name in sets}
+
+    def replacing(members):  # edit(act) at each (layer, site) in forward order: reads at sites[0], writes at sites[-1]
+        calls = iter(itertools.product(layers, range(len(sites))))
+        def edit(act):
+            layer, at = next(calls)
+            if at == 0:
+                edit.x_in = act[:, keep].float()  # (B, T', d_in), the replacement model's own input
+            if at < len(sites) - 1:
+                return act
+            sae, (scale, target_scale) = members[layer]
+            y_hat = sae(edit.x_in.reshape(-1, edit.x_in.shape[-1]) * scale)[0] / target_scale  # (B*T', d_out)
+            act = act.clone()
+            act[:, keep] = y_hat.view(*act[:, keep].shape).to(act.dtype)
+            return act
+        return edit
+
+    def zero(act):
+        act = act.clone()
+        act[:, keep] = 0
+        return act
+
+    final_hidden = lambda *edit: model(idx, *edit, head=False).flatten(0, 1)  # (B*T, C)
+    for idx in progress(val_batches, desc=f"eval (replacement, {len(sets)} set{'s' * (len(sets) > 1)})", leave=False):
+        h_edited = [final_hidden(layers, sites, replacing(members)) for members in sets.values()]
+        add_ce_and_kl(model, idx, final_hidden(), final_hidden(layers, sites[-1], zero), h_edited, shared,
+                      list(sums.values()))
+    results = {}
+    for name, pos in sums.items():
+        metrics = downstream(shared, pos, slice(None))
+        results[name] = {**metrics, "ce_increase": metrics["ce_sae"] - metrics["ce_clean"]}
+    return results
 
 
 @torch.no_grad()
@@ -2289,6 +2342,24 @@ def evaluate_runs(ctx, it):
                                ctx.model, ctx.val_batches, val_acts)
         for run, metrics in zip(runs, all_metrics):
             log_evaluation(run, it, metrics)
+    if len(ctx.layers) > 1 and ctx.val_batches:
+        evaluate_replacement_runs(ctx, it)
+
+
+def evaluate_replacement_runs(ctx, it):
+    """--layers: the replacement model of each set of a sweep's SAEs (one per layer, named alike but for the layer)
+    evaluated (evaluate_replacement), appended to replacement.jsonl beside the runs' directories and printed."""
+    sets = {}
+    for run in ctx.runs:  # layer03-topk-k16 is in set topk-k16; a pass without a sweep is one set, "all"
+        name = os.path.basename(run.cfg.out_dir).partition("-")[2] or "all"
+        sets.setdefault(name, {})[run.cfg.layer] = (run.sae, run.scales)
+    results = evaluate_replacement(ctx.model, sets, ctx.cfg, ctx.val_batches)
+    with open(os.path.join(os.path.dirname(ctx.cfg.out_dir), "replacement.jsonl"), "a") as f:
+        for name, metrics in results.items():
+            f.write(json.dumps({"iter": it, "set": name, "layers": list(ctx.layers), **metrics}) + "\n")
+            print(f"eval {it:5d} | replacement of {len(ctx.layers)} layers | {name} | ce {metrics['ce_clean']:.3f}/"
+                  f"{metrics['ce_sae']:.3f}/{metrics['ce_zero']:.3f} (clean/replaced/zero) | recovered "
+                  f"{metrics['ce_recovered']:.3f} | increase {metrics['ce_increase']:.4f} | kl {metrics['kl']:.4f}")
 
 
 def log_evaluation(run, it, metrics, note=""):

@@ -1668,6 +1668,69 @@ def test_an_exact_transcoder_spliced_in_gives_the_clean_ce():
     assert m_wrong["kl"] > 1e-4 and m_wrong["fvu"] > 0.1
 
 
+def test_the_replacement_model_replaces_every_layer_at_once_from_its_own_inputs(checkpoints):
+    """evaluate_replacement against transformers' GPT-2 with hooks: at the first and last layers, each transcoder reads
+    ln_2's output of the model being replaced (the last's input carries the first's replacement) and its prediction
+    replaces the MLP's output (position 0 kept); CE of the next tokens, KL(clean || replaced) at every position, and
+    every replaced site zero-ablated, each computed here by hand."""
+    hf, saved, _ = checkpoints
+    model, d, layers = GPT.from_pretrained(str(saved)), hf.config.n_embd, (0, hf.config.n_layer - 1)
+    torch.manual_seed(3)
+    members = {}
+    for layer in layers:
+        tc = SAE(d, 64, arch="topk", k=5, d_out=d, skip=True)
+        with torch.no_grad():
+            for p in tc.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        members[layer] = (tc.eval(), (1.5 + layer, 0.25 * (1 + layer)))
+    batches = [torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    cfg = TrainConfig(site="mlp_in", target_site="mlp_out", exclude_pos0=True)
+    with torch.no_grad():
+        m = sae.evaluate_replacement(model, {"set": members}, cfg, batches)["set"]
+
+    def hf_logits(idx, new_mlp_out):  # new_mlp_out(layer, mlp_in (B, T-1, d)) -> mlp_out at positions 1..T-1
+        seen, handles = {}, []
+        for layer in layers:
+            block = hf.transformer.h[layer]
+            handles.append(block.ln_2.register_forward_hook(lambda mod, a, out, layer=layer: seen.update({layer: out})))
+            def new_out(mod, a, out, layer=layer):
+                out = out.clone()
+                out[:, 1:] = new_mlp_out(layer, seen[layer][:, 1:])
+                return out
+            handles.append(block.mlp.register_forward_hook(new_out))
+        with torch.no_grad():
+            logits = hf(idx).logits
+        for h in handles:
+            h.remove()
+        return logits
+
+    def predict(layer, x):
+        tc, (s_in, s_out) = members[layer]
+        return tc(x.reshape(-1, d) * s_in)[0].view_as(x) / s_out
+
+    ce, kl, n_kl = {"clean": 0.0, "replaced": 0.0, "zero": 0.0}, 0.0, 0
+    for idx in batches:
+        with torch.no_grad():
+            clean = hf(idx).logits
+        runs = {"clean": clean, "replaced": hf_logits(idx, predict),
+                "zero": hf_logits(idx, lambda layer, x: torch.zeros_like(x))}
+        for name, logits in runs.items():
+            ce[name] += F.cross_entropy(logits[:, :-1].flatten(0, 1), idx[:, 1:].flatten(), reduction="sum").item()
+        logp, logq = F.log_softmax(clean, -1), F.log_softmax(runs["replaced"], -1)
+        kl += (logp.exp() * (logp - logq)).sum().item()
+        n_kl += idx.numel()
+    n_ce = sum(idx[:, 1:].numel() for idx in batches)
+    assert m["ce_clean"] == pytest.approx(ce["clean"] / n_ce, abs=1e-4)
+    assert m["ce_sae"] == pytest.approx(ce["replaced"] / n_ce, abs=1e-4)
+    assert m["ce_zero"] == pytest.approx(ce["zero"] / n_ce, abs=1e-4)
+    assert m["kl"] == pytest.approx(kl / n_kl, rel=1e-3) and m["kl"] > 1e-4
+    assert m["ce_increase"] == pytest.approx(m["ce_sae"] - m["ce_clean"])
+    # the same transcoders each spliced alone (evaluate) differ from the replacement of both: layer 2 reads another input
+    alone = sae.evaluate([members[layers[1]][0]], [sae.FeatureTracker(64, 1000)], members[layers[1]][1],
+                         dataclasses.replace(cfg, layer=layers[1]), model, batches)[0]
+    assert abs(alone["ce_sae"] - m["ce_sae"]) > 1e-4
+
+
 # -----------------------------------------------------------------------------
 # checkpoints: exact resume, sweeps committed together, old checkpoints, diverged runs
 
