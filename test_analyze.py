@@ -553,13 +553,14 @@ def smollm2_transcoder(cfg, d, seed):
     return tc.eval()
 
 
-def test_circuit_tracer_loads_the_export_of_smollm2_transcoders_and_attributes(smollm2_dir, tmp_path, monkeypatch):
+def test_circuit_tracer_loads_the_export_of_smollm2_transcoders_and_attributes(request, tmp_path, monkeypatch):
     """circuit-tracer 0.5.0 itself as the client (its own venv: $CIRCUIT_TRACER_PYTHON; skipped without it) loads the
     export of 30 random SmolLM2-135M transcoders (relu, jumprelu, batchtopk; skip paths on half) with
     ReplacementModel.from_pretrained(backend="nnsight"): its transcoders' encode and decode on our mlp_in give our
     features and prediction, its own hook (mlp.hook_in) on its own forward gives our features, and attribute() builds a
     graph whose replacement and completeness scores are finite and in [0, 1]."""
     python = circuit_tracer_python()
+    smollm2_dir = request.getfixturevalue("smollm2_dir")  # after the check: without circuit-tracer, no conversion
     monkeypatch.setattr(sae_kernels, "INTERPRET", False)  # the CPU paths: the kernels' tests are elsewhere; 30 s less
     model = sae.load_model(str(smollm2_dir))
     n_layer, d = model.config.n_layer, model.config.n_embd
