@@ -1,10 +1,12 @@
 """
 Reading trained SAEs and their logs, beside sae.py, which trains them and never imports this file (nanoGPT's
-train.py and sample.py): export to SAELens, steering, feature dashboards, the plots and tables of runs, and the LoRA
-fine-tune of the feature-persistence experiment. The job is named by --mode; the --key=value flags and config files
-are sae.py's (docs/flags.md), and a checkpoint is found as sae.py finds it (--out_dir, or --ckpt).
+train.py and sample.py): export to SAELens and circuit-tracer, steering, feature dashboards, the plots and tables
+of runs, and the LoRA fine-tune of the feature-persistence experiment. The job is named by --mode; the --key=value
+flags and config files are sae.py's (docs/flags.md), and a checkpoint is found as sae.py finds it (--out_dir, or
+--ckpt).
 
 $ python analyze.py --mode=export --out_dir=out --export_dir=export      # SAELens's cfg.json + safetensors
+$ python analyze.py --mode=export --export_format=circuit_tracer --out_dir=out/all --export_dir=$PWD/ct  # per layer
 $ python analyze.py --mode=steer --out_dir=out --feature=3 --scale=20 --prompt="The capital of France is"
 $ python analyze.py --mode=dashboard --out_dir=out --features=top_freq:50
 $ python analyze.py --mode=plot --plot_runs='logs/runs/*' --plot_dir=figures
@@ -27,8 +29,8 @@ import torch.nn.functional as F
 
 from sae import ARCH_KEYS, CONV1D_WEIGHTS, GPT, INIT_NORM, READER_MODES, SAE, SPARSITY_COEFF, DataLoaderLite, \
     TrainConfig, check_site, check_tokenizer, checkpoint_file, evaluate, is_transcoder, load_checkpoint, load_lm, \
-    log_evaluation, model_family, parse_overrides, prepare_runs, progress, resolve_runs, save_checkpoint, saved_config, \
-    site_width, sites_of, start_process, val_contexts, write_atomic, write_json
+    log_evaluation, model_family, parse_overrides, prepare_runs, progress, read_hf_config, resolve_runs, \
+    save_checkpoint, saved_config, site_width, sites_of, start_process, val_contexts, write_atomic, write_json
 
 # -----------------------------------------------------------------------------
 # config: sae.py's flags (a checkpoint's own, which the command line may override) and each mode's below
@@ -38,6 +40,8 @@ from sae import ARCH_KEYS, CONV1D_WEIGHTS, GPT, INIT_NORM, READER_MODES, SAE, SP
 class AnalyzeConfig(TrainConfig):
     # analyze.py's modes
     export_dir: str = "export"         # --mode=export writes cfg.json and sae_weights.safetensors here
+    export_format: str = "saelens"     # ... saelens (one SAE), or circuit_tracer (a transcoder per layer of a run's
+                                       # sweep: config.yaml and layer_{i}.safetensors; docs/research-helpers.md)
     feature: int = 0                   # --mode=steer: the feature ...
     scale: float = 10.0                # ... added with this many units of its decoder direction (normalised units)
     prompt: str = "The"                # ... after this prompt
@@ -58,8 +62,13 @@ class AnalyzeConfig(TrainConfig):
                                        # tokenizer and width
 
 
+EXPORT_FORMATS = ("saelens", "circuit_tracer")
+
+
 def check_analyze_config(cfg):
     """What each mode needs, as one-line ValueErrors (sae.check_config checks the rest)."""
+    if cfg.export_format not in EXPORT_FORMATS:
+        raise ValueError(f"--export_format={cfg.export_format}: valid values are {', '.join(EXPORT_FORMATS)}")
     if cfg.mode == "finetune" and (not cfg.finetune_dir or cfg.acts):
         raise ValueError("--mode=finetune needs --finetune_dir=DIR (and no --acts): it tunes the model of --init_from")
     if cfg.mode == "finetune" and min(cfg.finetune_iters, cfg.lora_rank, cfg.finetune_lr) <= 0:
@@ -176,6 +185,109 @@ def fold_input_norm_(weights, norm, layer, transcoder):
     weights.update(W_enc=g[:, None] * W_enc, b_enc=weights["b_enc"] + b @ W_enc)  # (d_in,) @ (d_in, d_sae)
     if "W_skip" in weights:
         weights.update(W_skip=weights["W_skip"] * g, b_dec=weights["b_dec"] + weights["W_skip"] @ b)  # (d_out, d_in) @ (d_in,)
+
+
+# circuit-tracer 0.5.0's per-layer transcoders (model_kind: transcoder_set; ../shared/notes/circuit-tracer.md): the
+# hooks it reads and writes for our (site, target_site) pairs, relative to block L. Both of its backends have them for
+# GPT-2 and the Llama family: TransformerLens's wraps each block's MLP in hook_in (the norm's output, gain and bias
+# included: our mlp_in, so no gain is folded, unlike SAELens's ln2.hook_normalized) and hook_out, and loads the model
+# uncentred (center_writing_weights=False: hook_mlp_out is our mlp_out); nnsight's maps them to the Llama's
+# post_attention_layernorm's output and input and the MLP's output (circuit_tracer/utils/tl_nnsight_mapping.py)
+CIRCUIT_TRACER_HOOKS = {("mlp_in", "mlp_out"): ("mlp.hook_in", "mlp.hook_out"),
+                        ("resid_mid", "mlp_out"): ("hook_resid_mid", "hook_mlp_out")}
+# each architecture's form there at inference: relu and vae (z = pre) a ReLU; jumprelu a JumpReLU x * (x > theta_i);
+# batchtopk and matryoshka a JumpReLU with their one threshold repeated. Its loader has neither a per-token top-k (no
+# threshold picks k features of every token) nor fsq's rounding
+CIRCUIT_TRACER_ARCH = {"relu": "relu", "vae": "relu", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+                       "matryoshka": "jumprelu"}
+
+
+def check_circuit_tracer_set(resolved):
+    """The one-line ValueErrors of a transcoder set circuit-tracer cannot load; -> (n_layer, the hooks)."""
+    pairs, models, widths = set(), set(), set()
+    for cfg, checkpoint in resolved:
+        name = f"layer {cfg.layer} ({os.path.basename(os.path.normpath(cfg.out_dir))})"
+        if not is_transcoder(cfg):
+            raise ValueError(f"--export_format=circuit_tracer exports transcoders; {name} is an SAE of {cfg.site} "
+                             f"(a transcoder has --target_site=mlp_out)")
+        if (cfg.site, cfg.target_site) not in CIRCUIT_TRACER_HOOKS:
+            raise ValueError(f"{name} reads {cfg.site} and predicts {cfg.target_site}; circuit-tracer's transcoders "
+                             f"read and write {', '.join(f'{a} -> {b}' for a, b in CIRCUIT_TRACER_HOOKS)}")
+        if cfg.arch not in CIRCUIT_TRACER_ARCH:
+            why = f"its code is rounded to {cfg.fsq_levels} levels" if cfg.arch == "fsq" else \
+                "its k features per token are no threshold's, and circuit-tracer's loader has no TopK"
+            raise ValueError(f"--arch={cfg.arch} has no circuit-tracer form ({why}); export supports "
+                             f"{', '.join(CIRCUIT_TRACER_ARCH)}")
+        if cfg.arch in ("batchtopk", "matryoshka") and checkpoint["sae"]["threshold"] == 0:
+            raise ValueError(f"{name}: the {cfg.arch} inference threshold was never estimated (it is 0); train longer")
+        if not has_model(cfg) or cfg.init_from == "scratch":
+            raise ValueError(f"{name} was trained on {cfg.acts or 'a random GPT-2 (--init_from=scratch)'}, which "
+                             f"circuit-tracer cannot load: it runs a saved model")
+        pairs.add((cfg.site, cfg.target_site)), models.add(cfg.init_from)
+        widths.add(checkpoint["sae"]["b_enc"].numel())
+    if len(pairs) > 1 or len(models) > 1:
+        raise ValueError(f"one transcoder set is one model's and one pair of sites; these have "
+                         f"{', '.join(sorted(models))} and {', '.join(f'{a} -> {b}' for a, b in sorted(pairs))}")
+    if len(widths) > 1:
+        raise ValueError(f"the transcoders have d_sae {', '.join(map(str, sorted(widths)))}; circuit-tracer's set "
+                         f"needs one width")
+    hf, _ = read_hf_config(cfg.init_from)  # the layer count, without reading any weights
+    n_layer = hf.get("num_hidden_layers", hf.get("n_layer"))
+    layers = sorted(c.layer for c, _ in resolved)
+    wrong = [(what, found) for what, found in (("missing", sorted(set(range(n_layer)) - set(layers))),
+             ("duplicated", sorted({i for i in layers if layers.count(i) > 1})),
+             ("out of range", [i for i in layers if i >= n_layer])) if found]
+    if wrong:  # its set hooks every block, and TranscoderSet asserts layers 0..max
+        raise ValueError(f"circuit-tracer needs one transcoder for each layer 0..{n_layer - 1} of {cfg.init_from}: "
+                         f"{', '.join(f'{what} {found}' for what, found in wrong)}")
+    return n_layer, CIRCUIT_TRACER_HOOKS[pairs.pop()]
+
+
+def export_circuit_tracer(resolved, export_dir):
+    """Writes a transcoder per layer as circuit-tracer 0.5.0 loads a transcoder_set: config.yaml and
+    layer_{i}.safetensors holding exactly W_enc (d_sae, d_model), read as F.linear(x, W_enc, b_enc), W_dec (d_sae,
+    d_model), b_enc, b_dec, and optionally W_skip (d_model, d_model), added as x @ W_skip^T, and
+    activation_function.threshold (d_sae,), a JumpReLU x * (x > threshold) (absent: ReLU); its loader refuses any other
+    key. The scales and b_in are folded as for SAELens (transcoder_weights). Nothing is written unless all are valid."""
+    from safetensors.torch import save_file
+    n_layer, (hook_in, hook_out) = check_circuit_tracer_set(resolved)
+    stale = [f for f in glob.glob(os.path.join(export_dir, "layer_*.safetensors"))
+             if os.path.basename(f) not in {f"layer_{i}.safetensors" for i in range(n_layer)}]
+    if stale:  # its loader reads every layer_*.safetensors of the directory (caching.load_transcoders_from_cache)
+        raise ValueError(f"{export_dir} holds {os.path.basename(stale[0])}, which circuit-tracer would load as a layer "
+                         f"of this set; export to an empty --export_dir")
+    skips = any(cfg.skip for cfg, _ in resolved)
+    layers = {}
+    for cfg, checkpoint in resolved:
+        sae, _, s_in = load_sae(checkpoint)  # free decoder norms folded: features in the unit-norm rows' units
+        w = transcoder_weights(sae, s_in, target_scale(checkpoint))
+        # its W_enc is ours transposed: (d_in, d_sae) -> (d_sae, d_in)
+        tensors = {"W_enc": w["W_enc"].T, "W_dec": w["W_dec"], "b_enc": w["b_enc"], "b_dec": w["b_dec"]}
+        if skips:  # its set has a skip path on every layer or on none (TranscoderSet.skip_connection is layer 0's):
+            # a layer without one gets W_skip = 0, which adds exactly nothing
+            tensors["W_skip"] = w.get("W_skip", torch.zeros(sae.d_out, sae.d_in))  # (d_out, d_in)
+        if CIRCUIT_TRACER_ARCH[cfg.arch] == "jumprelu":
+            # ours is relu(pre) * (pre > theta); its x * (x > theta) equals it for theta >= 0, and max(theta, 0) is
+            # exact for a negative learned one. batchtopk's global theta, repeated
+            theta = sae.threshold.detach().float().clamp_min(0)
+            tensors["activation_function.threshold"] = theta.expand(sae.b_enc.shape)
+        layers[cfg.layer] = {k: v.float().contiguous() for k, v in tensors.items()}
+    os.makedirs(export_dir, exist_ok=True)
+    cfg_path = os.path.join(export_dir, "config.yaml")
+    if os.path.exists(cfg_path):  # circuit-tracer takes config.yaml as "the set is complete": none while it is not
+        os.remove(cfg_path)
+    for i in range(n_layer):  # the temporary name is outside the loader's glob layer_*.safetensors
+        path = os.path.join(export_dir, f"layer_{i}.safetensors")
+        save_file(layers[i], path + ".tmp")
+        os.replace(path + ".tmp", path)
+    cfg, checkpoint = resolved[0]
+    ct_cfg = {"model_kind": "transcoder_set", "model_name": cfg.init_from, "feature_input_hook": hook_in,
+              "feature_output_hook": hook_out, "scan": f"gpt_sae/{os.path.basename(os.path.normpath(export_dir))}"}
+    # YAML by hand (no pyyaml here): flat keys, each value a JSON string, which YAML reads as a double-quoted scalar
+    write_atomic(cfg_path, lambda f: f.write("".join(f"{k}: {json.dumps(v)}\n" for k, v in ct_cfg.items())))
+    print(f"wrote {cfg_path} and layer_0..{n_layer - 1}.safetensors ({hook_in} -> {hook_out}, "
+          f"d_sae {layers[0]['b_enc'].numel()}, iter {checkpoint['iter_num']}); load it by its absolute path")
+    return ct_cfg
 
 
 @contextlib.contextmanager
@@ -1021,7 +1133,10 @@ def plot_results(cfg):
 # the command line: python analyze.py --mode=... [config/...py] [--key=value ...]
 
 def read_sae(cfg, checkpoint, resolved):
-    """The modes that read one trained SAE: export, steer, dashboard."""
+    """The modes that read one trained SAE: export, steer, dashboard (export to circuit-tracer reads a transcoder per
+    layer)."""
+    if cfg.mode == "export" and cfg.export_format == "circuit_tracer":
+        return export_circuit_tracer(resolved, cfg.export_dir)
     if len(resolved) > 1:
         raise ValueError(f"--mode={cfg.mode} reads one SAE; pass --ckpt=<out_dir>/<name>/ckpt.pt, one of "
                          f"{', '.join(os.path.basename(c.out_dir) for c, _ in resolved)}")

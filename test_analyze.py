@@ -331,6 +331,283 @@ def test_topk_transcoder_export_is_refused_in_one_line(tmp_path):
         analyze.export_saelens(checkpoint, str(tmp_path / "export"))
     assert not (tmp_path / "export").exists()
 
+# --- transcoders: export to circuit-tracer's transcoder_set (a transcoder per layer), its forward computed here and
+# circuit-tracer itself as the client
+
+@pytest.fixture(scope="module")
+def three_layer_llama(tmp_path_factory):
+    """A random 3-layer Llama saved by transformers, with norm gains far from 1: (its directory, our model of it)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=301, hidden_size=48, intermediate_size=72, num_hidden_layers=3,
+                                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                                      rms_norm_eps=1e-5, tie_word_embeddings=False)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)  # a gain folded where it must not be would show
+    out = tmp_path_factory.mktemp("three_layer_llama")
+    hf.save_pretrained(out)
+    return out, sae.load_model(str(out))
+
+
+def random_transcoder(cfg, d, seed):
+    """Our transcoder of cfg's kind with every parameter random (b_in, b_enc, b_dec, W_skip; free decoder norms for
+    relu; thresholds, some of jumprelu's negative), as SAE.from_config builds it from a checkpoint."""
+    torch.manual_seed(seed)
+    ours = SAE.from_config((d, d), cfg)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.3)
+        if cfg.arch == "jumprelu":
+            ours.threshold.uniform_(-0.3, 1.0)  # a negative threshold: ours still relus, circuit-tracer's JumpReLU not
+        if cfg.arch == "batchtopk":
+            ours.threshold.fill_(0.4)
+    return ours.eval()
+
+
+def write_transcoder_set(run, model_dir, layers, archs, skips, d=48, d_sae=40, site="mlp_in", scales=(2.5, 0.4),
+                         make=random_transcoder):
+    """run/layer{i}/ckpt.pt for each of layers and run/sweep.json, the layout of a sweep (sae.save_sweep_checkpoint);
+    scales: (s_in, s_out) for all, or a list of them by position -> [(layer, our transcoder)]."""
+    from dataclasses import asdict
+    runs, ours = [], []
+    for j, (i, arch, skip) in enumerate(zip(layers, archs, skips)):
+        out = run / (f"layer{i}" if layers.count(i) == 1 else f"layer{i}_{j}")
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = TrainConfig(init_from=str(model_dir), out_dir=str(out), layer=i, site=site, target_site="mlp_out",
+                          arch=arch, skip=skip, d_sae=d_sae, block_size=32)
+        tc = make(cfg, d, seed=j)
+        s_in, s_out = scales[j] if isinstance(scales, list) else scales
+        runs.append((cfg, {"config": asdict(cfg), "act_scale": s_in, "target_scale": s_out,
+                           "sae": tc.state_dict(), "iter_num": 7}))
+        ours.append((i, tc))
+    sae.save_sweep_checkpoint(str(run), runs, 7)
+    return ours
+
+
+def read_flat_yaml(path):
+    """config.yaml's flat `key: "value"` lines (independent of pyyaml, which the project does not have)."""
+    return {k: json.loads(v) for k, v in (line.split(": ", 1) for line in Path(path).read_text().splitlines())}
+
+
+def circuit_tracer_forward(w, x):
+    """circuit-tracer 0.5.0's SingleLayerTranscoder on x (N, d_model), as transcoder/single_layer_transcoder.py computes
+    it: pre = F.linear(x, W_enc, b_enc); JumpReLU pre * (pre > threshold) with a threshold, else ReLU;
+    y = f @ W_dec + b_dec (+ x @ W_skip^T)."""
+    pre = x @ w["W_enc"].T + w["b_enc"]                    # (N, d_model) @ (d_model, d_sae)
+    f = pre * (pre > w["activation_function.threshold"]) if "activation_function.threshold" in w else pre.relu()
+    y = f @ w["W_dec"] + w["b_dec"]                         # (N, d_sae) @ (d_sae, d_model)
+    return (y + x @ w["W_skip"].T if "W_skip" in w else y), f
+
+
+CT_SETS = {"relu": (("relu",) * 3, (False,) * 3), "relu_skip": (("relu",) * 3, (True,) * 3),
+           "jumprelu_skip": (("jumprelu",) * 3, (True,) * 3), "batchtopk": (("batchtopk",) * 3, (False,) * 3),
+           "mixed": (("jumprelu", "relu", "batchtopk"), (True, False, False))}
+
+
+@pytest.mark.parametrize("site", ["mlp_in", "resid_mid"])
+@pytest.mark.parametrize("kind", list(CT_SETS))
+def test_circuit_tracer_export_is_its_transcoder_forward_on_each_layer(kind, site, three_layer_llama, tmp_path):
+    """analyze.py --mode=export --export_format=circuit_tracer on a sweep of a transcoder per layer: config.yaml's keys
+    and hooks, exactly the keys its strict loader takes, and circuit-tracer's forward (computed here from the files)
+    on the model's own activation at the input hook gives our features and our prediction of mlp_out in model units.
+    mixed: a layer without a skip path gets W_skip = 0 (its set has one on every layer or none)."""
+    from safetensors.torch import load_file
+    model_dir, model = three_layer_llama
+    archs, skips = CT_SETS[kind]
+    ours = write_transcoder_set(tmp_path / "run", model_dir, [2, 0, 1], [archs[i] for i in (2, 0, 1)],
+                                [skips[i] for i in (2, 0, 1)], site=site)  # sweep order need not be layer order
+    r = run_sae("--mode=export", "--export_format=circuit_tracer", f"--out_dir={tmp_path / 'run'}",
+                f"--export_dir={tmp_path / 'ct'}")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "ct")) == ["config.yaml", "layer_0.safetensors", "layer_1.safetensors",
+                                                  "layer_2.safetensors"]
+    hooks = {"mlp_in": ("mlp.hook_in", "mlp.hook_out"), "resid_mid": ("hook_resid_mid", "hook_mlp_out")}[site]
+    assert read_flat_yaml(tmp_path / "ct" / "config.yaml") == {
+        "model_kind": "transcoder_set", "model_name": str(model_dir), "feature_input_hook": hooks[0],
+        "feature_output_hook": hooks[1], "scan": "gpt_sae/ct"}
+    idx = torch.randint(0, 301, (2, 16), generator=torch.Generator().manual_seed(0))
+    for layer, tc in ours:
+        w = {k: v.double() for k, v in load_file(tmp_path / "ct" / f"layer_{layer}.safetensors").items()}
+        jump = archs[layer] != "relu"
+        assert sorted(w) == sorted(["W_enc", "W_dec", "b_enc", "b_dec"] + ["W_skip"] * any(skips) +
+                                   ["activation_function.threshold"] * jump)
+        assert (w["W_enc"].shape, w["W_dec"].shape, w["b_enc"].shape, w["b_dec"].shape) == ((40, 48), (40, 48), (40,),
+                                                                                            (48,))
+        if not skips[layer] and any(skips):
+            assert not w["W_skip"].any()
+        with torch.no_grad():
+            acts = model.harvest(idx, layer, (site, "mlp_out")).reshape(-1, 96)  # [x_in | y] (N, 48 + 48)
+            y_hat, f = tc(acts[:, :48] * 2.5)  # ours reads s_in x and predicts s_out y
+        assert (f > 0).any() and (f == 0).any()
+        y_ct, f_ct = circuit_tracer_forward(w, acts[:, :48].double())
+        torch.testing.assert_close(f_ct.float(), f, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(y_ct.float(), y_hat / 0.4, atol=1e-4, rtol=1e-4)
+
+
+def test_circuit_tracer_export_refuses_what_it_cannot_load_in_one_line(three_layer_llama, tmp_path):
+    """A topk transcoder, an SAE, a missing layer, a duplicated one, unequal widths, another site pair and a bad
+    --export_format: each one line, and nothing written."""
+    from dataclasses import asdict
+    model_dir, _ = three_layer_llama
+    cases = {
+        "topk": (r"^--arch=topk has no circuit-tracer form \(its k features per token are no threshold's, and "
+                 r"circuit-tracer's loader has no TopK\); export supports relu, vae, jumprelu, batchtopk, matryoshka$",
+                 dict(layers=[0, 1, 2], archs=["relu", "topk", "relu"], skips=[False] * 3)),
+        "missing": (rf"^circuit-tracer needs one transcoder for each layer 0\.\.2 of {model_dir}: missing \[1\]$",
+                    dict(layers=[0, 2], archs=["relu"] * 2, skips=[False] * 2)),
+        "duplicated": (rf"^circuit-tracer needs one transcoder for each layer 0\.\.2 of {model_dir}: duplicated \[1\]$",
+                       dict(layers=[0, 1, 1, 2], archs=["relu"] * 4, skips=[False] * 4)),
+        "pair": (r"^layer 0 \(layer0\) reads mlp_in and predicts mlp_hidden; circuit-tracer's transcoders read and "
+                    r"write mlp_in -> mlp_out, resid_mid -> mlp_out$", None),
+        "sae": (r"^--export_format=circuit_tracer exports transcoders; layer 1 \(layer1\) is an SAE of mlp_in \(a "
+                r"transcoder has --target_site=mlp_out\)$", None),
+        "width": (r"^the transcoders have d_sae 16, 40; circuit-tracer's set needs one width$", None),
+    }
+    for name, (message, spec) in cases.items():
+        run = tmp_path / name
+        if spec:
+            write_transcoder_set(run, model_dir, **spec)
+        else:
+            write_transcoder_set(run, model_dir, [0, 1, 2], ["relu"] * 3, [False] * 3)
+            ckpt = torch.load(run / f"layer{0 if name == 'pair' else 1}" / "ckpt.pt", weights_only=True)
+            if name == "pair":  # a transcoder to another site (the same weights' shapes: only the config changes)
+                ckpt["config"]["target_site"] = "mlp_hidden"
+            elif name == "sae":  # an SAE of the layer's mlp_in
+                ckpt.update(sae=SAE(48, 40).state_dict(), config={**ckpt["config"], "target_site": ""})
+            else:  # a narrower transcoder at layer 1
+                ckpt["sae"] = SAE(48, 16, d_out=48).state_dict()
+                ckpt["config"]["d_sae"] = 16
+            torch.save(ckpt, run / f"layer{0 if name == 'pair' else 1}" / "ckpt.pt")
+        resolved = sae.resolve_runs([f"--out_dir={run}", "--mode=export"], analyze.AnalyzeConfig)
+        with pytest.raises(ValueError, match=message):
+            analyze.export_circuit_tracer(resolved, str(tmp_path / f"ct_{name}"))
+        assert not (tmp_path / f"ct_{name}").exists(), name
+    r = run_sae("--mode=export", "--export_format=neuronpedia", f"--out_dir={tmp_path / 'topk'}",
+                f"--export_dir={tmp_path / 'ct_cli'}")
+    assert r.returncode == 1 and r.stderr.strip() == ("error: --export_format=neuronpedia: valid values are saelens, "
+                                                      "circuit_tracer"), r.stderr
+    r = run_sae("--mode=export", "--export_format=circuit_tracer", f"--out_dir={tmp_path / 'topk'}",
+                f"--export_dir={tmp_path / 'ct_cli'}")
+    assert r.returncode == 1 and r.stderr.startswith("error: --arch=topk has no circuit-tracer form") and \
+        len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "ct_cli").exists()
+    r = run_sae("--mode=export", f"--out_dir={tmp_path / 'missing'}", f"--export_dir={tmp_path / 'ct_cli'}")
+    assert r.returncode == 1 and r.stderr.startswith("error: --mode=export reads one SAE"), r.stderr  # SAELens's: one
+
+
+# run in circuit-tracer's own venv ($CIRCUIT_TRACER_PYTHON): it imports none of our modules (that venv has its own
+# transformers); arrays come and go as .npy files in `work`
+CIRCUIT_TRACER_CLIENT = r"""
+import json, sys
+import numpy as np, torch
+from circuit_tracer import ReplacementModel, attribute
+from circuit_tracer.graph import compute_graph_scores
+model_dir, export_dir, work = sys.argv[1:]
+model = ReplacementModel.from_pretrained(model_dir, export_dir, backend="nnsight", device=torch.device("cpu"),
+                                         dtype=torch.float32)
+tcs = getattr(model.transcoders, "_module", model.transcoders)  # nnsight wraps it in an Envoy
+x = torch.from_numpy(np.load(f"{work}/x.npy"))  # (n_layers, T, d_model): our mlp_in
+ids = torch.from_numpy(np.load(f"{work}/ids.npy"))  # (T,)
+with torch.no_grad():
+    f = tcs.encode(x)  # (n_layers, T, d_transcoder)
+    y = tcs.decode(f, x)  # (n_layers, T, d_model)
+_, acts = model.get_activations(ids)  # its own hooks on its own forward of the model
+graph = attribute(ids, model, max_n_logits=3, desired_logit_prob=0.5, batch_size=32, max_feature_nodes=64)
+for name, a in (("f", f), ("y", y), ("acts", acts)):
+    np.save(f"{work}/{name}.npy", a.float().numpy())
+json.dump({"scores": [float(s) for s in compute_graph_scores(graph)], "n_layers": len(tcs),
+           "activations": [type(t.activation_function).__name__ for t in tcs], "skip": tcs.skip_connection,
+           "hooks": [tcs.feature_input_hook, tcs.feature_output_hook], "active": int(graph.active_features.shape[0])},
+          open(f"{work}/out.json", "w"))
+"""
+
+
+def circuit_tracer_python():
+    """$CIRCUIT_TRACER_PYTHON, an interpreter with circuit-tracer 0.5.0, or skipped (CI has none)."""
+    python = os.environ.get("CIRCUIT_TRACER_PYTHON")
+    if not python:
+        pytest.skip("CIRCUIT_TRACER_PYTHON is not set: an interpreter with circuit-tracer 0.5.0 "
+                    "(docs/research-helpers.md)")
+    if subprocess.run([python, "-c", "import circuit_tracer"], capture_output=True).returncode != 0:
+        pytest.skip(f"CIRCUIT_TRACER_PYTHON={python} cannot import circuit_tracer")
+    return python
+
+
+def smollm2_transcoder(cfg, d, seed):
+    """A transcoder of SmolLM2's width, random and sparse: unit encoder columns and b_enc = -1 (pre ~ N(-1, 1) at
+    E|x| = sqrt(d): about a sixth of the features fire), random biases, skip path, free decoder norms and thresholds."""
+    torch.manual_seed(seed)
+    tc = SAE.from_config((d, d), cfg)
+    with torch.no_grad():
+        tc.W_enc.copy_(torch.nn.functional.normalize(torch.randn_like(tc.W_enc), dim=0))  # (d, d_sae), unit columns
+        tc.b_enc.normal_(-1.0, 0.2), tc.b_in.normal_(0, 0.1), tc.b_dec.normal_(0, 0.1)
+        tc.W_dec.mul_(torch.empty(tc.W_dec.shape[0], 1).uniform_(0.5, 2.0))  # relu's free norms, folded at export
+        if cfg.skip:
+            tc.W_skip.normal_(0, 0.01)
+        if cfg.arch == "jumprelu":
+            tc.threshold.uniform_(0, 0.5)
+        if cfg.arch == "batchtopk":
+            tc.threshold.fill_(0.3)
+    return tc.eval()
+
+
+def test_circuit_tracer_loads_the_export_of_smollm2_transcoders_and_attributes(request, tmp_path, monkeypatch):
+    """circuit-tracer 0.5.0 itself as the client (its own venv: $CIRCUIT_TRACER_PYTHON; skipped without it) loads the
+    export of 30 random SmolLM2-135M transcoders (relu, jumprelu, batchtopk; skip paths on half) with
+    ReplacementModel.from_pretrained(backend="nnsight"): its transcoders' encode and decode on our mlp_in give our
+    features and prediction, its own hook (mlp.hook_in) on its own forward gives our features, and attribute() builds a
+    graph whose replacement and completeness scores are finite and in [0, 1]."""
+    python = circuit_tracer_python()
+    smollm2_dir = request.getfixturevalue("smollm2_dir")  # after the check: without circuit-tracer, no conversion
+    monkeypatch.setattr(sae_kernels, "INTERPRET", False)  # the CPU paths: the kernels' tests are elsewhere; 30 s less
+    model = sae.load_model(str(smollm2_dir))
+    n_layer, d = model.config.n_layer, model.config.n_embd
+    ids = torch.tensor([[0, 504, 3575, 282, 4649, 314, 7042, 30]])  # <|endoftext|> first, as our shards start
+    seen = {}  # every layer's mlp_in and mlp_out from one forward: the outputs of the modules SiteBlock names so
+    handles = [module.register_forward_hook(lambda m, args, out, key=(i, site): seen.update({key: out[0]}))
+               for i, block in enumerate(model.blocks) for site, module in (("mlp_in", block.mlp_norm),
+                                                                         ("mlp_out", block.mlp_out))]
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    acts = [torch.cat([seen[i, "mlp_in"], seen[i, "mlp_out"]], dim=-1) for i in range(n_layer)]  # each (T, 2 d)
+    # as harvest gives them, to fp32 rounding (2.8e-5 measured: the CPU matmul's blocking differs between the calls)
+    torch.testing.assert_close(acts[7], model.harvest(ids, 7, ("mlp_in", "mlp_out"))[0], atol=1e-4, rtol=1e-4)
+    x = torch.stack([a[:, :d] for a in acts])  # (n_layer, T, d)
+    scales = [(d ** 0.5 / a[:, :d].norm(dim=1).mean().item(), d ** 0.5 / a[:, d:].norm(dim=1).mean().item())
+              for a in acts]  # E|s x| = sqrt(d), as training normalises
+    ours = write_transcoder_set(tmp_path / "run", smollm2_dir, list(range(n_layer)),
+                                [("relu", "jumprelu", "batchtopk")[i % 3] for i in range(n_layer)],
+                                [i % 2 == 0 for i in range(n_layer)], d=d, d_sae=64, scales=scales,
+                                make=smollm2_transcoder)
+    resolved = sae.resolve_runs([f"--out_dir={tmp_path / 'run'}", "--mode=export"], analyze.AnalyzeConfig)
+    analyze.export_circuit_tracer(resolved, str(tmp_path / "ct"))
+    work = tmp_path / "work"
+    work.mkdir()
+    np.save(work / "x.npy", x.numpy()), np.save(work / "ids.npy", ids[0].numpy())
+    r = subprocess.run([python, "-c", CIRCUIT_TRACER_CLIENT, str(smollm2_dir), str(tmp_path / "ct"), str(work)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.load(open(work / "out.json"))
+    assert out["n_layers"] == n_layer and out["skip"] and out["hooks"] == ["mlp.hook_in", "mlp.hook_out"]
+    assert out["activations"] == [("function", "JumpReLU", "JumpReLU")[i % 3] for i in range(n_layer)]
+    f_ct, y_ct, acts_ct = (torch.from_numpy(np.load(work / f"{n}.npy")) for n in ("f", "y", "acts"))
+    for (layer, tc), (s_in, s_out) in zip(ours, scales):
+        with torch.no_grad():
+            y_hat, f = tc(x[layer] * s_in)
+        assert (f > 0).any() and (f == 0).any(), layer
+        torch.testing.assert_close(f_ct[layer], f, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(y_ct[layer], y_hat / s_out, atol=1e-4, rtol=1e-4)
+        # its forward runs transformers' SmolLM2, ours our own: the same model to fp32 rounding; position 0 it zeroes
+        assert not acts_ct[layer, 0].any()
+        torch.testing.assert_close(acts_ct[layer, 1:], f[1:], atol=2e-4, rtol=1e-3)  # 1.3e-5 measured
+    replacement, completeness = out["scores"]
+    assert 0 <= replacement <= 1 and 0 <= completeness <= 1 and out["active"] > 0, out
+
+
 
 @pytest.mark.parametrize("mode", ["add", "clamp"])
 def test_steering_a_transcoder_reads_its_input_and_writes_at_its_target(mode):
