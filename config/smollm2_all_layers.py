@@ -1,5 +1,5 @@
 # Issue 33: a transcoder per layer for all 30 layers of SmolLM2-135M from one forward a batch (--layers=all), mlp_in ->
-# mlp_out, topk at k 16 (so every set has the same mean L0), plain and with the skip path: the per-layer transcoder sets
+# mlp_out, batchtopk at k 16 (a mean L0 of 16 in training; circuit-tracer reads it as the JumpReLU its threshold makes), plain and with the skip path: the per-layer transcoder sets
 # that circuit-tracer reads (python analyze.py --mode=export --export_format=circuit_tracer). Each evaluation splices
 # each layer alone and then the replacement model of every layer at once (replacement.jsonl). Sized for 2 CPU cores:
 # 400 steps of 1,024 tokens, a buffer of 16,384 rows (30 x 1,152 columns, 2.3 GB), evaluation on 2,048 tokens.
@@ -9,7 +9,7 @@ out_dir = "out/smollm2_all_layers"
 layers = "all"
 site = "mlp_in"
 target_site = "mlp_out"
-arch = "topk"
+arch = "batchtopk"
 skip = [False, True]
 k = 16
 d_sae = 1152                       # 2 x 576 a layer
