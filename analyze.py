@@ -42,6 +42,8 @@ class AnalyzeConfig(TrainConfig):
     export_dir: str = "export"         # --mode=export writes cfg.json and sae_weights.safetensors here
     export_format: str = "saelens"     # ... saelens (one SAE), or circuit_tracer (a transcoder per layer of a run's
                                        # sweep: config.yaml and layer_{i}.safetensors; docs/research-helpers.md)
+    export_set: str = ""               # ... circuit_tracer, of a pass over layers that swept settings: the set exported,
+                                       # its runs' names less the layer (layer03-skipTrue: skipTrue)
     feature: int = 0                   # --mode=steer: the feature ...
     scale: float = 10.0                # ... added with this many units of its decoder direction (normalised units)
     prompt: str = "The"                # ... after this prompt
@@ -1132,11 +1134,23 @@ def plot_results(cfg):
 # -----------------------------------------------------------------------------
 # the command line: python analyze.py --mode=... [config/...py] [--key=value ...]
 
+def transcoder_set(resolved, name):
+    """The runs of one set of a pass over layers: a sweep's SAEs of one setting, named layerNN-<set> (a pass without a
+    sweep, layerNN, is the one set "all"); with several sets, --export_set names one."""
+    sets = {}
+    for cfg, checkpoint in resolved:
+        sets.setdefault(os.path.basename(cfg.out_dir).partition("-")[2] or "all", []).append((cfg, checkpoint))
+    if len(sets) > 1 and name not in sets:
+        raise ValueError(f"{os.path.dirname(resolved[0][0].out_dir)} holds {len(sets)} sets of transcoders; pick one "
+                         f"with --export_set: {', '.join(sets)}")
+    return sets[name] if len(sets) > 1 else resolved
+
+
 def read_sae(cfg, checkpoint, resolved):
     """The modes that read one trained SAE: export, steer, dashboard (export to circuit-tracer reads a transcoder per
     layer)."""
     if cfg.mode == "export" and cfg.export_format == "circuit_tracer":
-        return export_circuit_tracer(resolved, cfg.export_dir)
+        return export_circuit_tracer(transcoder_set(resolved, cfg.export_set), cfg.export_dir)
     if len(resolved) > 1:
         raise ValueError(f"--mode={cfg.mode} reads one SAE; pass --ckpt=<out_dir>/<name>/ckpt.pt, one of "
                          f"{', '.join(os.path.basename(c.out_dir) for c, _ in resolved)}")

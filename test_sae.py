@@ -980,7 +980,8 @@ def test_a_cache_of_every_layer_holds_each_layers_rows_and_trains_under_two_gloo
                                                                                              tmp_path):
     """--mode=cache --layers=all: each layer's mlp_in and mlp_out side by side in layer order, row for row against
     transformers' hooks; a transcoder per layer trained on it under two gloo processes matches one process of two
-    pieces bit for bit (test_two_gloo_processes_match_one says why pieces)."""
+    pieces bit for bit (test_two_gloo_processes_match_one says why pieces); the pass exports as circuit-tracer's
+    transcoder set (its format: test_analyze.py)."""
     saved, hf = tiny_llama
     cache = tmp_path / "cache"
     r = run_sae("--mode=cache", f"--init_from={saved}", f"--data_dir={llama_shards}", f"--cache_dir={cache}",
@@ -993,7 +994,7 @@ def test_a_cache_of_every_layer_holds_each_layers_rows_and_trains_under_two_gloo
     refs = [hf_site_activations(hf, ids, layer, ("mlp_in", "mlp_out")) for layer in (0, 1)]
     expect = torch.cat([ref[site] for ref in refs for site in ("mlp_in", "mlp_out")], dim=-1)[:, 1:].reshape(-1, 192)
     np.testing.assert_allclose(val, expect.numpy(), atol=1e-5, rtol=1e-4)
-    args = [f"--acts={cache}", "--skip=True", "--arch=topk", "--k=4", "--d_sae=96", "--batch_size=256", "--lr=0.003",
+    args = [f"--acts={cache}", "--skip=True", "--arch=batchtopk", "--k=4", "--d_sae=96", "--batch_size=256", "--lr=0.003",
             "--eval_tokens=256", "--max_iters=30", "--eval_interval=30", "--dead_window=1024", "--device=cpu"]
     r = run_sae(*args, f"--out_dir={tmp_path / 'one'}", "--micro_batches=2", env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
@@ -1005,6 +1006,10 @@ def test_a_cache_of_every_layer_holds_each_layers_rows_and_trains_under_two_gloo
         assert a["config"]["layer"] == int(name[5:]) and a["act_scale"] == b["act_scale"]
         for key in a["sae"]:
             assert torch.equal(a["sae"][key], b["sae"][key]), (name, key)
+    r = run_sae("--mode=export", "--export_format=circuit_tracer", f"--out_dir={tmp_path / 'one'}",
+                f"--export_dir={tmp_path / 'ct'}")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "ct")) == ["config.yaml", "layer_0.safetensors", "layer_1.safetensors"]
 
 
 # -----------------------------------------------------------------------------

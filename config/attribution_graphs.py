@@ -38,7 +38,7 @@ def draw(graph_json, path):
     import matplotlib.pyplot as plt
     graph = json.load(open(graph_json))
     nodes = {n["node_id"]: n for n in graph["nodes"]}
-    top = max(int(n["layer"]) for n in nodes.values() if n["layer"].isdigit())
+    top = max(int(n["layer"]) for n in nodes.values() if n["layer"].isdigit() and n["feature_type"] != "logit")
     y = lambda n: -1 if n["feature_type"] == "embedding" else top + 1 if n["feature_type"] == "logit" else int(n["layer"])
     x = lambda n: n["ctx_idx"] + 0.6 * (hash(n["node_id"]) % 101 / 100 - 0.5) * (n["feature_type"] not in ("embedding", "logit"))
     fig, ax = plt.subplots(figsize=(10, 7))
