@@ -6,7 +6,8 @@ copied key for key from the Hugging Face checkpoint) reads the tokens prepare.py
 `harvest` returns the activations at one (layer, site) and computes nothing past it; a shuffling buffer
 (or the activation cache, harvested once to disk) feeds them to an SAE trained with an L1, a JL (mean atanh |cos|
 between dictionary rows) or a hybrid loss through the ops of sae_kernels.py; with --target_site, a transcoder that
-reads one site and predicts a later one (the MLP's output from its input). Around it: evaluation
+reads one site and predicts a later one (the MLP's output from its input), and with --cross_layer a cross-layer
+transcoder whose layer-l features write every later layer's target. Around it: evaluation
 (FVU, L0, CE loss recovered, KL), dead-feature resampling, checkpoints and exact resume, data-parallel
 runs, several SAEs on one pass (sweeps). What reads a trained SAE (export to SAELens, steering, feature
 dashboards, plots, the LoRA fine-tune) is analyze.py's, which imports this file (never the other way round).
@@ -1758,7 +1759,8 @@ def sae_loss(sae, x, cfg, it, dead=None):
     over its prefixes); l1 = mean over the batch of sum over features of f; l0 = mean number of active features;
     the architecture's sparsity term (relu: l1, jumprelu: L0, vae: KL) with --loss=l1 or hybrid; jl = the JL mean
     of sae_kernels.jl_penalty with --loss=jl or hybrid; aux = AuxK (k-sparse architectures, dead (d_sae,) bool given);
-    fired (d_sae,) = how many of the batch activated each feature."""
+    jumprelu's pre-act loss with --pre_act_loss_coeff (dead given); fired (d_sae,) = how many of the batch activated
+    each feature. A CrossLayerTranscoder's terms are clt_terms' (its mse summed over target layers, L d_sae features)."""
     terms = (clt_terms if isinstance(sae, CrossLayerTranscoder) else ARCH_TERMS[sae.arch])(sae, x, cfg, it, dead)
     loss = terms.pop("recon", terms["mse"])
     if cfg.loss in ("l1", "hybrid") and "sparsity" in terms:
