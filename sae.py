@@ -6,7 +6,8 @@ copied key for key from the Hugging Face checkpoint) reads the tokens prepare.py
 `harvest` returns the activations at one (layer, site) and computes nothing past it; a shuffling buffer
 (or the activation cache, harvested once to disk) feeds them to an SAE trained with an L1, a JL (mean atanh |cos|
 between dictionary rows) or a hybrid loss through the ops of sae_kernels.py; with --target_site, a transcoder that
-reads one site and predicts a later one (the MLP's output from its input). Around it: evaluation
+reads one site and predicts a later one (the MLP's output from its input), and with --cross_layer a cross-layer
+transcoder whose layer-l features write every later layer's target. Around it: evaluation
 (FVU, L0, CE loss recovered, KL), dead-feature resampling, checkpoints and exact resume, data-parallel
 runs, several SAEs on one pass (sweeps). What reads a trained SAE (export to SAELens, steering, feature
 dashboards, plots, the LoRA fine-tune) is analyze.py's, which imports this file (never the other way round).
@@ -67,6 +68,10 @@ class TrainConfig:
     layer: int = 6                     # 0-indexed block; 6 is the middle of GPT-2 small, 15 of SmolLM2-135M
     layers: str = ""                   # several layers from one forward, an SAE or transcoder each: all, a range 0-29
                                        # or a list 3,7,11 ("" = --layer alone); each in out_dir/layerNN (docs/training.md)
+    cross_layer: bool = False          # with --layers and --target_site: one cross-layer transcoder, layer l's features
+                                       # writing every target l' >= l (docs/training.md "cross-layer transcoders")
+    clt_topk_scope: str = "layer"      # cross_layer topk, batchtopk, matryoshka: k per source layer, or all: the top
+                                       # k L over every layer's features (per token for topk, over the batch else)
     site: str = "mlp_in"               # one of SITES
     target_site: str = ""              # a transcoder's: the later site of the same layer it predicts from --site's
                                        # activation (mlp_out from mlp_in); "" = --site, an SAE (docs/training.md)
@@ -99,6 +104,11 @@ class TrainConfig:
     l0_coeff: float = 1.0              # jumprelu: on mean_batch L0
     jumprelu_bandwidth: float = 0.05   # jumprelu: width of the straight-through kernel, in normalised units
     jumprelu_init_threshold: float = 0.1  # jumprelu: every threshold's start
+    jumprelu_sparsity: str = "step"    # jumprelu: step (L0, Rajamanoharan et al. 2024) or tanh (sum_i tanh(c f_i |W_dec,i|),
+                                       # Anthropic, January 2025; SAELens's jumprelu_sparsity_loss_mode), both by l0_coeff
+    jumprelu_tanh_scale: float = 4.0   # jumprelu, tanh: c (SAELens's jumprelu_tanh_scale)
+    pre_act_loss_coeff: float = 0.0    # jumprelu: + this x mean_batch sum_dead relu(theta_i - pre_i) |W_dec,i| (Anthropic's
+                                       # anti-dead term, on dead features as SAELens); 0 = off; Anthropic used 3e-6
     matryoshka_prefixes: tuple = ()    # matryoshka: nested dictionary sizes; () = d_sae x (1, 3, 7, 15, 32) / 32
     fsq_levels: int = 8                # fsq: levels of each active feature's code, 0 (off) included
     kl_coeff: float = 1.0              # vae: on mean_batch sum_features KL(q(z_i | x) || prior)
@@ -142,6 +152,7 @@ class TrainConfig:
 
 
 LOSSES, JL_ON, DECAYS = ("l1", "jl", "hybrid"), ("dec", "enc"), ("constant", "cosine", "linear")
+JUMPRELU_SPARSITY, CLT_TOPK_SCOPES = ("step", "tanh"), ("layer", "all")
 READER_MODES = ("export", "steer", "dashboard", "plot", "finetune", "persistence", "overlap")  # analyze.py's
 MODES = ("train", "cache") + READER_MODES
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
@@ -237,7 +248,8 @@ AUXK_KEYS = ("k", "k_aux", "auxk_coeff")
 ARCH_KEYS = {  # the keys each architecture reads, its sparsity coefficient first (none for the k-sparse ones)
     "relu": ("l1_coeff", "l1_by_decoder_norm"), "topk": AUXK_KEYS, "batchtopk": AUXK_KEYS + ("threshold_rate",),
     "matryoshka": AUXK_KEYS + ("threshold_rate", "matryoshka_prefixes"), "fsq": AUXK_KEYS + ("fsq_levels",),
-    "jumprelu": ("l0_coeff", "jumprelu_bandwidth", "jumprelu_init_threshold"), "vae": ("kl_coeff", "vae_prior_mean")}
+    "jumprelu": ("l0_coeff", "jumprelu_bandwidth", "jumprelu_init_threshold", "jumprelu_sparsity", "jumprelu_tanh_scale",
+                 "pre_act_loss_coeff"), "vae": ("kl_coeff", "vae_prior_mean")}
 ARCHS = tuple(ARCH_KEYS)
 K_SPARSE = ("topk", "batchtopk", "matryoshka", "fsq")  # a code of about k features a token, decoded by gathering rows
 SPARSITY_COEFF = {"relu": "l1_coeff", "jumprelu": "l0_coeff", "vae": "kl_coeff"}
@@ -288,7 +300,8 @@ def expand_sweep(overrides):
 def check_config(cfg, world_size=1):
     """Invariants of a config, as one-line ValueErrors listing what is valid."""
     for key, valid in (("arch", ARCHS), ("loss", LOSSES), ("jl_on", JL_ON), ("decay", DECAYS), ("b_dec_init", B_DEC_INITS),
-                       ("mode", MODES), ("cache_dtype", CACHE_DTYPES), ("jl_form", JL_FORMS)):
+                       ("mode", MODES), ("cache_dtype", CACHE_DTYPES), ("jl_form", JL_FORMS),
+                       ("jumprelu_sparsity", JUMPRELU_SPARSITY), ("clt_topk_scope", CLT_TOPK_SCOPES)):
         if getattr(cfg, key) not in valid:
             raise ValueError(f"--{key}={getattr(cfg, key)!r}: valid values are {', '.join(valid)}")
     check_jl_form(cfg.jl_form, cfg.jl_power, cfg.jl_margin)  # --jl_power < 1 or a margin outside [0, 1)
@@ -308,6 +321,8 @@ def check_config(cfg, world_size=1):
     if cfg.layers and (cfg.acts.endswith(".npy") or os.path.isfile(cfg.acts)):
         raise ValueError(f"--acts={cfg.acts}: a .npy holds one layer; several layers train on the model's harvest or on "
                          f"an activation cache of them all (--mode=cache --layers={cfg.layers} --cache_dir=DIR)")
+    if cfg.cross_layer:
+        check_cross_layer(cfg)
     if cfg.batch_size % world_size:
         raise ValueError(f"--batch_size={cfg.batch_size} must divide evenly over {world_size} ranks")
     if cfg.micro_batches < 1 or cfg.batch_size % (world_size * cfg.micro_batches):
@@ -336,6 +351,28 @@ def check_config(cfg, world_size=1):
                              f"({cfg.d_sae})")
     if cfg.exclude_pos0 and cfg.block_size < 2:
         raise ValueError("--block_size must be at least 2 with --exclude_pos0=True")
+
+
+CLT_ARCHS = ("relu", "jumprelu", "topk", "batchtopk", "matryoshka")  # fsq and vae: no cross-layer meaning defined here
+
+
+def check_cross_layer(cfg):
+    """--cross_layer's refusals, each one line: it needs a later --target_site, --layers (at least 2: run_layers), an
+    activation cache or the model's harvest (a .npy holds one site of one layer), an architecture of CLT_ARCHS and
+    the architecture's own sparsity."""
+    if not is_transcoder(cfg):
+        raise ValueError("--cross_layer=True predicts each layer's --target_site from its --site: set a later "
+                         "--target_site (e.g. --site=mlp_in --target_site=mlp_out)")
+    if not cfg.layers:
+        raise ValueError("--cross_layer=True needs --layers naming at least 2 layers (e.g. --layers=all)")
+    if cfg.acts.endswith(".npy") or os.path.isfile(cfg.acts):
+        raise ValueError(f"--acts={cfg.acts}: a .npy holds one site of one layer; a cross-layer transcoder trains on "
+                         f"the model's harvest or an activation cache of every layer (--mode=cache --layers=...)")
+    if cfg.arch not in CLT_ARCHS:
+        raise ValueError(f"--arch={cfg.arch} has no cross-layer transcoder here: {', '.join(CLT_ARCHS)}")
+    if cfg.loss != "l1":
+        raise ValueError(f"--loss={cfg.loss}: a cross-layer transcoder trains with --loss=l1 (its architecture's "
+                         f"sparsity term); the JL penalty is not defined over its decoders")
 
 
 def is_transcoder(cfg):
@@ -1413,6 +1450,139 @@ class SAE(nn.Module):
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
+# A cross-layer transcoder (CLT; Ameisen et al. 2025, "Circuit tracing", transformer-circuits.pub/2025/attribution-
+# graphs/methods.html) over the L layers of --layers: layer l's d_sae features read layer l's input x_l and write the
+# target of every layer t >= l,
+#   pre_l = (x_l - b_in_l) @ W_enc_l + b_enc_l (N, d_sae),   f_l = the architecture's code of pre_l,
+#   y_hat_t = sum_{l <= t} f_l @ W_dec_l[:, (t - l) d_out : (t - l + 1) d_out] + b_dec_t (+ x_t @ W_skip_t^T).
+# W_dec_l (d_sae, (L - l) d_out) is one matrix: row i is feature i's decoders to layers l..L-1 side by side, and
+# |W_dec_l,i| (that concatenated row's norm) is the decoder norm of the sparsity terms; the unit-norm architectures
+# keep that concatenated row at norm 1. The k-sparse codes are selected per source layer (clt_topk_scope=layer: k a
+# layer) or over all L d_sae features (all: k L a token for topk, k L N over the batch for batchtopk and matryoshka,
+# one global threshold); matryoshka's prefixes nest within each layer's d_sae. A step's sparse decode gathers a
+# layer's selected rows into all its (L - l) d_out columns at once, so it costs with the L0, not with d_sae L^2.
+# Indices are per layer (i in 0..d_sae-1 of layer l); the tracker counts layer l's features at l d_sae + i.
+
+class CrossLayerTranscoder(nn.Module):
+    def __init__(self, n_layers, d_in, d_out, d_sae, arch="relu", k=32, free_norms=False, init_threshold=0.1,
+                 prefixes=(), init_norm=0.0, skip=False, scope="layer"):
+        super().__init__()
+        assert arch in CLT_ARCHS, f"no cross-layer {arch}"
+        self.arch, self.k, self.free_norms, self.prefixes, self.scope = arch, k, free_norms, prefixes, scope
+        self.n_layers, self.d_in, self.d_out, self.d_sae, self.skips, self.transcoder = n_layers, d_in, d_out, d_sae, skip, True
+        init_norm, L = init_norm or INIT_NORM[arch], n_layers
+        W_enc, W_dec = [], []
+        for l in range(L):  # the SAE's init, layer by layer: random unit rows, the encoder its own random directions
+            W_dec.append(nn.Parameter(F.normalize(torch.randn(d_sae, (L - l) * d_out), dim=1) *
+                                      (init_norm if free_norms else 1.0)))                    # (d_sae, (L - l) d_out)
+            W_enc.append(nn.Parameter((F.normalize(torch.randn(d_sae, d_in), dim=1).T * init_norm).contiguous()))
+        self.W_enc, self.W_dec = nn.ParameterList(W_enc), nn.ParameterList(W_dec)  # L x (d_in, d_sae), as above
+        self.b_enc = nn.Parameter(torch.zeros(L, d_sae))
+        self.b_in = nn.Parameter(torch.zeros(L, d_in))     # each source layer's input bias
+        self.b_dec = nn.Parameter(torch.zeros(L, d_out))   # each target layer's output bias
+        if skip:  # each target layer's linear path from its own input, (d_out, d_in) as the SAE's
+            self.W_skip = nn.ParameterList([nn.Parameter(torch.zeros(d_out, d_in)) for _ in range(L)])
+        if arch == "jumprelu":  # learned, per layer and feature
+            self.threshold = nn.Parameter(torch.full((L, d_sae), float(init_threshold)))
+        if arch in ("batchtopk", "matryoshka"):  # the inference thresholds, per layer (scope all: all equal)
+            self.register_buffer("threshold", torch.zeros(L, dtype=torch.float64))
+
+    @classmethod
+    def from_config(cls, widths, cfg, n_layers):
+        free_norms = cfg.l1_by_decoder_norm and cfg.arch == "relu"
+        return cls(n_layers, widths[0], widths[1], cfg.d_sae, cfg.arch, cfg.k, free_norms, cfg.jumprelu_init_threshold,
+                   matryoshka_prefixes(cfg.matryoshka_prefixes, cfg.d_sae), cfg.init_norm, cfg.skip, cfg.clt_topk_scope)
+
+    def groups(self):
+        """(encoder's parameters, decoder's) for Adam's two groups, as the SAE's."""
+        encoder = [*self.W_enc, self.b_enc, self.b_in] + ([self.threshold] if self.arch == "jumprelu" else [])
+        return encoder, [*self.W_dec, self.b_dec, *(self.W_skip if self.skips else [])]
+
+    def split(self, x):
+        """A row of every layer [x_0 | y_0 | x_1 | y_1 | ...] (N, L (d_in + d_out)) -> ([x_l (N, d_in)], y (N, L d_out)),
+        the targets in layer order."""
+        rows = x.view(len(x), self.n_layers, self.d_in + self.d_out)
+        return [rows[:, l, :self.d_in] for l in range(self.n_layers)], rows[:, :, self.d_in:].reshape(len(x), -1)
+
+    def pres(self, xs, start=0):
+        """[pre_l (N, d_sae)], fp32, of the inputs xs of layers start, start + 1, ..."""
+        return [linear(x - self.b_in[l], self.W_enc[l].T, self.b_enc[l]).float() for l, x in enumerate(xs, start)]
+
+    def norms(self):
+        """[|W_dec_l,i| (d_sae,)]: each feature's concatenated decoder row's norm."""
+        return [W.norm(dim=1) for W in self.W_dec]
+
+    def select(self, pres, training=False, rate=0.0):
+        """The k-sparse selections: [(indices (N, K), keep (N, K) bool)] per layer, indices within the layer. Scope all
+        selects over the layers' features side by side (each layer's entries then masked in the others' lists).
+        batchtopk, matryoshka in training: the batch's selection, and each threshold's EMA of its smallest kept value
+        (one for all with scope all, as the SAE's); at inference (thresholds estimated) use code()."""
+        d, L = self.d_sae, len(pres)
+        if self.scope == "all":
+            cat = torch.cat(pres, dim=1)  # (N, L d_sae)
+            if self.arch == "topk":
+                top, indices = cat.topk(self.k * L, dim=1)
+                keep, t = top > 0, None
+            else:
+                indices, keep, t = batch_topk_select(cat, self.k * L)
+                t = t.expand(L)
+            layer = indices // d
+            sel = [(torch.where(layer == l, indices - l * d, 0), keep & (layer == l)) for l in range(L)]
+        elif self.arch == "topk":
+            sel = [(lambda top, i: (i, top > 0))(*pre.topk(self.k, dim=1)) for pre in pres]
+            t = None
+        else:
+            picks = [batch_topk_select(pre, self.k) for pre in pres]
+            sel, t = [(i, keep) for i, keep, _ in picks], torch.stack([p[2] for p in picks])
+        if training and t is not None:  # tensor ops, no Python branch on a value (sparse_terms says why)
+            th = self.threshold
+            ema = torch.where(th == 0, t, th + rate * (t - th))
+            th.copy_(torch.where(t > 0, ema, th))
+        return sel
+
+    def code(self, pres, start=0):
+        """The inference codes [f_l (N, d_sae)] of the pre-activations of layers start, start + 1, ... (topk with scope
+        all: of all L layers at once)."""
+        if self.arch == "relu":
+            return [pre.relu() for pre in pres]
+        if self.arch == "jumprelu":
+            return [pre.relu() * (pre > th) for pre, th in zip(pres, self.threshold[start:])]
+        if self.arch != "topk" and (self.threshold > 0).all():  # a JumpReLU of each layer's threshold
+            return [pre * (pre > th) for pre, th in zip(pres, self.threshold[start:])]
+        return [torch.zeros_like(pre).scatter_(1, i, pre.gather(1, i) * keep)
+                for pre, (i, keep) in zip(pres, self.select(pres))]
+
+    def skip_out(self, xs):
+        """[x_t @ W_skip_t^T] side by side (N, L d_out), or 0 without skip paths."""
+        return torch.cat([linear(x, W) for x, W in zip(xs, self.W_skip)], dim=1) if self.skips else 0
+
+    def decode(self, parts):
+        """parts: [layer l's writes (N, (L - l) d_out)] -> their sum in target columns + b_dec (N, L d_out)."""
+        return self.b_dec.reshape(-1) + sum(F.pad(part, (l * self.d_out, 0)) for l, part in enumerate(parts))
+
+    def predict(self, fs, xs, t):
+        """Target t's y_hat_t (N, d_out) from the codes and inputs of layers 0..t (the replacement forward's)."""
+        cols = lambda l: slice((t - l) * self.d_out, (t - l + 1) * self.d_out)
+        y = self.b_dec[t] + sum(f @ self.W_dec[l][:, cols(l)] for l, f in enumerate(fs[:t + 1]))
+        return y + linear(xs[t], self.W_skip[t]) if self.skips else y
+
+    def forward(self, xs):
+        """[x_l (N, d_in)] -> (y_hat (N, L d_out), [f_l (N, d_sae)]), dense codes (evaluation)."""
+        fs = self.code(self.pres(xs))
+        return self.decode([f @ W for f, W in zip(fs, self.W_dec)]) + self.skip_out(xs), fs
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self):  # the SAE's, on each concatenated row
+        for W in self.W_dec:
+            if W.grad is not None:
+                W.grad -= (W.grad * W).sum(dim=1, keepdim=True) * W
+
+    @torch.no_grad()
+    def unit_norm_decoder_(self):
+        for W in self.W_dec:
+            W.div_(W.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
 @torch.no_grad()
 def geometric_median(x, iters=100, eps=1e-8):
     """Weiszfeld's algorithm: argmin_y sum_i |x_i - y|, x (N, d) -> (d,). Starts at the mean."""
@@ -1487,10 +1657,28 @@ def jumprelu_terms(sae, x, cfg, it, dead):
     eps = cfg.jumprelu_bandwidth
     f = JumpReLU.apply(pre, sae.threshold, eps)
     x_hat = f @ sae.W_dec + sae.b_dec + sae.skip_out(x)           # (N, d_sae) @ (d_sae, d_out)
-    l0 = Step.apply(pre, sae.threshold, eps).sum(dim=1).mean()
     active = f.detach() > 0
-    return {"mse": mse_of(x_hat, y), "l1": f.sum(dim=1).mean(), "sparsity": l0, "l0": l0.detach(),
-            "fired": active.sum(dim=0)}
+    terms = {"mse": mse_of(x_hat, y), "l1": f.sum(dim=1).mean(), "fired": active.sum(dim=0)}
+    return {**terms, **jumprelu_sparsity(pre, f, sae.threshold, sae.W_dec.norm(dim=1), cfg, dead)}
+
+
+def jumprelu_sparsity(pre, f, threshold, norms, cfg, dead):
+    """JumpReLU's sparsity terms of pre, f (N, d_sae), threshold and decoder norms (d_sae,): "sparsity", per token
+    summed over features and averaged over the batch, either step, L0 = H(pre - theta) through Step's estimator
+    (Rajamanoharan et al. 2024), or tanh, tanh(c f_i |W_dec,i|), its gradient through JumpReLU's (Anthropic, January
+    2025 update, transformer-circuits.pub/2025/january-update; SAELens 6's jumprelu_sparsity_loss_mode="tanh",
+    sae_lens/saes/jumprelu_sae.py); "l0", the count; and with --pre_act_loss_coeff and dead (d_sae,) bool, "pre_act" =
+    relu(theta_i - pre_i) |W_dec,i| over the dead features (Anthropic's term, on dead features only as SAELens's
+    calculate_pre_act_loss)."""
+    if cfg.jumprelu_sparsity == "tanh":
+        terms = {"sparsity": torch.tanh(cfg.jumprelu_tanh_scale * f * norms).sum(dim=1).mean(),
+                 "l0": (f.detach() > 0).sum(dim=1).float().mean()}
+    else:
+        l0 = Step.apply(pre, threshold, cfg.jumprelu_bandwidth).sum(dim=1).mean()
+        terms = {"sparsity": l0, "l0": l0.detach()}
+    if cfg.pre_act_loss_coeff > 0 and dead is not None:
+        terms["pre_act"] = ((threshold - pre).relu() * dead * norms).sum(dim=1).mean()
+    return terms
 
 
 def vae_terms(sae, x, cfg, it, dead):
@@ -1508,6 +1696,60 @@ def vae_terms(sae, x, cfg, it, dead):
             "fired": active.sum(dim=0)}
 
 
+def clt_terms(clt, x, cfg, it, dead):
+    """A cross-layer transcoder's terms on rows of every layer x (N, L (d_in + d_out)): mse summed over the target
+    layers (each in its own normalised units), sparsity as its architecture's over all L d_sae features with the
+    concatenated rows' norms (relu: sum f_i |W_dec_l,i| with free norms; jumprelu: jumprelu_sparsity's), AuxK per source
+    layer (each layer's k_aux largest dead pre-activations, decoded into its targets, fit the residual of all targets
+    together), matryoshka's prefixes within each layer. dead (L d_sae,) bool or None."""
+    xs, y = clt.split(x)                                   # [(N, d_in)], (N, L d_out)
+    skip, L = clt.skip_out(xs), clt.n_layers
+    dead = dead.view(L, -1) if dead is not None else [None] * L
+    if clt.arch in ("relu", "jumprelu"):  # dense codes, with autograd
+        pres = clt.pres(xs)
+        fs = [pre.relu() if clt.arch == "relu" else JumpReLU.apply(pre, th, cfg.jumprelu_bandwidth)
+              for pre, th in zip(pres, clt.threshold if clt.arch == "jumprelu" else pres)]
+        y_hat = clt.decode([f @ W for f, W in zip(fs, clt.W_dec)]) + skip  # (N, d_sae) @ (d_sae, (L - l) d_out)
+        terms = {"mse": mse_of(y_hat, y), "l1": sum(f.sum(dim=1) for f in fs).mean(),
+                 "fired": torch.cat([(f.detach() > 0).sum(dim=0) for f in fs])}
+        norms = clt.norms()
+        if clt.arch == "relu":
+            l1 = sum((f * n if clt.free_norms else f).sum(dim=1) for f, n in zip(fs, norms)).mean()
+            terms.update(sparsity=l1, l1=l1, l0=sum((f.detach() > 0).sum(dim=1) for f in fs).float().mean())
+        else:
+            parts = [jumprelu_sparsity(*a, cfg, d) for a, d in zip(zip(pres, fs, clt.threshold, norms), dead)]
+            terms.update({k: sum(p[k] for p in parts) for k in parts[0]})
+        return terms
+    with torch.no_grad():
+        pres = clt.pres(xs)  # [(N, d_sae)]: the step's dense matmuls
+    sel = clt.select(pres, clt.training, cfg.threshold_rate)
+    values = [sparse_encode(x, W, b, b_in, i, pre=pre) * keep for x, W, b, b_in, pre, (i, keep) in
+              zip(xs, clt.W_enc, clt.b_enc, clt.b_in, pres, sel)]  # [(N, K)], with gradients
+    decode = lambda vals: clt.decode([sparse_decode(i, v, W) for (i, _), v, W in zip(sel, vals, clt.W_dec)]) + skip
+    y_hat = decode(values)                                 # (N, L d_out)
+    mse = mse_of(y_hat, y)
+    fired = torch.zeros(L * clt.d_sae, dtype=torch.int64, device=x.device)
+    for l, (i, keep) in enumerate(sel):
+        fired.index_add_(0, (i + l * clt.d_sae).flatten(), keep.flatten().long())
+    terms = {"mse": mse, "l1": sum(v.sum(dim=1) for v in values).mean(),
+             "l0": sum(keep.sum(dim=1) for _, keep in sel).float().mean(), "fired": fired}
+    if clt.arch == "matryoshka":  # each layer's prefix of each size; the full dictionaries are the last
+        inner = [mse_of(decode([v * (i < size) for (i, _), v in zip(sel, values)]), y) for size in clt.prefixes[:-1]]
+        terms["recon"] = (sum(inner) + mse) / len(clt.prefixes)
+    if cfg.auxk_coeff > 0 and dead[0] is not None:
+        aux_parts = []
+        for l, (pre, d) in enumerate(zip(pres, dead)):
+            dead_ids = d.nonzero().squeeze(1)  # a wait for the GPU a layer
+            if len(dead_ids):
+                aux_top, aux_at = pre[:, dead_ids].topk(min(cfg.k_aux, len(dead_ids)), dim=1)  # (N, k_aux)
+                aux_i = dead_ids[aux_at]
+                aux_v = sparse_encode(xs[l], clt.W_enc[l], clt.b_enc[l], clt.b_in[l], aux_i, pre=pre) * (aux_top > 0)
+                aux_parts.append(F.pad(sparse_decode(aux_i, aux_v, clt.W_dec[l]), (l * clt.d_out, 0)))
+        if aux_parts:
+            terms["aux"] = mse_of(sum(aux_parts), (y - y_hat).detach())
+    return terms
+
+
 ARCH_TERMS = {"relu": relu_terms, "jumprelu": jumprelu_terms, "vae": vae_terms,
               **{arch: sparse_terms for arch in K_SPARSE}}
 
@@ -1517,11 +1759,14 @@ def sae_loss(sae, x, cfg, it, dead=None):
     over its prefixes); l1 = mean over the batch of sum over features of f; l0 = mean number of active features;
     the architecture's sparsity term (relu: l1, jumprelu: L0, vae: KL) with --loss=l1 or hybrid; jl = the JL mean
     of sae_kernels.jl_penalty with --loss=jl or hybrid; aux = AuxK (k-sparse architectures, dead (d_sae,) bool given);
-    fired (d_sae,) = how many of the batch activated each feature."""
-    terms = ARCH_TERMS[sae.arch](sae, x, cfg, it, dead)
+    jumprelu's pre-act loss with --pre_act_loss_coeff (dead given); fired (d_sae,) = how many of the batch activated
+    each feature. A CrossLayerTranscoder's terms are clt_terms' (its mse summed over target layers, L d_sae features)."""
+    terms = (clt_terms if isinstance(sae, CrossLayerTranscoder) else ARCH_TERMS[sae.arch])(sae, x, cfg, it, dead)
     loss = terms.pop("recon", terms["mse"])
     if cfg.loss in ("l1", "hybrid") and "sparsity" in terms:
         loss = loss + sparsity_coeff_at(cfg, it) * terms["sparsity"]
+    if "pre_act" in terms:  # jumprelu's anti-dead term, not warmed up (SAELens's pre_act_loss_coefficient is not)
+        loss = loss + cfg.pre_act_loss_coeff * terms.pop("pre_act")
     if "aux" in terms:
         loss = loss + cfg.auxk_coeff * terms["aux"]
     terms["jl"] = torch.zeros((), device=x.device)
@@ -1574,7 +1819,8 @@ def train_step(run, x, it, autocast, world_size=1):
     lr_mult = get_lr_mult(run.cfg, it)
     for group, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
         group["lr"] = base_lr * lr_mult
-    dead = run.tracker.dead() if run.cfg.arch in K_SPARSE else None
+    reads_dead = run.cfg.arch in K_SPARSE or run.cfg.arch == "jumprelu" and run.cfg.pre_act_loss_coeff > 0
+    dead = run.tracker.dead() if reads_dead else None
     loss, terms, fired = backward_in_pieces(run.train_sae, run.optimizer, x, run.cfg, it, dead, autocast)
     run.finite = run.finite & torch.isfinite(loss)  # read at log steps and saves (check_finite)
     sae_update(run.sae, run.optimizer, run.cfg, world_size)
@@ -1902,6 +2148,106 @@ def evaluate_replacement(model, sets, cfg, val_batches):
 
 
 @torch.no_grad()
+def evaluate_clt(clt, tracker, scales, cfg, layers, model=None, val_batches=(), val_acts=None):
+    """A cross-layer transcoder's metrics, in normalised units (scales: two lists, each layer's input's and target's):
+    mse summed over the targets as in training; fvu = sum |y - y_hat|^2 / sum |y - mean y|^2 over every target, and
+    fvu_by_layer {layer: that target's}; l0 and l1 over all L d_sae features (l1 weighted by the concatenated rows'
+    norms); the tracker's dead and dense fractions; mean max |cos| of each layer's concatenated rows, averaged. With
+    the model: CE clean, with every target replaced at once (clt_replacement_forward), with every target zero-ablated,
+    ce_recovered and kl, as evaluate()'s (no metrics by position). -> metrics"""
+    L, device = len(layers), clt.b_dec.device
+    row_scale = torch.cat([torch.full((d,), float(sc)) for a, t in zip(*scales)
+                           for d, sc in ((clt.d_in, a), (clt.d_out, t))]).to(device)  # (L (d_in + d_out),)
+    s = {"n": 0, "sq_err": torch.zeros(L, dtype=torch.float64), "sum_y": torch.zeros(L, clt.d_out, dtype=torch.float64),
+         "sq_y": torch.zeros(L, dtype=torch.float64), "l0": 0.0, "l1": 0.0}
+    ce = dict.fromkeys(("ce_clean", "ce_sae", "ce_zero", "kl", "n_ce", "n_kl"), 0.0)
+    def score(rows):  # rows (N, L (d_in + d_out)) in normalised units
+        xs, y = clt.split(rows)
+        y_hat, fs = clt(xs)
+        y, err = y.double().view(len(y), L, -1), (y - y_hat).double().view(len(y), L, -1)  # (N, L, d_out)
+        s["n"] += len(y)
+        s["sq_err"] += err.pow(2).sum(dim=(0, 2)).cpu()
+        s["sum_y"] += y.sum(dim=0).cpu()
+        s["sq_y"] += y.pow(2).sum(dim=(0, 2)).cpu()
+        s["l0"] += sum((f > 0).sum().item() for f in fs)
+        s["l1"] += sum((f * n).double().sum().item() for f, n in zip(fs, clt.norms()))
+    if val_acts is not None:
+        for i in range(0, len(val_acts), cfg.batch_size):
+            score(val_acts[i:i + cfg.batch_size].to(device) * row_scale)
+    keep = slice(1, None) if cfg.exclude_pos0 else slice(None)
+    sites = tuple(itertools.product(layers, sites_of(cfg)))  # (layer, site) in forward order: input, target, ...
+    for idx in val_batches:
+        captured = []
+        def capture(act):
+            captured.append(act[:, keep].float())
+            return act
+        h_clean = model(idx, tuple(layers), sites_of(cfg), capture, head=False)
+        score(torch.cat(captured, dim=-1).reshape(-1, L * (clt.d_in + clt.d_out)) * row_scale)
+        calls = iter(range(len(sites)))  # odd calls are targets
+        h_zero = model(idx, tuple(layers), sites_of(cfg), lambda act: zero_positions(act, keep) if next(calls) % 2
+                       else act, head=False)
+        clean_inputs = None if clt.arch != "topk" or clt.scope != "all" else \
+            [c.reshape(-1, clt.d_in) * a for c, a in zip(captured[::2], scales[0])]
+        h_clt = clt_replacement_forward(model, idx, clt, cfg, scales, layers, clean_inputs)
+        targets = F.pad(idx[:, 1:], (0, 1), value=-1).reshape(-1)  # (B*T,) next tokens; -1: none
+        flat = lambda h: h.reshape(-1, h.shape[-1])
+        for part in (slice(i, i + EVAL_POSITIONS) for i in range(0, len(targets), EVAL_POSITIONS)):
+            logp = [F.log_softmax(model.lm_head(flat(h)[part]), -1) for h in (h_clean, h_clt, h_zero)]  # (P, vocab)
+            for key, lp in zip(("ce_clean", "ce_sae", "ce_zero"), logp):
+                ce[key] += F.nll_loss(lp, targets[part], ignore_index=-1, reduction="sum").item()
+            ce["kl"] += F.kl_div(logp[1], logp[0], log_target=True, reduction="sum").item()
+            ce["n_ce"] += (targets[part] >= 0).sum().item()
+            ce["n_kl"] += len(logp[0])
+    n = max(s["n"], 1)
+    variance = s["sq_y"] - s["sum_y"].pow(2).sum(dim=1) / n  # (L,)
+    freq = tracker.freq()
+    metrics = {"mse": s["sq_err"].sum().item() / n, "fvu": s["sq_err"].sum().item() / max(variance.sum().item(), 1e-12),
+               "fvu_by_layer": {str(layer): s["sq_err"][i].item() / max(variance[i].item(), 1e-12)
+                                for i, layer in enumerate(layers)},
+               "l0": s["l0"] / n, "l1": s["l1"] / n, "dead_frac": tracker.dead().float().mean().item(),
+               "dense_frac": (freq > cfg.dense_threshold).float().mean().item(),
+               "mean_max_cos": sum(mean_max_cosine(W) for W in clt.W_dec) / L}
+    if ce["n_ce"]:
+        metrics.update({k: ce[k] / ce["n_ce"] for k in ("ce_clean", "ce_sae", "ce_zero")}, kl=ce["kl"] / ce["n_kl"])
+        gap = metrics["ce_zero"] - metrics["ce_clean"]
+        metrics["ce_recovered"] = (metrics["ce_zero"] - metrics["ce_sae"]) / gap if gap else float("nan")
+    return metrics
+
+
+def zero_positions(act, keep):
+    """act with the positions keep (a slice of T) zeroed: the ablation."""
+    act = act.clone()
+    act[:, keep] = 0
+    return act
+
+
+def clt_replacement_forward(model, idx, clt, cfg, scales, layers, inputs=None, head=False):
+    """The model with every layer's target (--target_site) replaced by the CLT's prediction, in one forward: at layer
+    l's --site the input is captured (unchanged), at its target y_hat_l is made from the codes of layers 0..l
+    (CrossLayerTranscoder.predict) and written at the positions the CLT reads; the forward visits layer l's site before
+    its target, so the inputs are the replaced model's own. inputs [x_l (B T', d_in)] normalised: use these instead
+    (topk over all layers selects across layers, so it reads the clean run's). scales: the CLT's two lists. -> the
+    final hidden state (B, T, C), or the logits with head."""
+    assert inputs is not None or clt.arch != "topk" or clt.scope != "all", "topk over all layers reads given inputs"
+    keep = slice(1, None) if cfg.exclude_pos0 else slice(None)
+    xs, fs, calls = list(inputs or []), [], iter(range(2 * len(layers)))
+    def edit(act):
+        l, is_target = divmod(next(calls), 2)
+        rows = act[:, keep]                                       # (B, T', C)
+        if not is_target:
+            if inputs is None:
+                xs.append(rows.reshape(-1, rows.shape[-1]).float() * scales[0][l])  # (B T', d_in), normalised
+            return act
+        if len(fs) <= l:  # the codes of the layers read since the last target (all of them at once, given inputs)
+            fs.extend(clt.code(clt.pres(xs[len(fs):], len(fs)), len(fs)))
+        y_hat = clt.predict(fs, xs, l) / scales[1][l]             # (B T', d_out), the model's units
+        act = act.clone()
+        act[:, keep] = y_hat.view(rows.shape).to(act.dtype)
+        return act
+    return model(idx, tuple(layers), sites_of(cfg), edit, head=head)
+
+
+@torch.no_grad()
 def mean_max_cosine(W, block=1024):
     """Mean over rows of the largest |cos| with any other row, W (n, d); blocked so memory is block x n."""
     W = F.normalize(W.float(), dim=1)
@@ -1926,7 +2272,7 @@ def log10_freq_histogram(freq, bins=50):
 # where it stopped, with its saved config
 
 # what a resumed run cannot change: the SAE's shape and the meaning of the saved data position
-LOCKED_ON_RESUME = ("d_sae", "layer", "layers", "site", "target_site", "skip", "acts", "init_from", "n_layer", "n_head", "n_embd", "block_size",
+LOCKED_ON_RESUME = ("d_sae", "layer", "layers", "cross_layer", "site", "target_site", "skip", "acts", "init_from", "n_layer", "n_head", "n_embd", "block_size",
                     "batch_size", "buffer_tokens", "harvest_batch", "exclude_pos0", "normalize", "seed")
 
 
@@ -1967,11 +2313,17 @@ def resolve_runs(argv, config_class=TrainConfig):
             scalars = from_cache_manifest(base.acts, scalars)
             base, overrides = replace(base, **scalars), {**overrides, **scalars}
         runs = expand_sweep(overrides)
-        if base.layers and base.mode == "train":  # one SAE (or a sweep's) per layer, named after it, layer by layer
+        if base.cross_layer and base.mode == "train":  # one CLT (or a sweep's) reads every layer of the row
+            check_cross_layer(base)
+            layers = run_layers(base)
+            if len(layers) < 2:
+                raise ValueError(f"--layers={base.layers} names {len(layers)} layer: a cross-layer transcoder needs at "
+                                 f"least 2")
+            runs = [(name, {**run, "layer": layers[0]}) for name, run in runs]
+        elif base.layers and base.mode == "train":  # one SAE (or a sweep's) per layer, named after it, layer by layer
             # a cache's layers are the ones it holds (checked against its model when it was written); a .npy holds
             # one, which check_config says
-            layers = read_cache_manifest(base.acts)["layers"] if os.path.isdir(base.acts) else [base.layer] if \
-                base.acts else parse_layers(base.layers, model_n_layer(base))
+            layers = run_layers(base)
             named = lambda layer, name: "-".join([f"layer{layer:02d}"] * (len(layers) > 1) + [name] * bool(name))
             runs = [(named(layer, name), {**run, "layer": layer}) for layer in layers for name, run in runs]
         return [(replace(base, **{**run, "out_dir": os.path.join(base.out_dir, name) if name else base.out_dir}), None)
@@ -1996,6 +2348,14 @@ def resolve_runs(argv, config_class=TrainConfig):
             raise ValueError(f"cannot change {', '.join(changed)} of a saved run; start a new --out_dir instead")
         runs.append((replace(saved, **scalars), checkpoint))
     return runs
+
+
+def run_layers(cfg):
+    """The layers a --layers run reads: a cache's are the ones it holds (checked against its model when it was
+    written); a .npy holds one (check_config refuses it with --layers); else --layers of the model's."""
+    if cfg.acts:
+        return read_cache_manifest(cfg.acts)["layers"] if os.path.isdir(cfg.acts) else [cfg.layer]
+    return parse_layers(cfg.layers, model_n_layer(cfg))
 
 
 def from_cache_manifest(cache_dir, scalars):
@@ -2086,24 +2446,28 @@ class Run:
     """One SAE of the process, with what is its own: config (cfg.out_dir is its directory), Adam (two groups, so
     the encoder and decoder rates can differ), feature tracker, and its checkpoint's state when resuming."""
 
-    def __init__(self, cfg, checkpoint, widths, device, sweep=False):
+    def __init__(self, cfg, checkpoint, widths, device, sweep=False, n_layers=1):
         self.cfg, self.prefix = cfg, f"{os.path.basename(cfg.out_dir)} | " if sweep else ""
         torch.manual_seed(cfg.seed)  # the same init on every rank, in every run of this seed, for every SAE of a sweep
-        self.sae = sae = SAE.from_config(widths, cfg).to(device)
-        # an architecture's per-feature parameters (and a transcoder's input bias) learn at the encoder's rate, the
-        # skip path, which writes the target, at the decoder's
-        encoder = [sae.W_enc, sae.b_enc, *sae.latent_params()] + ([sae.b_in] if sae.transcoder else [])
-        decoder = [sae.W_dec, sae.b_dec] + ([sae.W_skip] if sae.skips else [])
+        if cfg.cross_layer:  # one CLT over the n_layers layers of the rows
+            self.sae = sae = CrossLayerTranscoder.from_config(widths, cfg, n_layers).to(device)
+            encoder, decoder = sae.groups()
+        else:
+            self.sae = sae = SAE.from_config(widths, cfg).to(device)
+            # an architecture's per-feature parameters (and a transcoder's input bias) learn at the encoder's rate, the
+            # skip path, which writes the target, at the decoder's
+            encoder = [sae.W_enc, sae.b_enc, *sae.latent_params()] + ([sae.b_in] if sae.transcoder else [])
+            decoder = [sae.W_dec, sae.b_dec] + ([sae.W_skip] if sae.skips else [])
         self.optimizer = torch.optim.Adam([{"params": encoder, "lr": cfg.lr_enc or cfg.lr},
                                            {"params": decoder, "lr": cfg.lr_dec or cfg.lr}], betas=(cfg.beta1, cfg.beta2))
         # not fused=True: 8% of a bf16 CPU step faster, but its results differ in the last bits from one process to
         # the next (a resumed run or a sweep's SAE then leaves its uninterrupted twin; seen in the resume tests)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.tracker = FeatureTracker(cfg.d_sae, cfg.dead_window, device=device)
+        self.tracker = FeatureTracker(cfg.d_sae * (n_layers if cfg.cross_layer else 1), cfg.dead_window, device=device)
         self.train_sae = torch.compile(self.sae) if cfg.compile else self.sae
         # whether every loss since iteration `checked` was finite, kept on the device (check_finite reads it)
         self.finite, self.checked = torch.ones((), dtype=torch.bool, device=device), 0
-        self.scales = (1.0, 1.0)  # its layer's (input's, target's) normalisation, set by set_scales
+        self.scales = (1.0, 1.0)  # its layer's (input's, target's) normalisation, set by set_scales (a CLT's: two lists)
         if checkpoint:
             self.scales = (checkpoint["act_scale"], checkpoint.get("target_scale", checkpoint["act_scale"]))
             self.sae.load_state_dict(checkpoint["sae"])
@@ -2220,14 +2584,15 @@ def prepare_runs(ctx, resolved, checkpoint):
     with the activation scale and b_dec estimated from a first sample. Rank 0 writes each SAE's config and starts
     wandb. -> the iteration to start at"""
     cfg, device = ctx.cfg, ctx.device
-    ctx.layers = tuple(sorted({run_cfg.layer for run_cfg, _ in resolved}))
+    ctx.layers = tuple(sorted({layer for run_cfg, _ in resolved for layer in
+                               (run_layers(run_cfg) if run_cfg.cross_layer else [run_cfg.layer])}))
     ctx.source, ctx.widths, ctx.model, ctx.val_batches, ctx.val_acts = activation_source(cfg, device, ctx.autocast,
                                                                                          ctx.rank, ctx.world, ctx.layers)
-    ctx.runs = [Run(run_cfg, run_checkpoint, ctx.widths, device, sweep=len(resolved) > 1)
+    ctx.runs = [Run(run_cfg, run_checkpoint, ctx.widths, device, sweep=len(resolved) > 1, n_layers=len(ctx.layers))
                 for run_cfg, run_checkpoint in resolved]
     if checkpoint:
         iter_num = checkpoint["iter_num"]
-        set_scales(ctx, {run.cfg.layer: run.scales for run in ctx.runs})  # each SAE's checkpoint has its layer's
+        set_scales(ctx, {layer: scale for run in ctx.runs for layer, scale in run_scales(ctx, run).items()})
         if not cfg.eval_only:
             ctx.source.start(checkpoint["data"])
             torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -2255,12 +2620,21 @@ def column_scales(widths, scale, target_scale, device):
     return torch.cat([torch.full((d_in,), float(scale)), torch.full((d_out,), float(target_scale))]).to(device)
 
 
+def run_scales(ctx, run):
+    """{layer: (input's scale, target's)} of the layers a run reads: its layer's, or each of a CLT's (its scales are
+    two lists, in ctx.layers' order)."""
+    if run.cfg.cross_layer:
+        return {layer: (run.scales[0][i], run.scales[1][i]) for i, layer in enumerate(ctx.layers)}
+    return {run.cfg.layer: run.scales}
+
+
 def set_scales(ctx, scales):
-    """scales {layer: (input's scale, target's)}: each SAE's (run.scales), the first layer's as ctx.scale and
-    ctx.target_scale, and the batches' row_scale: column_scales of one layer, or each layer's block of columns
-    scaled by its own, (L (d_in + d_out),)."""
+    """scales {layer: (input's scale, target's)}: each SAE's (run.scales; a CLT's every layer's, as two lists), the
+    first layer's as ctx.scale and ctx.target_scale, and the batches' row_scale: column_scales of one layer, or each
+    layer's block of columns scaled by its own, (L (d_in + d_out),)."""
     for run in ctx.runs:
-        run.scales = scales[run.cfg.layer]
+        run.scales = ([scales[l][0] for l in ctx.layers], [scales[l][1] for l in ctx.layers]) if run.cfg.cross_layer \
+            else scales[run.cfg.layer]
     ctx.scale, ctx.target_scale = scales[ctx.layers[0]]
     if len(ctx.layers) == 1:
         ctx.row_scale = column_scales(ctx.widths, ctx.scale, ctx.target_scale, ctx.device)
@@ -2289,14 +2663,16 @@ def start_scales_and_biases(ctx):
     set_scales(ctx, {layer: (s[0], s[-1]) for layer, s in scales.items()})
     initial = {"zeros": lambda x: torch.zeros(x.shape[1], device=x.device), "mean": lambda x: x.mean(dim=0),
                "geometric_median": geometric_median}
-    for layer, init in dict.fromkeys((run.cfg.layer, run.cfg.b_dec_init) for run in ctx.runs):  # each once a sweep
+    reads = lambda run: ctx.layers if run.cfg.cross_layer else (run.cfg.layer,)
+    for layer, init in dict.fromkeys((l, run.cfg.b_dec_init) for run in ctx.runs for l in reads(run)):  # once a sweep
         for (name, part), part_scale in zip(parts[layer].items(), scales[layer]):
             value = initial[init](part * part_scale)
             for run in ctx.runs:
-                if run.cfg.layer == layer and run.cfg.b_dec_init == init:
-                    getattr(run.sae, name).data.copy_(value)
+                if layer in reads(run) and run.cfg.b_dec_init == init:
+                    bias = getattr(run.sae, name).data  # a CLT's: (L, d), this layer's row
+                    (bias[ctx.layers.index(layer)] if run.cfg.cross_layer else bias).copy_(value)
                     if ctx.ddp:  # ranks saw different samples: rank 0's for all
-                        dist.broadcast(getattr(run.sae, name).data, src=0)
+                        dist.broadcast(bias, src=0)
 
 
 def train(ctx, start_iter):
@@ -2317,9 +2693,11 @@ def train(ctx, start_iter):
         if it in cfg.resample_iters:
             resample_runs(ctx, it)
         x = ctx.source.next_batch().to(ctx.device, non_blocking=True) * ctx.row_scale  # (per_rank, L (d_in (+ d_out)))
-        log_now, stats, rows = it % cfg.log_interval == 0 or it == cfg.max_iters - 1, [], ctx.blocks(x)
+        log_now, stats = it % cfg.log_interval == 0 or it == cfg.max_iters - 1, []
+        rows = ctx.blocks(x) if not all(run.cfg.cross_layer for run in ctx.runs) else {}  # a CLT reads the whole row
         for run in ctx.runs:
-            loss, terms, lr_mult = train_step(run, rows[run.cfg.layer], it, ctx.autocast, ctx.world)
+            loss, terms, lr_mult = train_step(run, x if run.cfg.cross_layer else rows[run.cfg.layer], it, ctx.autocast,
+                                              ctx.world)
             if log_now:  # (loss and its terms (5,), lr)
                 stats.append((torch.stack([loss.detach(), *(terms[k].detach() for k in ("mse", "l1", "jl", "l0"))]),
                               run.base_lrs[-1] * lr_mult))
@@ -2335,14 +2713,19 @@ def evaluate_runs(ctx, it):
     ablation's cost, 0.10 nats at SmolLM2's layer 15 mlp_in, and bf16 forwards moved CE there by 0.0015 nats
     (2,032 tokens), 1.5% of that cost. A layer's SAEs are evaluated together, spliced in at their layer alone.
     Each SAE's metrics logged (log_evaluation)."""
+    for run in (run for run in ctx.runs if run.cfg.cross_layer):  # a CLT reads and writes every layer at once
+        log_evaluation(run, it, evaluate_clt(run.sae, run.tracker, run.scales, run.cfg, ctx.layers, ctx.model,
+                                             ctx.val_batches, ctx.val_acts))
     for layer in ctx.layers:
-        runs = [run for run in ctx.runs if run.cfg.layer == layer]
+        runs = [run for run in ctx.runs if run.cfg.layer == layer and not run.cfg.cross_layer]
+        if not runs:
+            continue
         val_acts = ctx.val_acts[:, ctx.columns(layer)] if ctx.val_acts is not None else None
         all_metrics = evaluate([run.sae for run in runs], [run.tracker for run in runs], runs[0].scales, runs[0].cfg,
                                ctx.model, ctx.val_batches, val_acts)
         for run, metrics in zip(runs, all_metrics):
             log_evaluation(run, it, metrics)
-    if len(ctx.layers) > 1 and ctx.val_batches:
+    if len(ctx.layers) > 1 and ctx.val_batches and not all(run.cfg.cross_layer for run in ctx.runs):
         evaluate_replacement_runs(ctx, it)
 
 
@@ -2350,7 +2733,8 @@ def evaluate_replacement_runs(ctx, it):
     """--layers: the replacement model of each set of a sweep's SAEs (one per layer, named alike but for the layer)
     evaluated (evaluate_replacement), appended to replacement.jsonl beside the runs' directories and printed."""
     sets = {}
-    for run in ctx.runs:  # layer03-topk-k16 is in set topk-k16; a pass without a sweep is one set, "all"
+    for run in (run for run in ctx.runs if not run.cfg.cross_layer):  # a CLT is its own replacement (evaluate_clt)
+        # layer03-topk-k16 is in set topk-k16; a pass without a sweep is one set, "all"
         name = os.path.basename(run.cfg.out_dir).partition("-")[2] or "all"
         sets.setdefault(name, {})[run.cfg.layer] = (run.sae, run.scales)
     results = evaluate_replacement(ctx.model, sets, ctx.cfg, ctx.val_batches)
@@ -2399,7 +2783,7 @@ def save_runs(ctx, it):
 def resample_runs(ctx, it):
     """Towards Monosemanticity's resampling of each dense-code SAE's dead features (the k-sparse ones have AuxK)."""
     import torch.distributed as dist
-    resampled = [run for run in ctx.runs if run.cfg.arch not in K_SPARSE]
+    resampled = [run for run in ctx.runs if run.cfg.arch not in K_SPARSE and not run.cfg.cross_layer]  # a CLT: none
     if not resampled:
         return
     x = ctx.source.sample(ctx.cfg.resample_samples, torch.Generator().manual_seed(ctx.cfg.seed + it)).to(ctx.device)

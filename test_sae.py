@@ -190,6 +190,36 @@ def test_layers_are_read_as_ranges_and_lists_and_bad_ones_are_refused_in_one_lin
     assert not (tmp_path / "out").exists()
 
 
+def test_cross_layer_settings_that_are_not_defined_are_refused_in_one_line(tmp_path):
+    """--cross_layer=True needs a later --target_site, --layers of at least 2 layers, the harvest or a cache (not a
+    .npy), an architecture with a CLT meaning (not fsq, vae) and --loss=l1; each refused in one line, exit 1."""
+    scratch = ["--init_from=scratch", "--n_layer=3", "--n_head=2", "--n_embd=32", "--cross_layer=True",
+               f"--out_dir={tmp_path / 'out'}"]
+    clt = [*scratch, "--target_site=mlp_out", "--layers=all"]
+    np.save(tmp_path / "x.npy", np.zeros((10, 32), dtype=np.float32))
+    for flags, expect in ((scratch + ["--layers=all"], "--cross_layer=True predicts each layer's --target_site from its"),
+                          (scratch + ["--target_site=mlp_out"], "--cross_layer=True needs --layers naming at least 2"),
+                          (scratch + ["--target_site=mlp_out", "--layers=1"], "--layers=1 names 1 layer: a cross-layer"),
+                          (clt + [f"--acts={tmp_path / 'x.npy'}"], "a .npy holds one site of one layer"),
+                          (clt + ["--arch=fsq"], "--arch=fsq has no cross-layer transcoder here"),
+                          (clt + ["--arch=vae"], "--arch=vae has no cross-layer transcoder here"),
+                          (clt + ["--loss=hybrid"], "--loss=hybrid: a cross-layer transcoder trains with --loss=l1"),
+                          (clt + ["--clt_topk_scope=some"], "--clt_topk_scope='some': valid values are layer, all"),
+                          (clt + ["--arch=jumprelu", "--jumprelu_sparsity=l0"], "--jumprelu_sparsity='l0': valid")):
+        if flags[-1].startswith("--clt_topk") or flags[-1].startswith("--jumprelu"):  # check_config's, at the start
+            with pytest.raises(ValueError, match=re.escape(expect)):
+                sae.check_config(sae.resolve_runs(flags)[0][0])
+            continue
+        with pytest.raises(ValueError, match=re.escape(expect)):
+            sae.resolve_runs(flags)
+    r = run_sae(*clt, "--arch=vae")  # through the command line: one line, exit 1, nothing trained
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "--arch=vae has no cross-layer" in lines[0], r.stderr
+    assert not (tmp_path / "out").exists()
+    run_cfg = sae.resolve_runs([*clt, "--arch=topk,batchtopk"])  # not one run per layer: one per sweep combination
+    assert [(c.out_dir, c.layer) for c, _ in run_cfg] == [(str(tmp_path / "out" / a), 0) for a in ("topk", "batchtopk")]
+
+
 @pytest.mark.parametrize("script", ["sae.py", "analyze.py", "bench.py"])
 def test_help_lists_every_flag_with_its_default_and_comment(script):
     import inspect
@@ -1183,6 +1213,114 @@ def test_jumprelu_straight_through_gradients_by_hand():
     torch.testing.assert_close(ours["W_dec"], f.T @ dx_hat, atol=1e-5, rtol=1e-4)
 
 
+def straight_through(pre, theta, eps, value):
+    """value, with the rectangle estimators' threshold gradient by hand (Rajamanoharan et al. 2024, eq. 11): value=f,
+    pre H(pre - theta), df/dtheta = -(theta / eps) K and df/dpre = H; value=step, H, dH/dtheta = -(1 / eps) K, dH/dpre
+    = 0; K = 1[|pre - theta| < eps / 2]. Each as a surrogate whose autograd gives those slopes."""
+    on, near = (pre > theta).float().detach(), ((pre - theta).abs() < eps / 2).float().detach()
+    slope = -(theta ** 2) / (2 * eps) * near if value == "f" else -theta / eps * near  # d/dtheta: the estimators
+    base = pre * on if value == "f" else on
+    return base + slope - slope.detach()
+
+
+def test_jumprelu_tanh_sparsity_and_pre_act_loss_match_their_definitions():
+    """--jumprelu_sparsity=tanh: l0_coeff sum_i tanh(c f_i |W_dec,i|) (Anthropic, January 2025; SAELens's tanh mode), its
+    gradient through JumpReLU's estimator; --pre_act_loss_coeff: sum over dead i of relu(theta_i - pre_i) |W_dec,i|."""
+    model = random_sae("jumprelu", init_threshold=0.3)
+    with torch.no_grad():
+        model.threshold.uniform_(0.1, 0.5)
+        model.W_dec.mul_(torch.rand(40, 1) + 0.5)  # norms other than 1, so that they count
+    x, dead = torch.randn(31, 10) * 2, torch.rand(40) < 0.3
+    cfg = TrainConfig(arch="jumprelu", l0_coeff=0.7, l1_warmup_iters=1, jumprelu_bandwidth=0.2, jumprelu_sparsity="tanh",
+                      jumprelu_tanh_scale=3.0, pre_act_loss_coeff=0.05)
+    loss, terms, _ = sae.sae_loss(model, x, cfg, it=0, dead=dead)
+    ours = grads_of(loss, model)
+    pre = (x - model.b_dec) @ model.W_enc + model.b_enc
+    f, norms = straight_through(pre, model.threshold, 0.2, "f"), model.W_dec.norm(dim=1)
+    reference = ((f @ model.W_dec + model.b_dec - x) ** 2).sum(1).mean() + 0.7 * torch.tanh(3.0 * f * norms).sum(1).mean() \
+        + 0.05 * ((model.threshold - pre).relu() * dead * norms).sum(1).mean()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5) and "pre_act" not in terms
+    for name, grad in grads_of(reference, model).items():
+        torch.testing.assert_close(ours[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+CLT_CASES = [("relu", "layer", "cpu"), ("jumprelu", "layer", "cpu")] + [
+    (arch, scope, pytest.param(path, marks=pytest.mark.skipif(path == "triton" and not sae_kernels.INTERPRET,
+                                                                reason="Triton on the CPU needs TRITON_INTERPRET=1")))
+    for arch, scope in (("topk", "layer"), ("topk", "all"), ("batchtopk", "layer"), ("batchtopk", "all"),
+                        ("matryoshka", "layer")) for path in ("triton", "cpu")]
+
+
+@pytest.mark.parametrize("arch,scope,path", CLT_CASES, indirect=["path"])
+def test_cross_layer_transcoder_losses_and_gradients_match_dense_references(arch, scope, path):
+    """A skip CLT over L = 3 layers (d_in 6, d_out 5, 16 features a layer) against its definitions written with loops
+    over source and target layers and dense codes: pre_l = (x_l - b_in_l) W_enc_l + b_enc_l; y_hat_t = sum_{l <= t} f_l
+    W_dec_l[:, cols of t] + b_dec_t + x_t W_skip_t^T; mse summed over targets; relu: + l1 sum f_li |W_dec_l,i| (free
+    norms); jumprelu: + tanh sparsity and pre-act loss with the concatenated rows' norms; topk, batchtopk: k per layer
+    or k L over all layers; matryoshka: prefixes within each layer; AuxK per source layer on the residual of every
+    target. The loss and every parameter's gradient by autograd."""
+    L, d_in, d_out, m, k, N, prefixes = 3, 6, 5, 16, 3, 23, (4, 9, 16)
+    torch.manual_seed(1)
+    clt = sae.CrossLayerTranscoder(L, d_in, d_out, m, arch, k, free_norms=arch == "relu", init_threshold=0.3,
+                                   prefixes=prefixes, skip=True, scope=scope)
+    with torch.no_grad():
+        for p in (clt.b_enc, clt.b_dec, clt.b_in, *clt.W_skip):
+            p.normal_(0, 0.3)
+        for W in clt.W_dec:
+            W.mul_(torch.rand(m, 1) + 0.5 if arch in ("relu", "jumprelu") else 1.0)  # free norms, or norms counted
+        if arch == "jumprelu":
+            clt.threshold.uniform_(0.1, 0.5)
+    x, dead = torch.randn(N, L * (d_in + d_out)) * 2, torch.rand(L * m) < 0.3
+    cfg = TrainConfig(arch=arch, k=k, k_aux=4, auxk_coeff=0.25, matryoshka_prefixes=prefixes, l1_coeff=0.7,
+                      l0_coeff=0.7, l1_warmup_iters=1, jumprelu_bandwidth=0.2, jumprelu_sparsity="tanh",
+                      jumprelu_tanh_scale=3.0, pre_act_loss_coeff=0.05, clt_topk_scope=scope)
+    loss, terms, fired = sae.sae_loss(clt, x, cfg, it=0, dead=dead if arch != "relu" else None)
+    ours = grads_of(loss, clt)
+    # the definitions
+    rows = x.view(N, L, d_in + d_out)
+    xs, ys = rows[:, :, :d_in], rows[:, :, d_in:]
+    pres = [(xs[:, l] - clt.b_in[l]) @ clt.W_enc[l] + clt.b_enc[l] for l in range(L)]  # (N, 6) @ (6, 16)
+    select = topk_dense if arch == "topk" else batch_topk_dense
+    if arch == "relu":
+        fs = [pre.relu() for pre in pres]
+    elif arch == "jumprelu":
+        fs = [straight_through(pre, clt.threshold[l], 0.2, "f") for l, pre in enumerate(pres)]
+    elif scope == "all":
+        fs = list(select(torch.cat(pres, dim=1), k * L).split(m, dim=1))
+    else:
+        fs = [select(pre, k) for pre in pres]
+    def y_hat(fs, t, bias=True):  # target t's prediction from the codes of layers 0..t
+        out = sum(fs[l] @ clt.W_dec[l][:, (t - l) * d_out:(t - l + 1) * d_out] for l in range(t + 1))
+        return out + clt.b_dec[t] + xs[:, t] @ clt.W_skip[t].T if bias else out
+    mse_of = lambda fs: sum(((y_hat(fs, t) - ys[:, t]) ** 2).sum(1).mean() for t in range(L))
+    mse = mse_of(fs)
+    norms = [W.norm(dim=1) for W in clt.W_dec]  # the concatenated rows'
+    if arch == "relu":
+        reference = mse + 0.7 * sum((f * n).sum(1) for f, n in zip(fs, norms)).mean()
+    elif arch == "jumprelu":
+        reference = mse + 0.7 * sum(torch.tanh(3.0 * f * n).sum(1) for f, n in zip(fs, norms)).mean() + 0.05 * sum(
+            ((clt.threshold[l] - pres[l]).relu() * dead[l * m:(l + 1) * m] * norms[l]).sum(1) for l in range(L)).mean()
+    else:
+        recon = mse if arch != "matryoshka" else sum(mse_of([f * (torch.arange(m) < p) for f in fs])
+                                                     for p in prefixes) / len(prefixes)
+        f_aux = []
+        for l, pre in enumerate(pres):
+            top = pre.masked_fill(~dead[l * m:(l + 1) * m], float("-inf")).topk(4, dim=1)
+            f_aux.append(torch.zeros_like(pre).scatter(1, top.indices, top.values.relu()))
+        aux = sum(((y_hat(f_aux, t, bias=False) - (ys[:, t] - y_hat(fs, t)).detach()) ** 2).sum(1).mean()
+                  for t in range(L))
+        reference = recon + 0.25 * aux
+        assert terms["aux"].item() == pytest.approx(aux.item(), rel=1e-5)
+        assert fired.tolist() == torch.cat([(f > 0).sum(0) for f in fs]).tolist()
+    assert terms["mse"].item() == pytest.approx(mse.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert terms["l0"].item() == pytest.approx(sum((f > 0).sum(1) for f in fs).float().mean().item())
+    expected = grads_of(reference, clt)
+    assert set(ours) == set(expected) >= {"b_in", "W_skip.2", "W_dec.0", "W_enc.2"}
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_fsq_code_is_on_its_levels_with_straight_through_gradients():
     torch.manual_seed(0)
     values = (torch.randn(50, 4) * 3).requires_grad_(True)
@@ -1641,6 +1779,51 @@ def test_evaluation_by_position_bucket_matches_a_direct_computation(monkeypatch)
             assert got["ce_recovered"] == pytest.approx((got["ce_zero"] - got["ce_sae"]) / (got["ce_zero"] - got["ce_clean"]))
 
 
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_a_cross_layer_transcoders_replacement_forward_matches_hooks_written_by_hand(arch):
+    """clt_replacement_forward against torch forward hooks on the modules themselves: at layers 0 and 2 of a 3-layer
+    GPT, ln_2's output (mlp_in) read and scaled, c_proj's (mlp_out) replaced after position 0 by the CLT's prediction
+    from the inputs read so far, written out from the definitions with loops over layers."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16)).eval()
+    layers, d, m = (0, 2), 32, 24
+    clt = sae.CrossLayerTranscoder(2, d, d, m, arch, skip=True, init_norm=0.5)
+    with torch.no_grad():
+        for p in (clt.b_enc, clt.b_dec, clt.b_in, *clt.W_skip):
+            p.normal_(0, 0.2)
+        if arch == "jumprelu":
+            clt.threshold.uniform_(0.0, 0.3)
+    scales = ([1.3, 0.7], [2.0, 0.5])  # each layer's input and target scale
+    cfg = TrainConfig(site="mlp_in", target_site="mlp_out", exclude_pos0=True)
+    idx = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(1))
+    xs = []
+    def read(i):
+        def hook(module, inputs, out):
+            xs.append(out[:, 1:].reshape(-1, d) * scales[0][i])
+        return hook
+    def replace(t):
+        def hook(module, inputs, out):
+            y = clt.b_dec[t] + xs[t] @ clt.W_skip[t].T
+            for l in range(t + 1):
+                pre = (xs[l] - clt.b_in[l]) @ clt.W_enc[l] + clt.b_enc[l]
+                f = pre.relu() * (pre > clt.threshold[l]) if arch == "jumprelu" else pre.relu()
+                y = y + f @ clt.W_dec[l][:, (t - l) * d:(t - l + 1) * d]
+            out = out.clone()
+            out[:, 1:] = (y / scales[1][t]).view(2, 8, d)
+            return out
+        return hook
+    handles = [model.h[layer].ln_2.register_forward_hook(read(i)) for i, layer in enumerate(layers)] + \
+        [model.h[layer].mlp.c_proj.register_forward_hook(replace(i)) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        expected = model(idx)
+        for h in handles:
+            h.remove()
+        clean = model(idx)
+        logits = sae.clt_replacement_forward(model, idx, clt, cfg, scales, layers, head=True)
+    assert not torch.allclose(expected, clean, atol=1e-3)  # the replacement changes the output
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_an_exact_transcoder_spliced_in_gives_the_clean_ce():
     """With a linear MLP (GELU left out), a skip transcoder whose skip path is the MLP's map, in normalised units,
     predicts mlp_out exactly: spliced in at mlp_out from the model's own mlp_in, CE is the clean CE, KL and FVU 0,
@@ -1854,6 +2037,40 @@ def test_one_pass_over_several_layers_trains_each_layer_as_its_own_run_and_resum
     assert r.returncode == 1 and "cannot change layers of a saved run" in r.stderr
 
 
+CLT_RUN = [*(a for a in TINY_GPT_RUN if a.split("=")[0] not in ("--layer", "--n_layer", "--loss")), "--n_layer=3",
+           "--loss=l1", "--layers=all", "--cross_layer=True", "--site=mlp_in", "--target_site=mlp_out", "--skip=True",
+           "--k=4", "--l1_coeff=0.5", "--l1_warmup_iters=10", "--resample_iters=(30,)", "--eval_interval=20"]
+
+
+def test_a_cross_layer_transcoder_trains_on_a_tiny_gpt_and_resumes_exactly(tiny_shards, tmp_path):
+    """--cross_layer=True over the 3 layers of a random GPT-2 (mlp_in -> mlp_out, skip paths): relu, jumprelu (tanh
+    sparsity, pre-act loss) and batchtopk over all layers in one sweep; the loss falls, each checkpoint holds the
+    per-layer scales and decoders (d_sae, (L - l) d_out), and a run stopped at 20 and resumed is the uninterrupted one
+    bit for bit (thresholds, EMA, dead features, evaluations with every target replaced)."""
+    args = [*CLT_RUN, f"--data_dir={tiny_shards}", "--arch=relu,jumprelu,batchtopk", "--clt_topk_scope=all",
+            "--jumprelu_sparsity=tanh", "--pre_act_loss_coeff=0.001", "--dead_window=512"]
+    full, half = tmp_path / "full", tmp_path / "half"
+    r = run_sae(*args, f"--out_dir={full}", "--max_iters=40")
+    assert r.returncode == 0, r.stderr
+    names = json.load(open(full / "sweep.json"))["names"]
+    assert names == ["relu", "jumprelu", "batchtopk"]
+    assert run_sae(*args, f"--out_dir={half}", "--max_iters=20").returncode == 0
+    r = run_sae("--init_from=resume", f"--out_dir={half}", "--max_iters=40")
+    assert r.returncode == 0, r.stderr
+    for name in names:
+        a, b = load_ckpt(full / name), load_ckpt(half / name)
+        assert len(a["act_scale"]) == len(a["target_scale"]) == 3 and a["act_scale"] != a["target_scale"]
+        assert [a["sae"][f"W_dec.{l}"].shape for l in range(3)] == [(96, 96), (96, 64), (96, 32)]
+        assert a["sae"].keys() == b["sae"].keys() and a["tracker"]["counts"].shape[1] == 3 * 96
+        for key in a["sae"]:
+            assert torch.equal(a["sae"][key], b["sae"][key]), (name, key)
+        assert_same_evaluations(full / name / "log.jsonl", half / name / "log.jsonl")
+        log = [json.loads(line) for line in open(full / name / "log.jsonl")]
+        assert log[-1]["fvu"] < log[0]["fvu"] and set(log[-1]["fvu_by_layer"]) == {"0", "1", "2"}, (name, log[-1])
+        assert {"ce_clean", "ce_sae", "ce_zero", "ce_recovered", "kl"} <= set(log[-1])
+    assert (load_ckpt(full / "batchtopk")["sae"]["threshold"] > 0).all()
+
+
 def test_sweep_checkpoint_is_all_or_nothing(tmp_path):
     cfgs = [TrainConfig(out_dir=str(tmp_path / name), loss=name) for name in ("l1", "jl")]
     for cfg in cfgs:
@@ -1967,6 +2184,33 @@ def test_a_transcoder_under_two_gloo_processes_matches_one(transcoder_cache, tmp
                                                                                               b["target_scale"])
         for key in a["sae"]:
             assert torch.equal(a["sae"][key], b["sae"][key]), (name, key)
+
+
+def test_a_cross_layer_transcoder_under_two_gloo_processes_matches_one(tiny_shards, tmp_path):
+    """As test_two_gloo_processes_match_one, for CLTs (topk and matryoshka selecting over all layers, AuxK) on a cache
+    of every layer of a random 3-layer GPT-2: every layer's scales and biases estimated across ranks, every gradient
+    and threshold averaged; the cache's manifest gives the layers."""
+    cache = tmp_path / "cache"
+    r = run_sae("--mode=cache", "--init_from=scratch", "--n_layer=3", "--n_head=2", "--n_embd=32",
+                f"--data_dir={tiny_shards}", f"--cache_dir={cache}", "--layers=all", "--site=mlp_in",
+                "--target_site=mlp_out", *CACHE_RUN[2:])
+    assert r.returncode == 0, r.stderr
+    args = [f"--acts={cache}", "--cross_layer=True", "--skip=True", "--arch=topk,matryoshka", "--clt_topk_scope=all",
+            "--k=4", "--d_sae=48",
+            "--batch_size=256", "--lr=0.003", "--eval_tokens=256", "--max_iters=30", "--eval_interval=30",
+            "--dead_window=512", "--device=cpu"]
+    r = run_sae(*args, f"--out_dir={tmp_path / 'one'}", "--micro_batches=2", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = run_sae(*args, f"--out_dir={tmp_path / 'two'}", launcher=torchrun, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    for name in ("topk", "matryoshka"):
+        a, b = load_ckpt(tmp_path / "one" / name), load_ckpt(tmp_path / "two" / name)
+        assert len(a["act_scale"]) == 3 and (a["act_scale"], a["target_scale"]) == (b["act_scale"], b["target_scale"])
+        for key in a["sae"]:
+            assert torch.equal(a["sae"][key], b["sae"][key]), (name, key)
+        assert torch.equal(a["tracker"]["counts"], b["tracker"]["counts"])
+        assert_same_evaluations(tmp_path / "one" / name / "log.jsonl", tmp_path / "two" / name / "log.jsonl")
 
 
 def test_every_architecture_trains_and_resumes_exactly_in_one_sweep(arch_sweep, synthetic, tmp_path):
