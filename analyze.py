@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sae import ARCH_KEYS, CONV1D_WEIGHTS, GPT, INIT_NORM, READER_MODES, SAE, SPARSITY_COEFF, DataLoaderLite, \
+from sae import ARCH_KEYS, CONV1D_WEIGHTS, GPT, INIT_NORM, CrossLayerTranscoder, run_layers, READER_MODES, SAE, SPARSITY_COEFF, DataLoaderLite, \
     TrainConfig, check_site, check_tokenizer, checkpoint_file, evaluate, is_transcoder, load_checkpoint, load_lm, \
     log_evaluation, model_family, parse_overrides, prepare_runs, progress, read_hf_config, resolve_runs, \
     save_checkpoint, saved_config, site_width, sites_of, start_process, val_contexts, write_atomic, write_json
@@ -289,6 +289,67 @@ def export_circuit_tracer(resolved, export_dir):
     write_atomic(cfg_path, lambda f: f.write("".join(f"{k}: {json.dumps(v)}\n" for k, v in ct_cfg.items())))
     print(f"wrote {cfg_path} and layer_0..{n_layer - 1}.safetensors ({hook_in} -> {hook_out}, "
           f"d_sae {layers[0]['b_enc'].numel()}, iter {checkpoint['iter_num']}); load it by its absolute path")
+    return ct_cfg
+
+
+def export_circuit_tracer_clt(cfg, checkpoint, export_dir):
+    """Writes a cross-layer transcoder (--cross_layer) as circuit-tracer 0.5.0 loads one (model_kind:
+    cross_layer_transcoder, its load_clt): per source layer l, W_enc_{l}.safetensors with W_enc_{l} (d_sae, d_model),
+    b_enc_{l}, b_dec_{l} (target layer l's output bias) and, for a JumpReLU, threshold_{l} (d_sae,); and
+    W_dec_{l}.safetensors with W_dec_{l} (d_sae, n_layers - l, d_model), layer l's decoders to targets l..n-1. Ours
+    reads s_in,l x_l and predicts s_out,t y_t (both scales per layer): W_enc' = s_in W_enc, b_enc' = b_enc - b_in @ W_enc,
+    W_dec'[:, t - l] = W_dec[:, t - l] / s_out,t, b_dec'_t = b_dec_t / s_out,t; relu's free decoder norms are folded
+    into the encoder as for an SAE (fold_decoder_norms_). Its loader reads no skip path: a CLT with one is refused."""
+    from safetensors.torch import save_file
+    layers = run_layers(cfg)
+    if (cfg.site, cfg.target_site) not in CIRCUIT_TRACER_HOOKS:
+        raise ValueError(f"the CLT reads {cfg.site} and predicts {cfg.target_site}; circuit-tracer's transcoders "
+                         f"read and write {', '.join(f'{a} -> {b}' for a, b in CIRCUIT_TRACER_HOOKS)}")
+    if cfg.arch not in CIRCUIT_TRACER_ARCH or cfg.arch in ("batchtopk", "matryoshka") and \
+            (checkpoint["sae"]["threshold"] == 0).any():
+        raise ValueError(f"--arch={cfg.arch}: circuit-tracer reads a ReLU or a JumpReLU, and this CLT's code is neither"
+                         f"{' yet (its threshold was never estimated)' if cfg.arch in CIRCUIT_TRACER_ARCH else ''}")
+    if cfg.skip:
+        raise ValueError("circuit-tracer's CLT loader reads no skip path (load_clt); train the CLT with --skip=False")
+    if not has_model(cfg) or cfg.init_from == "scratch":
+        raise ValueError(f"the CLT was trained on {cfg.acts or 'a random GPT-2'}, which circuit-tracer cannot load")
+    hf, _ = read_hf_config(cfg.init_from)
+    n_layer = hf.get("num_hidden_layers", hf.get("n_layer"))
+    if layers != list(range(n_layer)):  # its CLT hooks every block: n_layers is the number of W_enc files
+        raise ValueError(f"circuit-tracer's CLT spans every layer 0..{n_layer - 1} of {cfg.init_from}; this one reads "
+                         f"layers {cfg.layers} (train it with --layers=all)")
+    d_in, d_sae = checkpoint["sae"]["W_enc.0"].shape
+    clt = CrossLayerTranscoder.from_config((d_in, checkpoint["sae"]["b_dec"].shape[1]), replace(cfg, d_sae=d_sae), n_layer)
+    clt.load_state_dict(checkpoint["sae"])
+    s_in, s_out = (torch.tensor(checkpoint[key], dtype=torch.float32) for key in ("act_scale", "target_scale"))
+    files = {}
+    with torch.no_grad():
+        for l in range(n_layer):
+            W_enc, b_enc, W_dec = clt.W_enc[l], clt.b_enc[l] - clt.b_in[l] @ clt.W_enc[l], clt.W_dec[l]  # (d_in,) @ (d_in, d_sae)
+            n = W_dec.norm(dim=1).clamp_min(1e-12) if clt.free_norms else torch.ones(d_sae)  # (d_sae,)
+            W_dec = (W_dec / n[:, None]).view(d_sae, n_layer - l, -1) / s_out[l:, None]  # (d_sae, n - l, d_out)
+            enc = {f"W_enc_{l}": (W_enc * n * s_in[l]).T, f"b_enc_{l}": b_enc * n, f"b_dec_{l}": clt.b_dec[l] / s_out[l]}
+            if CIRCUIT_TRACER_ARCH[cfg.arch] == "jumprelu":  # max(theta, 0): ours is a ReLU too (export_circuit_tracer)
+                theta = clt.threshold[l] if cfg.arch == "jumprelu" else clt.threshold[l].float().expand(d_sae)
+                enc[f"threshold_{l}"] = theta.float().clamp_min(0)
+            files[f"W_enc_{l}.safetensors"] = enc
+            files[f"W_dec_{l}.safetensors"] = {f"W_dec_{l}": W_dec}
+    os.makedirs(export_dir, exist_ok=True)
+    stale = [f for f in glob.glob(os.path.join(export_dir, "*.safetensors")) if os.path.basename(f) not in files]
+    if stale:  # its loader counts the W_enc_*.safetensors of the directory as the layers
+        raise ValueError(f"{export_dir} holds {os.path.basename(stale[0])}; export to an empty --export_dir")
+    cfg_path = os.path.join(export_dir, "config.yaml")
+    if os.path.exists(cfg_path):  # config.yaml says "complete": none while the files are written
+        os.remove(cfg_path)
+    for name, tensors in files.items():
+        save_file({k: v.float().contiguous() for k, v in tensors.items()}, os.path.join(export_dir, name + ".tmp"))
+        os.replace(os.path.join(export_dir, name + ".tmp"), os.path.join(export_dir, name))
+    hook_in, hook_out = CIRCUIT_TRACER_HOOKS[(cfg.site, cfg.target_site)]
+    ct_cfg = {"model_kind": "cross_layer_transcoder", "model_name": cfg.init_from, "feature_input_hook": hook_in,
+              "feature_output_hook": hook_out, "scan": f"gpt_sae/{os.path.basename(os.path.normpath(export_dir))}"}
+    write_atomic(cfg_path, lambda f: f.write("".join(f"{k}: {json.dumps(v)}\n" for k, v in ct_cfg.items())))
+    print(f"wrote {cfg_path}, W_enc_0..{n_layer - 1} and W_dec_0..{n_layer - 1}.safetensors (a cross-layer transcoder, "
+          f"{hook_in} -> {hook_out}, d_sae {d_sae} a layer, iter {checkpoint['iter_num']}); load it by its absolute path")
     return ct_cfg
 
 
@@ -1149,6 +1210,11 @@ def transcoder_set(resolved, name):
 def read_sae(cfg, checkpoint, resolved):
     """The modes that read one trained SAE: export, steer, dashboard (export to circuit-tracer reads a transcoder per
     layer)."""
+    if cfg.mode == "export" and cfg.export_format == "circuit_tracer" and any(c.cross_layer for c, _ in resolved):
+        if len(resolved) > 1:  # a sweep of CLTs: each is a whole replacement, exported alone
+            raise ValueError(f"--mode=export reads one cross-layer transcoder; pass --ckpt=<out_dir>/<name>/ckpt.pt, one "
+                             f"of {', '.join(os.path.basename(c.out_dir) for c, _ in resolved)}")
+        return export_circuit_tracer_clt(cfg, checkpoint, cfg.export_dir)
     if cfg.mode == "export" and cfg.export_format == "circuit_tracer":
         return export_circuit_tracer(transcoder_set(resolved, cfg.export_set), cfg.export_dir)
     if len(resolved) > 1:

@@ -446,6 +446,75 @@ def test_circuit_tracer_export_is_its_transcoder_forward_on_each_layer(kind, sit
         torch.testing.assert_close(y_ct.float(), y_hat / 0.4, atol=1e-4, rtol=1e-4)
 
 
+def write_clt(run, model_dir, arch, skip=False, s_in=(2.5, 1.5, 0.8), s_out=(0.4, 0.7, 1.2), d=48, d_sae=40):
+    """run/ckpt.pt of a random cross-layer transcoder over the 3 layers (every parameter random, jumprelu thresholds
+    some negative, batchtopk's estimated, relu with free decoder norms), as sae.py saves one -> our CLT"""
+    from dataclasses import asdict
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = TrainConfig(init_from=str(model_dir), out_dir=str(run), layers="all", cross_layer=True, site="mlp_in",
+                      target_site="mlp_out", arch=arch, skip=skip, d_sae=d_sae, block_size=32)
+    torch.manual_seed(5)
+    clt = sae.CrossLayerTranscoder.from_config((d, d), cfg, 3)
+    with torch.no_grad():
+        for p in clt.parameters():
+            p.normal_(0, 0.3)
+        if arch == "jumprelu":
+            clt.threshold.uniform_(-0.3, 1.0)
+        if arch == "batchtopk":
+            clt.threshold.copy_(torch.tensor([0.4, 0.2, 0.5], dtype=torch.float64))
+    sae.save_checkpoint(str(run / "ckpt.pt"), {"config": asdict(cfg), "act_scale": list(s_in), "target_scale": list(s_out),
+                                               "sae": clt.state_dict(), "iter_num": 7})
+    return clt.eval()
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "batchtopk"])
+def test_circuit_tracer_export_of_a_cross_layer_transcoder_is_its_clt_forward(arch, three_layer_llama, tmp_path):
+    """A cross-layer transcoder exported as circuit-tracer's cross_layer_transcoder: its files' keys and shapes, and its
+    forward computed here from them (target t = sum over l <= t of f_l @ W_dec_l[:, t - l] + b_dec_t, f_l its ReLU or
+    JumpReLU of x_l @ W_enc_l^T + b_enc_l) on the model's mlp_in of every layer equals our CLT's prediction of every
+    layer's mlp_out in model units (ours reads s_in,l x_l and predicts s_out,t y_t, scales per layer)."""
+    from safetensors.torch import load_file
+    model_dir, model = three_layer_llama
+    s_in, s_out = (2.5, 1.5, 0.8), (0.4, 0.7, 1.2)
+    clt = write_clt(tmp_path / "run", model_dir, arch, s_in=s_in, s_out=s_out)
+    r = run_sae("--mode=export", "--export_format=circuit_tracer", f"--out_dir={tmp_path / 'run'}",
+                f"--export_dir={tmp_path / 'ct'}")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "ct")) == sorted(["config.yaml"] + [f"W_{w}_{l}.safetensors"
+                                                                            for w in ("dec", "enc") for l in range(3)])
+    assert read_flat_yaml(tmp_path / "ct" / "config.yaml") == {
+        "model_kind": "cross_layer_transcoder", "model_name": str(model_dir), "feature_input_hook": "mlp.hook_in",
+        "feature_output_hook": "mlp.hook_out", "scan": "gpt_sae/ct"}
+    enc = [{k: v.double() for k, v in load_file(tmp_path / "ct" / f"W_enc_{l}.safetensors").items()} for l in range(3)]
+    dec = [load_file(tmp_path / "ct" / f"W_dec_{l}.safetensors")[f"W_dec_{l}"].double() for l in range(3)]
+    jump = arch != "relu"
+    for l in range(3):
+        assert sorted(enc[l]) == sorted([f"W_enc_{l}", f"b_enc_{l}", f"b_dec_{l}"] + [f"threshold_{l}"] * jump)
+        assert enc[l][f"W_enc_{l}"].shape == (40, 48) and dec[l].shape == (40, 3 - l, 48)
+    idx = torch.randint(0, 301, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        acts = model.harvest(idx, (0, 1, 2), ("mlp_in", "mlp_out")).reshape(-1, 3, 96)  # [x_l | y_l] per layer
+        xs = [acts[:, l, :48] for l in range(3)]
+        y_hat, fs = clt([x * s for x, s in zip(xs, s_in)])  # (N, 3 x 48)
+    assert all((f > 0).any() and (f == 0).any() for f in fs)
+    fs_ct = []
+    for l in range(3):
+        pre = xs[l].double() @ enc[l][f"W_enc_{l}"].T + enc[l][f"b_enc_{l}"]  # (N, 48) @ (48, 40)
+        fs_ct.append(pre * (pre > enc[l][f"threshold_{l}"]) if jump else pre.relu())
+    for t in range(3):
+        y_ct = enc[t][f"b_dec_{t}"] + sum(fs_ct[l] @ dec[l][:, t - l] for l in range(t + 1))  # (N, 40) @ (40, 48)
+        torch.testing.assert_close(y_ct.float(), y_hat[:, 48 * t:48 * (t + 1)] / s_out[t], atol=1e-4, rtol=1e-4)
+    for flags, expect in ((dict(arch="topk"), "--arch=topk: circuit-tracer reads a ReLU or a JumpReLU, and this CLT's "
+                                              "code is neither"),
+                          (dict(arch="relu", skip=True), "circuit-tracer's CLT loader reads no skip path (load_clt); "
+                                                         "train the CLT with --skip=False")):
+        write_clt(tmp_path / "bad", model_dir, **flags)
+        r = run_sae("--mode=export", "--export_format=circuit_tracer", f"--out_dir={tmp_path / 'bad'}",
+                    f"--export_dir={tmp_path / 'bad_ct'}")
+        assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: {expect}"], r.stderr
+        assert not (tmp_path / "bad_ct").exists()
+
+
 def test_circuit_tracer_export_refuses_what_it_cannot_load_in_one_line(three_layer_llama, tmp_path):
     """A topk transcoder, an SAE, a missing layer, a duplicated one, unequal widths, another site pair and a bad
     --export_format: each one line, and nothing written."""
