@@ -677,6 +677,77 @@ def test_circuit_tracer_loads_the_export_of_smollm2_transcoders_and_attributes(r
     assert 0 <= replacement <= 1 and 0 <= completeness <= 1 and out["active"] > 0, out
 
 
+# the same for a cross-layer transcoder: its decode takes the sparse codes of every layer
+CIRCUIT_TRACER_CLT_CLIENT = r"""
+import json, sys
+import numpy as np, torch
+from circuit_tracer import ReplacementModel, attribute
+from circuit_tracer.graph import compute_graph_scores
+model_dir, export_dir, work = sys.argv[1:]
+model = ReplacementModel.from_pretrained(model_dir, export_dir, backend="nnsight", device=torch.device("cpu"),
+                                         dtype=torch.float32)
+clt = getattr(model.transcoders, "_module", model.transcoders)  # nnsight wraps it in an Envoy
+x = torch.from_numpy(np.load(f"{work}/x.npy"))  # (n_layers, T, d_model): our mlp_in
+ids = torch.from_numpy(np.load(f"{work}/ids.npy"))  # (T,)
+with torch.no_grad():
+    f = clt.encode(x)  # (n_layers, T, d_transcoder)
+    y = clt.decode(f.to_sparse())  # (n_layers, T, d_model): every target from the layers at or below it
+graph = attribute(ids, model, max_n_logits=3, desired_logit_prob=0.5, batch_size=32, max_feature_nodes=64)
+for name, a in (("f", f), ("y", y)):
+    np.save(f"{work}/{name}.npy", a.float().numpy())
+json.dump({"scores": [float(s) for s in compute_graph_scores(graph)], "kind": type(clt).__name__,
+           "n_layers": clt.n_layers, "hooks": [clt.feature_input_hook, clt.feature_output_hook],
+           "active": int(graph.active_features.shape[0])}, open(f"{work}/out.json", "w"))
+"""
+
+
+def test_circuit_tracer_loads_the_export_of_a_smollm2_cross_layer_transcoder_and_attributes(request, tmp_path):
+    """circuit-tracer 0.5.0 itself (skipped without $CIRCUIT_TRACER_PYTHON) loads the export of a random cross-layer
+    transcoder over SmolLM2-135M's 30 layers (jumprelu, 32 features a layer) as its CrossLayerTranscoder: its encode
+    on our mlp_in gives our codes, its decode our prediction of every layer's mlp_out, and attribute() builds a graph."""
+    from dataclasses import asdict
+    python = circuit_tracer_python()
+    smollm2_dir = request.getfixturevalue("smollm2_dir")
+    model = sae.load_model(str(smollm2_dir))
+    n_layer, d = model.config.n_layer, model.config.n_embd
+    ids = torch.tensor([[0, 504, 3575, 282, 4649, 314, 7042, 30]])
+    with torch.no_grad():
+        x = model.harvest(ids, tuple(range(n_layer)), "mlp_in")[0].view(-1, n_layer, d).transpose(0, 1)  # (L, T, d)
+    s_in = [d ** 0.5 / x[l].norm(dim=1).mean().item() for l in range(n_layer)]
+    s_out = [0.5 + 0.02 * l for l in range(n_layer)]
+    cfg = TrainConfig(init_from=str(smollm2_dir), out_dir=str(tmp_path / "run"), layers="all", cross_layer=True,
+                      site="mlp_in", target_site="mlp_out", arch="jumprelu", d_sae=32)
+    torch.manual_seed(0)
+    clt = sae.CrossLayerTranscoder.from_config((d, d), cfg, n_layer)
+    with torch.no_grad():  # unit encoder columns and b_enc -1: about a sixth of the features fire
+        for W in clt.W_enc:
+            W.copy_(torch.nn.functional.normalize(torch.randn_like(W), dim=0))
+        clt.b_enc.normal_(-1.0, 0.2), clt.b_in.normal_(0, 0.1), clt.b_dec.normal_(0, 0.1), clt.threshold.uniform_(0, 0.5)
+    (tmp_path / "run").mkdir()
+    sae.save_checkpoint(str(tmp_path / "run" / "ckpt.pt"), {"config": asdict(cfg), "act_scale": s_in,
+                                                           "target_scale": s_out, "sae": clt.state_dict(), "iter_num": 1})
+    r = run_sae("--mode=export", "--export_format=circuit_tracer", f"--out_dir={tmp_path / 'run'}",
+                f"--export_dir={tmp_path / 'ct'}")
+    assert r.returncode == 0, r.stderr
+    work = tmp_path / "work"
+    work.mkdir()
+    np.save(work / "x.npy", x.numpy()), np.save(work / "ids.npy", ids[0].numpy())
+    r = subprocess.run([python, "-c", CIRCUIT_TRACER_CLT_CLIENT, str(smollm2_dir), str(tmp_path / "ct"), str(work)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.load(open(work / "out.json"))
+    assert out["kind"] == "CrossLayerTranscoder" and out["n_layers"] == n_layer
+    assert out["hooks"] == ["mlp.hook_in", "mlp.hook_out"]
+    f_ct, y_ct = (torch.from_numpy(np.load(work / f"{n}.npy")) for n in ("f", "y"))
+    with torch.no_grad():
+        y_hat, fs = clt([x[l] * s_in[l] for l in range(n_layer)])  # (T, L d), [(T, d_sae)]
+    for l in range(n_layer):
+        assert (fs[l] > 0).any() and (fs[l] == 0).any(), l
+        torch.testing.assert_close(f_ct[l], fs[l], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(y_ct[l], y_hat[:, l * d:(l + 1) * d] / s_out[l], atol=1e-4, rtol=1e-4)
+    replacement, completeness = out["scores"]
+    assert 0 <= replacement <= 1 and 0 <= completeness <= 1 and out["active"] > 0, out
+
 
 @pytest.mark.parametrize("mode", ["add", "clamp"])
 def test_steering_a_transcoder_reads_its_input_and_writes_at_its_target(mode):
