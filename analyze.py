@@ -251,13 +251,8 @@ def export_circuit_tracer(resolved, export_dir):
     d_model), b_enc, b_dec, and optionally W_skip (d_model, d_model), added as x @ W_skip^T, and
     activation_function.threshold (d_sae,), a JumpReLU x * (x > threshold) (absent: ReLU); its loader refuses any other
     key. The scales and b_in are folded as for SAELens (transcoder_weights). Nothing is written unless all are valid."""
-    from safetensors.torch import save_file
-    n_layer, (hook_in, hook_out) = check_circuit_tracer_set(resolved)
-    stale = [f for f in glob.glob(os.path.join(export_dir, "layer_*.safetensors"))
-             if os.path.basename(f) not in {f"layer_{i}.safetensors" for i in range(n_layer)}]
-    if stale:  # its loader reads every layer_*.safetensors of the directory (caching.load_transcoders_from_cache)
-        raise ValueError(f"{export_dir} holds {os.path.basename(stale[0])}, which circuit-tracer would load as a layer "
-                         f"of this set; export to an empty --export_dir")
+    n_layer, hooks = check_circuit_tracer_set(resolved)
+    check_no_stale_files(export_dir, [f"layer_{i}.safetensors" for i in range(n_layer)])
     skips = any(cfg.skip for cfg, _ in resolved)
     layers = {}
     for cfg, checkpoint in resolved:
@@ -273,22 +268,41 @@ def export_circuit_tracer(resolved, export_dir):
             # exact for a negative learned one. batchtopk's global theta, repeated
             theta = sae.threshold.detach().float().clamp_min(0)
             tensors["activation_function.threshold"] = theta.expand(sae.b_enc.shape)
-        layers[cfg.layer] = {k: v.float().contiguous() for k, v in tensors.items()}
+        layers[f"layer_{cfg.layer}.safetensors"] = tensors
+    cfg, checkpoint = resolved[0]
+    ct_cfg = write_circuit_tracer_files(export_dir, layers, "transcoder_set", cfg.init_from, hooks)
+    print(f"wrote {export_dir}/config.yaml and layer_0..{n_layer - 1}.safetensors ({' -> '.join(hooks)}, "
+          f"d_sae {layers['layer_0.safetensors']['b_enc'].numel()}, iter {checkpoint['iter_num']}); load it by its "
+          f"absolute path")
+    return ct_cfg
+
+
+def check_no_stale_files(export_dir, names):
+    """circuit-tracer's loaders read every layer_*.safetensors (a set) or count the W_enc_*.safetensors (a CLT) of the
+    directory: another export's files there would join this one, so a directory holding others is refused."""
+    stale = [f for f in glob.glob(os.path.join(export_dir, "*.safetensors")) if os.path.basename(f) not in names]
+    if stale:
+        raise ValueError(f"{export_dir} holds {os.path.basename(stale[0])}, which circuit-tracer would load with this "
+                         f"export; export to an empty --export_dir")
+
+
+def write_circuit_tracer_files(export_dir, files, model_kind, model_name, hooks):
+    """files {name: {key: tensor}} into export_dir, each under a temporary name (outside the loaders' globs) and
+    renamed, then config.yaml, which circuit-tracer takes as "the export is complete": removed first, written last.
+    -> config.yaml's keys"""
+    from safetensors.torch import save_file
     os.makedirs(export_dir, exist_ok=True)
     cfg_path = os.path.join(export_dir, "config.yaml")
-    if os.path.exists(cfg_path):  # circuit-tracer takes config.yaml as "the set is complete": none while it is not
+    if os.path.exists(cfg_path):
         os.remove(cfg_path)
-    for i in range(n_layer):  # the temporary name is outside the loader's glob layer_*.safetensors
-        path = os.path.join(export_dir, f"layer_{i}.safetensors")
-        save_file(layers[i], path + ".tmp")
+    for name, tensors in files.items():
+        path = os.path.join(export_dir, name)
+        save_file({k: v.float().contiguous() for k, v in tensors.items()}, path + ".tmp")
         os.replace(path + ".tmp", path)
-    cfg, checkpoint = resolved[0]
-    ct_cfg = {"model_kind": "transcoder_set", "model_name": cfg.init_from, "feature_input_hook": hook_in,
-              "feature_output_hook": hook_out, "scan": f"gpt_sae/{os.path.basename(os.path.normpath(export_dir))}"}
+    ct_cfg = {"model_kind": model_kind, "model_name": model_name, "feature_input_hook": hooks[0],
+              "feature_output_hook": hooks[1], "scan": f"gpt_sae/{os.path.basename(os.path.normpath(export_dir))}"}
     # YAML by hand (no pyyaml here): flat keys, each value a JSON string, which YAML reads as a double-quoted scalar
     write_atomic(cfg_path, lambda f: f.write("".join(f"{k}: {json.dumps(v)}\n" for k, v in ct_cfg.items())))
-    print(f"wrote {cfg_path} and layer_0..{n_layer - 1}.safetensors ({hook_in} -> {hook_out}, "
-          f"d_sae {layers[0]['b_enc'].numel()}, iter {checkpoint['iter_num']}); load it by its absolute path")
     return ct_cfg
 
 
@@ -300,7 +314,6 @@ def export_circuit_tracer_clt(cfg, checkpoint, export_dir):
     reads s_in,l x_l and predicts s_out,t y_t (both scales per layer): W_enc' = s_in W_enc, b_enc' = b_enc - b_in @ W_enc,
     W_dec'[:, t - l] = W_dec[:, t - l] / s_out,t, b_dec'_t = b_dec_t / s_out,t; relu's free decoder norms are folded
     into the encoder as for an SAE (fold_decoder_norms_). Its loader reads no skip path: a CLT with one is refused."""
-    from safetensors.torch import save_file
     layers = run_layers(cfg)
     if (cfg.site, cfg.target_site) not in CIRCUIT_TRACER_HOOKS:
         raise ValueError(f"the CLT reads {cfg.site} and predicts {cfg.target_site}; circuit-tracer's transcoders "
@@ -334,22 +347,12 @@ def export_circuit_tracer_clt(cfg, checkpoint, export_dir):
                 enc[f"threshold_{l}"] = theta.float().clamp_min(0)
             files[f"W_enc_{l}.safetensors"] = enc
             files[f"W_dec_{l}.safetensors"] = {f"W_dec_{l}": W_dec}
-    os.makedirs(export_dir, exist_ok=True)
-    stale = [f for f in glob.glob(os.path.join(export_dir, "*.safetensors")) if os.path.basename(f) not in files]
-    if stale:  # its loader counts the W_enc_*.safetensors of the directory as the layers
-        raise ValueError(f"{export_dir} holds {os.path.basename(stale[0])}; export to an empty --export_dir")
-    cfg_path = os.path.join(export_dir, "config.yaml")
-    if os.path.exists(cfg_path):  # config.yaml says "complete": none while the files are written
-        os.remove(cfg_path)
-    for name, tensors in files.items():
-        save_file({k: v.float().contiguous() for k, v in tensors.items()}, os.path.join(export_dir, name + ".tmp"))
-        os.replace(os.path.join(export_dir, name + ".tmp"), os.path.join(export_dir, name))
-    hook_in, hook_out = CIRCUIT_TRACER_HOOKS[(cfg.site, cfg.target_site)]
-    ct_cfg = {"model_kind": "cross_layer_transcoder", "model_name": cfg.init_from, "feature_input_hook": hook_in,
-              "feature_output_hook": hook_out, "scan": f"gpt_sae/{os.path.basename(os.path.normpath(export_dir))}"}
-    write_atomic(cfg_path, lambda f: f.write("".join(f"{k}: {json.dumps(v)}\n" for k, v in ct_cfg.items())))
-    print(f"wrote {cfg_path}, W_enc_0..{n_layer - 1} and W_dec_0..{n_layer - 1}.safetensors (a cross-layer transcoder, "
-          f"{hook_in} -> {hook_out}, d_sae {d_sae} a layer, iter {checkpoint['iter_num']}); load it by its absolute path")
+    check_no_stale_files(export_dir, files)
+    hooks = CIRCUIT_TRACER_HOOKS[(cfg.site, cfg.target_site)]
+    ct_cfg = write_circuit_tracer_files(export_dir, files, "cross_layer_transcoder", cfg.init_from, hooks)
+    print(f"wrote {export_dir}/config.yaml, W_enc_0..{n_layer - 1} and W_dec_0..{n_layer - 1}.safetensors (a cross-layer "
+          f"transcoder, {' -> '.join(hooks)}, d_sae {d_sae} a layer, iter {checkpoint['iter_num']}); load it by its "
+          f"absolute path")
     return ct_cfg
 
 
