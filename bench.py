@@ -10,13 +10,16 @@ Speed, never correctness (that is the tests'). Prints the machine, then, at GPT-
 With --models=True, instead: tokenizing tokens/s (tiktoken gpt2, SmolLM2's tokenizer.json) and a real Llama-family
 model's harvest against its full forward. With --synthetic=True, instead: SAEs trained through `sae.py --acts` on activations built from a known set
 of directions, each loss over its coefficient sweep (one process per loss, its SAEs on the same batches), scored by how well
-they recover the directions.
+they recover the directions. With --layers_pass=True, instead: a transcoder on every layer of a real Llama-family model
+trained in one pass against one pass per layer, and with --sparsify=True against EleutherAI's sparsify.
 
 $ python bench.py                # about five minutes on 2 CPU cores
 $ python bench.py --quick=True --json=bench.json
 $ python bench.py --synthetic=True  # under a minute on 2 CPU cores
 $ SMOLLM2_DIR=... python bench.py --models=True  # tokenizers, and SmolLM2-135M's harvest at layer 15
 $ sl/bin/python bench.py --saelens=True --data_dir=data/local  # against SAELens end to end (docs/speed-and-memory.md), ~16 min
+$ SMOLLM2_DIR=... SPARSIFY_PYTHON=sparsify-venv/bin/python python bench.py --layers_pass=True --sparsify=True \
+      --data_dir=data/smollm2  # every layer in one pass, one-layer passes and sparsify (docs/speed-and-memory.md)
 """
 import json
 import os
@@ -27,12 +30,16 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
-import sae_kernels
-import numpy as np
-
-from sae import ARCHS, GPT, GPTConfig, SAE, TrainConfig, auto_dtype, parse_overrides, resolved_dtype, sae_loss, sae_update
+# --sparsify_worker runs under sparsify's own venv (bench_layers_pass), whose torch need not be ours and which has no
+# triton: that process imports numpy, torch and sparsify only, so our modules are imported for every other part
+SPARSIFY_WORKER = __name__ == "__main__" and any(arg.startswith("--sparsify_worker=") for arg in sys.argv[1:])
+if not SPARSIFY_WORKER:
+    import sae_kernels
+    from sae import ARCHS, GPT, GPTConfig, SAE, TrainConfig, auto_dtype, parse_overrides, resolved_dtype, sae_loss, \
+        sae_update
 
 
 @dataclass
@@ -61,6 +68,17 @@ class BenchConfig:
     models: bool = False       # instead: real models: tokenizing tokens/s, and --llama's harvest at --llama_layer
     llama: str = ""            # --models: a Llama-family directory or Hub id; "" = $SMOLLM2_DIR, else SmolLM2 on the Hub
     llama_layer: int = 15      # --models: the harvest stops here (15: the middle of SmolLM2-135M's 30 blocks)
+    layers_pass: bool = False  # instead: --llama's every layer in one pass (sae.py --layers=all) against one-layer passes
+    layers_d_sae: int = 1152   # --layers_pass: latents of each layer's topk skip transcoder mlp_in -> mlp_out
+    layers_k: int = 32         # --layers_pass: active latents per token
+    layers_batch: int = 1024   # --layers_pass: tokens per step, whole contexts of block_size (no position dropped)
+    layers_buffer: int = 2**12 # --layers_pass: sae.py's buffer_tokens; 30 x 1152 fp32 columns a row: 0.57 GB at 2**12
+    layers_warmup: int = 2     # --layers_pass: steps before the timed ones (whole buffer refill periods)
+    layers_steps: int = 16     # --layers_pass: steps timed (whole refill periods: layers_buffer / 2 / layers_batch each)
+    threads: int = 1           # --layers_pass: OMP_NUM_THREADS of every process measured (ours and sparsify's)
+    sparsify: bool = False     # --layers_pass: also EleutherAI's sparsify at the same shape, under $SPARSIFY_PYTHON
+    sparsify_optimizer: str = "adam"  # --sparsify: its optimizer (adam as ours; its default is signum)
+    sparsify_worker: str = ""  # internal: run sparsify with this JSON's settings and print its rate
     device: str = "auto"       # auto = cuda if available, else cpu
 
 
@@ -581,6 +599,16 @@ def run_measured(label, args, env):
         return out.read(), usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
+def logged_rate(out, first, last):
+    """sae.py's tokens/s over steps first + 1 to last from its log lines (`iter N | ... | R tok/s`), each line's rate
+    the process's since the line before (with --layers, one line per layer, all with the same rate)."""
+    rate = lambda line: float(next(f for f in line.split("|") if f.strip().endswith("tok/s")).split()[0].replace(",", ""))
+    logged = sorted({int(line.split()[1]): rate(line) for line in out.splitlines()
+                     if line.startswith("iter ") and "tok/s" in line}.items())  # [(iteration, tok/s)]
+    windows = [(it - prev, r) for (prev, _), (it, r) in zip(logged, logged[1:]) if first <= prev < it <= last]
+    return sum(steps for steps, _ in windows) / sum(steps / r for steps, r in windows)
+
+
 def bench_saelens(cfg, device="cpu"):
     import glob
     from prepare import read_shard
@@ -607,14 +635,8 @@ def bench_saelens(cfg, device="cpu"):
             "--loss=l1", f"--max_iters={WARMUP + 2 + cfg.steps}", f"--eval_interval={10 * cfg.steps}",
             f"--log_interval={WARMUP}", "--eval_tokens=4096", "--resample_iters=()", "--l1_warmup_iters=1",
             f"--dtype={dtype}", f"--device={device}"], env)
-        # each log line's rate covers the steps since the previous line (0, 32, 64, ...: each window ends with a
-        # refill): tokens over time from step 33 to 32 + steps
-        rate = lambda line: float(next(f for f in line.split("|") if f.strip().endswith("tok/s")).split()[0]
-                                  .replace(",", ""))
-        logged = [(int(line.split()[1]), rate(line)) for line in out.splitlines() if line.startswith("iter ")]
-        windows = [(it - prev, rate) for (prev, _), (it, rate) in zip(logged, logged[1:])
-                   if WARMUP <= prev < it <= WARMUP + cfg.steps]
-        ours = sum(steps for steps, _ in windows) / sum(steps / rate for steps, rate in windows)
+        # logged every 32 steps, each window ending with a refill: tokens over time from step 33 to 32 + steps
+        ours = logged_rate(out, WARMUP, WARMUP + cfg.steps)
         last = [line for line in out.splitlines() if line.startswith("iter ")][-1]  # on CUDA it ends "| peak X GiB"
         print(f"  sae.py                     {ours:9,.0f} tok/s   peak {ours_gib:.2f} GiB{gpu(last, 'peak ')}   {ours / theirs:.2f}x "
               f"SAELens's rate, {ours_gib / theirs_gib:.2f}x its memory")
@@ -764,7 +786,145 @@ def bench_models(cfg):
     return {"tokenizers": bench_tokenizers(cfg, documents), "llama_harvest": bench_llama_harvest(cfg, documents)}
 
 
+# -----------------------------------------------------------------------------
+# every layer in one pass (issue 33): on a real Llama-family model (--llama, else $SMOLLM2_DIR), a topk skip transcoder
+# mlp_in -> mlp_out per layer, trained by one `sae.py --layers=all` process against one-layer passes (--layer=L) and,
+# with --sparsify, against EleutherAI's sparsify, which trains all layers' transcoders from one forward too. Every
+# process gets the same shape (latents, k, tokens a step of whole block_size contexts, no position dropped, fp32), the
+# same tokens and OMP_NUM_THREADS=threads; each is run to its end and measured as a whole (run_measured: peak RSS).
+
+def sparsify_worker(path):
+    """EleutherAI's sparsify 1.3.3 (`pip install eai-sparsify==1.3.3` in its own venv: not a dependency) through its
+    own Trainer on the CPU, with the settings of the JSON at path. Its CLI loads the model onto CUDA (device_map
+    cuda:rank) and reads a Hub dataset; here the model is loaded as the CLI loads it (AutoModel, its loss being fvu)
+    but onto the CPU in fp32, and our tokens, contexts in order, are its dataset. Prints its tokens/s over the timed
+    steps: wall time between the DataLoader's fetches of their batches (each stamped as its first context is read,
+    which is after the step before has ended) and so every step whole: forward, hooks' backward, optimizer."""
+    import json
+    from sparsify import SparseCoderConfig, TrainConfig, Trainer
+    from transformers import AutoModel
+    s = json.load(open(path))
+    torch.set_num_threads(s["threads"])
+    contexts, n_steps = s["batch"] // s["block_size"], s["warmup"] + s["steps"] + 1  # the last step: after the timing
+    rows = np.load(s["tokens"])[:n_steps * s["batch"]].reshape(-1, s["block_size"])  # (n_steps * contexts, block_size)
+    assert len(rows) == n_steps * contexts, f"{len(rows)} contexts of tokens, {n_steps * contexts} needed"
+    stamps = []  # stamps[i]: step i starts (its batch fetched)
+    class Contexts(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(rows)
+        def __getitem__(self, i):
+            if i % contexts == 0:
+                stamps.append(time.perf_counter())
+            return {"input_ids": torch.from_numpy(rows[i].astype(np.int64))}
+    model = AutoModel.from_pretrained(s["model"], dtype=torch.float32)
+    # a transcoder per layer from the MLP's input (its hook's input: the post-attention norm's output, our mlp_in) to
+    # its output (mlp_out), with the skip path; no AuxK (auxk_alpha's default 0); never saved before the end
+    cfg = TrainConfig(SparseCoderConfig(activation="topk", num_latents=s["d_sae"], k=s["k"], transcode=True,
+                                        skip_connection=True),
+                      batch_size=contexts, loss_fn="fvu", optimizer=s["optimizer"], hookpoints=["layers.*.mlp"],
+                      log_to_wandb=False, save_every=10**9, save_dir=s["save_dir"])
+    trainer = Trainer(cfg, Contexts(), model)
+    assert len(trainer.saes) == model.config.num_hidden_layers, f"{len(trainer.saes)} transcoders"
+    trainer.fit()
+    first, last = s["warmup"], s["warmup"] + s["steps"]
+    print(f"sparsify_tok_s {s['batch'] * s['steps'] / (stamps[last] - stamps[first]):.1f}")
+
+
+def layers_pass_runs(cfg, model, n_layer, tmp):
+    """The processes measured: (label, argv, layer or None). sae.py once with --layers=all and once at each of the
+    first, middle and last layers; sparsify (with --sparsify) when $SPARSIFY_PYTHON names its interpreter."""
+    period = cfg.layers_buffer // 2 // cfg.layers_batch  # steps between buffer refills: the log interval
+    if cfg.layers_batch % cfg.block_size or cfg.layers_buffer % (2 * cfg.layers_batch) or \
+            cfg.layers_warmup % period or cfg.layers_steps % period or cfg.layers_steps < period:
+        raise ValueError(f"--layers_batch={cfg.layers_batch} must be whole contexts of --block_size={cfg.block_size}, "
+                         f"--layers_buffer={cfg.layers_buffer} a multiple of 2 x layers_batch, and --layers_warmup and "
+                         f"--layers_steps multiples of its refill period ({period} steps)")
+    ours = [sys.executable, "sae.py", f"--init_from={model}", f"--data_dir={cfg.data_dir}", "--site=mlp_in",
+            "--target_site=mlp_out", "--skip=True", "--arch=topk", f"--k={cfg.layers_k}", f"--d_sae={cfg.layers_d_sae}",
+            f"--batch_size={cfg.layers_batch}", f"--block_size={cfg.block_size}", "--exclude_pos0=False",
+            f"--harvest_batch={cfg.layers_batch // cfg.block_size}",  # one forward fills one batch's rows exactly
+            f"--buffer_tokens={cfg.layers_buffer}", f"--max_iters={cfg.layers_warmup + cfg.layers_steps + 1}",
+            f"--log_interval={period}", "--resample_iters=()", "--dtype=float32", "--device=cpu",
+            # the scales' and biases' first sample is drawn from the buffer: more rows than it holds are repeats, and
+            # the default 2**14 rows of every layer's columns (2.3 GB at 30 layers) would be the run's peak
+            f"--resample_samples={cfg.layers_buffer}",
+            # evaluated at step 0 and at the end (each layer spliced alone, then all at once), outside the timing:
+            # one context (30 layers: about a minute each time on 2 cores)
+            "--eval_interval=1000000", f"--eval_tokens={cfg.block_size}"]
+    runs = [("sae.py, every layer in one pass", ours + ["--layers=all", f"--out_dir={tmp}/all"], None)]
+    for layer in (0, n_layer // 2, n_layer - 1):
+        runs.append((f"sae.py, layer {layer} alone", ours + [f"--layer={layer}", f"--out_dir={tmp}/layer{layer}"], layer))
+    if cfg.sparsify:
+        python = os.environ.get("SPARSIFY_PYTHON", "")
+        if not (python and os.access(python, os.X_OK)):
+            print(f"  sparsify: skipped: $SPARSIFY_PYTHON {'is not set' if not python else f'={python} is not executable'}"
+                  f" (the python of a venv with `pip install torch==2.13.0 eai-sparsify==1.3.3`)")
+        else:
+            settings = {"model": model, "tokens": f"{tmp}/tokens.npy", "save_dir": f"{tmp}/sparsify",
+                        "d_sae": cfg.layers_d_sae, "k": cfg.layers_k, "batch": cfg.layers_batch,
+                        "block_size": cfg.block_size, "warmup": cfg.layers_warmup, "steps": cfg.layers_steps,
+                        "threads": cfg.threads, "optimizer": cfg.sparsify_optimizer}
+            json.dump(settings, open(f"{tmp}/sparsify.json", "w"))
+            runs.append(("sparsify, every layer in one pass",
+                         [python, "bench.py", f"--sparsify_worker={tmp}/sparsify.json"], None))
+    return runs
+
+
+def bench_layers_pass(cfg):
+    """--layers_pass=True: tokens/s and peak resident memory of every layer's transcoder in one pass, of one-layer
+    passes (the time of all n_layer of them estimated from three), and with --sparsify of sparsify's pass; the ratios."""
+    import glob
+    from prepare import hub_file, read_shard
+    shards = sorted(glob.glob(os.path.join(cfg.data_dir, "*_train_*.bin")))
+    if not shards:
+        raise ValueError(f"--data_dir={cfg.data_dir}: no train shards (run prepare.py with the model's tokenizer)")
+    model = llama_spec(cfg)
+    config = hub_file(model, "config.json", "--llama")
+    if config is None:
+        raise ValueError(f"--llama={model}: no config.json (a Llama-family directory written by save_pretrained)")
+    n_layer = json.load(open(config))["num_hidden_layers"]
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+           "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads)}
+    first, last = cfg.layers_warmup, cfg.layers_warmup + cfg.layers_steps
+    print(f"every layer in one pass: {os.path.basename(model.rstrip('/'))}, {n_layer} layers, a topk skip transcoder "
+          f"mlp_in -> mlp_out per layer, {cfg.layers_d_sae} latents, k {cfg.layers_k}, {cfg.layers_batch}-token steps of "
+          f"{cfg.block_size}-token contexts, fp32, {cfg.threads} thread(s) a process; tok/s over steps {first + 1} to "
+          f"{last}, peak resident memory of the whole process:")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(os.path.join(tmp, "tokens.npy"), np.concatenate([read_shard(p) for p in shards]))
+        for label, args, layer in layers_pass_runs(cfg, model, n_layer, tmp):
+            out, gib = run_measured(label, args, env)
+            tok_s = float(out.split("sparsify_tok_s")[1].split()[0]) if "sparsify" in label else logged_rate(out, first, last)
+            print(f"  {label:<36} {tok_s:9,.1f} tok/s   peak {gib:.2f} GiB")
+            results[label.split(",")[0] + ("" if layer is None else f"_layer{layer}")] = {"tok_s": tok_s, "peak_gib": gib}
+    one = results["sae.py"]
+    # a one-layer pass's time per token grows with the depth its harvest stops at: 1/rate linear in the layer between
+    # the three measured ones, summed over every layer
+    measured = sorted((int(k.split("layer")[1]), v["tok_s"]) for k, v in results.items() if "_layer" in k)
+    layers, rates = zip(*measured)
+    seconds_per_token = float(np.interp(np.arange(n_layer), layers, [1 / r for r in rates]).sum())
+    separate = {"tok_s": 1 / seconds_per_token, "peak_gib": max(v["peak_gib"] for k, v in results.items() if "_layer" in k)}
+    print(f"  {n_layer} one-layer passes (estimated from the 3 measured layers {', '.join(map(str, layers))}: 1/rate "
+          f"linear in the layer, summed) {separate['tok_s']:,.1f} tok/s, peak {separate['peak_gib']:.2f} GiB (one at a "
+          f"time)\n  one pass: {one['tok_s'] / separate['tok_s']:.2f}x their combined rate, {one['peak_gib'] / separate['peak_gib']:.2f}x "
+          f"the largest one's memory")
+    report = {"model": model, "n_layer": n_layer, "threads": cfg.threads, "runs": results, "separate": separate,
+              "speedup_vs_separate": one["tok_s"] / separate["tok_s"],
+              "memory_vs_separate": one["peak_gib"] / separate["peak_gib"]}
+    if "sparsify" in results:
+        theirs = results["sparsify"]
+        print(f"  against sparsify ({cfg.sparsify_optimizer}): sae.py {one['tok_s']:,.1f} tok/s / sparsify "
+              f"{theirs['tok_s']:,.1f} tok/s = {one['tok_s'] / theirs['tok_s']:.2f}x its rate; memory {one['peak_gib']:.2f} / "
+              f"{theirs['peak_gib']:.2f} GiB = {one['peak_gib'] / theirs['peak_gib']:.2f}x")
+        report.update(speedup_vs_sparsify=one["tok_s"] / theirs["tok_s"], memory_vs_sparsify=one["peak_gib"] / theirs["peak_gib"])
+    return report
+
+
 if __name__ == "__main__":
+    if SPARSIFY_WORKER:  # before parse_args: that is sae.py's, not imported in sparsify's venv
+        sparsify_worker(next(arg for arg in sys.argv[1:] if arg.startswith("--sparsify_worker=")).split("=", 1)[1])
+        sys.exit(0)
     try:
         cfg = parse_args(BenchConfig(), sys.argv[1:])
     except ValueError as e:
@@ -779,11 +939,13 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     print(machine())
     report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "config": vars(cfg)}
-    special = next((name for name in ("models", "synthetic", "saelens", "archs") if getattr(cfg, name)), None)
+    cfg.layers_pass = cfg.layers_pass or cfg.sparsify  # --sparsify is a part of --layers_pass
+    special = next((name for name in ("models", "synthetic", "saelens", "archs", "layers_pass") if getattr(cfg, name)), None)
     if special:
         try:
             report[special] = bench_saelens(cfg, device) if special == "saelens" else \
-                {"models": bench_models, "synthetic": bench_synthetic, "archs": bench_archs}[special](cfg)
+                {"models": bench_models, "synthetic": bench_synthetic, "archs": bench_archs,
+                 "layers_pass": bench_layers_pass}[special](cfg)
         except (ValueError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)

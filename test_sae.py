@@ -2506,6 +2506,20 @@ def test_bench_saelens_without_it_or_without_data_is_one_line(tiny_shards, tmp_p
                                                       "sae-lens==6.54.12` (the baseline, not a dependency)")
 
 
+def test_bench_layers_pass_without_the_model_or_data_is_one_line(tiny_shards, tmp_path):
+    """Every layer in one pass (and sparsify's) needs token shards and a Llama-family model (--llama, else
+    $SMOLLM2_DIR): each missing is one line, before anything is run."""
+    def bench(*args):
+        return subprocess.run([sys.executable, "bench.py", "--layers_pass=True", "--sparsify=True", *args], cwd=HERE,
+                              env=cpu_env(), capture_output=True, text=True, timeout=300)
+    r = bench(f"--data_dir={tmp_path}")
+    assert r.returncode == 1 and r.stderr.strip() == f"error: --data_dir={tmp_path}: no train shards (run prepare.py " \
+                                                     f"with the model's tokenizer)"
+    r = bench(f"--data_dir={tiny_shards}", f"--llama={tmp_path}")
+    assert r.returncode == 1 and r.stderr.strip() == f"error: --llama={tmp_path}: no config.json (a Llama-family " \
+                                                     f"directory written by save_pretrained)"
+
+
 def test_the_trainer_never_imports_the_reader_and_names_it_for_its_modes(tmp_path):
     """sae.py trains; analyze.py reads trained SAEs and imports sae.py, never the other way round (issue 23): a
     process that imports sae has not imported analyze, and sae.py asked for a reader's mode says, in one line, the
@@ -2575,11 +2589,11 @@ def test_every_relative_link_and_image_resolves(page):
 
 
 def test_readme_is_a_front_door_and_every_flag_is_in_the_reference():
-    """README.md at most 350 lines (the rest lives in docs/); docs/flags.md's tables of sae.py's and analyze.py's flags
-    name exactly the flags that `python sae.py --help` and `python analyze.py --help` list, so they cannot drift."""
+    """README.md at most 350 lines (the rest lives in docs/); docs/flags.md's tables of sae.py's, analyze.py's and
+    bench.py's flags name exactly the flags that each one's `--help` lists, so they cannot drift."""
     assert len((HERE / "README.md").read_text().splitlines()) <= 350
     reference = (HERE / "docs" / "flags.md").read_text()
-    for script in ("sae.py", "analyze.py"):
+    for script in ("sae.py", "analyze.py", "bench.py"):
         r = subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True, text=True, timeout=120)
         listed = set(re.findall(r"^  --(\w+)=", r.stdout, re.M))
         table = re.search(rf"^\| {script} flag \|.*?\n\n", reference, re.M | re.S).group(0)  # that script's table
