@@ -2647,25 +2647,27 @@ def set_scales(ctx, scales):
 def start_scales_and_biases(ctx):
     """A fresh run's normalisation and b_dec (a transcoder's b_in too), from a first sample of the activations: the
     scales make E|x| = sqrt(d_in) and E|y| = sqrt(d_out) (Anthropic, April 2024 update: coefficients then transfer
-    across layers and models); each bias starts at its side's b_dec_init (geometric median, mean or zeros)."""
+    across layers and models); each bias starts at its side's b_dec_init (geometric median, mean or zeros). With
+    --layers, one layer's block of the sample at a time (a copy of all 30 of SmolLM2's transcoder blocks is 2.3 GB)."""
     import torch.distributed as dist
     cfg, (d_in, d_out) = ctx.cfg, ctx.widths
     sample = ctx.source.sample(cfg.resample_samples, torch.Generator().manual_seed(cfg.seed)).to(ctx.device)
-    parts = {layer: {"b_in": rows[:, :d_in], "b_dec": rows[:, d_in:]} if d_out else {"b_dec": rows}  # (n, d) each
-             for layer, rows in ctx.blocks(sample).items()}
-    mean_norms = torch.stack([part.norm(dim=1).mean() for layer in ctx.layers for part in parts[layer].values()])
+    def parts(layer):  # {bias: (n, d)}: the layer's input and target columns (its block of the sample, contiguous)
+        rows = sample[:, ctx.columns(layer)].contiguous()
+        return {"b_in": rows[:, :d_in], "b_dec": rows[:, d_in:]} if d_out else {"b_dec": rows}
+    mean_norms = torch.stack([part.norm(dim=1).mean() for layer in ctx.layers for part in parts(layer).values()])
     if ctx.ddp:
         dist.all_reduce(mean_norms)
         mean_norms /= ctx.world
     mean_norms = iter(mean_norms.tolist())
-    scales = {layer: [math.sqrt(part.shape[1]) / next(mean_norms) if cfg.normalize else 1.0 for part in
-                      parts[layer].values()] for layer in ctx.layers}
+    widths = [d for d in (d_in, d_out) if d]  # each part's
+    scales = {layer: [math.sqrt(d) / next(mean_norms) if cfg.normalize else 1.0 for d in widths] for layer in ctx.layers}
     set_scales(ctx, {layer: (s[0], s[-1]) for layer, s in scales.items()})
     initial = {"zeros": lambda x: torch.zeros(x.shape[1], device=x.device), "mean": lambda x: x.mean(dim=0),
                "geometric_median": geometric_median}
     reads = lambda run: ctx.layers if run.cfg.cross_layer else (run.cfg.layer,)
     for layer, init in dict.fromkeys((l, run.cfg.b_dec_init) for run in ctx.runs for l in reads(run)):  # once a sweep
-        for (name, part), part_scale in zip(parts[layer].items(), scales[layer]):
+        for (name, part), part_scale in zip(parts(layer).items(), scales[layer]):
             value = initial[init](part * part_scale)
             for run in ctx.runs:
                 if layer in reads(run) and run.cfg.b_dec_init == init:
