@@ -7,7 +7,7 @@ on the logits that flows through features rather than error nodes, and the influ
 are not errors), per prompt and their means, in OUT_DIR/graph_scores.json; the first prompt's graph of each export
 written with create_graph_files (the frontend's JSON) and drawn (OUT_DIR/<export>.png, matplotlib where installed).
 
-$ $CIRCUIT_TRACER_PYTHON config/attribution_graphs.py MODEL_DIR OUT_DIR EXPORT_DIR [EXPORT_DIR ...]
+$ $CIRCUIT_TRACER_PYTHON attribution_graphs.py MODEL_DIR OUT_DIR EXPORT_DIR [EXPORT_DIR ...]
 """
 import json
 import os
