@@ -2130,11 +2130,7 @@ def evaluate_replacement(model, sets, cfg, val_batches):
             return act
         return edit
 
-    def zero(act):
-        act = act.clone()
-        act[:, keep] = 0
-        return act
-
+    zero = lambda act: zero_positions(act, keep)
     final_hidden = lambda *edit: model(idx, *edit, head=False).flatten(0, 1)  # (B*T, C)
     for idx in progress(val_batches, desc=f"eval (replacement, {len(sets)} set{'s' * (len(sets) > 1)})", leave=False):
         h_edited = [final_hidden(layers, sites, replacing(members)) for members in sets.values()]
@@ -2160,7 +2156,9 @@ def evaluate_clt(clt, tracker, scales, cfg, layers, model=None, val_batches=(), 
                            for d, sc in ((clt.d_in, a), (clt.d_out, t))]).to(device)  # (L (d_in + d_out),)
     s = {"n": 0, "sq_err": torch.zeros(L, dtype=torch.float64), "sum_y": torch.zeros(L, clt.d_out, dtype=torch.float64),
          "sq_y": torch.zeros(L, dtype=torch.float64), "l0": 0.0, "l1": 0.0}
-    ce = dict.fromkeys(("ce_clean", "ce_sae", "ce_zero", "kl", "n_ce", "n_kl"), 0.0)
+    T = val_batches[0].shape[1] if len(val_batches) else 0
+    shared = {key: torch.zeros(T, dtype=torch.float64) for key in ("ce_clean", "ce_zero", "n_ce", "n_kl")}
+    pos = {key: torch.zeros(T, dtype=torch.float64) for key in ("ce_sae", "kl")}  # add_ce_and_kl's sums by position
     def score(rows):  # rows (N, L (d_in + d_out)) in normalised units
         xs, y = clt.split(rows)
         y_hat, fs = clt(xs)
@@ -2189,15 +2187,8 @@ def evaluate_clt(clt, tracker, scales, cfg, layers, model=None, val_batches=(), 
         clean_inputs = None if clt.arch != "topk" or clt.scope != "all" else \
             [c.reshape(-1, clt.d_in) * a for c, a in zip(captured[::2], scales[0])]
         h_clt = clt_replacement_forward(model, idx, clt, cfg, scales, layers, clean_inputs)
-        targets = F.pad(idx[:, 1:], (0, 1), value=-1).reshape(-1)  # (B*T,) next tokens; -1: none
-        flat = lambda h: h.reshape(-1, h.shape[-1])
-        for part in (slice(i, i + EVAL_POSITIONS) for i in range(0, len(targets), EVAL_POSITIONS)):
-            logp = [F.log_softmax(model.lm_head(flat(h)[part]), -1) for h in (h_clean, h_clt, h_zero)]  # (P, vocab)
-            for key, lp in zip(("ce_clean", "ce_sae", "ce_zero"), logp):
-                ce[key] += F.nll_loss(lp, targets[part], ignore_index=-1, reduction="sum").item()
-            ce["kl"] += F.kl_div(logp[1], logp[0], log_target=True, reduction="sum").item()
-            ce["n_ce"] += (targets[part] >= 0).sum().item()
-            ce["n_kl"] += len(logp[0])
+        flat = lambda h: h.reshape(-1, h.shape[-1])  # (B*T, C)
+        add_ce_and_kl(model, idx, flat(h_clean), flat(h_zero), [flat(h_clt)], shared, [pos])
     n = max(s["n"], 1)
     variance = s["sq_y"] - s["sum_y"].pow(2).sum(dim=1) / n  # (L,)
     freq = tracker.freq()
@@ -2207,10 +2198,8 @@ def evaluate_clt(clt, tracker, scales, cfg, layers, model=None, val_batches=(), 
                "l0": s["l0"] / n, "l1": s["l1"] / n, "dead_frac": tracker.dead().float().mean().item(),
                "dense_frac": (freq > cfg.dense_threshold).float().mean().item(),
                "mean_max_cos": sum(mean_max_cosine(W) for W in clt.W_dec) / L}
-    if ce["n_ce"]:
-        metrics.update({k: ce[k] / ce["n_ce"] for k in ("ce_clean", "ce_sae", "ce_zero")}, kl=ce["kl"] / ce["n_kl"])
-        gap = metrics["ce_zero"] - metrics["ce_clean"]
-        metrics["ce_recovered"] = (metrics["ce_zero"] - metrics["ce_sae"]) / gap if gap else float("nan")
+    if T:
+        metrics.update(downstream(shared, pos, slice(None)))
     return metrics
 
 
