@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12's runs on SmolLM2-135M, end to end from a clean clone (docs/results.md), each part one
 # command: bash config/smollm2_experiments.sh PART, PART one of data frontier jl lr jl_forms transcoders context finetune
-# layers plot
+# layers all_layers plot
 # (or all, in that order). Every step's output goes to logs/<step>.log; a step whose log ends in "done" is skipped, so
 # a rerun continues after the last finished step. About 6 hours on 2 CPU cores in all (docs/results.md gives each part's).
 set -euo pipefail
@@ -25,6 +25,9 @@ collect() {  # every run's log.jsonl, config.json and overlap.json under out/ co
     for extra in config.json overlap.json; do
       if [ -f "$dir/$extra" ]; then cp "$dir/$extra" "logs/runs/${dir#out/}/"; fi
     done
+  done
+  find out -name replacement.jsonl 2>/dev/null | while read -r log; do  # a pass over layers: the replacement model's
+    dir=$(dirname "$log"); mkdir -p "logs/runs/${dir#out/}"; cp "$log" "logs/runs/${dir#out/}/"
   done
 }
 cache() {  # cache MODEL LAYER DIR [BLOCK TOKENS [FLAGS...]]: an activation cache of mlp_in at LAYER (FLAGS: another
@@ -132,6 +135,21 @@ finetune() {  # LoRA on FineWeb-Edu; the layer-15 SAEs on the fine-tune, against
     step "smollm2_l15_on_edu_$(basename $run)" python analyze.py --mode=persistence --out_dir=$run --eval_model=$MODEL-edu
   done
 }
+all_layers() {  # issue 33: transcoder sets (plain, skip) and a cross-layer transcoder on all 30 layers, each exported
+  # to circuit-tracer and scored by it over attribution_graphs.py's dozen prompts (circuit-tracer's own venv:
+  # CIRCUIT_TRACER_PYTHON, docs/research-helpers.md), the first prompt's graph drawn in figures/smollm2_all_layers
+  step smollm2_all_layers python sae.py config/smollm2_all_layers.py
+  step smollm2_all_layers_clt python sae.py config/smollm2_all_layers_clt.py
+  for set in skipFalse skipTrue; do
+    step smollm2_all_layers_export_$set python analyze.py --mode=export --export_format=circuit_tracer \
+      --out_dir=out/smollm2_all_layers --export_set=$set --export_dir="$PWD/export/smollm2_all_layers-$set"
+  done
+  step smollm2_all_layers_export_clt python analyze.py --mode=export --export_format=circuit_tracer \
+    --out_dir=out/smollm2_all_layers_clt --export_dir="$PWD/export/smollm2_all_layers-clt"
+  step smollm2_all_layers_graphs "${CIRCUIT_TRACER_PYTHON:?set CIRCUIT_TRACER_PYTHON to the python of circuit-tracer}" \
+    attribution_graphs.py $MODEL figures/smollm2_all_layers export/smollm2_all_layers-skipFalse \
+    export/smollm2_all_layers-skipTrue export/smollm2_all_layers-clt
+}
 plot() {  # from the copies in logs/runs: the figures and tables come back from the committed logs alone
   R=logs/runs
   python analyze.py --mode=plot --plot_runs=$R/smollm2_l15_frontier,$R/smollm2_l15_jl,$R/smollm2_l15_lr --plot_dir=figures/smollm2_l15
@@ -147,8 +165,8 @@ plot() {  # from the copies in logs/runs: the figures and tables come back from 
     --plot_dir=figures/smollm2_finetune
 }
 case "${1:-all}" in
-  all) data; frontier; jl; lr; jl_forms; transcoders; context; layers; finetune; plot ;;
-  data|frontier|jl|lr|jl_forms|transcoders|context|layers|finetune|plot) "$1" ;;
-  *) echo "usage: bash config/smollm2_experiments.sh [all|data|frontier|jl|lr|jl_forms|transcoders|context|layers|finetune|plot]"
+  all) data; frontier; jl; lr; jl_forms; transcoders; context; layers; finetune; all_layers; plot ;;
+  data|frontier|jl|lr|jl_forms|transcoders|context|layers|finetune|all_layers|plot) "$1" ;;
+  *) echo "usage: bash config/smollm2_experiments.sh [all|data|frontier|jl|lr|jl_forms|transcoders|context|layers|finetune|all_layers|plot]"
      exit 1 ;;
 esac
