@@ -93,11 +93,12 @@ def parse_args(cfg, argv):
     return replace(cfg, **overrides)
 
 
-def sae_step(sae, optimizer, loss, cfg):
-    """One update from one batch's loss, as sae.py's train_step makes it (one process, one piece)."""
+def sae_step(sae, optimizer, loss_and_terms, cfg):
+    """One update from one batch's sae_loss, as sae.py's train_step makes it (one process, one piece)."""
+    loss, terms = loss_and_terms
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    sae_update(sae, optimizer, cfg)
+    sae_update(sae, optimizer, cfg, threshold_seen=terms.threshold_seen)
 
 
 def machine():
@@ -408,8 +409,8 @@ def bench_end_to_end(cfg, device, peaks):
         for loss in losses:
             sae, optimizer, tcfg = trainees[loss]
             with autocast:
-                loss_value, _, _ = sae_loss(sae, acts, tcfg, 10)
-            sae_step(sae, optimizer, loss_value, tcfg)
+                loss_and_terms = sae_loss(sae, acts, tcfg, 10)
+            sae_step(sae, optimizer, loss_and_terms, tcfg)
 
     for loss in ("l1", "jl", "hybrid"):
         sample = cfg.jl_sample if device == "cpu" else 0  # the CPU steps estimate JL; CUDA runs it exactly
@@ -420,8 +421,8 @@ def bench_end_to_end(cfg, device, peaks):
         x = torch.randn(cfg.batch_size, d, device=device)
         def sae_only():
             with autocast:
-                loss_value, _, _ = sae_loss(sae, x, tcfg, 10)
-            sae_step(sae, optimizer, loss_value, tcfg)
+                loss_and_terms = sae_loss(sae, x, tcfg, 10)
+            sae_step(sae, optimizer, loss_and_terms, tcfg)
         jl_flops = 0 if loss == "l1" else (6 * sample * cfg.d_sae * d if sample else 3 * cfg.d_sae ** 2 * d)
         sae_flops = 10 * cfg.batch_size * d * cfg.d_sae + jl_flops
         step = time_ms(sae_only, cfg.iters, device)
@@ -728,7 +729,7 @@ def bench_arch_steps(cfg, device, widths=(8192, 32768), k=32):
             torch.manual_seed(0)
             model = SAE.from_config((d, 0), tcfg).to(device)
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-            step = lambda: sae_step(model, optimizer, sae_loss(model, x, tcfg, 10, dead)[0], tcfg)
+            step = lambda: sae_step(model, optimizer, sae_loss(model, x, tcfg, 10, dead), tcfg)
             step()  # Adam's state allocated before memory is measured
             ms = time_ms(step, cfg.iters, device)
             mem = peak_mib(step, device)
@@ -758,7 +759,7 @@ def bench_transcoder_steps(cfg, device, width, k, dead, sae_results):
             torch.manual_seed(0)
             model = SAE.from_config((d, d), tcfg).to(device)
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-            step = lambda: sae_step(model, optimizer, sae_loss(model, x, tcfg, 10, dead)[0], tcfg)
+            step = lambda: sae_step(model, optimizer, sae_loss(model, x, tcfg, 10, dead), tcfg)
             step()
             ms = time_ms(step, cfg.iters, device)
             name = f"{arch}_{'skip_' * skip}transcoder_{width}"

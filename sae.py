@@ -1512,11 +1512,10 @@ class CrossLayerTranscoder(nn.Module):
         """[|W_dec_l,i| (d_sae,)]: each feature's concatenated decoder row's norm."""
         return [W.norm(dim=1) for W in self.W_dec]
 
-    def select(self, pres, training=False, rate=0.0):
-        """The k-sparse selections: [(indices (N, K), keep (N, K) bool)] per layer, indices within the layer. Scope all
-        selects over the layers' features side by side (each layer's entries then masked in the others' lists).
-        batchtopk, matryoshka in training: the batch's selection, and each threshold's EMA of its smallest kept value
-        (one for all with scope all, as the SAE's); at inference (thresholds estimated) use code()."""
+    def select(self, pres):
+        """The k-sparse selections -> ([(indices (N, K), keep (N, K) bool)] per layer, indices within the layer; the
+        smallest kept values (L,), batchtopk's and matryoshka's, else None). Scope all selects over the layers' features
+        side by side (each layer's entries then masked in the others' lists; one smallest value, repeated L times)."""
         d, L = self.d_sae, len(pres)
         if self.scope == "all":
             cat = torch.cat(pres, dim=1)  # (N, L d_sae)
@@ -1534,11 +1533,7 @@ class CrossLayerTranscoder(nn.Module):
         else:
             picks = [batch_topk_select(pre, self.k) for pre in pres]
             sel, t = [(i, keep) for i, keep, _ in picks], torch.stack([p[2] for p in picks])
-        if training and t is not None:  # tensor ops, no Python branch on a value (sparse_terms says why)
-            th = self.threshold
-            ema = torch.where(th == 0, t, th + rate * (t - th))
-            th.copy_(torch.where(t > 0, ema, th))
-        return sel
+        return sel, t
 
     def code(self, pres, start=0):
         """The inference codes [f_l (N, d_sae)] of the pre-activations of layers start, start + 1, ... (topk with scope
@@ -1550,7 +1545,7 @@ class CrossLayerTranscoder(nn.Module):
         if self.arch != "topk" and (self.threshold > 0).all():  # a JumpReLU of each layer's threshold
             return [pre * (pre > th) for pre, th in zip(pres, self.threshold[start:])]
         return [torch.zeros_like(pre).scatter_(1, i, pre.gather(1, i) * keep)
-                for pre, (i, keep) in zip(pres, self.select(pres))]
+                for pre, (i, keep) in zip(pres, self.select(pres)[0])]
 
     def skip_out(self, xs):
         """[x_t @ W_skip_t^T] side by side (N, L d_out), or 0 without skip paths."""
@@ -1600,6 +1595,52 @@ def geometric_median(x, iters=100, eps=1e-8):
 # the loss: each architecture's terms (reconstruction, its sparsity term, AuxK) and the JL penalty
 # (sae_kernels.jl_penalty), with their coefficients' schedules
 
+@dataclass
+class Terms:
+    """One batch's loss, term by term (scalar tensors; None where the architecture has no such term), and what the
+    step tracks besides. sae_loss sums them: recon (mse where None) + the sparsity coefficient x sparsity (--loss=l1
+    or hybrid) + auxk_coeff x auxk + pre_act_loss_coeff x pre_act + the JL coefficient x jl."""
+    mse: torch.Tensor                # mean over the batch of sum over d_out of (y_hat - y)^2 (a CLT's: over all targets)
+    l0: torch.Tensor                 # the mean number of active features a token (a measurement, never a gradient)
+    fired: torch.Tensor              # (d_sae,) int: how many of the batch's tokens activated each feature
+    sparsity: torch.Tensor = None    # the architecture's penalty, named by sparsity_name: relu's L1, jumprelu's L0, vae's KL
+    recon: torch.Tensor = None       # matryoshka's reconstruction term: mse averaged over its nested prefixes
+    auxk: torch.Tensor = None        # AuxK, in mse's units (k-sparse architectures, with dead features)
+    pre_act: torch.Tensor = None     # jumprelu's pre-activation loss on dead features (--pre_act_loss_coeff)
+    jl: torch.Tensor = None          # the JL penalty (--loss=jl or hybrid), set by sae_loss
+    threshold_seen: torch.Tensor = None  # batchtopk, matryoshka: the batch's smallest kept value (a CLT's: per layer),
+    # which sae_update folds into the inference threshold; with pieces, one row a piece (stacked)
+
+    def logged(self, cfg):
+        """{column: value}: the loss's terms, each named for what it is, then the code's L0 (the training line's)."""
+        named = {"mse": self.mse, sparsity_name(cfg): self.sparsity, "recon": self.recon, "auxk": self.auxk,
+                 "pre_act": self.pre_act, "jl": self.jl, "l0": self.l0}
+        return {name: value for name, value in named.items() if value is not None}
+
+    @staticmethod
+    def mean_of_pieces(pieces):
+        """The terms of a batch's pieces (detached) -> each term's mean over the pieces (added in piece order), fired
+        summed, the thresholds seen stacked (one row a piece: sae_update averages each piece's EMA, as ranks')."""
+        def combine(name, values):
+            if values[0] is None:
+                return None
+            if name == "threshold_seen":
+                return torch.stack(values)
+            total = sum(values[1:], values[0])
+            return total if name == "fired" else total / len(values)
+        return Terms(**{f.name: combine(f.name, [getattr(p, f.name) for p in pieces]) for f in fields(Terms)})
+
+    def detached(self):
+        return Terms(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).detach()
+                        for f in fields(Terms)})
+
+
+def sparsity_name(cfg):
+    """The sparsity penalty's name in the logs: relu's L1 of the code (of f_i |W_dec,i| with free norms), jumprelu's
+    L0 through its straight-through step or Anthropic's tanh, vae's KL to its prior."""
+    return {"relu": "l1", "jumprelu": f"l0_{cfg.jumprelu_sparsity}", "vae": "kl"}.get(cfg.arch, "sparsity")
+
+
 def mse_of(x_hat, x):
     return (x_hat - x).pow(2).sum(dim=-1).mean()
 
@@ -1607,8 +1648,20 @@ def mse_of(x_hat, x):
 def relu_terms(sae, x, cfg, it, dead):
     x, y = sae.split(x)  # what it reads, what it reconstructs (the same rows for an SAE)
     x_hat, _, (l1_rows, l0_rows, fired) = sae(x, stats=True, code=False)  # (N, d_out), (N,), (N,), (d_sae,)
-    l1 = l1_rows.mean()
-    return {"mse": mse_of(x_hat, y), "l1": l1, "sparsity": l1, "l0": l0_rows.float().mean(), "fired": fired}
+    return Terms(mse=mse_of(x_hat, y), sparsity=l1_rows.mean(), l0=l0_rows.float().mean(), fired=fired)
+
+
+def auxk_residual_fit(pre, dead, k_aux, x, W_enc, b_enc, b_in, W_dec):
+    """AuxK's prediction of the residual: the k_aux largest pre-activations (N, d_sae) of the dead features (d_sae,)
+    bool, relu'd, decoded with no b_dec: (N, W_dec's width); None where no feature is dead. The dead set's size
+    decides the shapes: one wait for the GPU (the only one of topk and fsq's step)."""
+    dead_ids = dead.nonzero().squeeze(1)
+    if not len(dead_ids):
+        return None
+    aux_top, aux_at = pre[:, dead_ids].topk(min(k_aux, len(dead_ids)), dim=1)  # (N, k_aux)
+    aux_indices = dead_ids[aux_at]
+    aux_values = sparse_encode(x, W_enc, b_enc, b_in, aux_indices, pre=pre) * (aux_top > 0)
+    return sparse_decode(aux_indices, aux_values, W_dec)
 
 
 def sparse_terms(sae, x, cfg, it, dead):
@@ -1617,12 +1670,9 @@ def sparse_terms(sae, x, cfg, it, dead):
     x, y = sae.split(x)  # what it reads, what it reconstructs (the same rows for an SAE)
     with torch.no_grad():
         pre = sae.pre(x)  # (N, d_sae): the step's one dense matmul
+    threshold_seen = None
     if sae.arch in ("batchtopk", "matryoshka"):
-        indices, keep, t = batch_topk_select(pre, sae.k)
-        if sae.training:  # the inference threshold: an EMA of the smallest kept value (docs/training.md); tensor ops, no
-            # Python branch on a value (each would wait for the GPU)
-            ema = torch.where(sae.threshold == 0, t, sae.threshold + cfg.threshold_rate * (t - sae.threshold))
-            sae.threshold.copy_(torch.where(t > 0, ema, sae.threshold))
+        indices, keep, threshold_seen = batch_topk_select(pre, sae.k)
     else:
         top, indices = pre.topk(sae.k, dim=1)  # (N, k)
         keep = top > 0
@@ -1632,53 +1682,47 @@ def sparse_terms(sae, x, cfg, it, dead):
         keep = values.detach() > 0
     skip = sae.skip_out(x)  # (N, d_out) or 0
     x_hat = sparse_decode(indices, values, sae.W_dec, sae.b_dec) + skip  # (N, d_out)
-    mse = mse_of(x_hat, y)
     fired = torch.zeros(pre.shape[1], dtype=torch.int64, device=x.device)  # (d_sae,); not bincount(indices[keep]),
     fired.index_add_(0, indices.flatten(), keep.flatten().long())          # whose mask and size wait for the GPU
-    terms = {"mse": mse, "l1": values.sum(dim=1).mean(), "l0": keep.sum(dim=1).float().mean(), "fired": fired}
+    terms = Terms(mse=mse_of(x_hat, y), l0=keep.sum(dim=1).float().mean(), fired=fired, threshold_seen=threshold_seen)
     if sae.arch == "matryoshka":  # each prefix reconstructs alone; the full dictionary is the last prefix
         inner = [mse_of(sparse_decode(indices, values * (indices < size), sae.W_dec, sae.b_dec) + skip, y)
                  for size in sae.prefixes[:-1]]
-        terms["recon"] = (sum(inner) + mse) / len(sae.prefixes)
-    # the dead set's size decides the shapes: one wait for the GPU a step (the only one of topk and fsq)
-    dead_ids = dead.nonzero().squeeze(1) if dead is not None and cfg.auxk_coeff > 0 else ()
-    if len(dead_ids):
-        aux_top, aux_at = pre[:, dead_ids].topk(min(cfg.k_aux, len(dead_ids)), dim=1)  # (N, k_aux)
-        aux_indices = dead_ids[aux_at]
-        aux_values = sparse_encode(x, sae.W_enc, sae.b_enc, sae.b_pre, aux_indices, pre=pre) * (aux_top > 0)
-        residual = (y - x_hat).detach()
-        terms["aux"] = mse_of(sparse_decode(aux_indices, aux_values, sae.W_dec), residual)
+        terms.recon = (sum(inner) + terms.mse) / len(sae.prefixes)
+    if dead is not None and cfg.auxk_coeff > 0:
+        fit = auxk_residual_fit(pre, dead, cfg.k_aux, x, sae.W_enc, sae.b_enc, sae.b_pre, sae.W_dec)
+        if fit is not None:
+            terms.auxk = mse_of(fit, (y - x_hat).detach())
     return terms
 
 
 def jumprelu_terms(sae, x, cfg, it, dead):
     x, y = sae.split(x)
     pre = sae.pre(x)  # with autograd: both its gradients are dense here
-    eps = cfg.jumprelu_bandwidth
-    f = JumpReLU.apply(pre, sae.threshold, eps)
+    f = JumpReLU.apply(pre, sae.threshold, cfg.jumprelu_bandwidth)
     x_hat = f @ sae.W_dec + sae.b_dec + sae.skip_out(x)           # (N, d_sae) @ (d_sae, d_out)
-    active = f.detach() > 0
-    terms = {"mse": mse_of(x_hat, y), "l1": f.sum(dim=1).mean(), "fired": active.sum(dim=0)}
-    return {**terms, **jumprelu_sparsity(pre, f, sae.threshold, sae.W_dec.norm(dim=1), cfg, dead)}
+    sparsity, l0, pre_act = jumprelu_sparsity(pre, f, sae.threshold, sae.W_dec.norm(dim=1), cfg, dead)
+    return Terms(mse=mse_of(x_hat, y), sparsity=sparsity, l0=l0, pre_act=pre_act, fired=(f.detach() > 0).sum(dim=0))
 
 
 def jumprelu_sparsity(pre, f, threshold, norms, cfg, dead):
-    """JumpReLU's sparsity terms of pre, f (N, d_sae), threshold and decoder norms (d_sae,): "sparsity", per token
-    summed over features and averaged over the batch, either step, L0 = H(pre - theta) through Step's estimator
-    (Rajamanoharan et al. 2024), or tanh, tanh(c f_i |W_dec,i|), its gradient through JumpReLU's (Anthropic, January
-    2025 update, transformer-circuits.pub/2025/january-update; SAELens 6's jumprelu_sparsity_loss_mode="tanh",
-    sae_lens/saes/jumprelu_sae.py); "l0", the count; and with --pre_act_loss_coeff and dead (d_sae,) bool, "pre_act" =
-    relu(theta_i - pre_i) |W_dec,i| over the dead features (Anthropic's term, on dead features only as SAELens's
-    calculate_pre_act_loss)."""
+    """JumpReLU's sparsity of pre, f (N, d_sae), threshold and decoder norms (d_sae,) -> (penalty, l0, pre_act). The
+    penalty, per token summed over features and averaged over the batch, is either step, L0 = H(pre - theta) through
+    Step's estimator (Rajamanoharan et al. 2024), or tanh, tanh(c f_i |W_dec,i|), its gradient through JumpReLU's
+    (Anthropic, January 2025 update, transformer-circuits.pub/2025/january-update; SAELens 6's
+    jumprelu_sparsity_loss_mode="tanh", sae_lens/saes/jumprelu_sae.py); l0 the count; pre_act, with
+    --pre_act_loss_coeff and dead (d_sae,) bool, relu(theta_i - pre_i) |W_dec,i| over the dead features (Anthropic's
+    term, on dead features only as SAELens's calculate_pre_act_loss), else None."""
     if cfg.jumprelu_sparsity == "tanh":
-        terms = {"sparsity": torch.tanh(cfg.jumprelu_tanh_scale * f * norms).sum(dim=1).mean(),
-                 "l0": (f.detach() > 0).sum(dim=1).float().mean()}
+        penalty = torch.tanh(cfg.jumprelu_tanh_scale * f * norms).sum(dim=1).mean()
+        l0 = (f.detach() > 0).sum(dim=1).float().mean()
     else:
-        l0 = Step.apply(pre, threshold, cfg.jumprelu_bandwidth).sum(dim=1).mean()
-        terms = {"sparsity": l0, "l0": l0.detach()}
+        penalty = Step.apply(pre, threshold, cfg.jumprelu_bandwidth).sum(dim=1).mean()
+        l0 = penalty.detach()
+    pre_act = None
     if cfg.pre_act_loss_coeff > 0 and dead is not None:
-        terms["pre_act"] = ((threshold - pre).relu() * dead * norms).sum(dim=1).mean()
-    return terms
+        pre_act = ((threshold - pre).relu() * dead * norms).sum(dim=1).mean()
+    return penalty, l0, pre_act
 
 
 def vae_terms(sae, x, cfg, it, dead):
@@ -1692,8 +1736,7 @@ def vae_terms(sae, x, cfg, it, dead):
     x_hat = f @ sae.W_dec + sae.b_dec + sae.skip_out(x)           # (N, d_sae) @ (d_sae, d_out)
     kl = (0.5 * ((2 * sae.log_sigma).exp() + (mu - cfg.vae_prior_mean).pow(2) - 1) - sae.log_sigma).sum(dim=1).mean()
     active = mu.detach() > 0  # what inference keeps (z = mu): the tracker counts these
-    return {"mse": mse_of(x_hat, y), "l1": f.sum(dim=1).mean(), "sparsity": kl, "l0": active.sum(dim=1).float().mean(),
-            "fired": active.sum(dim=0)}
+    return Terms(mse=mse_of(x_hat, y), sparsity=kl, l0=active.sum(dim=1).float().mean(), fired=active.sum(dim=0))
 
 
 def clt_terms(clt, x, cfg, it, dead):
@@ -1710,43 +1753,36 @@ def clt_terms(clt, x, cfg, it, dead):
         fs = [pre.relu() if clt.arch == "relu" else JumpReLU.apply(pre, th, cfg.jumprelu_bandwidth)
               for pre, th in zip(pres, clt.threshold if clt.arch == "jumprelu" else pres)]
         y_hat = clt.decode([f @ W for f, W in zip(fs, clt.W_dec)]) + skip  # (N, d_sae) @ (d_sae, (L - l) d_out)
-        terms = {"mse": mse_of(y_hat, y), "l1": sum(f.sum(dim=1) for f in fs).mean(),
-                 "fired": torch.cat([(f.detach() > 0).sum(dim=0) for f in fs])}
+        terms = Terms(mse=mse_of(y_hat, y), l0=sum((f.detach() > 0).sum(dim=1) for f in fs).float().mean(),
+                      fired=torch.cat([(f.detach() > 0).sum(dim=0) for f in fs]))
         norms = clt.norms()
         if clt.arch == "relu":
-            l1 = sum((f * n if clt.free_norms else f).sum(dim=1) for f, n in zip(fs, norms)).mean()
-            terms.update(sparsity=l1, l1=l1, l0=sum((f.detach() > 0).sum(dim=1) for f in fs).float().mean())
-        else:
+            terms.sparsity = sum((f * n if clt.free_norms else f).sum(dim=1) for f, n in zip(fs, norms)).mean()
+        else:  # each layer's (penalty, l0, pre_act), summed over layers
             parts = [jumprelu_sparsity(*a, cfg, d) for a, d in zip(zip(pres, fs, clt.threshold, norms), dead)]
-            terms.update({k: sum(p[k] for p in parts) for k in parts[0]})
+            terms.sparsity, terms.l0, terms.pre_act = [None if p[0] is None else sum(p) for p in zip(*parts)]
         return terms
     with torch.no_grad():
         pres = clt.pres(xs)  # [(N, d_sae)]: the step's dense matmuls
-    sel = clt.select(pres, clt.training, cfg.threshold_rate)
+    sel, threshold_seen = clt.select(pres)
     values = [sparse_encode(x, W, b, b_in, i, pre=pre) * keep for x, W, b, b_in, pre, (i, keep) in
               zip(xs, clt.W_enc, clt.b_enc, clt.b_in, pres, sel)]  # [(N, K)], with gradients
     decode = lambda vals: clt.decode([sparse_decode(i, v, W) for (i, _), v, W in zip(sel, vals, clt.W_dec)]) + skip
     y_hat = decode(values)                                 # (N, L d_out)
-    mse = mse_of(y_hat, y)
     fired = torch.zeros(L * clt.d_sae, dtype=torch.int64, device=x.device)
     for l, (i, keep) in enumerate(sel):
         fired.index_add_(0, (i + l * clt.d_sae).flatten(), keep.flatten().long())
-    terms = {"mse": mse, "l1": sum(v.sum(dim=1) for v in values).mean(),
-             "l0": sum(keep.sum(dim=1) for _, keep in sel).float().mean(), "fired": fired}
+    terms = Terms(mse=mse_of(y_hat, y), l0=sum(keep.sum(dim=1) for _, keep in sel).float().mean(), fired=fired,
+                  threshold_seen=threshold_seen)
     if clt.arch == "matryoshka":  # each layer's prefix of each size; the full dictionaries are the last
         inner = [mse_of(decode([v * (i < size) for (i, _), v in zip(sel, values)]), y) for size in clt.prefixes[:-1]]
-        terms["recon"] = (sum(inner) + mse) / len(clt.prefixes)
-    if cfg.auxk_coeff > 0 and dead[0] is not None:
-        aux_parts = []
-        for l, (pre, d) in enumerate(zip(pres, dead)):
-            dead_ids = d.nonzero().squeeze(1)  # a wait for the GPU a layer
-            if len(dead_ids):
-                aux_top, aux_at = pre[:, dead_ids].topk(min(cfg.k_aux, len(dead_ids)), dim=1)  # (N, k_aux)
-                aux_i = dead_ids[aux_at]
-                aux_v = sparse_encode(xs[l], clt.W_enc[l], clt.b_enc[l], clt.b_in[l], aux_i, pre=pre) * (aux_top > 0)
-                aux_parts.append(F.pad(sparse_decode(aux_i, aux_v, clt.W_dec[l]), (l * clt.d_out, 0)))
-        if aux_parts:
-            terms["aux"] = mse_of(sum(aux_parts), (y - y_hat).detach())
+        terms.recon = (sum(inner) + terms.mse) / len(clt.prefixes)
+    if cfg.auxk_coeff > 0 and dead[0] is not None:  # each source layer's fit, written into its target columns
+        fits = [auxk_residual_fit(pre, d, cfg.k_aux, xs[l], clt.W_enc[l], clt.b_enc[l], clt.b_in[l], clt.W_dec[l])
+                for l, (pre, d) in enumerate(zip(pres, dead))]
+        fits = [F.pad(fit, (l * clt.d_out, 0)) for l, fit in enumerate(fits) if fit is not None]
+        if fits:
+            terms.auxk = mse_of(sum(fits), (y - y_hat).detach())
     return terms
 
 
@@ -1755,28 +1791,23 @@ ARCH_TERMS = {"relu": relu_terms, "jumprelu": jumprelu_terms, "vae": vae_terms,
 
 
 def sae_loss(sae, x, cfg, it, dead=None):
-    """-> (loss, terms, fired). mse = mean over the batch of sum over d_out of (x_hat - y)^2 (matryoshka: averaged
-    over its prefixes); l1 = mean over the batch of sum over features of f; l0 = mean number of active features;
-    the architecture's sparsity term (relu: l1, jumprelu: L0, vae: KL) with --loss=l1 or hybrid; jl = the JL mean
-    of sae_kernels.jl_penalty with --loss=jl or hybrid; aux = AuxK (k-sparse architectures, dead (d_sae,) bool given);
-    jumprelu's pre-act loss with --pre_act_loss_coeff (dead given); fired (d_sae,) = how many of the batch activated
-    each feature. A CrossLayerTranscoder's terms are clt_terms' (its mse summed over target layers, L d_sae features)."""
+    """-> (loss, Terms): the architecture's terms (a CrossLayerTranscoder's are clt_terms': mse summed over target
+    layers, L d_sae features) weighted and summed (Terms says how); dead (d_sae,) bool feeds AuxK and jumprelu's
+    pre-act loss. Nothing here changes the SAE: the thresholds the batch estimates wait in Terms for sae_update."""
     terms = (clt_terms if isinstance(sae, CrossLayerTranscoder) else ARCH_TERMS[sae.arch])(sae, x, cfg, it, dead)
-    loss = terms.pop("recon", terms["mse"])
-    if cfg.loss in ("l1", "hybrid") and "sparsity" in terms:
-        loss = loss + sparsity_coeff_at(cfg, it) * terms["sparsity"]
-    if "pre_act" in terms:  # jumprelu's anti-dead term, not warmed up (SAELens's pre_act_loss_coefficient is not)
-        loss = loss + cfg.pre_act_loss_coeff * terms.pop("pre_act")
-    if "aux" in terms:
-        loss = loss + cfg.auxk_coeff * terms["aux"]
-    terms["jl"] = torch.zeros((), device=x.device)
+    loss = terms.mse if terms.recon is None else terms.recon
+    if cfg.loss in ("l1", "hybrid") and terms.sparsity is not None:
+        loss = loss + sparsity_coeff_at(cfg, it) * terms.sparsity
+    if terms.pre_act is not None:  # jumprelu's anti-dead term, not warmed up (SAELens's pre_act_loss_coefficient is not)
+        loss = loss + cfg.pre_act_loss_coeff * terms.pre_act
+    if terms.auxk is not None:
+        loss = loss + cfg.auxk_coeff * terms.auxk
     if cfg.loss in ("jl", "hybrid"):
         with torch.autocast(x.device.type, enabled=False):  # fp32 always: atanh |cos| is steep near |cos| = 1
-            terms["jl"] = jl_penalty(sae.dictionary(cfg.jl_on), cfg.jl_sample, torch.Generator(x.device).manual_seed(
+            terms.jl = jl_penalty(sae.dictionary(cfg.jl_on), cfg.jl_sample, torch.Generator(x.device).manual_seed(
                 cfg.seed + it), cfg.jl_form, cfg.jl_power, cfg.jl_margin)
-        loss = loss + jl_coeff_at(cfg, it) * terms["jl"]
-    terms.pop("sparsity", None)
-    return loss, terms, terms.pop("fired")
+        loss = loss + jl_coeff_at(cfg, it) * terms.jl
+    return loss, terms
 
 
 def sparsity_coeff_at(cfg, it):
@@ -1821,43 +1852,38 @@ def train_step(run, x, it, autocast, world_size=1):
         group["lr"] = base_lr * lr_mult
     reads_dead = run.cfg.arch in K_SPARSE or run.cfg.arch == "jumprelu" and run.cfg.pre_act_loss_coeff > 0
     dead = run.tracker.dead() if reads_dead else None
-    loss, terms, fired = backward_in_pieces(run.train_sae, run.optimizer, x, run.cfg, it, dead, autocast)
+    loss, terms = backward_in_pieces(run.train_sae, run.optimizer, x, run.cfg, it, dead, autocast)
     run.finite = run.finite & torch.isfinite(loss)  # read at log steps and saves (check_finite)
-    sae_update(run.sae, run.optimizer, run.cfg, world_size)
+    sae_update(run.sae, run.optimizer, run.cfg, world_size, terms.threshold_seen)
     if world_size > 1:
-        dist.all_reduce(fired)
-    run.tracker.update(fired, run.cfg.batch_size)
+        dist.all_reduce(terms.fired)
+    run.tracker.update(terms.fired, run.cfg.batch_size)
     return loss, terms, lr_mult
 
 
 def backward_in_pieces(sae, optimizer, x, cfg, it, dead, autocast):
-    """Forward and backward over the batch x (per_rank, d_in (+ d_out)) in cfg.micro_batches pieces, each piece's loss divided
-    by their number, so that .grad holds the gradient of the pieces' mean loss, summed in piece order. The buffers a
-    forward estimates (batchtopk's threshold) start each piece where the step started and end as the pieces' mean,
-    as ranks' buffers are averaged. With 2 pieces this is the arithmetic of 2 ranks of 1 piece, bit for bit: g0/2 +
-    g1/2 equals (g0 + g1)/2, halving being exact. -> (loss, terms, fired): mean loss and terms, summed firings."""
+    """Forward and backward over the batch x (per_rank, d_in (+ d_out)) in cfg.micro_batches pieces, each piece's loss
+    divided by their number, so that .grad holds the gradient of the pieces' mean loss, summed in piece order. With 2
+    pieces this is the arithmetic of 2 ranks of 1 piece, bit for bit: g0/2 + g1/2 equals (g0 + g1)/2, halving being
+    exact. The loss changes nothing else (thresholds seen wait in the terms). -> (mean loss, Terms.mean_of_pieces)"""
     optimizer.zero_grad(set_to_none=True)
-    pieces, start = x.chunk(cfg.micro_batches), [b.clone() for b in sae.buffers()]
-    buffer_sums, loss_sum, term_sums, fired_sum = [torch.zeros_like(b) for b in start], 0, {}, 0
+    pieces = x.chunk(cfg.micro_batches)
+    losses, terms = [], []
     for piece in pieces:
-        for b, b0 in zip(sae.buffers(), start):
-            b.copy_(b0)
         with autocast:  # the backward runs in the forward's dtypes
-            loss, terms, fired = sae_loss(sae, piece, cfg, it, dead)
+            loss, piece_terms = sae_loss(sae, piece, cfg, it, dead)
         (loss / len(pieces)).backward()
-        for acc, b in zip(buffer_sums, sae.buffers()):
-            acc += b
-        loss_sum, fired_sum = loss_sum + loss.detach(), fired_sum + fired
-        term_sums = {k: term_sums.get(k, 0) + v.detach() for k, v in terms.items()}
-    for b, acc in zip(sae.buffers(), buffer_sums):
-        b.copy_(acc / len(pieces))
-    return loss_sum / len(pieces), {k: v / len(pieces) for k, v in term_sums.items()}, fired_sum
+        losses.append(loss.detach()), terms.append(piece_terms.detached())
+    return sum(losses[1:], losses[0]) / len(pieces), Terms.mean_of_pieces(terms)
 
 
-def sae_update(sae, optimizer, cfg, world_size=1):
-    """One update from the gradients in .grad: gradients (and estimated thresholds) averaged over ranks; the
-    decoder's along-row component removed; clipping; Adam; decoder rows renormalised (both skipped with free norms);
-    JumpReLU's thresholds kept >= 0."""
+def sae_update(sae, optimizer, cfg, world_size=1, threshold_seen=None):
+    """One update from the gradients in .grad: the inference threshold from the batch's smallest kept values
+    (threshold_seen, one row a piece: update_threshold_), gradients and thresholds averaged over ranks; the decoder's
+    along-row component removed; clipping; Adam; decoder rows renormalised (both skipped with free norms); JumpReLU's
+    thresholds kept >= 0."""
+    if threshold_seen is not None:
+        update_threshold_(sae.threshold, threshold_seen, cfg.threshold_rate)
     if world_size > 1:  # average the gradients (gloo has no AVG), and the buffers each rank estimated
         import torch.distributed as dist
         for t in [p.grad for p in sae.parameters() if p.grad is not None] + list(sae.buffers()):
@@ -1873,6 +1899,20 @@ def sae_update(sae, optimizer, cfg, world_size=1):
     if sae.arch == "jumprelu":
         with torch.no_grad():
             sae.threshold.clamp_(min=0)
+
+
+@torch.no_grad()
+def update_threshold_(threshold, seen, rate):
+    """batchtopk's and matryoshka's inference threshold (docs/training.md): an EMA of the smallest kept value, the
+    first estimate taken whole, a batch that kept nothing ignored. seen (pieces, ...) holds each piece's: each
+    piece's EMA from the step's threshold, averaged (as ranks' are, in sae_update). Tensor ops, no Python branch on a
+    value (each would wait for the GPU)."""
+    seen = seen.reshape(-1, *threshold.shape)
+    total = torch.zeros_like(threshold)
+    for t in seen:
+        ema = torch.where(threshold == 0, t, threshold + rate * (t - threshold))
+        total += torch.where(t > 0, ema, threshold)
+    threshold.copy_(total / len(seen))
 
 
 class FeatureTracker:
@@ -2689,9 +2729,9 @@ def train(ctx, start_iter):
         for run in ctx.runs:
             loss, terms, lr_mult = train_step(run, x if run.cfg.cross_layer else rows[run.cfg.layer], it, ctx.autocast,
                                               ctx.world)
-            if log_now:  # (loss and its terms (5,), lr)
-                stats.append((torch.stack([loss.detach(), *(terms[k].detach() for k in ("mse", "l1", "jl", "l0"))]),
-                              run.base_lrs[-1] * lr_mult))
+            if log_now:  # (the logged columns' names, their values (1 + terms,), lr)
+                logged = terms.logged(run.cfg)
+                stats.append((["loss", *logged], torch.stack([loss, *logged.values()]), run.base_lrs[-1] * lr_mult))
         if log_now:
             if ctx.device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -2789,6 +2829,9 @@ def resample_runs(ctx, it):
         ctx.print0(f"iter {it}: {run.prefix}resampled {n} dead features")
 
 
+LOG_FORMAT = {"jl": ".5f", "l0": ".1f", "l1": ".3f"}  # the training line's digits where 4 decimals do not suit
+
+
 def log_progress(ctx, it, stats, dt, steps):
     """The training lines, one per SAE: each one's loss and terms (averaged over ranks) at iteration it, the lr, and
     the process's time per step since the last line (every SAE sees every token); on CUDA the peak GPU memory."""
@@ -2797,17 +2840,17 @@ def log_progress(ctx, it, stats, dt, steps):
     on_cuda = ctx.device.startswith("cuda")
     # the most GPU memory tensors have held so far (the caching allocator's high-water mark)
     memory = f" | peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if on_cuda else ""
-    for run, (values, lr) in zip(ctx.runs, stats):
+    for run, (names, values, lr) in zip(ctx.runs, stats):
         if ctx.ddp:
             dist.all_reduce(values)
             values /= ctx.world
-        loss, mse, l1, jl, l0 = values.tolist()
-        ctx.print0(f"iter {it:5d} | {run.prefix}loss {loss:.4f} | mse {mse:.4f} | l1 {l1:.3f} | jl {jl:.5f} | "
-                   f"l0 {l0:.1f} | lr {lr:.2e} | {dt / steps * 1000:.1f} ms/step | "
+        logged = dict(zip(names, values.tolist()))
+        columns = " | ".join(f"{name} {value:{LOG_FORMAT.get(name, '.4f')}}" for name, value in logged.items())
+        ctx.print0(f"iter {it:5d} | {run.prefix}{columns} | lr {lr:.2e} | {dt / steps * 1000:.1f} ms/step | "
                    f"{ctx.cfg.batch_size * steps / dt:,.0f} tok/s" + memory)
         if ctx.master and ctx.cfg.wandb_log:
-            run.wandb.log({"train/loss": loss, "train/mse": mse, "train/l1": l1, "train/jl": jl, "train/l0": l0,
-                           "train/lr": lr, "train/ms_per_step": dt / steps * 1000}, step=it)
+            run.wandb.log({**{f"train/{name}": value for name, value in logged.items()}, "train/lr": lr,
+                           "train/ms_per_step": dt / steps * 1000}, step=it)
 
 
 def finish(ctx):

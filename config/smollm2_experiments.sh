@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12's runs on SmolLM2-135M, end to end from a clean clone (docs/results.md), each part one
 # command: bash config/smollm2_experiments.sh PART, PART one of data frontier jl lr jl_forms transcoders context finetune
-# layers all_layers plot
+# layers all_layers all_layers_table plot
 # (or all, in that order). Every step's output goes to logs/<step>.log; a step whose log ends in "done" is skipped, so
 # a rerun continues after the last finished step. About 6 hours on 2 CPU cores in all (docs/results.md gives each part's).
 set -euo pipefail
@@ -150,6 +150,49 @@ all_layers() {  # issue 33: transcoder sets (plain, skip) and a cross-layer tran
     attribution_graphs.py $MODEL figures/smollm2_all_layers export/smollm2_all_layers-skipFalse \
     export/smollm2_all_layers-skipTrue export/smollm2_all_layers-clt
 }
+all_layers_table() {  # issue 33's table (docs/results.md) and its FVU-by-layer figure, from the copies in logs/runs and
+  # figures/smollm2_all_layers/graph_scores.json: each kind's last evaluation
+  python - <<'PY'
+import json, statistics, matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+R = "logs/runs"
+last = lambda path: [json.loads(line) for line in open(path)][-1]
+rows, fvus = {}, {}
+replacement = {}
+for line in open(f"{R}/smollm2_all_layers/replacement.jsonl"):
+    r = json.loads(line)
+    replacement[r["set"]] = r  # the last evaluation of each set
+for name, label in (("skipFalse", "transcoders"), ("skipTrue", "skip transcoders")):
+    evals = [last(f"{R}/smollm2_all_layers/layer{l:02d}-{name}/log.jsonl") for l in range(30)]
+    fvus[label] = [e["fvu"] for e in evals]
+    rows[label] = dict(set=name, iters=evals[0]["iter"], l0=statistics.mean(e["l0"] for e in evals),
+                       alone_ce=statistics.mean(e["ce_sae"] - e["ce_clean"] for e in evals), **replacement[name])
+clt = last(f"{R}/smollm2_all_layers_clt/log.jsonl")
+fvus["cross-layer transcoder"] = [clt["fvu_by_layer"][str(l)] for l in range(30)]
+rows["cross-layer transcoder"] = dict(set="clt", iters=clt["iter"], l0=clt["l0"] / 30, alone_ce=float("nan"),
+                                      ce_increase=clt["ce_sae"] - clt["ce_clean"], kl=clt["kl"],
+                                      ce_recovered=clt["ce_recovered"])
+scores = json.load(open("figures/smollm2_all_layers/graph_scores.json"))["exports"]
+print("| kind | steps | L0 a layer | FVU mean | FVU median | FVU worst (layer) | one layer alone: CE increase (mean) | "
+      "all 30 replaced: CE increase | KL | CE recovered | graph replacement | graph completeness |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for label, r in rows.items():
+    fvu, s = fvus[label], scores[f"smollm2_all_layers-{r['set']}"]
+    worst = max(range(30), key=lambda l: fvu[l])
+    print(f"| {label} | {r['iters']} | {r['l0']:.1f} | {statistics.mean(fvu):.3f} | {statistics.median(fvu):.3f} | "
+          f"{fvu[worst]:.3f} ({worst}) | {r['alone_ce']:.3f} | {r['ce_increase']:.3f} | {r['kl']:.3f} | "
+          f"{r['ce_recovered']:.3f} | {s['replacement']:.3f} | {s['completeness']:.3f} |")
+fig, ax = plt.subplots(figsize=(7, 4))
+for label, fvu in fvus.items():
+    ax.plot(range(30), fvu, marker="o", ms=3, label=label)
+ax.set_xlabel("layer"), ax.set_ylabel("FVU of mlp_out (held out)"), ax.legend()
+ax.set_title("SmolLM2-135M, all 30 layers: batchtopk k 16 a layer, 1,152 features a layer")
+fig.tight_layout()
+fig.savefig("figures/smollm2_all_layers/fvu_by_layer.png", dpi=120)
+print("wrote figures/smollm2_all_layers/fvu_by_layer.png")
+PY
+}
 plot() {  # from the copies in logs/runs: the figures and tables come back from the committed logs alone
   R=logs/runs
   python analyze.py --mode=plot --plot_runs=$R/smollm2_l15_frontier,$R/smollm2_l15_jl,$R/smollm2_l15_lr --plot_dir=figures/smollm2_l15
@@ -165,8 +208,8 @@ plot() {  # from the copies in logs/runs: the figures and tables come back from 
     --plot_dir=figures/smollm2_finetune
 }
 case "${1:-all}" in
-  all) data; frontier; jl; lr; jl_forms; transcoders; context; layers; finetune; all_layers; plot ;;
-  data|frontier|jl|lr|jl_forms|transcoders|context|layers|finetune|all_layers|plot) "$1" ;;
-  *) echo "usage: bash config/smollm2_experiments.sh [all|data|frontier|jl|lr|jl_forms|transcoders|context|layers|finetune|all_layers|plot]"
+  all) data; frontier; jl; lr; jl_forms; transcoders; context; layers; finetune; all_layers; all_layers_table; plot ;;
+  data|frontier|jl|lr|jl_forms|transcoders|context|layers|finetune|all_layers|all_layers_table|plot) "$1" ;;
+  *) echo "usage: bash config/smollm2_experiments.sh [all|data|frontier|jl|lr|jl_forms|transcoders|context|layers|finetune|all_layers|all_layers_table|plot]"
      exit 1 ;;
 esac
