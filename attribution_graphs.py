@@ -4,7 +4,7 @@ Attribution graphs (Ameisen et al. 2025, "Circuit tracing") from our exports to 
 never ours; it imports none of this project's modules. For each export directory: every prompt attributed, its
 replacement and completeness scores (circuit_tracer.graph.compute_graph_scores: the fraction of the tokens' influence
 on the logits that flows through features rather than error nodes, and the influence-weighted fraction of inputs that
-are not errors), per prompt and their means, in OUT_DIR/graph_scores.json; the first prompt's graph of each export
+are not errors), per prompt and their means, in OUT_DIR/graph_scores.json (beside the exports an earlier call scored); the first prompt's graph of each export
 written with create_graph_files (the frontend's JSON) and drawn (OUT_DIR/<export>.png, matplotlib where installed).
 
 $ $CIRCUIT_TRACER_PYTHON attribution_graphs.py MODEL_DIR OUT_DIR EXPORT_DIR [EXPORT_DIR ...]
@@ -67,7 +67,9 @@ def main(model_dir, out_dir, export_dirs):
     from tokenizers import Tokenizer
     tokenizer = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
     os.makedirs(out_dir, exist_ok=True)
-    results = {}
+    path = os.path.join(out_dir, "graph_scores.json")
+    # exports scored by an earlier call into the same OUT_DIR are kept (one call an export, as each finishes training)
+    results = json.load(open(path))["exports"] if os.path.exists(path) else {}
     for export in export_dirs:
         name = os.path.basename(os.path.normpath(export))
         # an absolute path: circuit-tracer reads a local export only so (a relative one is taken for a Hub id)
@@ -92,7 +94,6 @@ def main(model_dir, out_dir, export_dirs):
         print(f"{name} | mean of {len(scores)} prompts | replacement {results[name]['replacement']:.3f} | "
               f"completeness {results[name]['completeness']:.3f}")
         del model
-    path = os.path.join(out_dir, "graph_scores.json")
     with open(path + ".tmp", "w") as f:
         json.dump({"attribution": ATTRIBUTION, "exports": results}, f, indent=1)
     os.replace(path + ".tmp", path)
