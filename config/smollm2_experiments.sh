@@ -166,26 +166,27 @@ for line in open(f"{R}/smollm2_all_layers/replacement.jsonl"):
 for name, label in (("skipFalse", "transcoders"), ("skipTrue", "skip transcoders")):
     evals = [last(f"{R}/smollm2_all_layers/layer{l:02d}-{name}/log.jsonl") for l in range(30)]
     fvus[label] = [e["fvu"] for e in evals]
-    rows[label] = dict(set=name, iters=evals[0]["iter"], l0=statistics.mean(e["l0"] for e in evals),
-                       alone_ce=statistics.mean(e["ce_sae"] - e["ce_clean"] for e in evals), **replacement[name])
+    rows[label] = dict(replacement[name], set=name, iters=evals[0]["iter"], l0=statistics.mean(e["l0"] for e in evals),
+                       alone_ce=statistics.mean(e["ce_sae"] - e["ce_clean"] for e in evals))
 clt = last(f"{R}/smollm2_all_layers_clt/log.jsonl")
 fvus["cross-layer transcoder"] = [clt["fvu_by_layer"][str(l)] for l in range(30)]
 rows["cross-layer transcoder"] = dict(set="clt", iters=clt["iter"], l0=clt["l0"] / 30, alone_ce=float("nan"),
                                       ce_increase=clt["ce_sae"] - clt["ce_clean"], kl=clt["kl"],
                                       ce_recovered=clt["ce_recovered"])
 scores = json.load(open("figures/smollm2_all_layers/graph_scores.json"))["exports"]
+missing = {"replacement": float("nan"), "completeness": float("nan")}  # an export not scored (yet)
 print("| kind | steps | L0 a layer | FVU mean | FVU median | FVU worst (layer) | one layer alone: CE increase (mean) | "
       "all 30 replaced: CE increase | KL | CE recovered | graph replacement | graph completeness |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for label, r in rows.items():
-    fvu, s = fvus[label], scores[f"smollm2_all_layers-{r['set']}"]
+    fvu, s = fvus[label], scores.get(f"smollm2_all_layers-{r['set']}", missing)
     worst = max(range(30), key=lambda l: fvu[l])
     print(f"| {label} | {r['iters']} | {r['l0']:.1f} | {statistics.mean(fvu):.3f} | {statistics.median(fvu):.3f} | "
           f"{fvu[worst]:.3f} ({worst}) | {r['alone_ce']:.3f} | {r['ce_increase']:.3f} | {r['kl']:.3f} | "
           f"{r['ce_recovered']:.3f} | {s['replacement']:.3f} | {s['completeness']:.3f} |")
 fig, ax = plt.subplots(figsize=(7, 4))
 for label, fvu in fvus.items():
-    ax.plot(range(30), fvu, marker="o", ms=3, label=label)
+    ax.plot(range(30), fvu, marker="o", ms=3, label=f"{label} ({rows[label]['iters']} steps)")
 ax.set_xlabel("layer"), ax.set_ylabel("FVU of mlp_out (held out)"), ax.legend()
 ax.set_title("SmolLM2-135M, all 30 layers: batchtopk k 16 a layer, 1,152 features a layer")
 fig.tight_layout()
