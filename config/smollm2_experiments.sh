@@ -181,9 +181,10 @@ print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for label, r in rows.items():
     fvu, s = fvus[label], scores.get(f"smollm2_all_layers-{r['set']}", missing)
     worst = max(range(30), key=lambda l: fvu[l])
+    num = lambda v: "—" if v != v else f"{v:.3f}"  # NaN: not measured
     print(f"| {label} | {r['iters']} | {r['l0']:.1f} | {statistics.mean(fvu):.3f} | {statistics.median(fvu):.3f} | "
-          f"{fvu[worst]:.3f} ({worst}) | {r['alone_ce']:.3f} | {r['ce_increase']:.3f} | {r['kl']:.3f} | "
-          f"{r['ce_recovered']:.3f} | {s['replacement']:.3f} | {s['completeness']:.3f} |")
+          f"{fvu[worst]:.3f} ({worst}) | {num(r['alone_ce'])} | {r['ce_increase']:.3f} | {r['kl']:.3f} | "
+          f"{r['ce_recovered']:.3f} | {num(s['replacement'])} | {num(s['completeness'])} |")
 fig, ax = plt.subplots(figsize=(7, 4))
 for label, fvu in fvus.items():
     ax.plot(range(30), fvu, marker="o", ms=3, label=f"{label} ({rows[label]['iters']} steps)")
