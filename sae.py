@@ -1753,15 +1753,14 @@ def clt_terms(clt, x, cfg, it, dead):
         fs = [pre.relu() if clt.arch == "relu" else JumpReLU.apply(pre, th, cfg.jumprelu_bandwidth)
               for pre, th in zip(pres, clt.threshold if clt.arch == "jumprelu" else pres)]
         y_hat = clt.decode([f @ W for f, W in zip(fs, clt.W_dec)]) + skip  # (N, d_sae) @ (d_sae, (L - l) d_out)
-        terms = Terms(mse=mse_of(y_hat, y), l0=sum((f.detach() > 0).sum(dim=1) for f in fs).float().mean(),
-                      fired=torch.cat([(f.detach() > 0).sum(dim=0) for f in fs]))
-        norms = clt.norms()
+        mse, fired, norms = mse_of(y_hat, y), torch.cat([(f.detach() > 0).sum(dim=0) for f in fs]), clt.norms()
         if clt.arch == "relu":
-            terms.sparsity = sum((f * n if clt.free_norms else f).sum(dim=1) for f, n in zip(fs, norms)).mean()
-        else:  # each layer's (penalty, l0, pre_act), summed over layers
-            parts = [jumprelu_sparsity(*a, cfg, d) for a, d in zip(zip(pres, fs, clt.threshold, norms), dead)]
-            terms.sparsity, terms.l0, terms.pre_act = [None if p[0] is None else sum(p) for p in zip(*parts)]
-        return terms
+            l1 = sum((f * n if clt.free_norms else f).sum(dim=1) for f, n in zip(fs, norms)).mean()
+            return Terms(mse=mse, sparsity=l1, l0=sum((f.detach() > 0).sum(dim=1) for f in fs).float().mean(), fired=fired)
+        # jumprelu: each layer's (penalty, l0, pre_act), summed over layers
+        parts = [jumprelu_sparsity(*a, cfg, d) for a, d in zip(zip(pres, fs, clt.threshold, norms), dead)]
+        sparsity, l0, pre_act = [None if p[0] is None else sum(p) for p in zip(*parts)]
+        return Terms(mse=mse, sparsity=sparsity, l0=l0, pre_act=pre_act, fired=fired)
     with torch.no_grad():
         pres = clt.pres(xs)  # [(N, d_sae)]: the step's dense matmuls
     sel, threshold_seen = clt.select(pres)
