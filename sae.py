@@ -2354,8 +2354,11 @@ def resolve_runs(argv, config_class=TrainConfig):
             layers = run_layers(base)
             named = lambda layer, name: "-".join([f"layer{layer:02d}"] * (len(layers) > 1) + [name] * bool(name))
             runs = [(named(layer, name), {**run, "layer": layer}) for layer in layers for name, run in runs]
-        return [(replace(base, **{**run, "out_dir": os.path.join(base.out_dir, name) if name else base.out_dir}), None)
-                for name, run in runs]
+        resolved = [(replace(base, **{**run, "out_dir": os.path.join(base.out_dir, name) if name else base.out_dir}),
+                     None) for name, run in runs]
+        if base.mode == "train":
+            refuse_to_overwrite([run_cfg.out_dir for run_cfg, _ in resolved])
+        return resolved
     if len(scalars) < len(overrides):
         raise ValueError(f"cannot change what a saved run sweeps ({', '.join(sorted(set(overrides) - set(scalars)))})")
     manifest = os.path.join(base.out_dir, "sweep.json")
@@ -2376,6 +2379,16 @@ def resolve_runs(argv, config_class=TrainConfig):
             raise ValueError(f"cannot change {', '.join(changed)} of a saved run; start a new --out_dir instead")
         runs.append((replace(saved, **scalars), checkpoint))
     return runs
+
+
+def refuse_to_overwrite(out_dirs):
+    """A new run in a directory that holds a checkpoint would replace it at its first save and append to its
+    log.jsonl: refused, naming the way to continue it (an hour of training lost to a forgotten --init_from=resume
+    is what this prevents)."""
+    for out_dir in out_dirs:
+        if os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+            raise ValueError(f"{out_dir} holds a checkpoint: --init_from=resume --out_dir={out_dir} continues it; "
+                             f"to start over, delete it or give another --out_dir")
 
 
 def run_layers(cfg):

@@ -121,7 +121,7 @@ def test_sweep_flags_expand_to_one_sae_per_combination():
 
 
 @pytest.mark.parametrize("case", ["unknown_flag", "wrong_type", "unknown_loss", "unknown_loss_in_sweep", "bad_acts",
-                                  "nan_loss", "diverged"])
+                                  "nan_loss", "diverged", "new_run_over_a_checkpoint"])
 def test_bad_input_is_one_line(case, synthetic, tmp_path):
     acts = [f"--acts={synthetic[0]}", *ACTS_RUN, f"--out_dir={tmp_path}"]
     if case == "unknown_flag":
@@ -139,15 +139,22 @@ def test_bad_input_is_one_line(case, synthetic, tmp_path):
         np.save(tmp_path / "nan.npy", np.full((2000, 8), np.nan, dtype=np.float32))
         r = run_sae(*acts, f"--acts={tmp_path / 'nan.npy'}", "--normalize=False", "--b_dec_init=zeros")
         expect = "loss is not finite at iter 0; stopping (no checkpoint was written yet)"
-    else:  # a good run, then a resumed one with an absurd learning rate: the good checkpoint stays
+    elif case == "diverged":  # a good run, then a resumed one with an absurd learning rate: the good checkpoint stays
         assert run_sae(*acts, "--max_iters=10", "--eval_interval=10").returncode == 0
         r = run_sae("--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=20", "--lr=1e30")
         expect = f"stopping (the last good checkpoint is {tmp_path}/ckpt.pt)"
+    else:  # a good run, then a new one in its directory (no --init_from=resume): refused before it writes anything
+        assert run_sae(*acts, "--max_iters=10", "--eval_interval=10").returncode == 0
+        log = (tmp_path / "log.jsonl").read_text()
+        r = run_sae(*acts, "--max_iters=20")
+        expect = f"{tmp_path} holds a checkpoint: --init_from=resume --out_dir={tmp_path} continues it"
     assert r.returncode == 1
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr
-    if case == "diverged":
+    if case in ("diverged", "new_run_over_a_checkpoint"):
         assert load_ckpt(tmp_path)["iter_num"] == 10
+    if case == "new_run_over_a_checkpoint":
+        assert (tmp_path / "log.jsonl").read_text() == log
 
 
 @pytest.mark.parametrize("flags,expect", [
