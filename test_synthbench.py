@@ -1,0 +1,99 @@
+"""synthbench.py: the harness that scores our SAEs on SynthSAEBench's known features with SAELens's code. Its pieces run
+in SAELens's own interpreter ($SAELENS_PYTHON, sae-lens 6.54.12); without one the end-to-end test skips with the
+reason (CI has none: SAELens is not a dependency). The scores are checked against the definitions computed here
+from the files the harness wrote: the exported SAE's forward by SAELens's JumpReLU formula, the MCC by a Hungarian
+matching of our decoder rows to the benchmark's directions."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import cpu_env
+
+HERE = Path(__file__).parent
+SAELENS_PYTHON = os.environ.get("SAELENS_PYTHON", "")
+
+
+def synthbench(*args, env=None):
+    return subprocess.run([sys.executable, str(HERE / "synthbench.py"), *map(str, args)], cwd=HERE,
+                          capture_output=True, text=True, env={**cpu_env(), **(env or {})}, timeout=1200)
+
+
+def test_synthbench_without_saelens_or_with_an_unknown_arch_is_one_line(tmp_path):
+    r = synthbench(f"--out_dir={tmp_path}", env={"SAELENS_PYTHON": ""})
+    assert r.returncode == 1 and r.stderr.startswith("error: SAELENS_PYTHON is not set: an interpreter with "
+                                                     "sae-lens==6.54.12") and len(r.stderr.strip().splitlines()) == 1
+    r = synthbench("--archs=batchtopk,gated", env={"SAELENS_PYTHON": sys.executable})
+    assert r.returncode == 1 and r.stderr.strip() == ("error: --archs=batchtopk,gated: no recipe for gated; valid: topk, "
+                                                      "batchtopk, matryoshka")
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """The harness run end to end on a small sibling of the benchmark (512 features in 48 dimensions, its hierarchy,
+    correlations and magnitudes as the published config has them): batchtopk, 128 features, k 4, 30,000 samples."""
+    if not SAELENS_PYTHON:
+        pytest.skip("SAELENS_PYTHON is not set: an interpreter with sae-lens==6.54.12 (its own venv) runs the benchmark")
+    root = tmp_path_factory.mktemp("synthbench")
+    config = json.load(open(HERE / "config" / "synthsaebench_16k.json"))
+    config.update(num_features=512, hidden_dim=48)
+    config["hierarchy"].update(total_root_nodes=8, branching_factor=3, max_depth=2)
+    config["orthogonalization"]["num_steps"] = 10
+    config["correlation"]["rank"] = 4
+    (root / "tiny.json").write_text(json.dumps(config))
+    r = synthbench(f"--config={root / 'tiny.json'}", "--archs=batchtopk", "--samples=30000", "--d_sae=128", "--k=4",
+                   "--eval_samples=20000", f"--model_dir={root / 'model'}", f"--data_dir={root / 'data'}",
+                   f"--out_dir={root / 'out'}", env={"SAELENS_PYTHON": SAELENS_PYTHON})
+    assert r.returncode == 0, r.stderr + r.stdout
+    return root
+
+
+def test_synthbench_scores_are_the_definitions_on_the_exported_sae(tiny_bench):
+    out = tiny_bench / "out" / "gpt_sae-batchtopk-30000"
+    result = json.loads((tiny_bench / "out" / "results.jsonl").read_text().splitlines()[0])
+    n_val = 3000  # sae.py holds out min(8192, N / 10) rows, never trained on
+    assert result["samples_seen"] == (30000 - n_val) // 1024 * 1024 and result["distinct_samples"] == 30000 - n_val
+    # the exported SAE by SAELens's JumpReLU formula (batchtopk at inference), on the held-out rows of the samples
+    w = load_file(out / "export" / "sae_weights.safetensors")
+    x = np.load(tiny_bench / "data" / "train_30000.npy")[:n_val].astype(np.float64)
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]  # (n, 48) @ (48, 128)
+    z = np.where(pre > w["threshold"], np.maximum(pre, 0), 0)
+    x_hat = z @ w["W_dec"] + w["b_dec"]  # (n, 128) @ (128, 48)
+    ev = 1 - ((x - x_hat) ** 2).sum(1).mean() / ((x ** 2).sum(1).mean() - (x.mean(0) ** 2).sum())
+    l0 = (z != 0).sum(1).mean()
+    # SAELens scored 20,000 fresh samples of the same distribution: equal up to the sampling of the two sets
+    assert abs(result["explained_variance"] - ev) < 0.03 and abs(result["sae_l0"] - l0) < 0.1 * l0, (result, ev, l0)
+    assert 0 < ev < 1 and result["true_l0"] > 4
+    # MCC: a one-to-one matching of decoder rows to the true directions maximising the mean |cos| (scipy's Hungarian
+    # solver, in SAELens's interpreter: scipy is not ours), from the two weight files alone
+    code = ("import sys, numpy as np; from safetensors.numpy import load_file; "
+            "from scipy.optimize import linear_sum_assignment as lsa; "
+            "W = load_file(sys.argv[1])['W_dec']; V = load_file(sys.argv[2])['feature_vectors']; "
+            "C = np.abs((W / np.linalg.norm(W, axis=1, keepdims=True)) @ (V / np.linalg.norm(V, axis=1, keepdims=True)).T); "
+            "r, c = lsa(-C); print(C[r, c].mean())")
+    mcc = subprocess.run([SAELENS_PYTHON, "-c", code, str(out / "export" / "sae_weights.safetensors"),
+                          str(tiny_bench / "model" / "synthetic_model.safetensors")], capture_output=True, text=True)
+    assert mcc.returncode == 0, mcc.stderr
+    assert abs(float(mcc.stdout) - result["mcc"]) < 1e-5, (mcc.stdout, result["mcc"])
+
+
+def test_synthbench_samples_continue_where_an_interrupted_write_stopped(tiny_bench, tmp_path):
+    """Chunk i is drawn after seed i: a write stopped after its first chunk and called again gives the same file."""
+    whole = np.load(tiny_bench / "data" / "train_30000.npy")
+    path = tmp_path / "train.npy"
+    partial = np.lib.format.open_memmap(str(path) + ".tmp", mode="w+", dtype=np.float32, shape=(15000, 48))
+    partial[:5000] = whole[:5000]
+    del partial
+    (tmp_path / "train.npy.tmp.json").write_text(json.dumps({"n": 15000, "rows": 5000}))
+    r = subprocess.run([SAELENS_PYTHON, str(HERE / "synthbench.py"), "--mode=samples",
+                        f"--model_dir={tiny_bench / 'model'}", "--samples=15000", f"--out={path}"],
+                       capture_output=True, text=True, cwd=HERE)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith("samples 10,000/15,000")  # it began at the second chunk
+    assert np.array_equal(np.load(path), whole[:15000])
+    assert not list(tmp_path.glob("*.tmp*"))
