@@ -181,15 +181,16 @@ def run(args):
     shape = [*SHAPE, f"--d_sae={args.d_sae}", f"--k={args.k}"]
     for arch in args.archs.split(","):
         for trainer in ["gpt_sae"] + ["saelens"] * args.saelens:
-            name = f"{trainer}-{arch}-{args.samples * args.epochs}"
+            name = f"{trainer}-{arch}-{args.samples}" + f"x{args.epochs}" * (args.epochs > 1)  # distinct samples x passes
             sae_dir = os.path.join(args.out_dir, name)
             if os.path.exists(os.path.join(sae_dir, "score.json")):
                 continue
             if trainer == "gpt_sae":
                 iters = (args.samples - n_val) * args.epochs // BATCH
                 if not os.path.exists(os.path.join(sae_dir, "export", "cfg.json")):
-                    step([ours, os.path.join(HERE, "sae.py"), f"--acts={samples}", *shape, *RECIPES[arch], *matryoshka_flag(arch, args.d_sae),
-                          f"--max_iters={iters}", f"--eval_interval={iters}", f"--out_dir={sae_dir}"], log(name))
+                    step([ours, os.path.join(HERE, "sae.py"), f"--acts={samples}", *shape, *RECIPES[arch],
+                          *matryoshka_flag(arch, args.d_sae), f"--max_iters={iters}", f"--eval_interval={iters}",
+                          f"--out_dir={sae_dir}"], log(name))
                     step([ours, os.path.join(HERE, "analyze.py"), "--mode=export", "--export_format=saelens",
                           f"--out_dir={sae_dir}", f"--export_dir={sae_dir}/export"], log(name))
                 seen, distinct, export = iters * BATCH, args.samples - n_val, os.path.join(sae_dir, "export")
