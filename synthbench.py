@@ -182,14 +182,19 @@ def run(args):
     for arch in args.archs.split(","):
         for trainer in ["gpt_sae"] + ["saelens"] * args.saelens:
             name = f"{trainer}-{arch}-{args.samples}" + f"x{args.epochs}" * (args.epochs > 1)  # distinct samples x passes
+            if trainer == "gpt_sae":  # a variant's flags, in its name
+                name += "".join(f"-{flag.lstrip('-')}" for flag in args.sae_flags.split())
             sae_dir = os.path.join(args.out_dir, name)
             if os.path.exists(os.path.join(sae_dir, "score.json")):
                 continue
             if trainer == "gpt_sae":
                 iters = (args.samples - n_val) * args.epochs // BATCH
                 if not os.path.exists(os.path.join(sae_dir, "export", "cfg.json")):
-                    step([ours, os.path.join(HERE, "sae.py"), f"--acts={samples}", *shape, *RECIPES[arch],
-                          *matryoshka_flag(arch, args.d_sae), f"--max_iters={iters}", f"--eval_interval={iters}",
+                    flags = [f"--acts={samples}", *shape, *RECIPES[arch], *args.sae_flags.split(),
+                             *matryoshka_flag(arch, args.d_sae)]
+                    if os.path.exists(os.path.join(sae_dir, "ckpt.pt")):  # a run that stopped: continued
+                        flags = ["--init_from=resume"]
+                    step([ours, os.path.join(HERE, "sae.py"), *flags, f"--max_iters={iters}", f"--eval_interval={iters}",
                           f"--out_dir={sae_dir}"], log(name))
                     step([ours, os.path.join(HERE, "analyze.py"), "--mode=export", "--export_format=saelens",
                           f"--out_dir={sae_dir}", f"--export_dir={sae_dir}/export"], log(name))
@@ -202,7 +207,8 @@ def run(args):
                           f"--samples={seen}", f"--d_sae={args.d_sae}", f"--k={args.k}", f"--out={sae_dir}"], log(name))
             step([python, me, "--mode=score", f"--model_dir={args.model_dir}", f"--sae_dir={export}",
                   f"--eval_samples={args.eval_samples}", f"--out={sae_dir}/score.json"], log(name))
-            result = {"trainer": trainer, "arch": arch, "samples_seen": seen, "distinct_samples": distinct,
+            result = {"trainer": trainer, "arch": arch, "sae_flags": args.sae_flags if trainer == "gpt_sae" else "",
+                      "samples_seen": seen, "distinct_samples": distinct,
                       **json.load(open(os.path.join(sae_dir, "score.json")))}
             with open(os.path.join(args.out_dir, "results.jsonl"), "a") as f:
                 f.write(json.dumps(result) + "\n")
@@ -219,6 +225,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=500_000, help="distinct training samples (saelens: samples seen)")
     p.add_argument("--d_sae", type=int, default=4096, help="features (the benchmark's width)")
     p.add_argument("--k", type=int, default=25, help="active features per sample (the benchmark's L0)")
+    p.add_argument("--sae_flags", default="", help="run: sae.py flags over the recipe's, e.g. '--lr=3e-3 --decay=linear'")
     p.add_argument("--config", default=BENCH_CONFIG, help="build: the benchmark model's config")
     p.add_argument("--epochs", type=int, default=1, help="run: passes over the samples")
     p.add_argument("--saelens", type=int, default=0, choices=[0, 1], help="run: SAELens's trainers beside ours")
