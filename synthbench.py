@@ -164,7 +164,7 @@ def step(cmd, log):
 
 def run(args):
     """Model, samples, then for each architecture: sae.py on the samples, analyze.py's SAELens export, SAELens's score;
-    with --saelens=True SAELens's own trainer at the same budget beside it. One JSON line a result in
+    with --saelens=1 SAELens's own trainer at the same budget beside it. One JSON line a result in
     OUT_DIR/results.jsonl (samples seen, distinct samples, the scores)."""
     python, ours = saelens_python(), sys.executable
     os.makedirs(args.out_dir, exist_ok=True)
