@@ -52,6 +52,14 @@ SAELENS_ARCHS = {"topk": "TopK", "batchtopk": "BatchTopK", "matryoshka": "Matryo
 # -----------------------------------------------------------------------------------------------------------------
 # SAELens's side: run by $SAELENS_PYTHON (imports sae_lens, nothing of ours)
 
+def write_json(path, obj):
+    """Into path.tmp, then renamed: a crash leaves the previous file whole (sae.py's write_json, which SAELens's
+    interpreter cannot import: sae.py needs triton)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def load_bench(model_dir):
     """The benchmark model saved by build_bench (never orthogonalised again on load)."""
     from sae_lens.synthetic import SyntheticModel
@@ -81,18 +89,15 @@ def write_samples(model_dir, path, n):
     model = load_bench(model_dir)
     d = model.cfg.hidden_dim
     tmp, progress = path + ".tmp", path + ".tmp.json"
-    done = json.load(open(progress))["rows"] if os.path.exists(progress) and os.path.exists(tmp) else 0
-    if done and json.load(open(progress)).get("n") != n:
-        done = 0  # another size asked for: start over
+    state = json.load(open(progress)) if os.path.exists(progress) and os.path.exists(tmp) else {}
+    done = state["rows"] if state.get("n") == n else 0  # another size asked for: start over
     out = np.lib.format.open_memmap(tmp, mode="r+" if done else "w+", dtype=np.float32, shape=(n, d))
     start = time.time()
     for row in range(done, n, CHUNK):
         torch.manual_seed(TRAIN_SEED + row // CHUNK)
         out[row:row + CHUNK] = model.sample(min(CHUNK, n - row)).numpy()
         out.flush()
-        with open(progress + ".tmp", "w") as f:
-            json.dump({"n": n, "rows": min(row + CHUNK, n)}, f)
-        os.replace(progress + ".tmp", progress)
+        write_json(progress, {"n": n, "rows": min(row + CHUNK, n)})
         rate = (min(row + CHUNK, n) - done) / (time.time() - start)
         print(f"samples {min(row + CHUNK, n):,}/{n:,} ({rate:.0f}/s)", flush=True)
     del out
@@ -248,12 +253,9 @@ def main(argv=None):
         write_samples(args.model_dir, args.out, args.samples)
     elif args.mode == "score":
         result = score(args.model_dir, args.sae_dir, args.eval_samples)
-        text = json.dumps(result, indent=1)
         if args.out:
-            with open(args.out + ".tmp", "w") as f:
-                f.write(text)
-            os.replace(args.out + ".tmp", args.out)
-        print(text)
+            write_json(args.out, result)
+        print(json.dumps(result, indent=1))
     else:
         train_saelens(args.model_dir, args.arch, args.samples, args.out, args.d_sae, args.k)
 
