@@ -100,6 +100,8 @@ class TrainConfig:
     k: int = 32                        # topk, fsq: active features per token; batchtopk, matryoshka: per token on average
     k_aux: int = 256                   # AuxK: the k_aux largest pre-activations of dead features fit the residual
     auxk_coeff: float = 1 / 32         # ... with this weight (Gao et al. 2024); 0 = off. Dead: see dead_window
+    k_anneal_iters: int = 0            # k-sparse: k starts at k_anneal_start x k and falls linearly to k over these
+    k_anneal_start: float = 4.0        # iterations (evaluated and saved at k throughout); 0 = off (docs/training.md)
     threshold_rate: float = 0.01       # batchtopk, matryoshka: EMA rate of the inference threshold (docs/training.md)
     l0_coeff: float = 1.0              # jumprelu: on mean_batch L0
     jumprelu_bandwidth: float = 0.05   # jumprelu: width of the straight-through kernel, in normalised units
@@ -244,7 +246,7 @@ def coerce(key, value, default):
 L1_KEYS = ("l1_coeff", "l1_warmup_iters")
 JL_KEYS = ("jl_coeff", "jl_on", "jl_warmup_mult", "jl_warmup_iters", "jl_sample", "jl_form", "jl_power", "jl_margin")
 JL_FORM_KEYS = {"jl_power": "power", "jl_margin": "welch"}  # read by that form only
-AUXK_KEYS = ("k", "k_aux", "auxk_coeff")
+AUXK_KEYS = ("k", "k_aux", "auxk_coeff", "k_anneal_iters", "k_anneal_start")
 ARCH_KEYS = {  # the keys each architecture reads, its sparsity coefficient first (none for the k-sparse ones)
     "relu": ("l1_coeff", "l1_by_decoder_norm"), "topk": AUXK_KEYS, "batchtopk": AUXK_KEYS + ("threshold_rate",),
     "matryoshka": AUXK_KEYS + ("threshold_rate", "matryoshka_prefixes"), "fsq": AUXK_KEYS + ("fsq_levels",),
@@ -1841,6 +1843,14 @@ def get_lr_mult(cfg, it):
     return 1.0
 
 
+def annealed_k(cfg, it):
+    """k-sparse architectures' k at iteration it: from k_anneal_start x k down to k, linearly over k_anneal_iters, then
+    k; a dense start lets more features learn early (measured on SynthSAEBench: docs/results.md "Known features")."""
+    if it >= cfg.k_anneal_iters:
+        return cfg.k
+    return min(round(cfg.k * (cfg.k_anneal_start + (1 - cfg.k_anneal_start) * it / cfg.k_anneal_iters)), cfg.d_sae)
+
+
 def train_step(run, x, it, autocast, world_size=1):
     """One iteration of one SAE on the batch x (per_rank, d_in (+ d_out)): learning rate, forward and backward (in pieces),
     update, feature tracking. On a GPU nothing in it waits for the device, but where shapes follow values
@@ -1851,7 +1861,9 @@ def train_step(run, x, it, autocast, world_size=1):
         group["lr"] = base_lr * lr_mult
     reads_dead = run.cfg.arch in K_SPARSE or run.cfg.arch == "jumprelu" and run.cfg.pre_act_loss_coeff > 0
     dead = run.tracker.dead() if reads_dead else None
+    run.sae.k = annealed_k(run.cfg, it)  # and back to k below: evaluation and checkpoints see the SAE's own k
     loss, terms = backward_in_pieces(run.train_sae, run.optimizer, x, run.cfg, it, dead, autocast)
+    run.sae.k = run.cfg.k
     run.finite = run.finite & torch.isfinite(loss)  # read at log steps and saves (check_finite)
     sae_update(run.sae, run.optimizer, run.cfg, world_size, terms.threshold_seen)
     if world_size > 1:

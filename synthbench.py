@@ -38,7 +38,7 @@ EVAL_SEED = 10 ** 9    # ... and the held-out evaluation after this one: the two
 # sae.py's settings per architecture at the benchmark's shape (width 4096, L0 25); the published runs use lr 3e-4
 # at 200M samples, a short budget wants more (measured: docs/results.md "Known features")
 BATCH, N_VAL = 1024, 8192  # sae.py holds the first N_VAL rows of the samples out for its own evaluation
-SHAPE = [f"--batch_size={BATCH}", f"--eval_tokens={N_VAL}", "--log_interval=100"]
+SHAPE = [f"--eval_tokens={N_VAL}", "--log_interval=100"]
 RECIPES = {  # with --d_sae (4096) and --k (25) from the command line
     "topk": ["--arch=topk", "--lr=1e-3"],
     "batchtopk": ["--arch=batchtopk", "--lr=1e-3"],
@@ -167,11 +167,37 @@ def step(cmd, log):
         raise SystemExit(f"error: {' '.join(map(str, cmd[:3]))} ... failed (see {log}): {last[0]}")
 
 
+def last_eval_iter(sae_dir):
+    """The iteration of the last evaluation in sae_dir's log.jsonl (sae.py evaluates and saves at each stop), or 0."""
+    path = os.path.join(sae_dir, "log.jsonl")
+    iters = [json.loads(line)["iter"] for line in open(path) if line.strip()] if os.path.exists(path) else []
+    return max(iters, default=0)
+
+
+def train_ours(args, arch, samples, sae_dir, stop, export, log):
+    """sae.py on the samples to iteration `stop` (a new run, or the one in sae_dir continued from its checkpoint: a
+    stopped run, or the curve's previous point; with a constant learning rate the points are one run's), then
+    analyze.py's SAELens export of it into `export`."""
+    ours = sys.executable
+    if last_eval_iter(sae_dir) > stop:
+        raise SystemExit(f"error: {sae_dir} is trained past {stop * args.batch_size:,} samples: score a point before "
+                         f"training past it (a new --out_dir starts over)")
+    flags = [f"--acts={samples}", *SHAPE, f"--batch_size={args.batch_size}", f"--d_sae={args.d_sae}", f"--k={args.k}",
+             *RECIPES[arch], *args.sae_flags.split(), *matryoshka_flag(arch, args.d_sae)]
+    if os.path.exists(os.path.join(sae_dir, "ckpt.pt")):  # a run that stopped, or the curve's last point: continued
+        flags = ["--init_from=resume"]
+    step([ours, os.path.join(HERE, "sae.py"), *flags, f"--max_iters={stop}", f"--eval_interval={stop}",
+          f"--out_dir={sae_dir}"], log)
+    step([ours, os.path.join(HERE, "analyze.py"), "--mode=export", "--export_format=saelens", f"--out_dir={sae_dir}",
+          f"--export_dir={export}"], log)
+
+
 def run(args):
-    """Model, samples, then for each architecture: sae.py on the samples, analyze.py's SAELens export, SAELens's score;
-    with --saelens=1 SAELens's own trainer at the same budget beside it. One JSON line a result in
-    OUT_DIR/results.jsonl (samples seen, distinct samples, the scores)."""
-    python, ours = saelens_python(), sys.executable
+    """Model, samples, then for each architecture: sae.py on the samples, analyze.py's SAELens export, SAELens's score,
+    at each point of --curve and at the end; with --saelens=1 SAELens's own trainer at the same budgets beside it
+    (a run of its own for each). One JSON line a result in OUT_DIR/results.jsonl (samples seen, distinct samples,
+    the scores)."""
+    python = saelens_python()
     os.makedirs(args.out_dir, exist_ok=True)
     log = lambda name: os.path.join(args.out_dir, f"{name}.log")
     me = os.path.join(HERE, "synthbench.py")
@@ -182,49 +208,95 @@ def run(args):
         os.makedirs(args.data_dir, exist_ok=True)
         step([python, me, "--mode=samples", f"--model_dir={args.model_dir}", f"--samples={args.samples}",
               f"--out={samples}"], log("samples"))
-    n_val = min(N_VAL, args.samples // 10)  # as sae.py holds them out
-    shape = [*SHAPE, f"--d_sae={args.d_sae}", f"--k={args.k}"]
+    distinct = args.samples - min(N_VAL, args.samples // 10)  # sae.py holds the first rows out (N_VAL at most)
+    iters = distinct * args.epochs // args.batch_size
+    stops = sorted({int(seen) // args.batch_size for seen in args.curve.split(",") if seen} | {iters})
     for arch in args.archs.split(","):
-        for trainer in ["gpt_sae"] + ["saelens"] * args.saelens:
-            name = f"{trainer}-{arch}-{args.samples}" + f"x{args.epochs}" * (args.epochs > 1)  # distinct samples x passes
-            if trainer == "gpt_sae":  # a variant's flags, in its name
-                name += "".join(f"-{flag.lstrip('-')}" for flag in args.sae_flags.split())
+        # the run's name: distinct samples x passes, then a variant's batch size and flags
+        name = (f"gpt_sae-{arch}-{args.samples}" + f"x{args.epochs}" * (args.epochs > 1)
+                + f"-b{args.batch_size}" * (args.batch_size != BATCH)
+                + "".join(f"-{flag.lstrip('-')}" for flag in args.sae_flags.split()))
+        sae_dir = os.path.join(args.out_dir, name)
+        for stop in stops:  # the curve's points, then the end: checkpoints of one run
+            seen = stop * args.batch_size
+            at = "" if stop == iters else f"-{seen}"
+            export, scored = os.path.join(sae_dir, "export" + at), os.path.join(sae_dir, f"score{at}.json")
+            if os.path.exists(scored):
+                continue
+            if not os.path.exists(os.path.join(export, "cfg.json")):
+                train_ours(args, arch, samples, sae_dir, stop, export, log(name))
+            score_and_record(args, "gpt_sae", arch, name, export, scored, seen, distinct, log(name))
+        for seen in [stop * args.batch_size for stop in stops] * args.saelens:  # SAELens's: one fresh run a budget
+            name = f"saelens-{arch}-{seen}"
             sae_dir = os.path.join(args.out_dir, name)
             if os.path.exists(os.path.join(sae_dir, "score.json")):
                 continue
-            if trainer == "gpt_sae":
-                iters = (args.samples - n_val) * args.epochs // BATCH
-                if not os.path.exists(os.path.join(sae_dir, "export", "cfg.json")):
-                    flags = [f"--acts={samples}", *shape, *RECIPES[arch], *args.sae_flags.split(),
-                             *matryoshka_flag(arch, args.d_sae)]
-                    if os.path.exists(os.path.join(sae_dir, "ckpt.pt")):  # a run that stopped: continued
-                        flags = ["--init_from=resume"]
-                    step([ours, os.path.join(HERE, "sae.py"), *flags, f"--max_iters={iters}", f"--eval_interval={iters}",
-                          f"--out_dir={sae_dir}"], log(name))
-                    step([ours, os.path.join(HERE, "analyze.py"), "--mode=export", "--export_format=saelens",
-                          f"--out_dir={sae_dir}", f"--export_dir={sae_dir}/export"], log(name))
-                seen, distinct, export = iters * BATCH, args.samples - n_val, os.path.join(sae_dir, "export")
-            else:
-                seen = distinct = args.samples * args.epochs
-                export = sae_dir
-                if not os.path.exists(os.path.join(sae_dir, "cfg.json")):
-                    step([python, me, "--mode=saelens", f"--model_dir={args.model_dir}", f"--arch={arch}",
-                          f"--samples={seen}", f"--d_sae={args.d_sae}", f"--k={args.k}", f"--out={sae_dir}"], log(name))
-            step([python, me, "--mode=score", f"--model_dir={args.model_dir}", f"--sae_dir={export}",
-                  f"--eval_samples={args.eval_samples}", f"--out={sae_dir}/score.json"], log(name))
-            result = {"trainer": trainer, "arch": arch, "sae_flags": args.sae_flags if trainer == "gpt_sae" else "",
-                      "samples_seen": seen, "distinct_samples": distinct,
-                      **json.load(open(os.path.join(sae_dir, "score.json")))}
-            with open(os.path.join(args.out_dir, "results.jsonl"), "a") as f:
-                f.write(json.dumps(result) + "\n")
-            c = result["classification"]
-            print(f"{name}: EV {result['explained_variance']:.3f} | MCC {result['mcc']:.3f} | F1 {c['f1_score']:.3f}"
-                  f" | L0 {result['sae_l0']:.1f} | dead {result['dead_latents']}", flush=True)
+            if not os.path.exists(os.path.join(sae_dir, "cfg.json")):
+                step([python, me, "--mode=saelens", f"--model_dir={args.model_dir}", f"--arch={arch}", f"--samples={seen}",
+                      f"--d_sae={args.d_sae}", f"--k={args.k}", f"--out={sae_dir}"], log(name))
+            score_and_record(args, "saelens", arch, f"saelens-{arch}", sae_dir, os.path.join(sae_dir, "score.json"), seen, seen,
+                             log(name))
+
+
+def score_and_record(args, trainer, arch, name, export, scored, seen, distinct, log):
+    """SAELens's score of the SAE in export (in SAELens's interpreter) into `scored`, then its line in results.jsonl
+    and on stdout."""
+    me = os.path.join(HERE, "synthbench.py")
+    step([saelens_python(), me, "--mode=score", f"--model_dir={args.model_dir}", f"--sae_dir={export}",
+          f"--eval_samples={args.eval_samples}", f"--out={scored}"], log)
+    ours = trainer == "gpt_sae"
+    result = {"run": name, "trainer": trainer, "arch": arch, "sae_flags": args.sae_flags if ours else "",
+              "batch_size": args.batch_size if ours else BATCH, "samples_seen": seen, "distinct_samples": distinct,
+              **json.load(open(scored))}
+    with open(os.path.join(args.out_dir, "results.jsonl"), "a") as f:
+        f.write(json.dumps(result) + "\n")
+    c = result["classification"]
+    print(f"{name} at {seen:,}: EV {result['explained_variance']:.3f} | MCC {result['mcc']:.3f} | F1 {c['f1_score']:.3f}"
+          f" | L0 {result['sae_l0']:.1f} | dead {result['dead_latents']}", flush=True)
+
+
+# the published best at L0 25 (the issue's goal): Matching Pursuit's EV, Matryoshka's MCC and F1, 200M samples
+PUBLISHED_BEST = {"explained_variance": 0.835, "mcc": 0.793, "f1_score": 0.879}
+
+
+def plot_curves(results_path, out_path, published=PUBLISHED_BEST):
+    """EV, MCC, F1 and dead latents against samples seen (log scale), a line per run with two points or more (a
+    curve's checkpoints, or SAELens's runs of one architecture), from results.jsonl; the published best dashed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --mode=plot needs matplotlib: pip install matplotlib") from None
+    curves = {}
+    for line in open(results_path):
+        r = json.loads(line)
+        r["f1_score"] = r["classification"]["f1_score"]
+        curves.setdefault(r.get("run", r["trainer"] + "-" + r["arch"]), []).append(r)
+    curves = {name: sorted(points, key=lambda r: r["samples_seen"]) for name, points in curves.items()
+              if len({r["samples_seen"] for r in points}) > 1}
+    if not curves:
+        raise SystemExit(f"error: {results_path} holds no run scored at two budgets or more (--curve)")
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.5))
+    for ax, key, label in zip(axes, ["explained_variance", "mcc", "f1_score", "dead_latents"],
+                              ["EV", "MCC", "F1", "dead latents (of d_sae, over the scored samples)"]):
+        for name, points in curves.items():
+            ax.plot([r["samples_seen"] for r in points], [r[key] for r in points], "o-" if "gpt_sae" in name else "s--",
+                    label=name.removeprefix("gpt_sae-"), markersize=4)
+        if key in published:
+            ax.axhline(published[key], color="gray", linestyle=":", label="published best (200M samples)")
+        ax.set_xscale("log"), ax.set_xlabel("samples seen"), ax.set_title(label), ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path + ".tmp.png", dpi=110)
+    os.replace(out_path + ".tmp.png", out_path)
+    return out_path
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--mode", default="run", choices=["run", "build", "samples", "score", "saelens"])
+    p.add_argument("--mode", default="run", choices=["run", "build", "samples", "score", "saelens", "plot"])
     p.add_argument("--archs", default="batchtopk", help="run: comma-separated, of " + ", ".join(RECIPES))
     p.add_argument("--arch", default="batchtopk", choices=sorted(SAELENS_ARCHS), help="saelens: the architecture")
     p.add_argument("--samples", type=int, default=500_000, help="distinct training samples (saelens: samples seen)")
@@ -233,6 +305,9 @@ def main(argv=None):
     p.add_argument("--sae_flags", default="", help="run: sae.py flags over the recipe's, e.g. '--lr=3e-3 --decay=linear'")
     p.add_argument("--config", default=BENCH_CONFIG, help="build: the benchmark model's config")
     p.add_argument("--epochs", type=int, default=1, help="run: passes over the samples")
+    p.add_argument("--batch_size", type=int, default=BATCH, help="run: samples a step (ours; SAELens's stay at 1024)")
+    p.add_argument("--curve", default="", help="run: also scored at these samples seen (comma-separated), checkpoints\n"
+                   "of the one run (a constant learning rate after any warmup); SAELens's: a run each")
     p.add_argument("--saelens", type=int, default=0, choices=[0, 1], help="run: SAELens's trainers beside ours")
     p.add_argument("--model_dir", default=os.path.join(HERE, "data", "synthsaebench", "model"))
     p.add_argument("--data_dir", default=os.path.join(HERE, "data", "synthsaebench"))
@@ -240,12 +315,16 @@ def main(argv=None):
     p.add_argument("--sae_dir", help="score: a SAELens SAE directory")
     p.add_argument("--eval_samples", type=int, default=50_000)
     p.add_argument("--orthogonalization_steps", type=int, help="build: fewer than the config's (not the benchmark)")
-    p.add_argument("--out", help="samples: the .npy; score: the JSON; saelens: the SAE's directory")
+    p.add_argument("--out", help="samples: the .npy; score: the JSON; saelens: the SAE's directory; plot: the PNG\n"
+                   "(default figures/synthsaebench/curves.png)")
     args = p.parse_args(argv)
     if args.mode == "run":
         unknown = [a for a in args.archs.split(",") if a not in RECIPES]
         if unknown:
             raise SystemExit(f"error: --archs={args.archs}: no recipe for {', '.join(unknown)}; valid: {', '.join(RECIPES)}")
+        if args.curve and any(flag.startswith("--decay=") and flag != "--decay=constant" for flag in args.sae_flags.split()):
+            raise SystemExit(f"error: --curve with {args.sae_flags}: a decaying learning rate ends at each point; run "
+                             "each budget on its own (--samples, --epochs)")
         run(args)
     elif args.mode == "build":
         build_bench(args.model_dir, args.config, args.orthogonalization_steps)
@@ -256,6 +335,9 @@ def main(argv=None):
         if args.out:
             write_json(args.out, result)
         print(json.dumps(result, indent=1))
+    elif args.mode == "plot":  # of OUT_DIR/results.jsonl
+        print(plot_curves(os.path.join(args.out_dir, "results.jsonl"),
+                          args.out or os.path.join(HERE, "figures", "synthsaebench", "curves.png")))
     else:
         train_saelens(args.model_dir, args.arch, args.samples, args.out, args.d_sae, args.k)
 

@@ -1458,6 +1458,20 @@ def test_lr_schedules():
     assert [sae.get_lr_mult(cfg, i) for i in (10, 60, 110)] == pytest.approx([1.0, 0.55, 0.1])
 
 
+def test_k_annealing_starts_dense_and_leaves_the_sae_at_k():
+    """--k_anneal_iters: k falls linearly from k_anneal_start x k to k (4 x 4 = 16 at step 0, 10 halfway, k from the
+    end on); a topk step fires that many features in every row (all pre-activations positive here, so none is cut by
+    the ReLU), and the SAE is left at its own k for evaluation and checkpoints."""
+    cfg = dataclasses.replace(sae.TrainConfig(), arch="topk", d_sae=64, batch_size=32, k=4, auxk_coeff=0.0,
+                              k_anneal_iters=10, k_anneal_start=4.0)
+    assert [sae.annealed_k(cfg, i) for i in (0, 5, 9, 10, 50)] == [16, 10, 5, 4, 4]
+    run = sae.Run(cfg, None, (24, 0), "cpu")
+    run.sae.b_enc.data[:] = 100.0
+    x, autocast = torch.randn(32, 24, generator=torch.Generator().manual_seed(0)), torch.autocast("cpu", enabled=False)
+    for it, k in ((0, 16), (5, 10), (10, 4)):
+        _, terms, _ = sae.train_step(run, x, it, autocast)
+        assert terms.fired.sum().item() == 32 * k and run.sae.k == 4
+
 def test_decoder_rows_stay_unit_norm_and_gradient_is_orthogonal():
     torch.manual_seed(0)
     model = SAE(13, 29)

@@ -97,3 +97,24 @@ def test_synthbench_samples_continue_where_an_interrupted_write_stopped(tiny_ben
     assert r.stdout.splitlines()[0].startswith("samples 10,000/15,000")  # it began at the second chunk
     assert np.array_equal(np.load(path), whole[:15000])
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_synthbench_curve_points_are_checkpoints_of_the_one_run(tiny_bench, tmp_path):
+    """--curve scores the run at 13,312 samples seen (13 steps), continues it from that checkpoint and scores it at the
+    end: the end's SAE is the uninterrupted run's (tiny_bench's, no curve) to the bit, each point has its line in
+    results.jsonl, and --mode=plot draws them."""
+    args = [f"--config={tiny_bench / 'tiny.json'}", "--archs=batchtopk", "--samples=30000", "--d_sae=128", "--k=4",
+            "--eval_samples=2000", f"--model_dir={tiny_bench / 'model'}", f"--data_dir={tiny_bench / 'data'}"]
+    r = synthbench(*args, "--curve=13312", f"--out_dir={tmp_path}", env={"SAELENS_PYTHON": SAELENS_PYTHON})
+    assert r.returncode == 0, r.stderr + r.stdout
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["run"], r["samples_seen"]) for r in lines] == [("gpt_sae-batchtopk-30000", 13312),
+                                                              ("gpt_sae-batchtopk-30000", 26624)]
+    curve = load_file(tmp_path / "gpt_sae-batchtopk-30000" / "export" / "sae_weights.safetensors")
+    whole = load_file(tiny_bench / "out" / "gpt_sae-batchtopk-30000" / "export" / "sae_weights.safetensors")
+    assert curve.keys() == whole.keys() and all(np.array_equal(curve[k], whole[k]) for k in whole)
+    point = load_file(tmp_path / "gpt_sae-batchtopk-30000" / "export-13312" / "sae_weights.safetensors")
+    assert not np.array_equal(point["W_dec"], whole["W_dec"])  # an earlier SAE, not the end's again
+    r = synthbench("--mode=plot", f"--out_dir={tmp_path}", f"--out={tmp_path / 'curves.png'}")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
