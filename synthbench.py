@@ -11,7 +11,9 @@ sae.py's, on the samples written to a .npy file; the SAE crosses over as analyze
 on both sides: its build, samples, score and saelens modes import sae_lens and nothing of ours; the run mode (ours)
 drives the others as subprocesses.
 
-$ SAELENS_PYTHON=saelens-venv/bin/python python synthbench.py --archs=batchtopk,matryoshka --samples=2000000
+$ SAELENS_PYTHON=saelens-venv/bin/python python synthbench.py --archs=topk,batchtopk --samples=500000 --epochs=4 \
+      --curve=250000,500000,1000000 --trainers=gpt_sae,saelens    # scored at 250k, 500k, 1M and 2M samples seen
+$ python synthbench.py --mode=plot                                 # figures/synthsaebench/curves.png
 $ $SAELENS_PYTHON synthbench.py --mode=score --sae_dir=DIR        # any SAELens SAE (cfg.json + safetensors)
 
 The published model (Hugging Face `decoderesearch/synth-sae-bench-16k-v2`) is out of reach offline, so the model is
@@ -35,14 +37,23 @@ CHUNK = 5_000          # samples generated and written at a time: a (5000, 16384
 TRAIN_SEED = 0         # chunk i of the training samples is drawn after torch.manual_seed(TRAIN_SEED + i) ...
 EVAL_SEED = 10 ** 9    # ... and the held-out evaluation after this one: the two streams never share a seed
 
-# sae.py's settings per architecture at the benchmark's shape (width 4096, L0 25); the published runs use lr 3e-4
-# at 200M samples, a short budget wants more (measured: docs/results.md "Known features")
+# sae.py's settings at the benchmark's shape (width 4096, L0 25): a recipe's, then the architecture's. The published
+# runs use lr 3e-4 at 200M samples; few samples want more (measured: docs/results.md "Known features")
 BATCH, N_VAL = 1024, 8192  # sae.py holds the first N_VAL rows of the samples out for its own evaluation
 SHAPE = [f"--eval_tokens={N_VAL}", "--log_interval=100"]
-RECIPES = {  # with --d_sae (4096) and --k (25) from the command line
-    "topk": ["--arch=topk", "--lr=1e-3"],
-    "batchtopk": ["--arch=batchtopk", "--lr=1e-3"],
-    "matryoshka": ["--arch=matryoshka", "--lr=1e-3"],  # prefixes d_sae x (1, 4, 16, 32) / 32, the published groups
+RECIPES = {
+    "base": ["--lr=1e-3"],  # the first measurements'
+    "few_samples": [os.path.join("config", "synthsaebench_few_samples.py")],  # lr 3e-3, k annealed over 240 steps
+}
+ARCHS = {  # with --d_sae (4096) and --k (25) from the command line
+    "topk": ["--arch=topk"],
+    "batchtopk": ["--arch=batchtopk"],
+    "matryoshka": ["--arch=matryoshka"],  # prefixes d_sae x (1, 4, 16, 32) / 32, the published groups
+    # the sparsity coefficients nearest L0 25 at 491k samples (relu: 5 -> L0 50, 10 -> 15 after 100 steps); jumprelu's
+    # thresholds start where ~25 of 4,096 unit-norm encoder rows pass (~2.5 standard deviations; at 0.1 the L0 was
+    # still 87-170 after 480 steps at coefficients 1-10)
+    "relu": ["--arch=relu", "--l1_coeff=7"],
+    "jumprelu": ["--arch=jumprelu", "--l0_coeff=3", "--jumprelu_init_threshold=2.5"],
 }
 MATRYOSHKA_FRACTIONS = (1 / 32, 1 / 8, 1 / 2, 1)  # 128, 512, 2048, 4096 of 4096
 # SAELens's trainers at the same budget (its defaults otherwise: the published runs' settings, lr 3e-4 constant)
@@ -183,7 +194,7 @@ def train_ours(args, arch, samples, sae_dir, stop, export, log):
         raise SystemExit(f"error: {sae_dir} is trained past {stop * args.batch_size:,} samples: score a point before "
                          f"training past it (a new --out_dir starts over)")
     flags = [f"--acts={samples}", *SHAPE, f"--batch_size={args.batch_size}", f"--d_sae={args.d_sae}", f"--k={args.k}",
-             *RECIPES[arch], *args.sae_flags.split(), *matryoshka_flag(arch, args.d_sae)]
+             *RECIPES[args.recipe], *ARCHS[arch], *matryoshka_flag(arch, args.d_sae), *args.sae_flags.split()]  # the variant's last: it wins
     if os.path.exists(os.path.join(sae_dir, "ckpt.pt")):  # a run that stopped, or the curve's last point: continued
         flags = ["--init_from=resume"]
     step([ours, os.path.join(HERE, "sae.py"), *flags, f"--max_iters={stop}", f"--eval_interval={stop}",
@@ -194,7 +205,7 @@ def train_ours(args, arch, samples, sae_dir, stop, export, log):
 
 def run(args):
     """Model, samples, then for each architecture: sae.py on the samples, analyze.py's SAELens export, SAELens's score,
-    at each point of --curve and at the end; with --saelens=1 SAELens's own trainer at the same budgets beside it
+    at each point of --curve and at the end; with --trainers=...,saelens SAELens's own trainer at the same budgets
     (a run of its own for each). One JSON line a result in OUT_DIR/results.jsonl (samples seen, distinct samples,
     the scores)."""
     python = saelens_python()
@@ -204,7 +215,7 @@ def run(args):
     if not os.path.isdir(args.model_dir):
         step([python, me, "--mode=build", f"--model_dir={args.model_dir}", f"--config={args.config}"], log("build"))
     samples = os.path.join(args.data_dir, f"train_{args.samples}.npy")
-    if not os.path.exists(samples):
+    if not os.path.exists(samples) and "gpt_sae" in args.trainers.split(","):  # SAELens's trainer draws its own
         os.makedirs(args.data_dir, exist_ok=True)
         step([python, me, "--mode=samples", f"--model_dir={args.model_dir}", f"--samples={args.samples}",
               f"--out={samples}"], log("samples"))
@@ -212,12 +223,13 @@ def run(args):
     iters = distinct * args.epochs // args.batch_size
     stops = sorted({int(seen) // args.batch_size for seen in args.curve.split(",") if seen} | {iters})
     for arch in args.archs.split(","):
-        # the run's name: distinct samples x passes, then a variant's batch size and flags
-        name = (f"gpt_sae-{arch}-{args.samples}" + f"x{args.epochs}" * (args.epochs > 1)
+        # the run's name: the recipe (but the first), distinct samples x passes, then a variant's batch size and flags
+        name = (f"gpt_sae-{arch}" + f"-{args.recipe}" * (args.recipe != "base") + f"-{args.samples}"
+                + f"x{args.epochs}" * (args.epochs > 1)
                 + f"-b{args.batch_size}" * (args.batch_size != BATCH)
                 + "".join(f"-{flag.lstrip('-')}" for flag in args.sae_flags.split()))
         sae_dir = os.path.join(args.out_dir, name)
-        for stop in stops:  # the curve's points, then the end: checkpoints of one run
+        for stop in stops * ("gpt_sae" in args.trainers.split(",")):  # the curve's points, then the end: one run
             seen = stop * args.batch_size
             at = "" if stop == iters else f"-{seen}"
             export, scored = os.path.join(sae_dir, "export" + at), os.path.join(sae_dir, f"score{at}.json")
@@ -226,7 +238,7 @@ def run(args):
             if not os.path.exists(os.path.join(export, "cfg.json")):
                 train_ours(args, arch, samples, sae_dir, stop, export, log(name))
             score_and_record(args, "gpt_sae", arch, name, export, scored, seen, distinct, log(name))
-        for seen in [stop * args.batch_size for stop in stops] * args.saelens:  # SAELens's: one fresh run a budget
+        for seen in [stop * args.batch_size for stop in stops] * ("saelens" in args.trainers.split(",")):  # a run each
             name = f"saelens-{arch}-{seen}"
             sae_dir = os.path.join(args.out_dir, name)
             if os.path.exists(os.path.join(sae_dir, "score.json")):
@@ -245,7 +257,8 @@ def score_and_record(args, trainer, arch, name, export, scored, seen, distinct, 
     step([saelens_python(), me, "--mode=score", f"--model_dir={args.model_dir}", f"--sae_dir={export}",
           f"--eval_samples={args.eval_samples}", f"--out={scored}"], log)
     ours = trainer == "gpt_sae"
-    result = {"run": name, "trainer": trainer, "arch": arch, "sae_flags": args.sae_flags if ours else "",
+    result = {"run": name, "trainer": trainer, "arch": arch, "recipe": args.recipe if ours else "saelens",
+              "sae_flags": args.sae_flags if ours else "",
               "batch_size": args.batch_size if ours else BATCH, "samples_seen": seen, "distinct_samples": distinct,
               **json.load(open(scored))}
     with open(os.path.join(args.out_dir, "results.jsonl"), "a") as f:
@@ -260,8 +273,8 @@ PUBLISHED_BEST = {"explained_variance": 0.835, "mcc": 0.793, "f1_score": 0.879}
 
 
 def plot_curves(results_path, out_path, published=PUBLISHED_BEST):
-    """EV, MCC, F1 and dead latents against samples seen (log scale), a line per run with two points or more (a
-    curve's checkpoints, or SAELens's runs of one architecture), from results.jsonl; the published best dashed."""
+    """EV, MCC, F1 and dead latents against samples seen (log scale) from results.jsonl, a line per trainer,
+    architecture and recipe scored at two budgets or more; the published best dotted."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display
@@ -272,7 +285,11 @@ def plot_curves(results_path, out_path, published=PUBLISHED_BEST):
     for line in open(results_path):
         r = json.loads(line)
         r["f1_score"] = r["classification"]["f1_score"]
-        curves.setdefault(r.get("run", r["trainer"] + "-" + r["arch"]), []).append(r)
+        # a curve: one trainer, architecture and recipe (its variant's flags, its batch size) at several budgets: the
+        # points of one run, or of runs of a constant learning rate that differ in passes only (the same trajectory)
+        name = " ".join([r["trainer"], r["arch"]] + [r.get("recipe", "base"), r.get("sae_flags", ""),
+                        f"batch {r.get('batch_size', BATCH)}"] * (r["trainer"] == "gpt_sae"))
+        curves.setdefault(" ".join(name.split()), []).append(r)
     curves = {name: sorted(points, key=lambda r: r["samples_seen"]) for name, points in curves.items()
               if len({r["samples_seen"] for r in points}) > 1}
     if not curves:
@@ -282,7 +299,7 @@ def plot_curves(results_path, out_path, published=PUBLISHED_BEST):
                               ["EV", "MCC", "F1", "dead latents (of d_sae, over the scored samples)"]):
         for name, points in curves.items():
             ax.plot([r["samples_seen"] for r in points], [r[key] for r in points], "o-" if "gpt_sae" in name else "s--",
-                    label=name.removeprefix("gpt_sae-"), markersize=4)
+                    label=name, markersize=4)
         if key in published:
             ax.axhline(published[key], color="gray", linestyle=":", label="published best (200M samples)")
         ax.set_xscale("log"), ax.set_xlabel("samples seen"), ax.set_title(label), ax.grid(alpha=0.3)
@@ -297,7 +314,8 @@ def plot_curves(results_path, out_path, published=PUBLISHED_BEST):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--mode", default="run", choices=["run", "build", "samples", "score", "saelens", "plot"])
-    p.add_argument("--archs", default="batchtopk", help="run: comma-separated, of " + ", ".join(RECIPES))
+    p.add_argument("--archs", default="batchtopk", help="run: comma-separated, of " + ", ".join(ARCHS))
+    p.add_argument("--recipe", default="few_samples", choices=sorted(RECIPES), help="run: sae.py's settings (RECIPES)")
     p.add_argument("--arch", default="batchtopk", choices=sorted(SAELENS_ARCHS), help="saelens: the architecture")
     p.add_argument("--samples", type=int, default=500_000, help="distinct training samples (saelens: samples seen)")
     p.add_argument("--d_sae", type=int, default=4096, help="features (the benchmark's width)")
@@ -308,7 +326,8 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=BATCH, help="run: samples a step (ours; SAELens's stay at 1024)")
     p.add_argument("--curve", default="", help="run: also scored at these samples seen (comma-separated), checkpoints\n"
                    "of the one run (a constant learning rate after any warmup); SAELens's: a run each")
-    p.add_argument("--saelens", type=int, default=0, choices=[0, 1], help="run: SAELens's trainers beside ours")
+    p.add_argument("--trainers", default="gpt_sae", help="run: gpt_sae (ours), saelens (SAELens's own trainer, its\n"
+                   "defaults, at the same budgets) or both, comma-separated")
     p.add_argument("--model_dir", default=os.path.join(HERE, "data", "synthsaebench", "model"))
     p.add_argument("--data_dir", default=os.path.join(HERE, "data", "synthsaebench"))
     p.add_argument("--out_dir", default=os.path.join(HERE, "out", "synthsaebench"))
@@ -319,9 +338,11 @@ def main(argv=None):
                    "(default figures/synthsaebench/curves.png)")
     args = p.parse_args(argv)
     if args.mode == "run":
-        unknown = [a for a in args.archs.split(",") if a not in RECIPES]
+        if not set(args.trainers.split(",")) <= {"gpt_sae", "saelens"}:
+            raise SystemExit(f"error: --trainers={args.trainers}: valid: gpt_sae, saelens, or both (comma-separated)")
+        unknown = [a for a in args.archs.split(",") if a not in ARCHS]
         if unknown:
-            raise SystemExit(f"error: --archs={args.archs}: no recipe for {', '.join(unknown)}; valid: {', '.join(RECIPES)}")
+            raise SystemExit(f"error: --archs={args.archs}: no recipe for {', '.join(unknown)}; valid: {', '.join(ARCHS)}")
         if args.curve and any(flag.startswith("--decay=") and flag != "--decay=constant" for flag in args.sae_flags.split()):
             raise SystemExit(f"error: --curve with {args.sae_flags}: a decaying learning rate ends at each point; run "
                              "each budget on its own (--samples, --epochs)")

@@ -30,7 +30,12 @@ def test_synthbench_without_saelens_or_with_an_unknown_arch_is_one_line(tmp_path
                                                      "sae-lens==6.54.12") and len(r.stderr.strip().splitlines()) == 1
     r = synthbench("--archs=batchtopk,gated", env={"SAELENS_PYTHON": sys.executable})
     assert r.returncode == 1 and r.stderr.strip() == ("error: --archs=batchtopk,gated: no recipe for gated; valid: topk, "
-                                                      "batchtopk, matryoshka")
+                                                      "batchtopk, matryoshka, relu, jumprelu")
+    r = synthbench("--trainers=gpt_sae,dictionary_learning", env={"SAELENS_PYTHON": sys.executable})
+    assert r.returncode == 1 and r.stderr.strip() == ("error: --trainers=gpt_sae,dictionary_learning: valid: gpt_sae, "
+                                                      "saelens, or both (comma-separated)")
+    r = synthbench("--curve=250000", "--sae_flags=--decay=cosine", env={"SAELENS_PYTHON": sys.executable})
+    assert r.returncode == 1 and r.stderr.startswith("error: --curve with --decay=cosine: a decaying learning rate")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,7 @@ def tiny_bench(tmp_path_factory):
 
 
 def test_synthbench_scores_are_the_definitions_on_the_exported_sae(tiny_bench):
-    out = tiny_bench / "out" / "gpt_sae-batchtopk-30000"
+    out = tiny_bench / "out" / "gpt_sae-batchtopk-few_samples-30000"
     result = json.loads((tiny_bench / "out" / "results.jsonl").read_text().splitlines()[0])
     n_val = 3000  # sae.py holds out min(8192, N / 10) rows, never trained on
     assert result["samples_seen"] == (30000 - n_val) // 1024 * 1024 and result["distinct_samples"] == 30000 - n_val
@@ -108,12 +113,12 @@ def test_synthbench_curve_points_are_checkpoints_of_the_one_run(tiny_bench, tmp_
     r = synthbench(*args, "--curve=13312", f"--out_dir={tmp_path}", env={"SAELENS_PYTHON": SAELENS_PYTHON})
     assert r.returncode == 0, r.stderr + r.stdout
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert [(r["run"], r["samples_seen"]) for r in lines] == [("gpt_sae-batchtopk-30000", 13312),
-                                                              ("gpt_sae-batchtopk-30000", 26624)]
-    curve = load_file(tmp_path / "gpt_sae-batchtopk-30000" / "export" / "sae_weights.safetensors")
-    whole = load_file(tiny_bench / "out" / "gpt_sae-batchtopk-30000" / "export" / "sae_weights.safetensors")
+    assert [(r["run"], r["samples_seen"]) for r in lines] == [("gpt_sae-batchtopk-few_samples-30000", 13312),
+                                                              ("gpt_sae-batchtopk-few_samples-30000", 26624)]
+    curve = load_file(tmp_path / "gpt_sae-batchtopk-few_samples-30000" / "export" / "sae_weights.safetensors")
+    whole = load_file(tiny_bench / "out" / "gpt_sae-batchtopk-few_samples-30000" / "export" / "sae_weights.safetensors")
     assert curve.keys() == whole.keys() and all(np.array_equal(curve[k], whole[k]) for k in whole)
-    point = load_file(tmp_path / "gpt_sae-batchtopk-30000" / "export-13312" / "sae_weights.safetensors")
+    point = load_file(tmp_path / "gpt_sae-batchtopk-few_samples-30000" / "export-13312" / "sae_weights.safetensors")
     assert not np.array_equal(point["W_dec"], whole["W_dec"])  # an earlier SAE, not the end's again
     r = synthbench("--mode=plot", f"--out_dir={tmp_path}", f"--out={tmp_path / 'curves.png'}")
     assert r.returncode == 0, r.stderr
