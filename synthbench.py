@@ -49,10 +49,10 @@ ARCHS = {  # with --d_sae (4096) and --k (25) from the command line
     "topk": ["--arch=topk"],
     "batchtopk": ["--arch=batchtopk"],
     "matryoshka": ["--arch=matryoshka"],  # prefixes d_sae x (1, 4, 16, 32) / 32, the published groups
-    # the sparsity coefficients nearest L0 25 at 491k samples (relu: 5 -> L0 50, 10 -> 15 after 100 steps); jumprelu's
-    # thresholds start where ~25 of 4,096 unit-norm encoder rows pass (~2.5 standard deviations; at 0.1 the L0 was
-    # still 87-170 after 480 steps at coefficients 1-10)
-    "relu": ["--arch=relu", "--l1_coeff=7"],
+    # the sparsity coefficients nearest L0 25 at 491k samples (relu: 3 -> L0 22.4, 7 -> 9.4); jumprelu's thresholds
+    # start where ~25 of 4,096 unit-norm encoder rows pass (~2.5 standard deviations; at 0.1 the L0 was still 87-170
+    # after 480 steps at coefficients 1-10)
+    "relu": ["--arch=relu", "--l1_coeff=3"],
     "jumprelu": ["--arch=jumprelu", "--l0_coeff=3", "--jumprelu_init_threshold=2.5"],
 }
 MATRYOSHKA_FRACTIONS = (1 / 32, 1 / 8, 1 / 2, 1)  # 128, 512, 2048, 4096 of 4096
@@ -274,11 +274,12 @@ PUBLISHED_BEST = {"explained_variance": 0.835, "mcc": 0.793, "f1_score": 0.879}
 
 def plot_curves(results_path, out_path, published=PUBLISHED_BEST):
     """EV, MCC, F1 and dead latents against samples seen (log scale) from results.jsonl, a line per trainer,
-    architecture and recipe scored at two budgets or more; the published best dotted."""
+    architecture and recipe scored at two budgets or more (SAELens's at any), the published best dotted."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         raise SystemExit("error: --mode=plot needs matplotlib: pip install matplotlib") from None
     curves = {}
@@ -291,10 +292,10 @@ def plot_curves(results_path, out_path, published=PUBLISHED_BEST):
                         f"batch {r.get('batch_size', BATCH)}"] * (r["trainer"] == "gpt_sae"))
         curves.setdefault(" ".join(name.split()), []).append(r)
     curves = {name: sorted(points, key=lambda r: r["samples_seen"]) for name, points in curves.items()
-              if len({r["samples_seen"] for r in points}) > 1}
+              if len({r["samples_seen"] for r in points}) > 1 or points[0]["trainer"] == "saelens"}
     if not curves:
         raise SystemExit(f"error: {results_path} holds no run scored at two budgets or more (--curve)")
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 5.5))
     for ax, key, label in zip(axes, ["explained_variance", "mcc", "f1_score", "dead_latents"],
                               ["EV", "MCC", "F1", "dead latents (of d_sae, over the scored samples)"]):
         for name, points in curves.items():
@@ -303,8 +304,10 @@ def plot_curves(results_path, out_path, published=PUBLISHED_BEST):
         if key in published:
             ax.axhline(published[key], color="gray", linestyle=":", label="published best (200M samples)")
         ax.set_xscale("log"), ax.set_xlabel("samples seen"), ax.set_title(label), ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # 10^5, 10^6, ... only: the minor ones collide
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)  # below the panels, covering none
+    fig.tight_layout(rect=(0, 0.045 * -(-len(labels) // 3) + 0.02, 1, 1))  # room for the legend's rows
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     fig.savefig(out_path + ".tmp.png", dpi=110)
     os.replace(out_path + ".tmp.png", out_path)
