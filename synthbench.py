@@ -33,6 +33,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH_CONFIG = os.path.join(HERE, "config", "synthsaebench_16k.json")
+ME = os.path.join(HERE, "synthbench.py")  # the run mode calls this file's other modes in SAELens's interpreter
 CHUNK = 5_000          # samples generated and written at a time: a (5000, 16384) dense feature batch is 330 MB
 TRAIN_SEED = 0         # chunk i of the training samples is drawn after torch.manual_seed(TRAIN_SEED + i) ...
 EVAL_SEED = 10 ** 9    # ... and the held-out evaluation after this one: the two streams never share a seed
@@ -194,7 +195,8 @@ def train_ours(args, arch, samples, sae_dir, stop, export, log):
         raise SystemExit(f"error: {sae_dir} is trained past {stop * args.batch_size:,} samples: score a point before "
                          f"training past it (a new --out_dir starts over)")
     flags = [f"--acts={samples}", *SHAPE, f"--batch_size={args.batch_size}", f"--d_sae={args.d_sae}", f"--k={args.k}",
-             *RECIPES[args.recipe], *ARCHS[arch], *matryoshka_flag(arch, args.d_sae), *args.sae_flags.split()]  # the variant's last: it wins
+             *RECIPES[args.recipe], *ARCHS[arch], *matryoshka_flag(arch, args.d_sae),
+             *args.sae_flags.split()]  # the variant's last: it wins
     if os.path.exists(os.path.join(sae_dir, "ckpt.pt")):  # a run that stopped, or the curve's last point: continued
         flags = ["--init_from=resume"]
     step([ours, os.path.join(HERE, "sae.py"), *flags, f"--max_iters={stop}", f"--eval_interval={stop}",
@@ -211,13 +213,13 @@ def run(args):
     python = saelens_python()
     os.makedirs(args.out_dir, exist_ok=True)
     log = lambda name: os.path.join(args.out_dir, f"{name}.log")
-    me = os.path.join(HERE, "synthbench.py")
+    trainers = args.trainers.split(",")
     if not os.path.isdir(args.model_dir):
-        step([python, me, "--mode=build", f"--model_dir={args.model_dir}", f"--config={args.config}"], log("build"))
+        step([python, ME, "--mode=build", f"--model_dir={args.model_dir}", f"--config={args.config}"], log("build"))
     samples = os.path.join(args.data_dir, f"train_{args.samples}.npy")
-    if not os.path.exists(samples) and "gpt_sae" in args.trainers.split(","):  # SAELens's trainer draws its own
+    if not os.path.exists(samples) and "gpt_sae" in trainers:  # SAELens's trainer draws its own
         os.makedirs(args.data_dir, exist_ok=True)
-        step([python, me, "--mode=samples", f"--model_dir={args.model_dir}", f"--samples={args.samples}",
+        step([python, ME, "--mode=samples", f"--model_dir={args.model_dir}", f"--samples={args.samples}",
               f"--out={samples}"], log("samples"))
     distinct = args.samples - min(N_VAL, args.samples // 10)  # sae.py holds the first rows out (N_VAL at most)
     iters = distinct * args.epochs // args.batch_size
@@ -229,7 +231,7 @@ def run(args):
                 + f"-b{args.batch_size}" * (args.batch_size != BATCH)
                 + "".join(f"-{flag.lstrip('-')}" for flag in args.sae_flags.split()))
         sae_dir = os.path.join(args.out_dir, name)
-        for stop in stops * ("gpt_sae" in args.trainers.split(",")):  # the curve's points, then the end: one run
+        for stop in stops * ("gpt_sae" in trainers):  # the curve's points, then the end: one run
             seen = stop * args.batch_size
             at = "" if stop == iters else f"-{seen}"
             export, scored = os.path.join(sae_dir, "export" + at), os.path.join(sae_dir, f"score{at}.json")
@@ -238,23 +240,23 @@ def run(args):
             if not os.path.exists(os.path.join(export, "cfg.json")):
                 train_ours(args, arch, samples, sae_dir, stop, export, log(name))
             score_and_record(args, "gpt_sae", arch, name, export, scored, seen, distinct, log(name))
-        for seen in [stop * args.batch_size for stop in stops] * ("saelens" in args.trainers.split(",")):  # a run each
-            name = f"saelens-{arch}-{seen}"
-            sae_dir = os.path.join(args.out_dir, name)
-            if os.path.exists(os.path.join(sae_dir, "score.json")):
+        for seen in [stop * args.batch_size for stop in stops] * ("saelens" in trainers):  # a fresh run a budget
+            saelens_name = f"saelens-{arch}-{seen}"
+            saelens_dir = os.path.join(args.out_dir, saelens_name)
+            if os.path.exists(os.path.join(saelens_dir, "score.json")):
                 continue
-            if not os.path.exists(os.path.join(sae_dir, "cfg.json")):
-                step([python, me, "--mode=saelens", f"--model_dir={args.model_dir}", f"--arch={arch}", f"--samples={seen}",
-                      f"--d_sae={args.d_sae}", f"--k={args.k}", f"--out={sae_dir}"], log(name))
-            score_and_record(args, "saelens", arch, f"saelens-{arch}", sae_dir, os.path.join(sae_dir, "score.json"), seen, seen,
-                             log(name))
+            if not os.path.exists(os.path.join(saelens_dir, "cfg.json")):
+                step([python, ME, "--mode=saelens", f"--model_dir={args.model_dir}", f"--arch={arch}",
+                      f"--samples={seen}", f"--d_sae={args.d_sae}", f"--k={args.k}", f"--out={saelens_dir}"],
+                     log(saelens_name))
+            score_and_record(args, "saelens", arch, f"saelens-{arch}", saelens_dir,
+                             os.path.join(saelens_dir, "score.json"), seen, seen, log(saelens_name))
 
 
 def score_and_record(args, trainer, arch, name, export, scored, seen, distinct, log):
     """SAELens's score of the SAE in export (in SAELens's interpreter) into `scored`, then its line in results.jsonl
     and on stdout."""
-    me = os.path.join(HERE, "synthbench.py")
-    step([saelens_python(), me, "--mode=score", f"--model_dir={args.model_dir}", f"--sae_dir={export}",
+    step([saelens_python(), ME, "--mode=score", f"--model_dir={args.model_dir}", f"--sae_dir={export}",
           f"--eval_samples={args.eval_samples}", f"--out={scored}"], log)
     ours = trainer == "gpt_sae"
     result = {"run": name, "trainer": trainer, "arch": arch, "recipe": args.recipe if ours else "saelens",
@@ -264,8 +266,8 @@ def score_and_record(args, trainer, arch, name, export, scored, seen, distinct, 
     with open(os.path.join(args.out_dir, "results.jsonl"), "a") as f:
         f.write(json.dumps(result) + "\n")
     c = result["classification"]
-    print(f"{name} at {seen:,}: EV {result['explained_variance']:.3f} | MCC {result['mcc']:.3f} | F1 {c['f1_score']:.3f}"
-          f" | L0 {result['sae_l0']:.1f} | dead {result['dead_latents']}", flush=True)
+    print(f"{name} at {seen:,}: EV {result['explained_variance']:.3f} | MCC {result['mcc']:.3f}"
+          f" | F1 {c['f1_score']:.3f} | L0 {result['sae_l0']:.1f} | dead {result['dead_latents']}", flush=True)
 
 
 # the published best at L0 25 (the issue's goal): Matching Pursuit's EV, Matryoshka's MCC and F1, 200M samples
@@ -346,7 +348,8 @@ def main(argv=None):
         unknown = [a for a in args.archs.split(",") if a not in ARCHS]
         if unknown:
             raise SystemExit(f"error: --archs={args.archs}: no recipe for {', '.join(unknown)}; valid: {', '.join(ARCHS)}")
-        if args.curve and any(flag.startswith("--decay=") and flag != "--decay=constant" for flag in args.sae_flags.split()):
+        decays = [flag for flag in args.sae_flags.split() if flag.startswith("--decay=") and flag != "--decay=constant"]
+        if args.curve and decays:
             raise SystemExit(f"error: --curve with {args.sae_flags}: a decaying learning rate ends at each point; run "
                              "each budget on its own (--samples, --epochs)")
         run(args)

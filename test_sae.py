@@ -1472,6 +1472,7 @@ def test_k_annealing_starts_dense_and_leaves_the_sae_at_k():
         _, terms, _ = sae.train_step(run, x, it, autocast)
         assert terms.fired.sum().item() == 32 * k and run.sae.k == 4
 
+
 def test_decoder_rows_stay_unit_norm_and_gradient_is_orthogonal():
     torch.manual_seed(0)
     model = SAE(13, 29)
