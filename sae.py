@@ -88,6 +88,7 @@ class TrainConfig:
     arch: str = "relu"                 # relu, topk, batchtopk, jumprelu, matryoshka, fsq, vae (docs/training.md "architectures")
     d_sae: int = 8192                  # features
     b_dec_init: str = "geometric_median"  # or mean, zeros: b_dec from a first sample of activations
+    w_dec_init: str = "random"         # or data: dictionary rows start as distinct samples of that first sample, from b_dec
     skip: bool = False                 # transcoders: + x_in @ W_skip^T, a linear path from input to target (skip transcoder)
     loss: str = "l1"                   # l1: the architecture's sparsity term (relu: L1; jumprelu: L0; vae: KL; none for
                                        # the k-sparse ones); jl: the JL penalty instead; hybrid: both
@@ -158,6 +159,7 @@ JUMPRELU_SPARSITY, CLT_TOPK_SCOPES = ("step", "tanh"), ("layer", "all")
 READER_MODES = ("export", "steer", "dashboard", "plot", "finetune", "persistence", "overlap")  # analyze.py's
 MODES = ("train", "cache") + READER_MODES
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
+W_DEC_INITS = ("random", "data")
 
 
 def parse_overrides(cfg, argv, strict=True):
@@ -262,7 +264,7 @@ SPARSITY_COEFF = {"relu": "l1_coeff", "jumprelu": "l0_coeff", "vae": "kl_coeff"}
 # start was still 0.09 FVU behind at L0 40 after 2,000 steps (docs/training.md "the ReLU recipe"). The k-sparse
 # ones start tied at 1, as OpenAI's and dictionary_learning's TopK do; jumprelu and vae too (not measured at 0.1)
 INIT_NORM = {arch: 0.1 if arch == "relu" else 1.0 for arch in ARCHS}
-SWEEPABLE = ("arch", "loss", "d_sae", "b_dec_init", "skip", "init_norm", "lr", "lr_enc", "lr_dec", "beta1", "beta2", "grad_clip") + \
+SWEEPABLE = ("arch", "loss", "d_sae", "b_dec_init", "w_dec_init", "skip", "init_norm", "lr", "lr_enc", "lr_dec", "beta1", "beta2", "grad_clip") + \
     L1_KEYS + JL_KEYS + tuple(dict.fromkeys(k for keys in ARCH_KEYS.values() for k in keys if k != "matryoshka_prefixes"))
 
 
@@ -302,8 +304,9 @@ def expand_sweep(overrides):
 def check_config(cfg, world_size=1):
     """Invariants of a config, as one-line ValueErrors listing what is valid."""
     for key, valid in (("arch", ARCHS), ("loss", LOSSES), ("jl_on", JL_ON), ("decay", DECAYS), ("b_dec_init", B_DEC_INITS),
-                       ("mode", MODES), ("cache_dtype", CACHE_DTYPES), ("jl_form", JL_FORMS),
-                       ("jumprelu_sparsity", JUMPRELU_SPARSITY), ("clt_topk_scope", CLT_TOPK_SCOPES)):
+                       ("w_dec_init", W_DEC_INITS), ("mode", MODES), ("cache_dtype", CACHE_DTYPES),
+                       ("jl_form", JL_FORMS), ("jumprelu_sparsity", JUMPRELU_SPARSITY),
+                       ("clt_topk_scope", CLT_TOPK_SCOPES)):
         if getattr(cfg, key) not in valid:
             raise ValueError(f"--{key}={getattr(cfg, key)!r}: valid values are {', '.join(valid)}")
     check_jl_form(cfg.jl_form, cfg.jl_power, cfg.jl_margin)  # --jl_power < 1 or a margin outside [0, 1)
@@ -325,6 +328,9 @@ def check_config(cfg, world_size=1):
                          f"an activation cache of them all (--mode=cache --layers={cfg.layers} --cache_dir=DIR)")
     if cfg.cross_layer:
         check_cross_layer(cfg)
+    if cfg.w_dec_init == "data" and (cfg.cross_layer or cfg.resample_samples < cfg.d_sae):
+        raise ValueError(f"--w_dec_init=data takes a row of the first sample for each feature: it needs "
+                         f"--resample_samples >= --d_sae ({cfg.resample_samples} < {cfg.d_sae}) and no --cross_layer")
     if cfg.batch_size % world_size:
         raise ValueError(f"--batch_size={cfg.batch_size} must divide evenly over {world_size} ranks")
     if cfg.micro_batches < 1 or cfg.batch_size % (world_size * cfg.micro_batches):
@@ -2700,8 +2706,8 @@ def set_scales(ctx, scales):
 def start_scales_and_biases(ctx):
     """A fresh run's normalisation and b_dec (a transcoder's b_in too), from a first sample of the activations: the
     scales make E|x| = sqrt(d_in) and E|y| = sqrt(d_out) (Anthropic, April 2024 update: coefficients then transfer
-    across layers and models); each bias starts at its side's b_dec_init (geometric median, mean or zeros). With
-    --layers, one layer's block of the sample at a time (a copy of all 30 of SmolLM2's transcoder blocks is 2.3 GB)."""
+    across layers and models); each bias starts at its side's b_dec_init (geometric median, mean or zeros), and with
+    --w_dec_init=data the dictionary rows at rows of the same sample (dictionary_from_data). With --layers, one layer's block of the sample at a time (a copy of all 30 of SmolLM2's transcoder blocks is 2.3 GB)."""
     import torch.distributed as dist
     cfg, (d_in, d_out) = ctx.cfg, ctx.widths
     sample = ctx.source.sample(cfg.resample_samples, torch.Generator().manual_seed(cfg.seed)).to(ctx.device)
@@ -2728,6 +2734,30 @@ def start_scales_and_biases(ctx):
                     (bias[ctx.layers.index(layer)] if run.cfg.cross_layer else bias).copy_(value)
                     if ctx.ddp:  # ranks saw different samples: rank 0's for all
                         dist.broadcast(bias, src=0)
+    for run in ctx.runs:
+        if run.cfg.w_dec_init == "data":
+            layer = run.cfg.layer
+            dictionary_from_data(run.sae, parts(layer), scales[layer], torch.Generator().manual_seed(run.cfg.seed + 1))
+            if ctx.ddp:  # rank 0's rows for all, as for the biases
+                for W in (run.sae.W_enc, run.sae.W_dec):
+                    dist.broadcast(W.data, src=0)
+
+
+@torch.no_grad()
+def dictionary_from_data(sae, parts, scales, generator):
+    """--w_dec_init=data: each dictionary row starts as the direction from b_dec of its own sample (d_sae distinct
+    rows of the first sample, drawn by generator), its norm kept; an SAE's encoder stays tied to it (W_enc = c W_dec^T
+    as at random init), a transcoder's encoder columns are the same samples' inputs from b_in. A data point is a mix of
+    the features active on it, so this starts each row inside the data's cone rather than anywhere on the sphere.
+    parts: {"b_in"?, "b_dec"}: the sample's columns (n, d); scales: their normalisation scales, in that order."""
+    scale = dict(zip(parts, scales))
+    rows = torch.randperm(parts["b_dec"].shape[0], generator=generator)[:sae.W_dec.shape[0]]
+    rows = rows.to(parts["b_dec"].device)
+    directions = lambda name: F.normalize(parts[name][rows] * scale[name] - getattr(sae, name), dim=1)  # (d_sae, d)
+    W_dec = directions("b_dec")                                                                    # (d_sae, d_out)
+    W_in = directions("b_in") if sae.transcoder else W_dec                                         # (d_sae, d_in)
+    sae.W_dec.copy_(W_dec * sae.W_dec.norm(dim=1, keepdim=True))
+    sae.W_enc.copy_(W_in.T * sae.W_enc.norm(dim=0))  # (d_in, d_sae): each column's norm kept
 
 
 def train(ctx, start_iter):

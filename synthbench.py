@@ -44,17 +44,17 @@ BATCH, N_VAL = 1024, 8192  # sae.py holds the first N_VAL rows of the samples ou
 SHAPE = [f"--eval_tokens={N_VAL}", "--log_interval=100"]
 RECIPES = {
     "base": ["--lr=1e-3"],  # the first measurements'
-    "few_samples": [os.path.join("config", "synthsaebench_few_samples.py")],  # lr 3e-3, k annealed over 240 steps
+    "few_samples": [os.path.join("config", "synthsaebench_few_samples.py")],  # data init, lr 3e-3, k annealed
 }
 ARCHS = {  # with --d_sae (4096) and --k (25) from the command line
     "topk": ["--arch=topk"],
     "batchtopk": ["--arch=batchtopk"],
     "matryoshka": ["--arch=matryoshka"],  # prefixes d_sae x (1, 4, 16, 32) / 32, the published groups
-    # the sparsity coefficients nearest L0 25 at 491k samples (relu: 3 -> L0 22.4, 7 -> 9.4); jumprelu's thresholds
-    # start where ~25 of 4,096 unit-norm encoder rows pass (~2.5 standard deviations; at 0.1 the L0 was still 87-170
-    # after 480 steps at coefficients 1-10)
+    # the sparsity coefficients nearest L0 25 at 491k samples (relu from data: 3 -> L0 24.1); jumprelu's thresholds
+    # hardly move in 480 steps, so their start sets the L0: 1.5 (from data: L0 30.6 at coefficient 3, 36.1 at 1; from
+    # random directions 2.5 left L0 10 with 55% dead, 0.1 left L0 87-170)
     "relu": ["--arch=relu", "--l1_coeff=3"],
-    "jumprelu": ["--arch=jumprelu", "--l0_coeff=3", "--jumprelu_init_threshold=2.5"],
+    "jumprelu": ["--arch=jumprelu", "--l0_coeff=3", "--jumprelu_init_threshold=1.5"],
 }
 MATRYOSHKA_FRACTIONS = (1 / 32, 1 / 8, 1 / 2, 1)  # 128, 512, 2048, 4096 of 4096
 # SAELens's trainers at the same budget (its defaults otherwise: the published runs' settings, lr 3e-4 constant)
@@ -235,7 +235,7 @@ def run(args):
             seen = stop * args.batch_size
             at = "" if stop == iters else f"-{seen}"
             export, scored = os.path.join(sae_dir, "export" + at), os.path.join(sae_dir, f"score{at}.json")
-            if os.path.exists(scored):
+            if recorded(args.out_dir, name, seen):
                 continue
             if not os.path.exists(os.path.join(export, "cfg.json")):
                 train_ours(args, arch, samples, sae_dir, stop, export, log(name))
@@ -243,7 +243,7 @@ def run(args):
         for seen in [stop * args.batch_size for stop in stops] * ("saelens" in trainers):  # a fresh run a budget
             saelens_name = f"saelens-{arch}-{seen}"
             saelens_dir = os.path.join(args.out_dir, saelens_name)
-            if os.path.exists(os.path.join(saelens_dir, "score.json")):
+            if recorded(args.out_dir, f"saelens-{arch}", seen):
                 continue
             if not os.path.exists(os.path.join(saelens_dir, "cfg.json")):
                 step([python, ME, "--mode=saelens", f"--model_dir={args.model_dir}", f"--arch={arch}",
@@ -253,11 +253,20 @@ def run(args):
                              os.path.join(saelens_dir, "score.json"), seen, seen, log(saelens_name))
 
 
+def recorded(out_dir, name, seen):
+    """Whether results.jsonl holds run `name` at `seen` samples: a point's last write, so that a run stopped between
+    its score and its line gets the line (from the score file) when run again."""
+    path = os.path.join(out_dir, "results.jsonl")
+    lines = [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+    return any(r.get("run") == name and r["samples_seen"] == seen for r in lines)
+
+
 def score_and_record(args, trainer, arch, name, export, scored, seen, distinct, log):
-    """SAELens's score of the SAE in export (in SAELens's interpreter) into `scored`, then its line in results.jsonl
-    and on stdout."""
-    step([saelens_python(), ME, "--mode=score", f"--model_dir={args.model_dir}", f"--sae_dir={export}",
-          f"--eval_samples={args.eval_samples}", f"--out={scored}"], log)
+    """SAELens's score of the SAE in export (in SAELens's interpreter) into `scored` (kept where a stopped run left
+    it), then its line in results.jsonl and on stdout."""
+    if not os.path.exists(scored):
+        step([saelens_python(), ME, "--mode=score", f"--model_dir={args.model_dir}", f"--sae_dir={export}",
+              f"--eval_samples={args.eval_samples}", f"--out={scored}"], log)
     ours = trainer == "gpt_sae"
     result = {"run": name, "trainer": trainer, "arch": arch, "recipe": args.recipe if ours else "saelens",
               "sae_flags": args.sae_flags if ours else "",

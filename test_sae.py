@@ -1473,6 +1473,42 @@ def test_k_annealing_starts_dense_and_leaves_the_sae_at_k():
         assert terms.fired.sum().item() == 32 * k and run.sae.k == 4
 
 
+def test_dictionary_from_data_starts_each_row_at_a_distinct_sample():
+    """--w_dec_init=data: each decoder row points from b_dec to a distinct sample (found by a dense cosine search over
+    the whole sample, not from the rows drawn), its norm kept; an SAE's encoder stays tied to it, a transcoder's
+    encoder column is the same sample's input from b_in. Then whole: a run's first checkpoint (lr 1e-9) has them."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 12, generator=g) + 1.0, torch.randn(200, 10, generator=g) - 2.0
+    unit = lambda a: F.normalize(a, dim=1)
+    for parts, scales in (({"b_dec": x}, [2.0]), ({"b_in": x, "b_dec": y}, [2.0, 0.5])):
+        model = SAE(12, 40, d_out=10 if "b_in" in parts else 0)
+        for name, scale in zip(parts, scales):
+            getattr(model, name).data = (parts[name] * scale).mean(dim=0)
+        dec_norms, enc_norms = model.W_dec.norm(dim=1), model.W_enc.norm(dim=0)
+        sae.dictionary_from_data(model, parts, scales, torch.Generator().manual_seed(1))
+        cos = unit(model.W_dec) @ unit(parts["b_dec"] * scales[-1] - model.b_dec).T  # (40, 200)
+        best = cos.max(dim=1)
+        assert best.values.min() > 1 - 1e-5 and len(set(best.indices.tolist())) == 40
+        torch.testing.assert_close(model.W_dec.norm(dim=1), dec_norms)
+        torch.testing.assert_close(model.W_enc.norm(dim=0), enc_norms)
+        W_in = unit(x[best.indices] * 2.0 - model.b_in) if model.transcoder else unit(model.W_dec)  # (40, 12)
+        torch.testing.assert_close(unit(model.W_enc.T), W_in, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="--w_dec_init=data takes a row of the first sample for each feature"):
+        sae.check_config(TrainConfig(w_dec_init="data", d_sae=4096, resample_samples=1024))
+
+
+def test_dictionary_from_data_in_a_run(synthetic, tmp_path):
+    X = np.load(synthetic[0])
+    r = run_sae(f"--acts={synthetic[0]}", *ACTS_RUN, "--arch=topk", "--k=4", "--w_dec_init=data", "--lr=1e-9",
+                "--max_iters=1", "--eval_interval=1", f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    ckpt = load_ckpt(tmp_path)
+    W_dec, b_dec = ckpt["sae"]["W_dec"], ckpt["sae"]["b_dec"]
+    cos = F.normalize(W_dec, dim=1) @ F.normalize(torch.from_numpy(X) * ckpt["act_scale"] - b_dec, dim=1).T
+    best = cos.max(dim=1)  # (192,): each row's nearest activation, over all 40,000
+    assert best.values.min() > 1 - 1e-4 and len(set(best.indices.tolist())) == 192
+
+
 def test_decoder_rows_stay_unit_norm_and_gradient_is_orthogonal():
     torch.manual_seed(0)
     model = SAE(13, 29)

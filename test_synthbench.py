@@ -107,7 +107,7 @@ def test_synthbench_samples_continue_where_an_interrupted_write_stopped(tiny_ben
 def test_synthbench_curve_points_are_checkpoints_of_the_one_run(tiny_bench, tmp_path):
     """--curve scores the run at 13,312 samples seen (13 steps), continues it from that checkpoint and scores it at the
     end: the end's SAE is the uninterrupted run's (tiny_bench's, no curve) to the bit, each point has its line in
-    results.jsonl, and --mode=plot draws them."""
+    results.jsonl (a line lost to a stop comes back from its score when run again), and --mode=plot draws them."""
     args = [f"--config={tiny_bench / 'tiny.json'}", "--archs=batchtopk", "--samples=30000", "--d_sae=128", "--k=4",
             "--eval_samples=2000", f"--model_dir={tiny_bench / 'model'}", f"--data_dir={tiny_bench / 'data'}"]
     r = synthbench(*args, "--curve=13312", f"--out_dir={tmp_path}", env={"SAELENS_PYTHON": SAELENS_PYTHON})
@@ -120,6 +120,13 @@ def test_synthbench_curve_points_are_checkpoints_of_the_one_run(tiny_bench, tmp_
     assert curve.keys() == whole.keys() and all(np.array_equal(curve[k], whole[k]) for k in whole)
     point = load_file(tmp_path / "gpt_sae-batchtopk-few_samples-30000" / "export-13312" / "sae_weights.safetensors")
     assert not np.array_equal(point["W_dec"], whole["W_dec"])  # an earlier SAE, not the end's again
+    # a run stopped between a point's score and its line: run again, the line comes back from the score file as it was
+    results, scored = tmp_path / "results.jsonl", tmp_path / "gpt_sae-batchtopk-few_samples-30000" / "score.json"
+    text, scored_at = results.read_text(), scored.stat().st_mtime_ns
+    results.write_text(text.splitlines(keepends=True)[0])
+    r = synthbench(*args, "--curve=13312", f"--out_dir={tmp_path}", env={"SAELENS_PYTHON": SAELENS_PYTHON})
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert results.read_text() == text and scored.stat().st_mtime_ns == scored_at  # not scored again
     r = synthbench("--mode=plot", f"--out_dir={tmp_path}", f"--out={tmp_path / 'curves.png'}")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
