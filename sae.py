@@ -328,9 +328,11 @@ def check_config(cfg, world_size=1):
                          f"an activation cache of them all (--mode=cache --layers={cfg.layers} --cache_dir=DIR)")
     if cfg.cross_layer:
         check_cross_layer(cfg)
-    if cfg.w_dec_init == "data" and (cfg.cross_layer or cfg.resample_samples < cfg.d_sae):
+    if cfg.w_dec_init == "data" and cfg.resample_samples < cfg.d_sae:
         raise ValueError(f"--w_dec_init=data takes a row of the first sample for each feature: it needs "
-                         f"--resample_samples >= --d_sae ({cfg.resample_samples} < {cfg.d_sae}) and no --cross_layer")
+                         f"--resample_samples >= --d_sae ({cfg.resample_samples} < {cfg.d_sae})")
+    if cfg.w_dec_init == "data" and cfg.cross_layer:
+        raise ValueError("--w_dec_init=data starts one layer's dictionary; a --cross_layer transcoder's is random")
     if cfg.batch_size % world_size:
         raise ValueError(f"--batch_size={cfg.batch_size} must divide evenly over {world_size} ranks")
     if cfg.micro_batches < 1 or cfg.batch_size % (world_size * cfg.micro_batches):
@@ -2707,7 +2709,8 @@ def start_scales_and_biases(ctx):
     """A fresh run's normalisation and b_dec (a transcoder's b_in too), from a first sample of the activations: the
     scales make E|x| = sqrt(d_in) and E|y| = sqrt(d_out) (Anthropic, April 2024 update: coefficients then transfer
     across layers and models); each bias starts at its side's b_dec_init (geometric median, mean or zeros), and with
-    --w_dec_init=data the dictionary rows at rows of the same sample (dictionary_from_data). With --layers, one layer's block of the sample at a time (a copy of all 30 of SmolLM2's transcoder blocks is 2.3 GB)."""
+    --w_dec_init=data the dictionary rows at rows of the same sample (dictionary_from_data). With --layers, one
+    layer's block of the sample at a time (a copy of all 30 of SmolLM2's transcoder blocks is 2.3 GB)."""
     import torch.distributed as dist
     cfg, (d_in, d_out) = ctx.cfg, ctx.widths
     sample = ctx.source.sample(cfg.resample_samples, torch.Generator().manual_seed(cfg.seed)).to(ctx.device)
