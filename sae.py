@@ -2750,8 +2750,9 @@ def start_scales_and_biases(ctx):
 def dictionary_from_data(sae, parts, scales, generator):
     """--w_dec_init=data: each dictionary row starts as the direction from b_dec of its own sample (d_sae distinct
     rows of the first sample, drawn by generator), its norm kept; an SAE's encoder stays tied to it (W_enc = c W_dec^T
-    as at random init), a transcoder's encoder columns are the same samples' inputs from b_in. A data point is a mix of
-    the features active on it, so this starts each row inside the data's cone rather than anywhere on the sphere.
+    as at random init), a transcoder's encoder columns are the same samples' inputs from b_in. Why it helps, as we read
+    it (docs/results.md "Known features"): a data point is a mix of the features active on it, so a row started at
+    one already leans toward the strongest of them, where a random direction leans toward none.
     parts: {"b_in"?, "b_dec"}: the sample's columns (n, d); scales: their normalisation scales, in that order."""
     scale = dict(zip(parts, scales))
     rows = torch.randperm(parts["b_dec"].shape[0], generator=generator)[:sae.W_dec.shape[0]]

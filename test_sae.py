@@ -1476,7 +1476,7 @@ def test_k_annealing_starts_dense_and_leaves_the_sae_at_k():
 def test_dictionary_from_data_starts_each_row_at_a_distinct_sample():
     """--w_dec_init=data: each decoder row points from b_dec to a distinct sample (found by a dense cosine search over
     the whole sample, not from the rows drawn), its norm kept; an SAE's encoder stays tied to it, a transcoder's
-    encoder column is the same sample's input from b_in. Then whole: a run's first checkpoint (lr 1e-9) has them."""
+    encoder column is the same sample's input from b_in; too few samples for d_sae is refused in one line."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(200, 12, generator=g) + 1.0, torch.randn(200, 10, generator=g) - 2.0
     unit = lambda a: F.normalize(a, dim=1)
@@ -1498,6 +1498,8 @@ def test_dictionary_from_data_starts_each_row_at_a_distinct_sample():
 
 
 def test_dictionary_from_data_in_a_run(synthetic, tmp_path):
+    """Whole: sae.py --w_dec_init=data's first checkpoint (one step at lr 1e-9) holds the directions of 192 distinct
+    activations."""
     X = np.load(synthetic[0])
     r = run_sae(f"--acts={synthetic[0]}", *ACTS_RUN, "--arch=topk", "--k=4", "--w_dec_init=data", "--lr=1e-9",
                 "--max_iters=1", "--eval_interval=1", f"--out_dir={tmp_path}")
