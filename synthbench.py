@@ -14,6 +14,7 @@ drives the others as subprocesses.
 $ SAELENS_PYTHON=saelens-venv/bin/python python synthbench.py --archs=topk,batchtopk --samples=500000 --epochs=4 \
       --curve=250000,500000,1000000 --trainers=gpt_sae,saelens    # scored at 250k, 500k, 1M and 2M samples seen
 $ python synthbench.py --mode=plot                                 # figures/synthsaebench/curves.png
+$ python synthbench.py --mode=predict                              # each curve extrapolated to 20M samples seen
 $ $SAELENS_PYTHON synthbench.py --mode=score --sae_dir=DIR        # any SAELens SAE (cfg.json + safetensors)
 
 The published model (Hugging Face `decoderesearch/synth-sae-bench-16k-v2`) is out of reach offline, so the model is
@@ -283,9 +284,25 @@ def score_and_record(args, trainer, arch, name, export, scored, seen, distinct, 
 PUBLISHED_BEST = {"explained_variance": 0.835, "mcc": 0.793, "f1_score": 0.879}
 
 
+def curves_in(results_path):
+    """results.jsonl's lines grouped into curves, each sorted by samples seen: one trainer, architecture and recipe
+    (its variant's flags, its batch size, its distinct samples) at several budgets, the points of one run or of runs of a constant learning
+    rate that differ in passes only (the same trajectory); SAELens's at any number of budgets."""
+    curves = {}
+    for line in open(results_path):
+        r = json.loads(line)
+        r["f1_score"] = r["classification"]["f1_score"]
+        name = " ".join([r["trainer"], r["arch"]] + [r.get("recipe", "base"), r.get("sae_flags", ""),
+                        f"batch {r.get('batch_size', BATCH)}", f"{r['distinct_samples']:,} distinct"]
+                        * (r["trainer"] == "gpt_sae"))
+        curves.setdefault(" ".join(name.split()), []).append(r)
+    return {name: sorted(points, key=lambda r: r["samples_seen"]) for name, points in curves.items()
+            if len({r["samples_seen"] for r in points}) > 1 or points[0]["trainer"] == "saelens"}
+
+
 def plot_curves(results_path, out_path, published=PUBLISHED_BEST):
-    """EV, MCC, F1 and dead latents against samples seen (log scale) from results.jsonl, a line per trainer,
-    architecture and recipe scored at two budgets or more (SAELens's at any), the published best dotted."""
+    """EV, MCC, F1 and dead latents against samples seen (log scale) from results.jsonl, a line per curve
+    (curves_in), the published best dotted."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display
@@ -293,17 +310,7 @@ def plot_curves(results_path, out_path, published=PUBLISHED_BEST):
         import matplotlib.ticker
     except ImportError:
         raise SystemExit("error: --mode=plot needs matplotlib: pip install matplotlib") from None
-    curves = {}
-    for line in open(results_path):
-        r = json.loads(line)
-        r["f1_score"] = r["classification"]["f1_score"]
-        # a curve: one trainer, architecture and recipe (its variant's flags, its batch size) at several budgets: the
-        # points of one run, or of runs of a constant learning rate that differ in passes only (the same trajectory)
-        name = " ".join([r["trainer"], r["arch"]] + [r.get("recipe", "base"), r.get("sae_flags", ""),
-                        f"batch {r.get('batch_size', BATCH)}"] * (r["trainer"] == "gpt_sae"))
-        curves.setdefault(" ".join(name.split()), []).append(r)
-    curves = {name: sorted(points, key=lambda r: r["samples_seen"]) for name, points in curves.items()
-              if len({r["samples_seen"] for r in points}) > 1 or points[0]["trainer"] == "saelens"}
+    curves = curves_in(results_path)
     if not curves:
         raise SystemExit(f"error: {results_path} holds no run scored at two budgets or more (--curve)")
     fig, axes = plt.subplots(1, 4, figsize=(18, 5.5))
@@ -325,9 +332,61 @@ def plot_curves(results_path, out_path, published=PUBLISHED_BEST):
     return out_path
 
 
+def fit_saturating(seen, values, most=1.0):
+    """The curve y(n) = top - gap * (n / n0) ** -rate nearest the points in least squares, its top at most `most`
+    (EV, MCC and F1 are at most 1): a quantity that rises ever more slowly toward `top`, the usual shape of a
+    learning curve. The rate on a log grid; top and gap in closed form for each (top held at `most` where the free
+    fit would pass it: a curve still rising steadily then becomes a power law toward the perfect score). Returns
+    (top, gap, rate, n0). Four budgets or more: three parameters pass through three points and predict nothing."""
+    n, y = np.asarray(seen, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    if len(set(seen)) < 4:
+        raise ValueError(f"a saturating fit needs four budgets or more, got {len(set(seen))}")
+    best = None
+    for rate in np.geomspace(0.01, 3.0, 600):
+        x = (n / n[0]) ** -rate  # (points,)
+        design = np.stack([np.ones_like(x), -x], axis=1)  # (points, 2) @ (top, gap) -> (points,)
+        (top, gap), *_ = np.linalg.lstsq(design, y, rcond=None)
+        if top > most:  # the bound: y = most - gap * x, gap the least-squares slope of (most - y) on x
+            top, gap = most, float(x @ (most - y) / (x @ x))
+        error = float(np.sum((top - gap * x - y) ** 2))
+        if best is None or error < best[0]:
+            best = (error, float(top), float(gap), float(rate))
+    return best[1], best[2], best[3], float(n[0])
+
+
+def samples_to_reach(goal, top, gap, rate, n0):
+    """Samples seen at which the fitted curve reaches `goal`; None where it never does (goal at or above its top)."""
+    if top <= goal or gap <= 0:
+        return None
+    return n0 * (gap / (top - goal)) ** (1 / rate)
+
+
+def predict_curves(results_path, at=20_000_000, published=PUBLISHED_BEST):
+    """For each curve of four budgets or more (curves_in): EV, MCC and F1 fitted by fit_saturating, the fit at `at`
+    samples seen, its ceiling and the samples it needs to reach the published best. A Markdown table: an
+    extrapolation from the points measured, no more (a curve over repeated samples flattens as the repeats stop
+    teaching, so its ceiling is the repeats', not the recipe's)."""
+    rows = ["| curve | budgets | metric | last measured | fit at %s | ceiling | samples to the published best |"
+            % f"{at / 1e6:g}M", "|---|---|---|---:|---:|---:|---:|"]
+    for name, points in curves_in(results_path).items():
+        if len({r["samples_seen"] for r in points}) < 4:
+            continue
+        seen = [r["samples_seen"] for r in points]
+        budgets = ", ".join(f"{n / 1e6:.2g}M" for n in seen)
+        for key, label in [("explained_variance", "EV"), ("mcc", "MCC"), ("f1_score", "F1")]:
+            top, gap, rate, n0 = fit_saturating(seen, [r[key] for r in points])
+            needed = samples_to_reach(published[key], top, gap, rate, n0)
+            rows.append(f"| {name} | {budgets} | {label} | {points[-1][key]:.3f} | "
+                        f"{top - gap * (at / n0) ** -rate:.3f} | {top:.3f} | "
+                        + ("never" if needed is None else f"{needed / 1e6:,.0f}M") + " |")
+    if len(rows) == 2:
+        raise SystemExit(f"error: {results_path} holds no curve of four budgets or more (--curve)")
+    return "\n".join(rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--mode", default="run", choices=["run", "build", "samples", "score", "saelens", "plot"])
+    p.add_argument("--mode", default="run", choices=["run", "build", "samples", "score", "saelens", "plot", "predict"])
     p.add_argument("--archs", default="batchtopk", help="run: comma-separated, of " + ", ".join(ARCHS))
     p.add_argument("--recipe", default="few_samples", choices=sorted(RECIPES), help="run: sae.py's settings (RECIPES)")
     p.add_argument("--arch", default="batchtopk", choices=sorted(SAELENS_ARCHS), help="saelens: the architecture")
@@ -374,6 +433,8 @@ def main(argv=None):
     elif args.mode == "plot":  # of OUT_DIR/results.jsonl
         print(plot_curves(os.path.join(args.out_dir, "results.jsonl"),
                           args.out or os.path.join(HERE, "figures", "synthsaebench", "curves.png")))
+    elif args.mode == "predict":  # of OUT_DIR/results.jsonl: each curve extrapolated to 20M samples seen
+        print(predict_curves(os.path.join(args.out_dir, "results.jsonl")))
     else:
         train_saelens(args.model_dir, args.arch, args.samples, args.out, args.d_sae, args.k)
 

@@ -38,6 +38,38 @@ def test_synthbench_without_saelens_or_with_an_unknown_arch_is_one_line(tmp_path
     assert r.returncode == 1 and r.stderr.startswith("error: --curve with --decay=cosine: a decaying learning rate")
 
 
+def test_the_saturating_fit_recovers_a_known_learning_curve(tmp_path):
+    """fit_saturating against curves whose truth is known: y = 0.8 - 0.5 (n / 1e5)^-0.4 at five budgets comes back
+    (its ceiling, its value at 20M and the samples it takes to reach 0.75, solved here by hand); a curve that rises
+    steadily past 1 is held to a top of 1; three budgets are refused. --mode=predict tabulates a results.jsonl of
+    such a curve and skips SAELens's two-point one."""
+    from synthbench import fit_saturating, samples_to_reach
+    seen = [100_000, 250_000, 500_000, 1_000_000, 2_000_000]
+    truth = lambda n: 0.8 - 0.5 * (n / 1e5) ** -0.4
+    top, gap, rate, n0 = fit_saturating(seen, [truth(n) for n in seen])
+    assert abs(top - 0.8) < 2e-3 and abs(rate - 0.4) < 5e-3
+    assert abs(top - gap * (2e7 / n0) ** -rate - truth(2e7)) < 2e-3
+    assert abs(samples_to_reach(0.75, top, gap, rate, n0) / (1e5 * 10 ** (1 / 0.4)) - 1) < 0.05
+    assert samples_to_reach(0.9, top, gap, rate, n0) is None  # above the ceiling: never
+    steady = [0.2 + 0.1 * np.log2(n / 1e5) for n in seen]  # +0.1 a doubling, no sign of slowing
+    top, gap, rate, n0 = fit_saturating(seen, steady)
+    assert top == 1.0 and max(abs(top - gap * (n / n0) ** -rate - y) for n, y in zip(seen, steady)) < 0.03
+    with pytest.raises(ValueError, match="four budgets or more, got 3"):
+        fit_saturating(seen[:3], steady[:3])
+    line = lambda trainer, n, y: json.dumps({
+        "run": f"{trainer}-topk", "trainer": trainer, "arch": "topk", "recipe": "few_samples", "sae_flags": "",
+        "batch_size": 1024, "samples_seen": n, "distinct_samples": 491_808, "explained_variance": y, "mcc": y,
+        "classification": {"f1_score": y}})
+    (tmp_path / "results.jsonl").write_text("\n".join([line("gpt_sae", n, truth(n)) for n in seen]
+                                                      + [line("saelens", n, 0.2) for n in seen[:2]]) + "\n")
+    r = synthbench("--mode=predict", f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    rows = [row.split(" | ") for row in r.stdout.splitlines()[2:]]
+    assert [row[2] for row in rows] == ["EV", "MCC", "F1"] and all(row[0].startswith("| gpt_sae topk") for row in rows)
+    assert all(abs(float(row[4]) - truth(2e7)) < 2e-3 for row in rows)
+    assert [row[6] == "never |" for row in rows] == [True, False, True]  # a ceiling of 0.8: above MCC's 0.793 only
+
+
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory):
     """The harness run end to end on a small sibling of the benchmark (512 features in 48 dimensions, its hierarchy,
