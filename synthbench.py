@@ -51,11 +51,11 @@ ARCHS = {  # with --d_sae (4096) and --k (25) from the command line
     "topk": ["--arch=topk"],
     "batchtopk": ["--arch=batchtopk"],
     "matryoshka": ["--arch=matryoshka"],  # prefixes d_sae x (1, 4, 16, 32) / 32, the published groups
-    # the sparsity coefficients nearest L0 25 at 491k samples (relu from data: 3 -> L0 24.1); jumprelu's thresholds
-    # hardly move in 480 steps, so their start sets the L0: 1.5 (from data: L0 30.6 at coefficient 3, 36.1 at 1; from
-    # random directions 2.5 left L0 10 with 55% dead, 0.1 left L0 87-170)
+    # the sparsity coefficients nearest L0 25 at 491k samples from data (relu: L1 3 -> L0 24.1; jumprelu: L0 10 ->
+    # 22.9, 3 -> 30.6, 1 -> 36.1); jumprelu's thresholds move slowly in 480 steps, so their start sets the L0 as much
+    # as the coefficient: 1.5 (from random directions 2.5 left L0 10 with 55% dead, 0.1 left L0 87-170)
     "relu": ["--arch=relu", "--l1_coeff=3"],
-    "jumprelu": ["--arch=jumprelu", "--l0_coeff=3", "--jumprelu_init_threshold=1.5"],
+    "jumprelu": ["--arch=jumprelu", "--l0_coeff=10", "--jumprelu_init_threshold=1.5"],
 }
 MATRYOSHKA_FRACTIONS = (1 / 32, 1 / 8, 1 / 2, 1)  # 128, 512, 2048, 4096 of 4096
 # SAELens's trainers at the same budget (its defaults otherwise: the published runs' settings, lr 3e-4 constant)
@@ -316,9 +316,9 @@ def plot_curves(results_path, out_path, published=PUBLISHED_BEST):
     fig, axes = plt.subplots(1, 4, figsize=(18, 5.5))
     for ax, key, label in zip(axes, ["explained_variance", "mcc", "f1_score", "dead_latents"],
                               ["EV", "MCC", "F1", "dead latents (of d_sae, over the scored samples)"]):
-        for name, points in curves.items():
+        for i, (name, points) in enumerate(curves.items()):  # tab20: a colour of its own for each of 20 curves
             ax.plot([r["samples_seen"] for r in points], [r[key] for r in points], "o-" if "gpt_sae" in name else "s--",
-                    label=name, markersize=4)
+                    label=name, markersize=4, color=plt.cm.tab20(i % 20))
         if key in published:
             ax.axhline(published[key], color="gray", linestyle=":", label="published best (200M samples)")
         ax.set_xscale("log"), ax.set_xlabel("samples seen"), ax.set_title(label), ax.grid(alpha=0.3)
@@ -378,7 +378,7 @@ def predict_curves(results_path, at=20_000_000, published=PUBLISHED_BEST):
             needed = samples_to_reach(published[key], top, gap, rate, n0)
             rows.append(f"| {name} | {budgets} | {label} | {points[-1][key]:.3f} | "
                         f"{top - gap * (at / n0) ** -rate:.3f} | {top:.3f} | "
-                        + ("never" if needed is None else f"{needed / 1e6:,.0f}M") + " |")
+                        + ("never" if needed is None else f"{needed:.1e}") + " |")
     if len(rows) == 2:
         raise SystemExit(f"error: {results_path} holds no curve of four budgets or more (--curve)")
     return "\n".join(rows)
@@ -387,7 +387,8 @@ def predict_curves(results_path, at=20_000_000, published=PUBLISHED_BEST):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--mode", default="run", choices=["run", "build", "samples", "score", "saelens", "plot", "predict"])
-    p.add_argument("--archs", default="batchtopk", help="run: comma-separated, of " + ", ".join(ARCHS))
+    p.add_argument("--archs", default="matryoshka", help="run: comma-separated, of " + ", ".join(ARCHS)
+                   + " (matryoshka: the best measured, docs/results.md \"Known features\")")
     p.add_argument("--recipe", default="few_samples", choices=sorted(RECIPES), help="run: sae.py's settings (RECIPES)")
     p.add_argument("--arch", default="batchtopk", choices=sorted(SAELENS_ARCHS), help="saelens: the architecture")
     p.add_argument("--samples", type=int, default=500_000, help="distinct training samples (saelens: samples seen)")
