@@ -286,8 +286,8 @@ PUBLISHED_BEST = {"explained_variance": 0.835, "mcc": 0.793, "f1_score": 0.879}
 
 def curves_in(results_path):
     """results.jsonl's lines grouped into curves, each sorted by samples seen: one trainer, architecture and recipe
-    (its variant's flags, its batch size, its distinct samples) at several budgets, the points of one run or of runs of a constant learning
-    rate that differ in passes only (the same trajectory); SAELens's at any number of budgets."""
+    (its variant's flags, its batch size, its distinct samples) at several budgets, the points of one run or of runs
+    of a constant learning rate that differ in passes only (the same trajectory); SAELens's at any number of budgets."""
     curves = {}
     for line in open(results_path):
         r = json.loads(line)
