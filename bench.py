@@ -6,7 +6,9 @@ Speed, never correctness (that is the tests'). Prints the machine, then, at GPT-
    on CPU the five-matmul encode-ReLU-decode and the blocked and sampled JL; ms, GFLOP/s, speed-up, peak memory;
 3. JL value+gradient memory at d_sae 65536 (8192 with --quick): the dense reference (if it fits) vs ours;
 4. end to end: harvest tokens/s (stopped at the layer vs the full forward) and training tokens/s for each
-   loss in sae.py's --dtype=auto, with MFU against that dtype's peak; three SAEs on one pass against one.
+   loss in sae.py's --dtype=auto, with MFU: the rate over the arithmetic limit (the model's forward FLOPs to the
+   site, the SAE's and the JL penalty's, at that dtype's measured matmul peak); hybrid's rate as a fraction of l1's;
+   three SAEs on one pass against one. --archs=True adds hybrid's rate over l1's for every architecture.
 With --models=True, instead: tokenizing tokens/s (tiktoken gpt2, SmolLM2's tokenizer.json) and a real Llama-family
 model's harvest against its full forward. With --synthetic=True, instead: SAEs trained through `sae.py --acts` on activations built from a known set
 of directions, each loss over its coefficient sweep (one process per loss, its SAEs on the same batches), scored by how well
@@ -197,10 +199,21 @@ def bench_peak(cfg, device):
     return {str(dtype).split(".")[1]: max(v for (dt, _), v in peaks.items() if dt == dtype) for dtype in dtypes}
 
 
-def bench_ops(cfg, device):
+def bench_ops(cfg, device, dtypes=("float32",)):
+    """Each op's reference against ours: encode-ReLU-decode in each of dtypes (bf16 under autocast: cuBLAS's
+    matmuls against the Triton kernel's on CUDA), the JL penalty (exact and sampled)."""
+    results = {}
+    for dtype in dtypes:
+        results.update(bench_encode_relu_decode(cfg, device, dtype))
+    results.update(bench_jl(cfg, device))
+    return results
+
+
+def bench_encode_relu_decode(cfg, device, dtype):
     N, d, s = cfg.batch_size, 768, cfg.d_sae
     results = {}
-    print(f"encode-ReLU-decode forward+backward, N={N} d_in={d} d_sae={s} (fp32):")
+    print(f"encode-ReLU-decode forward+backward, N={N} d_in={d} d_sae={s} ({dtype}{' autocast' * (dtype != 'float32')}):")
+    autocast = torch.autocast(device, dtype=getattr(torch, dtype), enabled=dtype != "float32")
     x = torch.randn(N, d, device=device)
     sae = SAE(d, s).to(device)
     params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
@@ -210,19 +223,30 @@ def bench_ops(cfg, device):
             l1 = f.sum(dim=-1)
         else:
             x_hat, _, (l1, _, _) = fn(x, *params, stats=True)
-        ((x_hat - x).pow(2).sum(dim=-1).mean() + l1.mean()).backward()
+        ((x_hat.float() - x).pow(2).sum(dim=-1).mean() + l1.float().mean()).backward()
         for p in params:
             p.grad = None
+    def timed(fn):
+        def under_autocast():
+            with autocast:
+                step(fn)
+        return time_ms(under_autocast, cfg.iters, device), peak_mib(under_autocast, device)
     # FLOPs: 2 matmuls forward, 3 backward (the b_dec gradient reduced before its multiply), 2*N*d*s each
     flops = 10 * N * d * s
-    ref = time_ms(lambda: step(sae_kernels.encode_relu_decode_ref), cfg.iters, device)
-    results["erd_ref"] = row("reference (autograd, 6 matmuls)", ref, flops,
-                             mem=peak_mib(lambda: step(sae_kernels.encode_relu_decode_ref), device))
+    suffix = "" if dtype == "float32" else f"_{dtype}"
+    ref, mem = timed(sae_kernels.encode_relu_decode_ref)
+    results[f"erd_ref{suffix}"] = row("reference (autograd, 6 matmuls)", ref, flops, mem=mem)
     label = "triton" if device == "cuda" else f"ours (5 matmuls{', oneDNN' if sae_kernels.ONEDNN else ''})"
-    ours = time_ms(lambda: step(sae_kernels.encode_relu_decode), cfg.iters, device)
-    results["erd_ours"] = row(label, ours, flops, ref[0], peak_mib(lambda: step(sae_kernels.encode_relu_decode), device))
+    ours, mem = timed(sae_kernels.encode_relu_decode)
+    results[f"erd_ours{suffix}"] = row(label, ours, flops, ref[0], mem)
+    return results
 
-    print(f"JL penalty value+gradient, n={s} d={d} (fp32):")
+
+def bench_jl(cfg, device):
+    s, d = cfg.d_sae, 768
+    results = {}
+    precision = "bf16 tensor cores, the Gram from W's bf16 split" if device == "cuda" else "fp32"
+    print(f"JL penalty value+gradient, n={s} d={d} ({precision}; the reference fp32):")
     W = torch.nn.functional.normalize(torch.randn(s, d, device=device), dim=1)
     def jl(fn):
         Wg = W.clone().requires_grad_()
@@ -429,15 +453,19 @@ def bench_end_to_end(cfg, device, peaks):
         train = time_ms(lambda: train_step([loss]), cfg.iters, device)
         mfu_sae = sae_flops / step[0] / 1e6 / peak_gflops
         mfu = (sae_flops + harvest_flops) / train[0] / 1e6 / peak_gflops
+        # the arithmetic limit: every FLOP of the step (the model's forward to the site, the SAE's six matmuls and
+        # its L1 terms, the JL penalty's) at the measured matmul peak; MFU = the measured rate over it
+        limit_tok_s = peak_gflops * 1e9 / ((sae_flops + harvest_flops) / cfg.batch_size)
         jl_note = f" (JL from {sample} rows)" if loss != "l1" and sample else ""
         print(f"  train {loss:<6}{jl_note:<22} {train[0]:9.1f} ms  {cfg.batch_size / train[0] * 1e3:10,.0f} tok/s  "
-              f"MFU {mfu:.0%} | SAE step alone {step[0]:.1f} ms, {cfg.batch_size / step[0] * 1e3:,.0f} tok/s, "
-              f"MFU {mfu_sae:.0%}")
+              f"MFU {mfu:.0%} of the limit {limit_tok_s:,.0f} tok/s | SAE step alone {step[0]:.1f} ms, "
+              f"{cfg.batch_size / step[0] * 1e3:,.0f} tok/s, MFU {mfu_sae:.0%}")
         results[f"train_{loss}"] = {"ms": train[0], "tok_s": cfg.batch_size / train[0] * 1e3, "mfu": mfu,
-                                    "sae_step_ms": step[0], "sae_step_mfu": mfu_sae}
+                                    "limit_tok_s": limit_tok_s, "sae_step_ms": step[0], "sae_step_mfu": mfu_sae}
     ratio = results["train_hybrid"]["sae_step_ms"] / results["train_l1"]["sae_step_ms"]
-    print(f"  hybrid SAE step / l1 SAE step: {ratio:.2f}x")
-    results["hybrid_over_l1_step"] = ratio
+    rate = results["train_hybrid"]["tok_s"] / results["train_l1"]["tok_s"]
+    print(f"  hybrid SAE step / l1 SAE step: {ratio:.2f}x; hybrid's rate end to end {rate:.2f} of l1's")
+    results["hybrid_over_l1_step"], results["hybrid_over_l1_rate"] = ratio, rate
     # many SAEs per pass: the harvest is paid once for all three
     three = time_ms(lambda: train_step(["l1", "jl", "hybrid"]), cfg.iters, device)
     alone = sum(results[f"train_{loss}"]["ms"] for loss in ("l1", "jl", "hybrid")) / 3
@@ -738,12 +766,28 @@ def bench_arch_steps(cfg, device, widths=(8192, 32768), k=32):
                   f"  ({mem / pre_mib:.2f}x the pre-activations' {pre_mib:.0f} MiB)")
             results[f"{arch}_{width}"] = {"ms": ms[0], "ms_p20": ms[1], "ms_p80": ms[2], "peak_mib": mem,
                                           "pre_mib": pre_mib}
+            if width == widths[0]:  # the mission's hybrid beside it: what the JL penalty costs each architecture
+                results[f"{arch}_{width}"]["hybrid_over_l1_rate"] = ms[0] / hybrid_step_ms(cfg, device, model, x, tcfg, dead)
             del model, optimizer
         base = results[f"relu_{width}"]["ms"]
         print(f"  d_sae {width}: " + ", ".join(f"{a} {results[f'{a}_{width}']['ms'] / base:.2f}x" for a in ARCHS) +
               " the relu step")
+        if width == widths[0]:
+            jl = "exact" if device == "cuda" else f"estimated from {cfg.jl_sample} rows, as on the CPU"
+            print(f"  d_sae {width}, hybrid's rate as a fraction of l1's (the JL penalty {jl}): " +
+                  ", ".join(f"{a} {results[f'{a}_{width}']['hybrid_over_l1_rate']:.2f}" for a in ARCHS))
         results.update(bench_transcoder_steps(cfg, device, width, k, dead, results))
     return results
+
+
+def hybrid_step_ms(cfg, device, model, x, tcfg, dead):
+    """The median ms of one --loss=hybrid step of model (l1 plus the JL penalty: exact on CUDA, estimated from
+    cfg.jl_sample rows on the CPU, as bench_end_to_end runs it), on its own Adam."""
+    hcfg = replace(tcfg, loss="hybrid", jl_sample=0 if device == "cuda" else cfg.jl_sample)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    step = lambda: sae_step(model, optimizer, sae_loss(model, x, hcfg, 10, dead), hcfg)
+    step()  # Adam's state
+    return time_ms(step, cfg.iters, device)[0]
 
 
 def bench_transcoder_steps(cfg, device, width, k, dead, sae_results):
@@ -954,7 +998,7 @@ if __name__ == "__main__":
             json.dump(report, open(cfg.json, "w"), indent=1)
         sys.exit(0)
     report["peak_gflops"] = bench_peak(cfg, device)  # {dtype: GFLOP/s}
-    report["ops"] = bench_ops(cfg, device)
+    report["ops"] = bench_ops(cfg, device, ("float32", "bfloat16") if "bfloat16" in report["peak_gflops"] else ("float32",))
     report["jl_memory"] = bench_jl_memory(cfg, device)
     report["end_to_end"] = bench_end_to_end(cfg, device, report["peak_gflops"])
     if cfg.json:

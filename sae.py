@@ -125,7 +125,7 @@ class TrainConfig:
     jl_form: str = "atanh"             # the pair term of |cos|: atanh (the mission's), power (|cos|^p) or welch
                                        # (relu(|cos| - mu)^2): docs/training.md "the JL penalty's forms"
     jl_power: float = 4.0              # power: p (>= 1; above 2 duplicates cost more than spread rows)
-    jl_margin: float = 0.0             # welch: mu; 0 = the Welch bound sqrt((n - d) / (d (n - 1)))
+    jl_margin: float = 0.0             # welch: mu; 0 = the Welch bound, past d (d + 1) / 2 rows Levenshtein's
     # optimization
     max_iters: int = 20000
     batch_size: int = 4096             # activations per step, all ranks

@@ -161,7 +161,18 @@ def get_autotune_configs():
                                         (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (64, 64, 32, 5, 4),
                                         (128, 128, 64, 4, 8), (64, 256, 32, 4, 4)]]
     keep = lambda conf: conf.kwargs["BLOCK_M"] * conf.kwargs["BLOCK_N"] <= 256 * 128  # registers
-    return [c for c in configs if keep(c)]  # TODO: prune from TRITON_PRINT_AUTOTUNING=1 on an H100
+    return [c for c in configs if keep(c)]  # TODO: the fastest from TRITON_PRINT_AUTOTUNING=1 on an H100 and an A100
+
+
+def configs_that_fit(configs, named_args, **kwargs):
+    """The autotuner's early_config_prune: the configs that fit both an A100's and an H100's shared memory (163 and
+    227 KiB) at the operands' width. Measured by the ahead-of-time compiles (test_sae_kernels.py, Triton 3.9): fp32
+    tiles at BLOCK_K 64 take 225-257 KiB, too much for an A100 (and the largest for an H100 too), so fp32 launches
+    drop them; at 16 bits every config takes 128 KiB or less. (sm_86 and sm_89 have 99 KiB: there the autotuner also
+    skips the configs that fail to launch, and at least one fits at every launch: test_every_launch_fits_...)"""
+    if named_args["a_ptr"].element_size() < 4:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_K"] < 64]
 
 
 # The outputs the kernel accumulates into with atomics (STATS): the autotuner runs the kernel once per config and
@@ -171,7 +182,8 @@ def get_autotune_configs():
 ACCUMULATED = ["sums_ptr", "counts_ptr", "fired_ptr"]
 
 
-@triton.autotune(configs=get_autotune_configs(), key=["M", "N", "K"], reset_to_zero=ACCUMULATED)
+@triton.autotune(configs=get_autotune_configs(), key=["M", "N", "K"], reset_to_zero=ACCUMULATED,
+                 prune_configs_by={"early_config_prune": configs_that_fit})
 @triton.jit
 def _sae_matmul_kernel(
         # pointers
@@ -713,22 +725,61 @@ def sparse_encode(x, W_enc, b_enc, b_dec, indices, pre=None):
 #     (Benedetto and Fickus 2003, "Finite normalized tight frames", Adv. Comput. Math. 18), minimised by every tight
 #     frame, the stacked bases included; below 2 an orthonormal basis's duplicates do best, above 2 spread rows do
 #     (at n = 8 d, d = 576: p = 1 charges the copies 22x less than random rows, p = 4 168x more).
-#   welch: phi(g) = relu(g - mu)^2, phi'(g) = 2 relu(g - mu), mu = margin if > 0, else the Welch bound
-#     sqrt((n - d) / (d (n - 1))) (0 for n <= d), the least largest |cos| n unit vectors in R^d can have (Welch 1974,
-#     "Lower bounds on the maximum cross correlation of signals", IEEE Trans. Inf. Theory 20): zero only for a
-#     dictionary as spread as can be (an equiangular tight frame), and blind to the pairs already below mu.
+#   welch: phi(g) = relu(g - mu)^2, phi'(g) = 2 relu(g - mu), mu = margin if > 0, else coherence_bound(n, d), a
+#     lower bound on the largest |cos| of n unit vectors in R^d: the Welch bound sqrt((n - d) / (d (n - 1))) (0 for
+#     n <= d; Welch 1974, "Lower bounds on the maximum cross correlation of signals", IEEE Trans. Inf. Theory 20) up
+#     to n = d (d + 1) / 2 (the Gerzon bound: no more real equiangular lines exist, so past it no dictionary meets
+#     Welch's), and past it the Levenshtein bound sqrt((3n - d^2 - 2d) / ((d + 2)(n - d))) (Levenshtein 1982, "Bounds
+#     on the maximal cardinality of a code with bounded modulus of the inner product", Soviet Math. Dokl. 25; equal
+#     to Welch's, 1/sqrt(d + 2), at the switch). Zero only for an equiangular tight frame, blind to pairs below mu.
+#     Why not Welch's past the Gerzon bound: a frame's mean G^2 is at least Welch's mu^2 (the frame potential), so
+#     the pairs cannot all sit under it, and the mean of hinges pays less for a few duplicate pairs ((1 - mu)^2 each)
+#     than for the many just above mu: Adam on welch alone, from random or from spread rows, pairs rows into
+#     duplicates at every n past d (d + 1) / 2 measured (d 16: 180, 256; d 32: 700, 1024) and at none below (d 16:
+#     64, 100, 136; d 32: 256, 400, 528); at Levenshtein's margin none of those formed a pair above 0.9
+#     (test_welch_keeps_rows_apart_at_its_default_margin).
 # Gradient: 2 S W / (n (n - 1)), S_ij = sign(G_ij) phi'(|G_ij|) off the diagonal, S_ii = 0. sign(0) = 0, so a pair
 # with G_ij = 0 exactly has no slope in any form (power at p = 1, whose phi' is 1 elsewhere, included).
 # The Triton kernel and the blocked CPU path compute value and gradient together, tile by tile, on and
 # above the diagonal only (G is symmetric), accumulating in fp32; the backward scales the saved gradient.
+# Precision (the Triton kernel: tensor cores; the CPU path is fp32 throughout). u = 2^-8, bf16's unit roundoff.
+# - G from the bf16 split W = hi + lo (+ r, |r| <= u^2 |W|): G = hi_i lo_j + lo_i hi_j + hi_i hi_j, three bf16 MMAs,
+#   each product exact, sums in fp32 (bf16x3: Henry, Tang and Heinecke 2019, "Leveraging the bfloat16 Artificial
+#   Intelligence Datatype For Higher-Precision Computations", ARITH 26; Triton's input_precision="bf16x3" does the
+#   same for fp32 operands, here spelled out so that the interpreter runs it too). For unit rows
+#   |G~ - G| <= 3u^2 + d 2^-24 (4.6e-5 + 4.6e-5 at d = 768), near fp32's own worst case (d 2^-24); measured: the
+#   value within 7e-6 of float64, as fp32's.
+#   One bf16 pass would be off by up to 2u = 2^-7, and the forms whose slope jumps or is steep cannot take that:
+#   atanh's slope flips sign across G = 0 and is 1 / (1 - g^2) near 1 (at g = 0.99 an error of 2^-7 moves it by
+#   78%), power at p = 1 flips too, and welch's hinge moves pairs near mu in and out; measured on pairs at |cos|
+#   0.9 to 0.9999, atanh's gradient off by 1.2 M (M below), p = 1's by 0.07 M, welch's at margin 0.3 by 0.1 M,
+#   where the split keeps every form within 0.006 M (test_the_gram_needs_the_bf16_split_where_slopes_jump).
+#   p >= 2 and welch at the Welch bound would pass with one pass; one path for every form costs 3 MMAs where
+#   1 would do on a third of the flops.
+# - The slopes phi'(G~) in fp32, rounded to bf16 (relative u); the gradient S~ @ hi in one bf16 MMA: each term
+#   S_ij W_jk within 2u + u^2 of its value, so each gradient entry within (2u + u^2) M_ik of float64's, M = 2 /
+#   (n (n - 1)) |S| @ |W| the sum of its terms' magnitudes (the stated bound; measured <= 0.006 M; the terms of
+#   mixed sign, the whole gradient within about 3e-3 of float64's in norm). Past atanh's clamp fp32 is no better:
+#   1 - g^2 = 2e-4 is rounded to 3e-4 relative either way (the slope's bf16 rounding dominates).
+# - The interpreter runs the same roundings (split by torch, products widened exactly: _mma_bf16); its fp32 -> bf16
+#   cast truncates where a GPU rounds to nearest, which the tests patch (round_bf16_casts in test_sae_kernels.py).
 
 JL_EPS = 1e-4  # atanh(1 - 1e-4) = 4.95 and its slope 1/(1 - g^2) = 5e3: finite for (near-)duplicate rows
 JL_FORMS = ("atanh", "power", "welch")
 
 
 def welch_bound(n, d):
-    """sqrt((n - d) / (d (n - 1))), the smallest maximum |cos| of n unit vectors in R^d (Welch 1974); 0 for n <= d."""
+    """sqrt((n - d) / (d (n - 1))), a lower bound on the largest |cos| of n unit vectors in R^d (Welch 1974), met by
+    equiangular tight frames only; 0 for n <= d."""
     return ((n - d) / (d * (n - 1))) ** 0.5 if n > d else 0.0
+
+
+def coherence_bound(n, d):
+    """The welch form's default margin: the Welch bound up to n = d (d + 1) / 2 rows, the Levenshtein bound
+    sqrt((3n - d^2 - 2d) / ((d + 2)(n - d))) past it (see the section's comment)."""
+    if n <= d * (d + 1) // 2:
+        return welch_bound(n, d)
+    return ((3 * n - d * d - 2 * d) / ((d + 2) * (n - d))) ** 0.5
 
 
 def check_jl_form(form, power, margin):
@@ -738,13 +789,14 @@ def check_jl_form(form, power, margin):
     if not power >= 1:  # also catches NaN
         raise ValueError(f"JL power {power!r}: valid values are >= 1 (|cos|^p with p < 1 has an infinite slope at 0)")
     if not 0 <= margin < 1:
-        raise ValueError(f"JL margin {margin!r}: valid values are 0 (the Welch bound) or a |cos| in (0, 1)")
+        raise ValueError(f"JL margin {margin!r}: valid values are 0 (coherence_bound: the Welch or Levenshtein bound) "
+                         f"or a |cos| in (0, 1)")
 
 
 def jl_margin(form, power, margin, n, d):
     """Checks a form's settings (check_jl_form) -> mu, the welch form's margin for n rows in d dimensions."""
     check_jl_form(form, power, margin)
-    return float(margin) if margin > 0 else welch_bound(n, d)
+    return float(margin) if margin > 0 else coherence_bound(n, d)
 
 
 def jl_pairs_ref(G, form="atanh", power=4.0, mu=0.0):
@@ -770,18 +822,38 @@ def jl_penalty_ref(W, form="atanh", power=4.0, margin=0.0):
     return jl_pairs_ref(G, form, power, mu)[off_diagonal].sum() / (n * (n - 1))
 
 
+def get_jl_configs():
+    if INTERPRET:  # the interpreter runs every program in numpy: one small config
+        return [triton.Config({"BLOCK": 32, "BLOCK_K": 32}, num_warps=4)]
+    # bf16 tiles: the largest takes 64 KiB of shared memory, within every target's (the ahead-of-time compiles)
+    return [triton.Config({"BLOCK": b, "BLOCK_K": k}, num_stages=s, num_warps=w)
+            for b, k, s, w in [(64, 32, 3, 4), (64, 64, 3, 4), (128, 32, 3, 8), (128, 64, 2, 8)]]
+
+
+@triton.jit
+def _mma_bf16(a, b, WIDEN: tl.constexpr):
+    """a @ b for bf16 tiles as a tensor core multiplies them: each product exact (8-bit by 8-bit significands fit
+    fp32's 24), summed in fp32. WIDEN (the interpreter): Triton 3.9's interpreter multiplies bf16 operands as the
+    integers that store them (test_interpreter_multiplies_bf16_as_integers), so they are widened to fp32 first,
+    exactly, and multiplied in fp32: the same products."""
+    if WIDEN:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+# The JL penalty's tensor-core version. The Gram tile from the split W = hi + lo (both bf16, from the launcher):
+# G = hi_i lo_j^T + lo_i hi_j^T + hi_i hi_j^T, three bf16 MMAs; the slopes S rounded to bf16 and multiplied by hi.
+@triton.autotune(configs=get_jl_configs(), key=["n", "d"], reset_to_zero=["grad_ptr", "value_ptr"])
 @triton.jit
 def _jl_fwd_bwd_kernel(
-        # pointers: W (n, d) fp32, grad (n, d) fp32 zeroed, value (1,) fp32 zeroed
-        w_ptr, grad_ptr, value_ptr,
+        # pointers: hi, lo (n, d) bf16, contiguous, W = hi + lo; grad (n, d) fp32 zeroed; value (1,) fp32 zeroed
+        hi_ptr, lo_ptr, grad_ptr, value_ptr,
         # sizes
         n, d, inv_pairs, clamp,
         # the forms' parameters: p (power), mu (welch)
         power, mu,
-        # strides
-        stride_wn, stride_wd,
-        # meta: FORM one of JL_FORMS
-        FORM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+        # meta: FORM one of JL_FORMS; WIDEN under the interpreter (_mma_bf16)
+        FORM: tl.constexpr, WIDEN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_i, pid_j = tl.program_id(0), tl.program_id(1)
     if pid_j < pid_i:  # G is symmetric: tiles on and above the diagonal only
         return
@@ -789,11 +861,16 @@ def _jl_fwd_bwd_kernel(
     rj = pid_j * BLOCK + tl.arange(0, BLOCK)
     rk = tl.arange(0, BLOCK_K)
     G = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for k0 in range(0, d, BLOCK_K):  # G tile = W_I @ W_J^T
+    for k0 in range(0, d, BLOCK_K):  # G tile = W_I @ W_J^T, the small terms first
         kk = k0 + rk
-        wi = tl.load(w_ptr + ri[:, None] * stride_wn + kk[None, :] * stride_wd, mask=(ri[:, None] < n) & (kk[None, :] < d), other=0.0)
-        wj = tl.load(w_ptr + rj[:, None] * stride_wn + kk[None, :] * stride_wd, mask=(rj[:, None] < n) & (kk[None, :] < d), other=0.0)
-        G += tl.dot(wi, tl.trans(wj), input_precision="ieee")
+        mi = (ri[:, None] < n) & (kk[None, :] < d)
+        mj = (rj[:, None] < n) & (kk[None, :] < d)
+        hi_i = tl.load(hi_ptr + ri[:, None] * d + kk[None, :], mask=mi, other=0.0)
+        lo_i = tl.load(lo_ptr + ri[:, None] * d + kk[None, :], mask=mi, other=0.0)
+        hi_j = tl.load(hi_ptr + rj[:, None] * d + kk[None, :], mask=mj, other=0.0)
+        lo_j = tl.load(lo_ptr + rj[:, None] * d + kk[None, :], mask=mj, other=0.0)
+        G += _mma_bf16(hi_i, tl.trans(lo_j), WIDEN) + _mma_bf16(lo_i, tl.trans(hi_j), WIDEN)
+        G += _mma_bf16(hi_i, tl.trans(hi_j), WIDEN)  # (BLOCK, BLOCK_K) @ (BLOCK_K, BLOCK)
     valid = (ri[:, None] < n) & (rj[None, :] < n) & (ri[:, None] != rj[None, :])  # no padding, no diagonal
     # each form's phi(g), the pairs' values (BLOCK, BLOCK), as in jl_pairs_ref (FORM is a constexpr: one branch compiles)
     if FORM == "atanh":
@@ -810,7 +887,7 @@ def _jl_fwd_bwd_kernel(
     # an off-diagonal tile stands for itself and its mirror image below the diagonal
     weight = tl.where(pid_i == pid_j, 1.0, 2.0)
     tl.atomic_add(value_ptr, weight * inv_pairs * tl.sum(tl.where(valid, phi, 0.0)))
-    # the slopes S = sign(G) phi'(g); the atanh lines in the order they had before the forms (the same PTX)
+    # the slopes S = sign(G) phi'(g)
     sign = tl.where(G > 0, 1.0, tl.where(G < 0, -1.0, 0.0))
     if FORM == "atanh":
         S = sign / (1.0 - g * g)
@@ -818,17 +895,23 @@ def _jl_fwd_bwd_kernel(
         S = sign * power * tl.exp2((power - 1.0) * log_g)  # at G = 0 sign is 0: no slope, whatever p
     else:
         S = sign * 2.0 * excess
-    S = tl.where(valid, S, 0.0) * (2.0 * inv_pairs)  # (BLOCK, BLOCK)
+    S = (tl.where(valid, S, 0.0) * (2.0 * inv_pairs)).to(tl.bfloat16)  # (BLOCK, BLOCK), rounded to nearest
     for k0 in range(0, d, BLOCK_K):  # grad_I += S W_J, and the mirror tile's grad_J += S^T W_I
         kk = k0 + rk
         mi = (ri[:, None] < n) & (kk[None, :] < d)
         mj = (rj[:, None] < n) & (kk[None, :] < d)
-        wj = tl.load(w_ptr + rj[:, None] * stride_wn + kk[None, :] * stride_wd, mask=mj, other=0.0)
-        tl.atomic_add(grad_ptr + ri[:, None] * d + kk[None, :], tl.dot(S, wj, input_precision="ieee"), mask=mi)
+        hi_j = tl.load(hi_ptr + rj[:, None] * d + kk[None, :], mask=mj, other=0.0)
+        tl.atomic_add(grad_ptr + ri[:, None] * d + kk[None, :], _mma_bf16(S, hi_j, WIDEN), mask=mi)
         if pid_i != pid_j:
-            wi = tl.load(w_ptr + ri[:, None] * stride_wn + kk[None, :] * stride_wd, mask=mi, other=0.0)
-            tl.atomic_add(grad_ptr + rj[:, None] * d + kk[None, :], tl.dot(tl.trans(S), wi, input_precision="ieee"),
-                          mask=mj)
+            hi_i = tl.load(hi_ptr + ri[:, None] * d + kk[None, :], mask=mi, other=0.0)
+            tl.atomic_add(grad_ptr + rj[:, None] * d + kk[None, :], _mma_bf16(tl.trans(S), hi_i, WIDEN), mask=mj)
+
+
+def split_bf16(W):
+    """W (fp32) -> (hi, lo), both bf16 (rounded to nearest even, as the GPU's cvt.rn): hi = W rounded, lo = the
+    remainder rounded; W - hi - lo is at most u^2 |W| elementwise (u = 2^-8, bf16's unit roundoff)."""
+    hi = W.bfloat16()
+    return hi, (W - hi.float()).bfloat16()
 
 
 def _jl_triton(W, form="atanh", power=4.0, mu=0.0):
@@ -837,13 +920,13 @@ def _jl_triton(W, form="atanh", power=4.0, mu=0.0):
     n, d = W.shape
     assert n >= 2, "the JL penalty needs at least two rows"
     assert form in JL_FORMS, f"unknown JL form {form!r}: jl_margin checks the user's settings"
-    W = W.float().contiguous()
-    grad = torch.zeros_like(W)
+    assert int32_offsets_fit(W), f"W {tuple(W.shape)} has 2^31 elements or more, past the kernel's int32 offsets"
+    hi, lo = split_bf16(W.float().contiguous())
+    grad = torch.zeros(n, d, device=W.device, dtype=torch.float32)
     value = torch.zeros(1, device=W.device, dtype=torch.float32)
-    BLOCK = 32 if INTERPRET else 64
-    grid = (triton.cdiv(n, BLOCK), triton.cdiv(n, BLOCK))
-    _jl_fwd_bwd_kernel[grid](W, grad, value, n, d, 1.0 / (n * (n - 1)), 1.0 - JL_EPS, float(power), float(mu),
-                             W.stride(0), W.stride(1), FORM=form, BLOCK=BLOCK, BLOCK_K=32)
+    grid = lambda META: (triton.cdiv(n, META["BLOCK"]), triton.cdiv(n, META["BLOCK"]))
+    _jl_fwd_bwd_kernel[grid](hi, lo, grad, value, n, d, 1.0 / (n * (n - 1)), 1.0 - JL_EPS, float(power), float(mu),
+                             FORM=form, WIDEN=INTERPRET)
     return value[0], grad
 
 
