@@ -693,10 +693,11 @@ def load_gpt2_state_dict_(model, sd_hf, source):
                      skip=("lm_head.weight",))  # tied to wte.weight
 
 
-# --- the Llama family: Llama 2/3/3.1/3.2, SmolLM/SmolLM2, TinyLlama, Mistral, Qwen2 (Touvron et al. 2023;
-# modeling_llama.py, modeling_mistral.py, modeling_qwen2.py in transformers; ../shared/notes/llama.md)
+# --- the Llama family: Llama 2/3/3.1/3.2, SmolLM/SmolLM2, TinyLlama, Mistral, Qwen2, Qwen3 (Touvron et al. 2023;
+# modeling_llama.py, modeling_mistral.py, modeling_qwen2.py, modeling_qwen3.py in transformers; ../shared/notes/llama.md)
 
-LLAMA_FAMILY = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+LLAMA_FAMILY = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                "Qwen3ForCausalLM": "qwen3"}
 GPT2_FAMILY = {"GPT2LMHeadModel": "gpt2"}
 
 
@@ -716,6 +717,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = True
     attention_bias: bool = False      # a bias on q, k, v and o (Llama's attention_bias)
     qkv_bias: bool = False            # a bias on q, k, v only (Qwen2)
+    qk_norm: bool = False             # RMSNorm over each head of q and k, before the rotary embedding (Qwen3)
     mlp_bias: bool = False
     sliding_windows: tuple = ()       # per layer: attend to the last w keys, the query's own included; 0 = all
 
@@ -740,7 +742,7 @@ class LlamaConfig:
             raise ValueError(f"{source}: partial_rotary_factor is not supported")
         n_layer, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
         window = hf.get("sliding_window") or 0
-        if family == "qwen2":  # Qwen2 slides only where layer_types says, or from max_window_layers on
+        if family in ("qwen2", "qwen3"):  # Qwen2 and 3 slide only where layer_types says, or from max_window_layers on
             window = window if hf.get("use_sliding_window") else 0
             types = hf.get("layer_types") or ["sliding_attention" if window and i >= hf.get("max_window_layers", 28)
                                               else "full_attention" for i in range(n_layer)]
@@ -756,7 +758,8 @@ class LlamaConfig:
                    max_position_embeddings=hf.get("max_position_embeddings", 2048),
                    tie_word_embeddings=hf.get("tie_word_embeddings", False),  # transformers' default
                    attention_bias=family != "mistral" and hf.get("attention_bias", False), qkv_bias=family == "qwen2",
-                   mlp_bias=family == "llama" and hf.get("mlp_bias", False), sliding_windows=windows)
+                   qk_norm=family == "qwen3", mlp_bias=family == "llama" and hf.get("mlp_bias", False),
+                   sliding_windows=windows)
 
 
 class RMSNorm(nn.Module):
@@ -805,11 +808,17 @@ class LlamaAttention(nn.Module):
         self.k_proj = Linear(config.hidden_size, self.n_kv * self.hd, bias=qkv_bias)
         self.v_proj = Linear(config.hidden_size, self.n_kv * self.hd, bias=qkv_bias)
         self.o_proj = Linear(self.n_head * self.hd, config.hidden_size, bias=config.attention_bias)
+        if config.qk_norm:  # Qwen3: one gain of head_dim, shared by every head
+            self.q_norm, self.k_norm = RMSNorm(self.hd, config.rms_norm_eps), RMSNorm(self.hd, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(self, x, cos, sin):
         B, T, _ = x.size()
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, n_kv, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)    # (B, T, n_kv, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)          # (B, nh, T, hd), (B, n_kv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # rotary, (T, hd) broadcast
         k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))  # (B, nh, T, hd): GQA
@@ -883,7 +892,7 @@ class Llama(LanguageModel):
     @classmethod
     def from_pretrained(cls, name_or_path):
         """A Hub id (HuggingFaceTB/SmolLM2-135M, meta-llama/Llama-3.2-1B, mistralai/Mistral-7B-v0.1,
-        Qwen/Qwen2-0.5B, ...) or a local save_pretrained directory, sharded or not. Weights become fp32."""
+        Qwen/Qwen2-0.5B, Qwen/Qwen3-0.6B, ...) or a local save_pretrained directory, sharded or not. Weights become fp32."""
         hf, config_file, weights_files = find_checkpoint(name_or_path)
         model = cls(LlamaConfig.from_hf(hf, config_file))
         sd = {k: v for k, v in read_weights(weights_files).items() if not k.endswith("rotary_emb.inv_freq")}

@@ -759,8 +759,9 @@ def sparse_encode(x, W_enc, b_enc, b_dec, indices, pre=None):
 # - The slopes phi'(G~) in fp32, rounded to bf16 (relative u); the gradient S~ @ hi in one bf16 MMA: each term
 #   S_ij W_jk within 2u + u^2 of its value, so each gradient entry within (2u + u^2) M_ik of float64's, M = 2 /
 #   (n (n - 1)) |S| @ |W| the sum of its terms' magnitudes (the stated bound; measured <= 0.006 M; the terms of
-#   mixed sign, the whole gradient within about 3e-3 of float64's in norm). Past atanh's clamp fp32 is no better:
-#   1 - g^2 = 2e-4 is rounded to 3e-4 relative either way (the slope's bf16 rounding dominates).
+#   mixed sign, the whole gradient within about 3e-3 of float64's in norm). Beside it, a term fp32 has too: the
+#   slope moved by G's own rounding, |phi''| |G~ - G|, which counts only for atanh just under its clamp (1 - g^2
+#   near 2e-4: a relative 2 |G~ - G| / (1 - g^2), 1e-3 at an error of 1e-7; fp32's kernel is as far off there).
 # - The interpreter runs the same roundings (split by torch, products widened exactly: _mma_bf16); its fp32 -> bf16
 #   cast truncates where a GPU rounds to nearest, which the tests patch (round_bf16_casts in test_sae_kernels.py).
 

@@ -9,6 +9,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,7 +46,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 MODEL_CLASS = {transformers.LlamaConfig: transformers.LlamaForCausalLM,
                transformers.MistralConfig: transformers.MistralForCausalLM,
-               transformers.Qwen2Config: transformers.Qwen2ForCausalLM}
+               transformers.Qwen2Config: transformers.Qwen2ForCausalLM,
+               transformers.Qwen3Config: transformers.Qwen3ForCausalLM}
 
 
 def test_parse_args_types_and_unknown_keys(tmp_path):
@@ -530,6 +532,15 @@ CONFIGS = {
     "qwen2_window": (transformers.Qwen2Config, dict(
         hidden_size=48, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         use_sliding_window=True, sliding_window=5, max_window_layers=1, tie_word_embeddings=False)),
+    # Qwen3: RMSNorm over each head of q and k (gains of head_dim 20, not hidden/heads = 12), no q, k, v biases,
+    # GQA 6/2, tied; and its sliding window as Qwen2's, in layer 1 of 2, 5 keys; with biases on q, k, v and o
+    "qwen3": (transformers.Qwen3Config, dict(
+        hidden_size=72, intermediate_size=130, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+        head_dim=20, tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6)),
+    "qwen3_window_bias": (transformers.Qwen3Config, dict(
+        hidden_size=48, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=12, use_sliding_window=True, sliding_window=5, max_window_layers=1, attention_bias=True,
+        tie_word_embeddings=False)),
 }
 
 
@@ -564,8 +575,8 @@ def write_v4_keys(directory):
     rope = config.pop("rope_parameters")
     config["rope_theta"] = rope.pop("rope_theta")
     config["rope_scaling"] = None if rope["rope_type"] == "default" else rope
-    if config["model_type"] == "qwen2":
-        config.pop("layer_types")  # transformers 4's Qwen2 files: sliding from max_window_layers on
+    if config["model_type"] in ("qwen2", "qwen3"):
+        config.pop("layer_types")  # transformers 4's Qwen2 and 3 files: sliding from max_window_layers on
         if not config["use_sliding_window"]:  # they carry a window that use_sliding_window false turns off
             config["sliding_window"], config["max_window_layers"] = 4, 1
     path.write_text(json.dumps(config, indent=2))
@@ -612,6 +623,13 @@ def test_references_depend_on_the_features_under_test():
     assert max_diff("llama", rope_scaling=None) > 1e-2  # llama3 RoPE scaling
     assert max_diff("mistral", sliding_window=None) > 1e-2  # the sliding window
     assert max_diff("qwen2_window", use_sliding_window=False) > 1e-2  # Qwen2's, in its last layer
+    assert max_diff("qwen3_window_bias", use_sliding_window=False) > 1e-2  # Qwen3's
+    a, b = hf_llama("qwen3"), hf_llama("qwen3")  # Qwen3's q/k norms: their gains matter (so they are applied)
+    with torch.no_grad():
+        for block in b.model.layers:
+            block.self_attn.q_norm.weight.mul_(2.0)
+            block.self_attn.k_norm.weight.mul_(0.7)
+        assert (a(idx).logits - b(idx).logits).abs().max().item() > 1e-2
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -771,7 +789,7 @@ def test_unsupported_architecture_is_named(arch, tmp_path):
                                                           "hidden_size": 48, "vocab_size": 301}))
     message = one_line_error(tmp_path)
     assert arch in message
-    for supported in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2"):
+    for supported in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2"):
         assert supported in message, message
 
 
@@ -1011,6 +1029,49 @@ def test_a_transcoder_cache_holds_both_sites_row_for_row(tiny_llama, llama_shard
     expect = torch.cat([ref["mlp_in"], ref["mlp_out"]], dim=-1)[:, 1:].reshape(-1, 96)
     np.testing.assert_allclose(val, expect.numpy(), atol=1e-5, rtol=1e-4)
     assert sae.cache_widths(transcoder_cache) == (48, 48)
+
+
+def test_qwen3_caches_and_trains_a_transcoder_sweep_through_our_forward(smollm2_dir, llama_shards, tmp_path):
+    """A random Qwen3 (q/k norms, GQA 4/2, biases on q, k, v and o, a 5-key sliding window in layer 1) with SmolLM2's
+    tokenizer: a cache of layer 1's mlp_in and mlp_out, row for row against transformers' hooks; two transcoders
+    (l1, hybrid) trained on it in one sweep and evaluated through our forward, ce_clean equal to transformers' loss."""
+    config = transformers.Qwen3Config(
+        vocab_size=49152, hidden_size=48, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=12, use_sliding_window=True, sliding_window=5, max_window_layers=1,
+        attention_bias=True, max_position_embeddings=64, tie_word_embeddings=False)
+    config._attn_implementation = "eager"  # the path that applies the sliding window
+    torch.manual_seed(0)
+    hf = transformers.Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)  # transformers starts gains at 1, which would hide a gain left out
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    saved, cache = tmp_path / "qwen3", tmp_path / "cache"
+    hf.save_pretrained(saved)
+    shutil.copy(smollm2_dir / "tokenizer.json", saved / "tokenizer.json")
+    r = run_sae("--mode=cache", f"--init_from={saved}", f"--data_dir={llama_shards}", f"--cache_dir={cache}",
+                *CACHE_RUN[:1], "--site=mlp_in", "--target_site=mlp_out", *CACHE_RUN[2:])
+    assert r.returncode == 0, r.stderr
+    manifest = json.load(open(cache / "manifest.json"))
+    val = np.load(cache / manifest["val"]["files"][0])  # (rows, 48 + 48)
+    ids = torch.from_numpy(token_ids(glob.glob(f"{llama_shards}/*_val_*.bin")[0])[:256]).view(-1, 32)
+    ref = hf_site_activations(hf, ids, 1, ("mlp_in", "mlp_out"))
+    expect = torch.cat([ref["mlp_in"], ref["mlp_out"]], dim=-1)[:, 1:].reshape(-1, 96)
+    np.testing.assert_allclose(val, expect.numpy(), atol=1e-5, rtol=1e-4)
+    r = run_sae(f"--acts={cache}", "--d_sae=96", "--batch_size=256", "--max_iters=20", "--eval_interval=20",
+                "--resample_iters=()", "--eval_tokens=256", "--loss=l1,hybrid", "--jl_warmup_iters=10",
+                f"--out_dir={tmp_path / 'tc'}")
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        ce = hf(ids, labels=ids).loss.item()
+    for name in ("l1", "hybrid"):
+        log = [json.loads(line) for line in open(tmp_path / "tc" / name / "log.jsonl")]
+        assert "ce_recovered" in log[-1] and log[-1]["fvu"] > 0
+        assert log[0]["ce_clean"] == pytest.approx(ce, abs=1e-4)
+        config = load_ckpt(tmp_path / "tc" / name)["config"]
+        assert (config["site"], config["target_site"], config["init_from"]) == ("mlp_in", "mlp_out", str(saved))
 
 
 def test_a_cache_of_every_layer_holds_each_layers_rows_and_trains_under_two_gloo_processes(tiny_llama, llama_shards,
