@@ -171,13 +171,19 @@ def transcoder_weights(sae, s_in, s_out):
     return weights
 
 
+def norm_gain(norm):
+    """What multiplies a norm's normalised input: LayerNorm's and RMSNorm's weight, GemmaRMSNorm's 1 + weight."""
+    return getattr(norm, "gain", norm.weight)
+
+
 def fold_input_norm_(weights, norm, layer, transcoder):
     """At mlp_in, TransformerLens's hook (blocks.L.ln2.hook_normalized) holds the norm's output n before its gain g
     and bias b, x = g * n + b (RMSNorm: b = 0): folded into what reads x, exactly, as an affine change of coordinates.
     An SAE: W_enc'' = diag(g) W_enc', W_dec'' = W_dec' / g, b_dec'' = (b_dec' - b) / g (it reads n and writes
     n_hat = (x_hat - b) / g). A transcoder writes another site: W_enc'' = diag(g) W_enc', b_enc'' = b_enc' + b @ W_enc',
     W_skip'' = W_skip' diag(g), b_dec'' = b_dec' + b @ W_skip'^T. Neither changes the pre-activations."""
-    g, b = norm.weight.detach(), norm.bias.detach() if getattr(norm, "bias", None) is not None else torch.zeros_like(norm.weight)
+    g = norm_gain(norm).detach()
+    b = norm.bias.detach() if getattr(norm, "bias", None) is not None else torch.zeros_like(g)
     if (g == 0).any():
         raise ValueError(f"layer {layer}'s norm has zero gains: the SAE cannot be folded into its normalised input")
     W_enc = weights["W_enc"]
@@ -514,7 +520,7 @@ def logit_effects(model, layer, site, directions):
     depends on the input, left out). directions (k, width) -> (k, vocab)"""
     if site == "mlp_hidden":
         directions = directions @ model.down_proj(layer).T              # (k, n_inner) @ (n_inner, C)
-    return (directions * model.final_norm.weight) @ model.lm_head.weight.T  # (k, C) @ (C, vocab)
+    return (directions * norm_gain(model.final_norm)) @ model.lm_head.weight.T  # (k, C) @ (C, vocab)
 
 
 def svg_histogram(values, bins=30, width=360, height=80, lo=None, hi=None, label=""):

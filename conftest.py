@@ -77,10 +77,14 @@ def hf_gpt2(**kw):
 def hf_site_activations(hf, idx, layer, sites=SITES):
     """{site: activation} at block `layer` of transformers' model, taken with forward hooks in one forward."""
     block, seen, handles = hf.model.layers[layer], {}, []
+    # Gemma's norms sit after attention and the MLP too: its MLP's pre-norm is pre_feedforward_layernorm, and what
+    # the MLP adds to the residual is post_feedforward_layernorm's output
+    mlp_norm = getattr(block, "pre_feedforward_layernorm", block.post_attention_layernorm)
+    mlp_out = getattr(block, "post_feedforward_layernorm", block.mlp.down_proj)
     hooks = {  # site -> (module, take the input (pre-hook) or the output)
-        "resid_pre": (block, "in"), "resid_mid": (block.post_attention_layernorm, "in"),
-        "mlp_in": (block.post_attention_layernorm, "out"), "mlp_hidden": (block.mlp.down_proj, "in"),
-        "mlp_out": (block.mlp.down_proj, "out"), "resid_post": (block, "out"),
+        "resid_pre": (block, "in"), "resid_mid": (mlp_norm, "in"),
+        "mlp_in": (mlp_norm, "out"), "mlp_hidden": (block.mlp.down_proj, "in"),
+        "mlp_out": (mlp_out, "out"), "resid_post": (block, "out"),
     }
     def keep(site, tensor_or_tuple):  # hooks must return None, or they replace what they see
         seen[site] = tensor_or_tuple[0] if isinstance(tensor_or_tuple, tuple) else tensor_or_tuple

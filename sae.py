@@ -494,8 +494,8 @@ def val_contexts(data_dir, block_size, n_tokens, what):
 
 
 # -----------------------------------------------------------------------------
-# models: GPT-2 and the Llama family, with the Hugging Face module names, so loading is a key-for-key copy.
-# Both read (B, T) token ids and give logits; at one (layer, site) an `edit` function sees the activation
+# models: GPT-2, the Llama family and Gemma, with the Hugging Face module names, so loading is a key-for-key copy.
+# Each reads (B, T) token ids and gives logits; at one (layer, site) an `edit` function sees the activation
 # and returns its replacement: how harvesting stops early, and how an SAE or a steering vector is spliced in.
 
 SITES = ("resid_pre", "resid_mid", "mlp_in", "mlp_hidden", "mlp_out", "resid_post")  # in block order
@@ -548,8 +548,9 @@ def layers_of(layer):
 
 
 class SiteBlock(nn.Module):
-    """A pre-norm block with the six SITES in block order, the same in both families, which name their parts:
-    attend (norm and attention), mlp_norm (whose output is mlp_in), mlp.hidden and mlp_out (the MLP's two halves)."""
+    """A pre-norm block with the six SITES in block order, the same in every family, which name their parts:
+    attend (norm and attention, and Gemma's norm after it), mlp_norm (whose output is mlp_in), mlp.hidden and mlp_out
+    (the MLP's two halves; Gemma's mlp_out ends in its post-MLP norm)."""
 
     def forward(self, x, *rope, site=None, edit=None):
         """x (B, T, C) -> the residual after the block; rope: the Llama family's (cos, sin). At `site` (or at each of
@@ -770,6 +771,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
+    gain = property(lambda self: self.weight)  # what multiplies the normalised input (GemmaRMSNorm: 1 + weight)
+
     def forward(self, x):
         x32 = x.float()
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
@@ -799,17 +802,19 @@ def rotate_half(x):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, window):
+    def __init__(self, config, window, norm=RMSNorm):
         super().__init__()
         self.n_head, self.n_kv, self.hd, self.window = (config.num_attention_heads, config.num_key_value_heads,
                                                         config.head_dim, window)
+        # Gemma scales by query_pre_attn_scalar^-0.5 (head_dim^-0.5 elsewhere) and Gemma 2 caps the logits softly
+        self.scale, self.softcap = getattr(config, "attn_scale", None), getattr(config, "attn_softcap", None)
         qkv_bias = config.attention_bias or config.qkv_bias
         self.q_proj = Linear(config.hidden_size, self.n_head * self.hd, bias=qkv_bias)
         self.k_proj = Linear(config.hidden_size, self.n_kv * self.hd, bias=qkv_bias)
         self.v_proj = Linear(config.hidden_size, self.n_kv * self.hd, bias=qkv_bias)
         self.o_proj = Linear(self.n_head * self.hd, config.hidden_size, bias=config.attention_bias)
-        if config.qk_norm:  # Qwen3: one gain of head_dim, shared by every head
-            self.q_norm, self.k_norm = RMSNorm(self.hd, config.rms_norm_eps), RMSNorm(self.hd, config.rms_norm_eps)
+        if config.qk_norm:  # Qwen3, Gemma 3: one gain of head_dim, shared by every head
+            self.q_norm, self.k_norm = norm(self.hd, config.rms_norm_eps), norm(self.hd, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
 
     def forward(self, x, cos, sin):
@@ -822,12 +827,18 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # rotary, (T, hd) broadcast
         k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))  # (B, nh, T, hd): GQA
-        if self.window and T > self.window:  # Mistral: key j is seen by query i when i - window < j <= i
-            i = torch.arange(T, device=x.device)
-            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)  # (T, T) bool
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        window = self.window and T > self.window
+        if window or self.softcap:
+            i = torch.arange(T, device=x.device)  # key j is seen by query i when j <= i (and i - window < j)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window if window else True)  # (T, T)
+        if self.softcap:  # Gemma 2: logits cap * tanh(logits / cap), which scaled_dot_product_attention cannot do
+            att = q @ k.transpose(-2, -1) * (self.scale or self.hd ** -0.5)  # (B, nh, T, hd) @ (B, nh, hd, T)
+            att = (torch.tanh(att / self.softcap) * self.softcap).masked_fill(~mask, float("-inf"))
+            y = torch.softmax(att.float(), dim=-1).to(q.dtype) @ v  # (B, nh, T, T) @ (B, nh, T, hd)
+        elif window:  # Mistral, Gemma's sliding layers
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, nh, T, hd)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 
@@ -837,9 +848,12 @@ class LlamaMLP(nn.Module):
         C, H, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.gate_proj, self.up_proj, self.down_proj = Linear(C, H, bias=bias), Linear(C, H, bias=bias), Linear(H, C, bias=bias)
 
+    act = "silu"  # GemmaMLP: gelu_tanh
+
     def hidden(self, x):
-        """SwiGLU (Shazeer 2020): silu(x W_gate) * (x W_up), (B, T, C) -> (B, T, H); SiLU fused into gate_proj."""
-        return self.gate_proj(x, act="silu") * self.up_proj(x)
+        """SwiGLU (Shazeer 2020): silu(x W_gate) * (x W_up), (B, T, C) -> (B, T, H) (GeGLU with tanh GELU for Gemma);
+        the activation fused into gate_proj."""
+        return self.gate_proj(x, act=self.act) * self.up_proj(x)
 
 
 class LlamaBlock(SiteBlock):
@@ -856,6 +870,8 @@ class LlamaBlock(SiteBlock):
 
 
 class Llama(LanguageModel):
+    config_class = LlamaConfig  # Gemma's: GemmaConfig
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -894,12 +910,149 @@ class Llama(LanguageModel):
         """A Hub id (HuggingFaceTB/SmolLM2-135M, meta-llama/Llama-3.2-1B, mistralai/Mistral-7B-v0.1,
         Qwen/Qwen2-0.5B, Qwen/Qwen3-0.6B, ...) or a local save_pretrained directory, sharded or not. Weights become fp32."""
         hf, config_file, weights_files = find_checkpoint(name_or_path)
-        model = cls(LlamaConfig.from_hf(hf, config_file))
+        model = cls(cls.config_class.from_hf(hf, config_file))
         sd = {k: v for k, v in read_weights(weights_files).items() if not k.endswith("rotary_emb.inv_freq")}
         if model.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)  # transformers ties it to the embedding whatever the file holds
         copy_state_dict_(model, sd, weights_files[0], skip=("lm_head.weight",) if model.config.tie_word_embeddings else ())
         return model.eval()
+
+
+# --- Gemma 2 and Gemma 3 (Gemma Team 2024, "Gemma 2: Improving Open Language Models at a Practical Size"; 2025,
+# "Gemma 3 Technical Report"; modeling_gemma2.py, modeling_gemma3.py in transformers): the Llama block with norms
+# after attention and after the MLP as well as before, RMSNorm gains of (1 + w), GeGLU, embeddings times sqrt(d),
+# queries scaled by query_pre_attn_scalar^-0.5, sliding-window layers among global ones; Gemma 2 caps attention and
+# final logits softly (cap * tanh(x / cap)); Gemma 3 normalises q and k per head and rotates its sliding layers with
+# their own base. Its sites: resid_mid = x + post_attention_layernorm(attention), mlp_in = pre_feedforward_layernorm's
+# output, mlp_out = post_feedforward_layernorm(down_proj(...)), what the MLP adds to the residual.
+
+GEMMA_FAMILY = {"Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
+
+
+@dataclass
+class GemmaConfig(LlamaConfig):
+    family: str = "gemma2"
+    attn_scale: float = 0.125         # query_pre_attn_scalar^-0.5
+    attn_softcap: float = 0.0         # Gemma 2's attn_logit_softcapping (0: none)
+    final_softcap: float = 0.0        # Gemma 2's final_logit_softcapping (0: none)
+    rope_local_theta: float = 0.0     # Gemma 3: the sliding layers' base (0: rope_theta for all)
+    rope_factor: float = 1.0          # Gemma 3: the global layers' linear rope scaling
+
+    @classmethod
+    def from_hf(cls, hf, source):
+        """From a config.json dict (transformers 4's keys or 5's); an option we do not implement is a ValueError."""
+        family = GEMMA_FAMILY.get((hf.get("architectures") or [""])[0]) or \
+            {"gemma2": "gemma2", "gemma3_text": "gemma3"}.get(hf.get("model_type"))
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(f"{source}: hidden_activation {act!r}; only tanh GELU (GeGLU) is supported")
+        n_layer, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
+        pattern = hf.get("sliding_window_pattern") or (2 if family == "gemma2" else 6)  # every pattern-th is global
+        types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                          for i in range(n_layer)]
+        windows = tuple(hf["sliding_window"] if t == "sliding_attention" else 0 for t in types)
+        rope = hf.get("rope_parameters") or {}
+        global_rope = rope.get("full_attention", rope) if family == "gemma3" else rope  # v5: per layer type
+        scaling = hf.get("rope_scaling") or (global_rope if global_rope.get("rope_type", "default") != "default" else {})
+        scaling_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if scaling_type not in ("default", "linear") or (scaling_type == "linear" and family != "gemma3"):
+            raise ValueError(f"{source}: rope scaling {scaling_type!r} is not supported for {family}")
+        theta = global_rope.get("rope_theta", hf.get("rope_theta", 10000.0 if family == "gemma2" else 1e6))
+        local = rope.get("sliding_attention", {}).get("rope_theta", hf.get("rope_local_base_freq", 10000.0))
+        return cls(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+                   num_hidden_layers=n_layer, num_attention_heads=heads,
+                   num_key_value_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or 256,
+                   rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
+                   max_position_embeddings=hf.get("max_position_embeddings", 8192),
+                   tie_word_embeddings=hf.get("tie_word_embeddings", True), attention_bias=hf.get("attention_bias", False),
+                   qk_norm=family == "gemma3", sliding_windows=windows, family=family,
+                   attn_scale=hf.get("query_pre_attn_scalar", 256) ** -0.5,
+                   attn_softcap=hf.get("attn_logit_softcapping") or 0.0,
+                   final_softcap=hf.get("final_logit_softcapping") or 0.0,
+                   rope_local_theta=local if family == "gemma3" else 0.0,
+                   rope_factor=scaling.get("factor", 1.0) if scaling_type == "linear" else 1.0)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """x / sqrt(mean(x^2) + eps) * (1 + weight), the gain applied in fp32 before the cast (transformers' Gemma2RMSNorm:
+    the weight starts at 0)."""
+
+    gain = property(lambda self: 1.0 + self.weight)
+
+    def __init__(self, dim, eps):
+        super().__init__(dim, eps)
+        nn.init.zeros_(self.weight)  # a gain of 1
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())).type_as(x)
+
+
+class GemmaMLP(LlamaMLP):
+    act = "gelu_tanh"
+
+
+class GemmaBlock(SiteBlock):
+    def __init__(self, config, window=0):
+        super().__init__()
+        C, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm, self.post_attention_layernorm = GemmaRMSNorm(C, eps), GemmaRMSNorm(C, eps)
+        self.self_attn = LlamaAttention(config, window, norm=GemmaRMSNorm)
+        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = GemmaRMSNorm(C, eps), GemmaRMSNorm(C, eps)
+        self.mlp = GemmaMLP(config)
+        self.sliding = window > 0
+
+    mlp_norm = property(lambda self: self.pre_feedforward_layernorm)
+    attend = lambda self, x, cos, sin: self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin))
+    mlp_out = lambda self, h: self.post_feedforward_layernorm(self.mlp.down_proj(h))
+
+
+class Gemma(Llama):
+    """Llama.from_pretrained reads it: a Hub id (google/gemma-2-2b, google/gemma-3-1b-pt, ...) or a local directory of
+    a Gemma2ForCausalLM or Gemma3ForCausalLM (Gemma 3's text model)."""
+    config_class = GemmaConfig
+
+    def __init__(self, config):
+        LanguageModel.__init__(self)
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList([GemmaBlock(config, w) for w in config.sliding_windows]),
+            norm=GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)))
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config) / config.rope_factor, persistent=False)
+        local = replace(config, rope_theta=config.rope_local_theta or config.rope_theta, rope_scaling=None)
+        self.register_buffer("inv_freq_local", rope_inv_freq(local), persistent=False)
+        for module in self.modules():  # a random init for tests (from_pretrained overwrites every weight)
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+
+    def down_proj(self, layer):
+        raise ValueError("Gemma's MLP output passes post_feedforward_layernorm: no one matrix takes mlp_hidden to the "
+                         "residual stream")
+
+    def forward(self, idx, layer=None, site=None, edit=None, head=True):
+        """idx (B, T) -> logits (B, T, vocab); (layer, site, edit, head) as in GPT.forward."""
+        T = idx.size(1)
+        x = self.model.embed_tokens(idx)                                              # (B, T, C)
+        x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)           # in the weights' dtype
+        rope = {}
+        for sliding, inv_freq in ((False, self.inv_freq), (True, self.inv_freq_local)):
+            freqs = torch.arange(T, device=idx.device).float()[:, None] * inv_freq  # (T, hd/2), fp32
+            emb = torch.cat((freqs, freqs), dim=-1)                                   # (T, hd)
+            rope[sliding] = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        edited = layers_of(layer)
+        for i, block in enumerate(self.model.layers):
+            cos, sin = rope[block.sliding]
+            x = block(x, cos, sin, site=site, edit=edit) if i in edited else block(x, cos, sin)
+        x = self.model.norm(x)
+        if not head:
+            return x                                                                  # (B, T, C)
+        logits = self.lm_head(x)                                                      # (B, T, vocab)
+        cap = self.config.final_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
 
 
 # --- loading either family from a Hugging Face checkpoint
@@ -957,20 +1110,24 @@ def copy_state_dict_(model, sd_hf, source, skip=()):
 
 
 def model_family(name_or_path):
-    """'gpt2' or 'llama' from config.json's architectures (or model_type); anything else is a ValueError."""
+    """'gpt2', 'llama' or 'gemma' from config.json's architectures (or model_type); anything else is a ValueError."""
     hf, _ = read_hf_config(name_or_path)  # before any weights: an unsupported model is not downloaded
     arch = (hf.get("architectures") or [None])[0]
-    supported = {**GPT2_FAMILY, **LLAMA_FAMILY}
-    family = supported.get(arch) or (hf.get("model_type") if hf.get("model_type") in supported.values() else None)
+    supported = {**GPT2_FAMILY, **LLAMA_FAMILY, **GEMMA_FAMILY}
+    # model_type "gemma3" is Gemma 3's multimodal model; its text model (Gemma3ForCausalLM) is "gemma3_text"
+    model_types = {**{v: v for v in supported.values() if v != "gemma3"}, "gemma3_text": "gemma3"}
+    family = supported.get(arch) or model_types.get(hf.get("model_type"))
     if family is None:
+        hint = ("; Gemma 3's multimodal checkpoints (4B and up) are not read yet, only Gemma3ForCausalLM (its 270M and "
+                "1B, text only)" if arch == "Gemma3ForConditionalGeneration" else "")
         raise ValueError(f"{name_or_path}: architecture {arch or hf.get('model_type')!r} is not supported; "
-                         f"supported: {', '.join(supported)}")
-    return "gpt2" if family == "gpt2" else "llama"
+                         f"supported: {', '.join(supported)}{hint}")
+    return "gpt2" if family == "gpt2" else "gemma" if family in GEMMA_FAMILY.values() else "llama"
 
 
 def load_model(name_or_path):
-    """GPT-2 or a Llama-family model from a Hub id or a local directory, chosen by its config.json."""
-    return (GPT if model_family(name_or_path) == "gpt2" else Llama).from_pretrained(name_or_path)
+    """GPT-2, a Llama-family or a Gemma model from a Hub id or a local directory, chosen by its config.json."""
+    return {"gpt2": GPT, "llama": Llama, "gemma": Gemma}[model_family(name_or_path)].from_pretrained(name_or_path)
 
 
 def load_lm(cfg, has_site=True):

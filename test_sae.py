@@ -47,7 +47,9 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 MODEL_CLASS = {transformers.LlamaConfig: transformers.LlamaForCausalLM,
                transformers.MistralConfig: transformers.MistralForCausalLM,
                transformers.Qwen2Config: transformers.Qwen2ForCausalLM,
-               transformers.Qwen3Config: transformers.Qwen3ForCausalLM}
+               transformers.Qwen3Config: transformers.Qwen3ForCausalLM,
+               transformers.Gemma2Config: transformers.Gemma2ForCausalLM,
+               transformers.Gemma3TextConfig: transformers.Gemma3ForCausalLM}
 
 
 def test_parse_args_types_and_unknown_keys(tmp_path):
@@ -541,6 +543,20 @@ CONFIGS = {
         hidden_size=48, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=12, use_sliding_window=True, sliding_window=5, max_window_layers=1, attention_bias=True,
         tie_word_embeddings=False)),
+    # Gemma 2: sliding (5 keys), global, sliding; attention logits capped at 5 and final ones at 10 (both bite at
+    # these scales); queries scaled by 24^-0.5, not head_dim 12's; GQA 4/2; tied
+    "gemma2": (transformers.Gemma2Config, dict(
+        hidden_size=48, intermediate_size=100, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=12, sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+        final_logit_softcapping=10.0, rope_theta=100.0, rms_norm_eps=1e-6)),
+    # Gemma 3's text model: q/k norms, sliding layers rotated with base 10 and the global one with base 1000 scaled
+    # linearly by 2; no soft caps; untied
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        hidden_size=48, intermediate_size=100, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=12, sliding_window=5, query_pre_attn_scalar=20, tie_word_embeddings=False,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}})),
 }
 
 
@@ -573,6 +589,13 @@ def write_v4_keys(directory):
     path = Path(directory) / "config.json"
     config = json.loads(path.read_text())
     rope = config.pop("rope_parameters")
+    if config["model_type"] == "gemma3_text":  # per layer type; transformers 4: a pattern, a local base, rope_scaling
+        layer_types = config.pop("layer_types")
+        config["sliding_window_pattern"] = layer_types.index("full_attention") + 1
+        config["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        rope = rope["full_attention"]
+    if config["model_type"] == "gemma2":
+        config.pop("layer_types")  # transformers 4's Gemma 2 files: sliding on even layers
     config["rope_theta"] = rope.pop("rope_theta")
     config["rope_scaling"] = None if rope["rope_type"] == "default" else rope
     if config["model_type"] in ("qwen2", "qwen3"):
@@ -624,6 +647,15 @@ def test_references_depend_on_the_features_under_test():
     assert max_diff("mistral", sliding_window=None) > 1e-2  # the sliding window
     assert max_diff("qwen2_window", use_sliding_window=False) > 1e-2  # Qwen2's, in its last layer
     assert max_diff("qwen3_window_bias", use_sliding_window=False) > 1e-2  # Qwen3's
+    assert max_diff("gemma2", attn_logit_softcapping=None) > 1e-2  # Gemma 2's soft caps, its window, its scale
+    assert max_diff("gemma2", final_logit_softcapping=None) > 1e-2
+    assert max_diff("gemma2", sliding_window=64) > 1e-2
+    assert max_diff("gemma2", query_pre_attn_scalar=12) > 1e-2
+    assert max_diff("gemma3", rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                   "rope_theta": 1000.0},
+                                               "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}) > 1e-2
+    assert max_diff("gemma3", rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                                               "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}}) > 1e-2
     a, b = hf_llama("qwen3"), hf_llama("qwen3")  # Qwen3's q/k norms: their gains matter (so they are applied)
     with torch.no_grad():
         for block in b.model.layers:
@@ -667,7 +699,8 @@ def test_llama_from_pretrained_matches_load_model(llama_checkpoint):
     name, hf, directory = llama_checkpoint
     idx = random_idx(5, B=1)
     with torch.no_grad():
-        torch.testing.assert_close(sae.Llama.from_pretrained(str(directory))(idx), hf(idx).logits, atol=1e-4, rtol=0)
+        cls = sae.Gemma if name.startswith("gemma") else sae.Llama
+        torch.testing.assert_close(cls.from_pretrained(str(directory))(idx), hf(idx).logits, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("site", SITES)
@@ -789,7 +822,8 @@ def test_unsupported_architecture_is_named(arch, tmp_path):
                                                           "hidden_size": 48, "vocab_size": 301}))
     message = one_line_error(tmp_path)
     assert arch in message
-    for supported in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2"):
+    for supported in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                      "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GPT2"):
         assert supported in message, message
 
 
@@ -807,6 +841,24 @@ def test_unsupported_rope_scaling_is_named(key, rope, tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), key: rope}))
     message = one_line_error(tmp_path)
     assert rope.get("rope_type", rope.get("type")) in message, message
+
+
+def test_gemma_checkpoints_we_do_not_read_are_named(tmp_path):
+    """Gemma 3's multimodal checkpoints (Gemma3ForConditionalGeneration: 4B and up) are refused with what is read
+    instead; a Gemma with another activation, or Gemma 2 with a rope scaling, is refused naming it."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForConditionalGeneration"],
+                                                      "model_type": "gemma3"}))
+    message = one_line_error(tmp_path)
+    assert "Gemma3ForConditionalGeneration" in message and "Gemma3ForCausalLM" in message, message
+    for name, key, value, named in (("gemma2", "hidden_activation", "gelu", "'gelu'"),
+                                    ("gemma2", "rope_parameters", {"rope_type": "linear", "factor": 2.0,
+                                                                   "rope_theta": 100.0}, "'linear'")):
+        directory = tmp_path / f"{name}_{key}"
+        hf_llama(name).save_pretrained(directory)
+        path = directory / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+        message = one_line_error(directory)
+        assert named in message, message
 
 
 # --- real weights: SmolLM2-135M (30 layers, d_model 576, GQA 9/3, tied)
@@ -1031,17 +1083,18 @@ def test_a_transcoder_cache_holds_both_sites_row_for_row(tiny_llama, llama_shard
     assert sae.cache_widths(transcoder_cache) == (48, 48)
 
 
-def test_qwen3_caches_and_trains_a_transcoder_sweep_through_our_forward(smollm2_dir, llama_shards, tmp_path):
-    """A random Qwen3 (q/k norms, GQA 4/2, biases on q, k, v and o, a 5-key sliding window in layer 1) with SmolLM2's
-    tokenizer: a cache of layer 1's mlp_in and mlp_out, row for row against transformers' hooks; two transcoders
-    (l1, hybrid) trained on it in one sweep and evaluated through our forward, ce_clean equal to transformers' loss."""
-    config = transformers.Qwen3Config(
-        vocab_size=49152, hidden_size=48, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=12, use_sliding_window=True, sliding_window=5, max_window_layers=1,
-        attention_bias=True, max_position_embeddings=64, tie_word_embeddings=False)
+@pytest.mark.parametrize("name", ["qwen3_window_bias", "gemma2", "gemma3"])
+def test_new_families_cache_and_train_a_transcoder_sweep_through_our_forward(name, smollm2_dir, llama_shards,
+                                                                             tmp_path):
+    """Qwen3 (q/k norms, biases on q, k, v and o, a sliding window in layer 1), Gemma 2 (soft caps, sandwich norms,
+    a sliding window in layer 0) and Gemma 3 (q/k norms, two rope bases), random, with SmolLM2's tokenizer: a cache
+    of layer 1's mlp_in and mlp_out, row for row against transformers' hooks; two transcoders (l1, hybrid) trained on
+    it in one sweep and evaluated through our forward, ce_clean equal to transformers' loss."""
+    config_class, kw = CONFIGS[name]
+    config = config_class(vocab_size=49152, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, **kw)
     config._attn_implementation = "eager"  # the path that applies the sliding window
     torch.manual_seed(0)
-    hf = transformers.Qwen3ForCausalLM(config).eval()
+    hf = MODEL_CLASS[config_class](config).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "norm" in name:
