@@ -871,6 +871,7 @@ class LlamaBlock(SiteBlock):
 
 class Llama(LanguageModel):
     config_class = LlamaConfig  # Gemma's: GemmaConfig
+    text_weights = staticmethod(lambda sd: sd)  # a checkpoint's weights as this class names them (see Gemma's)
 
     def __init__(self, config):
         super().__init__()
@@ -912,6 +913,7 @@ class Llama(LanguageModel):
         hf, config_file, weights_files = find_checkpoint(name_or_path)
         model = cls(cls.config_class.from_hf(hf, config_file))
         sd = {k: v for k, v in read_weights(weights_files).items() if not k.endswith("rotary_emb.inv_freq")}
+        sd = cls.text_weights(sd)
         if model.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)  # transformers ties it to the embedding whatever the file holds
         copy_state_dict_(model, sd, weights_files[0], skip=("lm_head.weight",) if model.config.tie_word_embeddings else ())
@@ -926,7 +928,7 @@ class Llama(LanguageModel):
 # their own base. Its sites: resid_mid = x + post_attention_layernorm(attention), mlp_in = pre_feedforward_layernorm's
 # output, mlp_out = post_feedforward_layernorm(down_proj(...)), what the MLP adds to the residual.
 
-GEMMA_FAMILY = {"Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
+GEMMA_FAMILY = {"Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3", "Gemma3ForConditionalGeneration": "gemma3"}
 
 
 @dataclass
@@ -940,9 +942,12 @@ class GemmaConfig(LlamaConfig):
 
     @classmethod
     def from_hf(cls, hf, source):
-        """From a config.json dict (transformers 4's keys or 5's); an option we do not implement is a ValueError."""
+        """From a config.json dict (transformers 4's keys or 5's; a multimodal Gemma 3's text_config, its text model);
+        an option we do not implement is a ValueError."""
         family = GEMMA_FAMILY.get((hf.get("architectures") or [""])[0]) or \
             {"gemma2": "gemma2", "gemma3_text": "gemma3"}.get(hf.get("model_type"))
+        if "text_config" in hf:  # Gemma3ForConditionalGeneration: the top model ties (or not), whatever text_config says
+            hf = {**hf["text_config"], "tie_word_embeddings": hf.get("tie_word_embeddings", True)}
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise ValueError(f"{source}: hidden_activation {act!r}; only tanh GELU (GeGLU) is supported")
@@ -1008,8 +1013,9 @@ class GemmaBlock(SiteBlock):
 
 
 class Gemma(Llama):
-    """Llama.from_pretrained reads it: a Hub id (google/gemma-2-2b, google/gemma-3-1b-pt, ...) or a local directory of
-    a Gemma2ForCausalLM or Gemma3ForCausalLM (Gemma 3's text model)."""
+    """Llama.from_pretrained reads it: a Hub id (google/gemma-2-2b, google/gemma-3-1b-pt, google/gemma-3-4b-pt, ...) or
+    a local directory of a Gemma2ForCausalLM, a Gemma3ForCausalLM or a Gemma3ForConditionalGeneration (its text
+    model: text_weights)."""
     config_class = GemmaConfig
 
     def __init__(self, config):
@@ -1028,6 +1034,17 @@ class Gemma(Llama):
         for module in self.modules():  # a random init for tests (from_pretrained overwrites every weight)
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
+
+    @staticmethod
+    def text_weights(sd):
+        """A multimodal Gemma 3's text model, renamed as Gemma3ForCausalLM names it: language_model.model.* (its Hub
+        files) or model.language_model.* (transformers 5's modules) -> model.*, language_model.lm_head -> lm_head;
+        the vision tower and the projector left out. Other checkpoints as they are."""
+        prefixes = {"language_model.model.": "model.", "model.language_model.": "model.",
+                    "language_model.lm_head.": "lm_head.", "lm_head.": "lm_head."}
+        if not any(k.startswith(("language_model.", "model.language_model.")) for k in sd):
+            return sd
+        return {new + k[len(old):]: v for k, v in sd.items() for old, new in prefixes.items() if k.startswith(old)}
 
     def down_proj(self, layer):
         raise ValueError("Gemma's MLP output passes post_feedforward_layernorm: no one matrix takes mlp_hidden to the "
@@ -1114,14 +1131,11 @@ def model_family(name_or_path):
     hf, _ = read_hf_config(name_or_path)  # before any weights: an unsupported model is not downloaded
     arch = (hf.get("architectures") or [None])[0]
     supported = {**GPT2_FAMILY, **LLAMA_FAMILY, **GEMMA_FAMILY}
-    # model_type "gemma3" is Gemma 3's multimodal model; its text model (Gemma3ForCausalLM) is "gemma3_text"
-    model_types = {**{v: v for v in supported.values() if v != "gemma3"}, "gemma3_text": "gemma3"}
+    model_types = {**{v: v for v in supported.values()}, "gemma3_text": "gemma3"}  # gemma3: the multimodal model
     family = supported.get(arch) or model_types.get(hf.get("model_type"))
     if family is None:
-        hint = ("; Gemma 3's multimodal checkpoints (4B and up) are not read yet, only Gemma3ForCausalLM (its 270M and "
-                "1B, text only)" if arch == "Gemma3ForConditionalGeneration" else "")
         raise ValueError(f"{name_or_path}: architecture {arch or hf.get('model_type')!r} is not supported; "
-                         f"supported: {', '.join(supported)}{hint}")
+                         f"supported: {', '.join(supported)}")
     return "gpt2" if family == "gpt2" else "gemma" if family in GEMMA_FAMILY.values() else "llama"
 
 

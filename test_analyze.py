@@ -205,6 +205,18 @@ def normalized_and_mlp_in(family, tiny_llama, tmp_path):
                     p.uniform_(0.5, 1.5) if name.endswith("weight") else p.uniform_(-1, 1)
         hf.save_pretrained(tmp_path / "model")
         saved, norm = tmp_path / "model", hf.transformer.h[1].ln_2
+    elif family == "gemma2":  # its MLP's pre-norm is pre_feedforward_layernorm, its gains 1 + weight
+        config = transformers.Gemma2Config(vocab_size=301, hidden_size=48, intermediate_size=100, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                           max_position_embeddings=64, rms_norm_eps=1e-5)
+        torch.manual_seed(0)
+        hf = transformers.Gemma2ForCausalLM(config).eval()
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if "norm" in name:
+                    p.uniform_(-0.5, 0.5)  # gains 0.5 to 1.5
+        hf.save_pretrained(tmp_path / "model")
+        saved, norm = tmp_path / "model", hf.model.layers[1].pre_feedforward_layernorm
     else:
         saved, hf = tiny_llama
         norm = hf.model.layers[1].post_attention_layernorm
@@ -216,7 +228,7 @@ def normalized_and_mlp_in(family, tiny_llama, tmp_path):
     return saved, norm, tl_normalized(seen["x"], family, 1e-5).reshape(-1, 48), seen["y"].reshape(-1, 48)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
 def test_export_folds_the_norm_for_transformerlens(family, tiny_llama, tmp_path):
     from safetensors.torch import load_file
     from dataclasses import asdict
@@ -235,7 +247,8 @@ def test_export_folds_the_norm_for_transformerlens(family, tiny_llama, tmp_path)
     x_hat, f = sae_kernels.encode_relu_decode_ref(mlp_in * 2.5, *state.values())
     torch.testing.assert_close(f_tl.float(), f, atol=1e-4, rtol=1e-4)
     bias = norm.bias.detach() if family == "gpt2" else 0  # and it writes n_hat = (x_hat - bias) / gain
-    torch.testing.assert_close((f_tl @ w["W_dec"] + w["b_dec"]).float(), (x_hat / 2.5 - bias) / norm.weight.detach(),
+    gain = norm.weight.detach() + (1 if family == "gemma2" else 0)
+    torch.testing.assert_close((f_tl @ w["W_dec"] + w["b_dec"]).float(), (x_hat / 2.5 - bias) / gain,
                                atol=1e-4, rtol=1e-4)
 
 

@@ -843,13 +843,37 @@ def test_unsupported_rope_scaling_is_named(key, rope, tmp_path):
     assert rope.get("rope_type", rope.get("type")) in message, message
 
 
+def test_gemma3_multimodal_checkpoint_gives_its_text_model(tmp_path):
+    """Gemma 3 from 4B up is a Gemma3ForConditionalGeneration (a vision tower beside the text model, the text weights
+    under language_model.*): ours reads its text model, logits and every site of every layer as transformers' model
+    computes them on text alone."""
+    text = {**CONFIGS["gemma3"][1], "vocab_size": 301, "max_position_embeddings": 64}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, 0.3)
+    hf.save_pretrained(tmp_path)
+    model = sae.load_model(str(tmp_path))
+    assert isinstance(model, sae.Gemma) and model.config.rope_local_theta == 10.0
+    class TextOnly:  # hf_site_activations' interface: .model.layers, and logits from token ids
+        model = hf.model.language_model
+        __call__ = staticmethod(lambda idx: hf(input_ids=idx))
+    idx = random_idx(12)
+    for layer in range(3):
+        ref = hf_site_activations(TextOnly(), idx, layer)
+        with torch.no_grad():
+            torch.testing.assert_close(model(idx), ref["logits"], atol=1e-4, rtol=0)
+            for site in SITES:
+                torch.testing.assert_close(model.harvest(idx, layer, site), ref[site], atol=1e-4, rtol=0)
+
+
 def test_gemma_checkpoints_we_do_not_read_are_named(tmp_path):
-    """Gemma 3's multimodal checkpoints (Gemma3ForConditionalGeneration: 4B and up) are refused with what is read
-    instead; a Gemma with another activation, or Gemma 2 with a rope scaling, is refused naming it."""
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForConditionalGeneration"],
-                                                      "model_type": "gemma3"}))
-    message = one_line_error(tmp_path)
-    assert "Gemma3ForConditionalGeneration" in message and "Gemma3ForCausalLM" in message, message
+    """A Gemma with another activation, or Gemma 2 with a rope scaling, is refused naming it."""
     for name, key, value, named in (("gemma2", "hidden_activation", "gelu", "'gelu'"),
                                     ("gemma2", "rope_parameters", {"rope_type": "linear", "factor": 2.0,
                                                                    "rope_theta": 100.0}, "'linear'")):
