@@ -41,8 +41,9 @@ SHARD_FORMATS = {       # token dtype -> llm.c's (magic, version); the reader ac
 #   <|endoftext|>      GPT-2 and every tiktoken encoding, SmolLM/SmolLM2, Qwen2: the EOS that separates
 #                      documents, here in front of each (build-nanogpt; SmolLM: "all files are separated by EOS")
 #   <s>                Llama 2, Mistral, TinyLlama: BOS before each document
+#   <bos>              Gemma 2 and 3: BOS before each document (Gemma's models expect it first: Gemma Team 2024)
 # Any other vocabulary needs --separator=TOKEN.
-SEPARATORS = ("<|begin_of_text|>", "<|endoftext|>", "<s>")
+SEPARATORS = ("<|begin_of_text|>", "<|endoftext|>", "<s>", "<bos>")
 # Tokenizer.fingerprint encodes this: prose, code, digit runs, whitespace runs and non-ASCII, where vocabularies
 # and pre-tokenizers differ
 FINGERPRINT_PROBE = ("The quick brown fox paid $1,234.56 in 1999 -- isn't it?\ndef f(x):\n    return x ** 2"
@@ -492,7 +493,7 @@ def main(argv=None):
                              "with a tokenizer.json")
     parser.add_argument("--separator", default="auto",
                         help="the token put in front of every document (a special token for tiktoken); auto: "
-                             "<|begin_of_text|>, else <|endoftext|>, else <s>, the first the vocabulary has")
+                             "<|begin_of_text|>, else <|endoftext|>, else <s>, else <bos>, the first the vocabulary has")
     args = parser.parse_args(argv)
     for key in ("tokens", "shard_size", "val_tokens"):
         if getattr(args, key) <= 0:

@@ -195,6 +195,7 @@ TOYS = {  # name -> (offset of byte 0, special tokens, BOS added by the post-pro
     "llama2": (3, {"<unk>": 0, "<s>": 1, "</s>": 2}, "<s>", "<s>"),
     "llama3": (0, {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001}, "<|begin_of_text|>", "<|begin_of_text|>"),
     "wide": (65400, {"<|endoftext|>": 70000}, None, "<|endoftext|>"),  # half the byte ids are past 2**16
+    "gemma": (4, {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}, "<bos>", "<bos>"),
     "nameless": (2, {"<pad>": 0, "<eos>": 1}, None, None),  # no separator that the auto rule knows
 }
 
@@ -277,9 +278,9 @@ def test_prepare_smollm2_shards_equal_tokenizers_encode(smollm2_dir, tmp_path):
     assert record["fingerprint"] == prepare.load_tokenizer(str(smollm2_dir)).fingerprint()
 
 
-@pytest.mark.parametrize("name", ["llama2", "llama3", "wide"])
+@pytest.mark.parametrize("name", ["llama2", "llama3", "gemma", "wide"])
 def test_prepare_family_separator_and_shard_layout(toys, name, tmp_path):
-    """BOS (Llama 2, Llama 3) or <|endoftext|> before each document, none from the post-processor, documents
+    """BOS (Llama 2, Llama 3, Gemma) or <|endoftext|> before each document, none from the post-processor, documents
     never truncated, special-token text in a document kept as text; uint32 shards past 2**16 ids."""
     offset, specials, _, separator = TOYS[name]
     out = tmp_path / "shards"
@@ -342,7 +343,7 @@ def test_prepare_tokenizer_errors_are_one_line(enc, toys, tmp_path, case):
     elif case == "unknown_separator":
         spec, extra, expect = "gpt2", ["--separator=<s>"], "--separator=<s>: not a token of gpt2"
     else:
-        spec, expect = str(toys["nameless"]), "has none of <|begin_of_text|>, <|endoftext|>, <s>; name its"
+        spec, expect = str(toys["nameless"]), "has none of <|begin_of_text|>, <|endoftext|>, <s>, <bos>; name its"
     docs = write_jsonl(tmp_path / "docs.jsonl", TOY_TEXTS)
     r = run_prepare(f"--input={docs}", f"--out_dir={tmp_path / 'out'}", f"--tokenizer={spec}", *extra, env=env)
     assert r.returncode == 1
