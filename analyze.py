@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from sae import ARCH_KEYS, CONV1D_WEIGHTS, GPT, INIT_NORM, CrossLayerTranscoder, run_layers, READER_MODES, SAE, SPARSITY_COEFF, DataLoaderLite, \
     TrainConfig, check_site, check_tokenizer, checkpoint_file, evaluate, is_transcoder, load_checkpoint, load_lm, \
-    log_evaluation, model_family, parse_overrides, prepare_runs, progress, read_hf_config, resolve_runs, \
+    load_model, log_evaluation, model_family, parse_overrides, prepare_runs, progress, read_hf_config, resolve_runs, \
     save_checkpoint, saved_config, site_width, sites_of, start_process, val_contexts, write_atomic, write_json
 
 # -----------------------------------------------------------------------------
@@ -203,6 +203,16 @@ def fold_input_norm_(weights, norm, layer, transcoder):
 # post_attention_layernorm's output and input and the MLP's output (circuit_tracer/utils/tl_nnsight_mapping.py)
 CIRCUIT_TRACER_HOOKS = {("mlp_in", "mlp_out"): ("mlp.hook_in", "mlp.hook_out"),
                         ("resid_mid", "mlp_out"): ("hook_resid_mid", "hook_mlp_out")}
+# where its nnsight mapping names other hooks, by the checkpoint's architecture: Gemma's MLP writes hook_mlp_out
+# (post_feedforward_layernorm's output, our mlp_out; no mlp.hook_out); Gemma 3's mlp.hook_in is our mlp_in; Gemma 2
+# has no mlp.hook_in, and its ln2.hook_normalized is our mlp_in before the norm's gain (1 + w), which the export
+# folds into the encoder (fold_input_norm_); Qwen3 names mlp.hook_in and mlp.hook_out only
+GEMMA_HOOKS = {("mlp_in", "mlp_out"): ("mlp.hook_in", "hook_mlp_out"),
+               ("resid_mid", "mlp_out"): ("hook_resid_mid", "hook_mlp_out")}
+CIRCUIT_TRACER_ARCH_HOOKS = {
+    "Gemma2ForCausalLM": {**GEMMA_HOOKS, ("mlp_in", "mlp_out"): ("ln2.hook_normalized", "hook_mlp_out")},
+    "Gemma3ForCausalLM": GEMMA_HOOKS, "Gemma3ForConditionalGeneration": GEMMA_HOOKS,
+    "Qwen3ForCausalLM": {("mlp_in", "mlp_out"): ("mlp.hook_in", "mlp.hook_out")}}
 # each architecture's form there at inference: relu and vae (z = pre) a ReLU; jumprelu a JumpReLU x * (x > theta_i);
 # batchtopk and matryoshka a JumpReLU with their one threshold repeated. Its loader has neither a per-token top-k (no
 # threshold picks k features of every token) nor fsq's rounding
@@ -248,7 +258,18 @@ def check_circuit_tracer_set(resolved):
     if wrong:  # its set hooks every block, and TranscoderSet asserts layers 0..max
         raise ValueError(f"circuit-tracer needs one transcoder for each layer 0..{n_layer - 1} of {cfg.init_from}: "
                          f"{', '.join(f'{what} {found}' for what, found in wrong)}")
-    return n_layer, CIRCUIT_TRACER_HOOKS[pairs.pop()]
+    return n_layer, circuit_tracer_hooks(hf, cfg.init_from, pairs.pop())
+
+
+def circuit_tracer_hooks(hf, model, pair):
+    """circuit-tracer's (input, output) hooks for the (site, target_site) pair on the model of config.json hf; a pair
+    it names no hooks for there is a one-line ValueError."""
+    arch = (hf.get("architectures") or [""])[0]
+    hooks = CIRCUIT_TRACER_ARCH_HOOKS.get(arch, CIRCUIT_TRACER_HOOKS)
+    if pair not in hooks:
+        raise ValueError(f"circuit-tracer names no hooks for {pair[0]} -> {pair[1]} on {model} ({arch}); it reads and "
+                         f"writes {', '.join(f'{a} -> {b}' for a, b in hooks)} there")
+    return hooks[pair]
 
 
 def export_circuit_tracer(resolved, export_dir):
@@ -260,10 +281,14 @@ def export_circuit_tracer(resolved, export_dir):
     n_layer, hooks = check_circuit_tracer_set(resolved)
     check_no_stale_files(export_dir, [f"layer_{i}.safetensors" for i in range(n_layer)])
     skips = any(cfg.skip for cfg, _ in resolved)
+    # Gemma 2's input hook is the MLP norm's output before its gain: the gain goes into each encoder
+    blocks = load_model(resolved[0][0].init_from).blocks if hooks[0] == "ln2.hook_normalized" else None
     layers = {}
     for cfg, checkpoint in resolved:
         sae, _, s_in = load_sae(checkpoint)  # free decoder norms folded: features in the unit-norm rows' units
         w = transcoder_weights(sae, s_in, target_scale(checkpoint))
+        if blocks is not None:
+            fold_input_norm_(w, blocks[cfg.layer].mlp_norm, cfg.layer, transcoder=True)
         # its W_enc is ours transposed: (d_in, d_sae) -> (d_sae, d_in)
         tensors = {"W_enc": w["W_enc"].T, "W_dec": w["W_dec"], "b_enc": w["b_enc"], "b_dec": w["b_dec"]}
         if skips:  # its set has a skip path on every layer or on none (TranscoderSet.skip_connection is layer 0's):
@@ -324,6 +349,7 @@ def export_circuit_tracer_clt(cfg, checkpoint, export_dir):
     if (cfg.site, cfg.target_site) not in CIRCUIT_TRACER_HOOKS:
         raise ValueError(f"the CLT reads {cfg.site} and predicts {cfg.target_site}; circuit-tracer's transcoders "
                          f"read and write {', '.join(f'{a} -> {b}' for a, b in CIRCUIT_TRACER_HOOKS)}")
+
     if cfg.arch not in CIRCUIT_TRACER_ARCH or cfg.arch in ("batchtopk", "matryoshka") and \
             (checkpoint["sae"]["threshold"] == 0).any():
         raise ValueError(f"--arch={cfg.arch}: circuit-tracer reads a ReLU or a JumpReLU, and this CLT's code is neither"
@@ -333,6 +359,10 @@ def export_circuit_tracer_clt(cfg, checkpoint, export_dir):
     if not has_model(cfg) or cfg.init_from == "scratch":
         raise ValueError(f"the CLT was trained on {cfg.acts or 'a random GPT-2'}, which circuit-tracer cannot load")
     hf, _ = read_hf_config(cfg.init_from)
+    hooks = circuit_tracer_hooks(hf, cfg.init_from, (cfg.site, cfg.target_site))
+    if hooks[0] == "ln2.hook_normalized":  # Gemma 2: its gain is not folded into a CLT's encoders (yet)
+        raise ValueError(f"circuit-tracer reads {cfg.init_from}'s MLP input before the norm's gain "
+                         f"(ln2.hook_normalized); a CLT on it exports with --site=resid_mid, not mlp_in")
     n_layer = hf.get("num_hidden_layers", hf.get("n_layer"))
     if layers != list(range(n_layer)):  # its CLT hooks every block: n_layers is the number of W_enc files
         raise ValueError(f"circuit-tracer's CLT spans every layer 0..{n_layer - 1} of {cfg.init_from}; this one reads "
@@ -354,7 +384,6 @@ def export_circuit_tracer_clt(cfg, checkpoint, export_dir):
             files[f"W_enc_{l}.safetensors"] = enc
             files[f"W_dec_{l}.safetensors"] = {f"W_dec_{l}": W_dec}
     check_no_stale_files(export_dir, files)
-    hooks = CIRCUIT_TRACER_HOOKS[(cfg.site, cfg.target_site)]
     ct_cfg = write_circuit_tracer_files(export_dir, files, "cross_layer_transcoder", cfg.init_from, hooks)
     print(f"wrote {export_dir}/config.yaml, W_enc_0..{n_layer - 1} and W_dec_0..{n_layer - 1}.safetensors (a cross-layer "
           f"transcoder, {' -> '.join(hooks)}, d_sae {d_sae} a layer, iter {checkpoint['iter_num']}); load it by its "

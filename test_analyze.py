@@ -459,6 +459,73 @@ def test_circuit_tracer_export_is_its_transcoder_forward_on_each_layer(kind, sit
         torch.testing.assert_close(y_ct.float(), y_hat / 0.4, atol=1e-4, rtol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def three_layer_families(tmp_path_factory):
+    """Random 3-layer Qwen3, Gemma 2 and Gemma 3 of width 48 saved by transformers, norm gains far from 1: name ->
+    (its directory, our model of it)."""
+    shape = dict(vocab_size=301, hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=12, max_position_embeddings=64, rms_norm_eps=1e-5)
+    models = {}
+    for name, config_class, model_class, offset in (
+            ("qwen3", transformers.Qwen3Config, transformers.Qwen3ForCausalLM, 1.0),
+            ("gemma2", transformers.Gemma2Config, transformers.Gemma2ForCausalLM, 0.0),  # gains 1 + w
+            ("gemma3", transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, 0.0)):
+        torch.manual_seed(0)
+        hf = model_class(config_class(**shape)).eval()
+        with torch.no_grad():
+            for key, p in hf.named_parameters():
+                if "norm" in key:
+                    p.uniform_(offset - 0.5, offset + 0.5)
+        out = tmp_path_factory.mktemp(name)
+        hf.save_pretrained(out)
+        models[name] = out, sae.load_model(str(out))
+    return models
+
+
+@pytest.mark.parametrize("family,site,hooks", [
+    ("gemma2", "mlp_in", ("ln2.hook_normalized", "hook_mlp_out")),  # no mlp.hook_in: the norm's gain folded
+    ("gemma2", "resid_mid", ("hook_resid_mid", "hook_mlp_out")),
+    ("gemma3", "mlp_in", ("mlp.hook_in", "hook_mlp_out")),
+    ("qwen3", "mlp_in", ("mlp.hook_in", "mlp.hook_out"))])
+def test_circuit_tracer_export_names_each_familys_hooks(family, site, hooks, three_layer_families, tmp_path):
+    """circuit-tracer's nnsight mapping names other hooks for Gemma and Qwen3 (CIRCUIT_TRACER_ARCH_HOOKS): the export
+    writes them, and its forward on the activation at that hook (Gemma 2's ln2.hook_normalized computed here from
+    resid_mid: the norm's output before its gain) gives our features and prediction, skip paths included."""
+    from safetensors.torch import load_file
+    model_dir, model = three_layer_families[family]
+    ours = write_transcoder_set(tmp_path / "run", model_dir, [0, 1, 2], ["relu"] * 3, [True] * 3, site=site)
+    r = run_sae("--mode=export", "--export_format=circuit_tracer", f"--out_dir={tmp_path / 'run'}",
+                f"--export_dir={tmp_path / 'ct'}")
+    assert r.returncode == 0, r.stderr
+    config = read_flat_yaml(tmp_path / "ct" / "config.yaml")
+    assert (config["feature_input_hook"], config["feature_output_hook"]) == hooks
+    idx = torch.randint(0, 301, (2, 16), generator=torch.Generator().manual_seed(0))
+    for layer, tc in ours:
+        w = {k: v.double() for k, v in load_file(tmp_path / "ct" / f"layer_{layer}.safetensors").items()}
+        with torch.no_grad():
+            acts = model.harvest(idx, layer, ("resid_mid", "mlp_in", "mlp_out")).reshape(-1, 144).double()
+        x = acts[:, :48] if site == "resid_mid" else acts[:, 48:96]  # what our transcoder read
+        with torch.no_grad():
+            y_hat, f = tc(x.float() * 2.5)
+        x_ct = tl_normalized(acts[:, :48], "rms", 1e-5) if hooks[0] == "ln2.hook_normalized" else x
+        y_ct, f_ct = circuit_tracer_forward(w, x_ct)
+        assert (f > 0).any()
+        torch.testing.assert_close(f_ct.float(), f, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(y_ct.float(), y_hat / 0.4, atol=1e-4, rtol=1e-4)
+
+
+def test_circuit_tracer_export_refuses_hooks_a_family_lacks(three_layer_families, tmp_path):
+    """Qwen3's mapping names no hook_resid_mid: a resid_mid transcoder set on it is refused in one line."""
+    model_dir, _ = three_layer_families["qwen3"]
+    write_transcoder_set(tmp_path / "run", model_dir, [0, 1, 2], ["relu"] * 3, [False] * 3, site="resid_mid")
+    r = run_sae("--mode=export", "--export_format=circuit_tracer", f"--out_dir={tmp_path / 'run'}",
+                f"--export_dir={tmp_path / 'ct'}")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "circuit-tracer names no hooks for resid_mid -> mlp_out" in lines[0], r.stderr
+    assert not (tmp_path / "ct").exists()
+
+
 def write_clt(run, model_dir, arch, skip=False, s_in=(2.5, 1.5, 0.8), s_out=(0.4, 0.7, 1.2), d=48, d_sae=40):
     """run/ckpt.pt of a random cross-layer transcoder over the 3 layers (every parameter random, jumprelu thresholds
     some negative, batchtopk's estimated, relu with free decoder norms), as sae.py saves one -> our CLT"""
