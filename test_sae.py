@@ -1108,12 +1108,13 @@ def test_a_transcoder_cache_holds_both_sites_row_for_row(tiny_llama, llama_shard
 
 
 @pytest.mark.parametrize("name", ["qwen3_window_bias", "gemma2", "gemma3"])
-def test_new_families_cache_and_train_a_transcoder_sweep_through_our_forward(name, smollm2_dir, llama_shards,
+def test_new_families_train_saes_and_transcoders_through_our_forward(name, smollm2_dir, llama_shards,
                                                                              tmp_path):
     """Qwen3 (q/k norms, biases on q, k, v and o, a sliding window in layer 1), Gemma 2 (soft caps, sandwich norms,
     a sliding window in layer 0) and Gemma 3 (q/k norms, two rope bases), random, with SmolLM2's tokenizer: a cache
     of layer 1's mlp_in and mlp_out, row for row against transformers' hooks; two transcoders (l1, hybrid) trained on
-    it in one sweep and evaluated through our forward, ce_clean equal to transformers' loss."""
+    it in one sweep and evaluated through our forward, ce_clean equal to transformers' loss; and an SAE of
+    resid_post trained straight from the model."""
     config_class, kw = CONFIGS[name]
     config = config_class(vocab_size=49152, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, **kw)
     config._attn_implementation = "eager"  # the path that applies the sliding window
@@ -1149,6 +1150,12 @@ def test_new_families_cache_and_train_a_transcoder_sweep_through_our_forward(nam
         assert log[0]["ce_clean"] == pytest.approx(ce, abs=1e-4)
         config = load_ckpt(tmp_path / "tc" / name)["config"]
         assert (config["site"], config["target_site"], config["init_from"]) == ("mlp_in", "mlp_out", str(saved))
+    # and an SAE straight from the model (no cache): the shuffling buffer harvests through our forward
+    r = run_sae(f"--init_from={saved}", *TINY_LLAMA_RUN, f"--data_dir={llama_shards}", "--site=resid_post",
+                "--max_iters=10", "--eval_interval=10", "--resample_iters=()", f"--out_dir={tmp_path / 'sae'}")
+    assert r.returncode == 0, r.stderr
+    log = [json.loads(line) for line in open(tmp_path / "sae" / "log.jsonl")]
+    assert "ce_recovered" in log[-1] and log[0]["ce_clean"] == pytest.approx(ce, abs=1e-4)
 
 
 def test_a_cache_of_every_layer_holds_each_layers_rows_and_trains_under_two_gloo_processes(tiny_llama, llama_shards,
