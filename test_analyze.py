@@ -757,6 +757,67 @@ def test_circuit_tracer_loads_the_export_of_smollm2_transcoders_and_attributes(r
     assert 0 <= replacement <= 1 and 0 <= completeness <= 1 and out["active"] > 0, out
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen3"])
+def test_circuit_tracer_loads_the_export_of_each_new_familys_transcoders(family, request, tmp_path, monkeypatch):
+    """circuit-tracer 0.5.0 itself ($CIRCUIT_TRACER_PYTHON; skipped without it) on a random 3-layer model of each
+    family (SmolLM2's tokenizer, config.json in transformers 4's keys, which its transformers 4.57 reads): it loads
+    the export of a relu transcoder set with skip paths, its encode of the activation at its input hook gives our
+    features (for Gemma 2 that hook is ln2.hook_normalized, the norm's output before its gain, computed here from
+    resid_mid), its own hooks on its own forward of the model give our features, and attribute() builds a graph."""
+    import shutil
+    from test_sae import write_v4_keys
+    python = circuit_tracer_python()
+    smollm2_dir = request.getfixturevalue("smollm2_dir")
+    monkeypatch.setattr(sae_kernels, "INTERPRET", False)
+    config_class, model_class, gain = {
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, 1.0),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, 0.0),  # gains 1 + w
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, 0.0)}[family]
+    extra = dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=4) \
+        if family == "gemma3" else {}
+    torch.manual_seed(0)
+    hf = model_class(config_class(vocab_size=49152, hidden_size=48, intermediate_size=72, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                  max_position_embeddings=64, rms_norm_eps=1e-5, **extra)).eval()
+    with torch.no_grad():
+        for key, p in hf.named_parameters():
+            if "norm" in key:
+                p.uniform_(gain - 0.5, gain + 0.5)
+    model_dir = tmp_path / "model"
+    hf.save_pretrained(model_dir)
+    write_v4_keys(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the config too: else transformers builds the family's
+        shutil.copy(smollm2_dir / name, model_dir / name)       # own tokenizer class, adding Gemma's <bos> past the vocab
+    model = sae.load_model(str(model_dir))
+    ours = write_transcoder_set(tmp_path / "run", model_dir, [0, 1, 2], ["relu"] * 3, [True] * 3,
+                                make=smollm2_transcoder, scales=(1.0, 1.0))
+    resolved = sae.resolve_runs([f"--out_dir={tmp_path / 'run'}", "--mode=export"], analyze.AnalyzeConfig)
+    analyze.export_circuit_tracer(resolved, str(tmp_path / "ct"))
+    ids = torch.tensor([[0, 504, 3575, 282, 4649, 314, 7042, 30]])
+    with torch.no_grad():
+        acts = [model.harvest(ids, layer, ("resid_mid", "mlp_in"))[0] for layer in range(3)]  # (T, 48 + 48)
+    ln2 = family == "gemma2"
+    x = torch.stack([tl_normalized(a[:, :48], "rms", 1e-5).float() if ln2 else a[:, 48:] for a in acts])
+    work = tmp_path / "work"
+    work.mkdir()
+    np.save(work / "x.npy", x.numpy()), np.save(work / "ids.npy", ids[0].numpy())
+    r = subprocess.run([python, "-c", CIRCUIT_TRACER_CLIENT, str(model_dir), str(tmp_path / "ct"), str(work)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.load(open(work / "out.json"))
+    assert out["hooks"] == list(analyze.CIRCUIT_TRACER_ARCH_HOOKS[hf.config.architectures[0]][("mlp_in", "mlp_out")])
+    f_ct, acts_ct = (torch.from_numpy(np.load(work / f"{n}.npy")) for n in ("f", "acts"))
+    for layer, tc in ours:
+        with torch.no_grad():
+            _, f = tc(acts[layer][:, 48:])
+        assert (f > 0).any() and (f == 0).any(), layer
+        torch.testing.assert_close(f_ct[layer], f, atol=1e-4, rtol=1e-4)
+        assert not acts_ct[layer, 0].any()  # position 0 it zeroes
+        torch.testing.assert_close(acts_ct[layer, 1:], f[1:], atol=1e-4, rtol=1e-3)  # 2e-7 measured
+    replacement, completeness = out["scores"]
+    assert 0 <= replacement <= 1 and 0 <= completeness <= 1 and out["active"] > 0, out
+
+
 # the same for a cross-layer transcoder: its decode takes the sparse codes of every layer
 CIRCUIT_TRACER_CLT_CLIENT = r"""
 import json, sys

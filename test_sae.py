@@ -591,7 +591,8 @@ def write_v4_keys(directory):
     rope = config.pop("rope_parameters")
     if config["model_type"] == "gemma3_text":  # per layer type; transformers 4: a pattern, a local base, rope_scaling
         layer_types = config.pop("layer_types")
-        config["sliding_window_pattern"] = layer_types.index("full_attention") + 1
+        config["sliding_window_pattern"] = (layer_types.index("full_attention") if "full_attention" in layer_types
+                                            else len(layer_types)) + 1
         config["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
         rope = rope["full_attention"]
     if config["model_type"] == "gemma2":
