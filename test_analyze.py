@@ -684,6 +684,18 @@ def circuit_tracer_python():
     return python
 
 
+def run_circuit_tracer_client(python, model_dir, tmp_path, x, ids, client=None):
+    """client (CIRCUIT_TRACER_CLIENT by default) on the export in tmp_path/ct, x (n_layers, T, d) at its input hook and
+    ids (1, T): -> (its out.json, the directory of its .npy outputs)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    np.save(work / "x.npy", x.numpy()), np.save(work / "ids.npy", ids[0].numpy())
+    r = subprocess.run([python, "-c", client or CIRCUIT_TRACER_CLIENT, str(model_dir), str(tmp_path / "ct"), str(work)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.load(open(work / "out.json")), work
+
+
 def smollm2_transcoder(cfg, d, seed):
     """A transcoder of SmolLM2's width, random and sparse: unit encoder columns and b_enc = -1 (pre ~ N(-1, 1) at
     E|x| = sqrt(d): about a sixth of the features fire), random biases, skip path, free decoder norms and thresholds."""
@@ -734,13 +746,7 @@ def test_circuit_tracer_loads_the_export_of_smollm2_transcoders_and_attributes(r
                                 make=smollm2_transcoder)
     resolved = sae.resolve_runs([f"--out_dir={tmp_path / 'run'}", "--mode=export"], analyze.AnalyzeConfig)
     analyze.export_circuit_tracer(resolved, str(tmp_path / "ct"))
-    work = tmp_path / "work"
-    work.mkdir()
-    np.save(work / "x.npy", x.numpy()), np.save(work / "ids.npy", ids[0].numpy())
-    r = subprocess.run([python, "-c", CIRCUIT_TRACER_CLIENT, str(smollm2_dir), str(tmp_path / "ct"), str(work)],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.load(open(work / "out.json"))
+    out, work = run_circuit_tracer_client(python, smollm2_dir, tmp_path, x, ids)
     assert out["n_layers"] == n_layer and out["skip"] and out["hooks"] == ["mlp.hook_in", "mlp.hook_out"]
     assert out["activations"] == [("function", "JumpReLU", "JumpReLU")[i % 3] for i in range(n_layer)]
     f_ct, y_ct, acts_ct = (torch.from_numpy(np.load(work / f"{n}.npy")) for n in ("f", "y", "acts"))
@@ -798,13 +804,7 @@ def test_circuit_tracer_loads_the_export_of_each_new_familys_transcoders(family,
         acts = [model.harvest(ids, layer, ("resid_mid", "mlp_in"))[0] for layer in range(3)]  # (T, 48 + 48)
     ln2 = family == "gemma2"
     x = torch.stack([tl_normalized(a[:, :48], "rms", 1e-5).float() if ln2 else a[:, 48:] for a in acts])
-    work = tmp_path / "work"
-    work.mkdir()
-    np.save(work / "x.npy", x.numpy()), np.save(work / "ids.npy", ids[0].numpy())
-    r = subprocess.run([python, "-c", CIRCUIT_TRACER_CLIENT, str(model_dir), str(tmp_path / "ct"), str(work)],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.load(open(work / "out.json"))
+    out, work = run_circuit_tracer_client(python, model_dir, tmp_path, x, ids)
     assert out["hooks"] == list(analyze.CIRCUIT_TRACER_ARCH_HOOKS[hf.config.architectures[0]][("mlp_in", "mlp_out")])
     f_ct, acts_ct = (torch.from_numpy(np.load(work / f"{n}.npy")) for n in ("f", "acts"))
     for layer, tc in ours:
@@ -870,13 +870,7 @@ def test_circuit_tracer_loads_the_export_of_a_smollm2_cross_layer_transcoder_and
     r = run_sae("--mode=export", "--export_format=circuit_tracer", f"--out_dir={tmp_path / 'run'}",
                 f"--export_dir={tmp_path / 'ct'}")
     assert r.returncode == 0, r.stderr
-    work = tmp_path / "work"
-    work.mkdir()
-    np.save(work / "x.npy", x.numpy()), np.save(work / "ids.npy", ids[0].numpy())
-    r = subprocess.run([python, "-c", CIRCUIT_TRACER_CLT_CLIENT, str(smollm2_dir), str(tmp_path / "ct"), str(work)],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.load(open(work / "out.json"))
+    out, work = run_circuit_tracer_client(python, smollm2_dir, tmp_path, x, ids, CIRCUIT_TRACER_CLT_CLIENT)
     assert out["kind"] == "CrossLayerTranscoder" and out["n_layers"] == n_layer
     assert out["hooks"] == ["mlp.hook_in", "mlp.hook_out"]
     f_ct, y_ct = (torch.from_numpy(np.load(work / f"{n}.npy")) for n in ("f", "y"))
