@@ -349,7 +349,6 @@ def export_circuit_tracer_clt(cfg, checkpoint, export_dir):
     if (cfg.site, cfg.target_site) not in CIRCUIT_TRACER_HOOKS:
         raise ValueError(f"the CLT reads {cfg.site} and predicts {cfg.target_site}; circuit-tracer's transcoders "
                          f"read and write {', '.join(f'{a} -> {b}' for a, b in CIRCUIT_TRACER_HOOKS)}")
-
     if cfg.arch not in CIRCUIT_TRACER_ARCH or cfg.arch in ("batchtopk", "matryoshka") and \
             (checkpoint["sae"]["threshold"] == 0).any():
         raise ValueError(f"--arch={cfg.arch}: circuit-tracer reads a ReLU or a JumpReLU, and this CLT's code is neither"

@@ -795,6 +795,13 @@ def rope_inv_freq(config):
     return inv_freq
 
 
+def rope_table(inv_freq, T, dtype):
+    """(cos, sin) of the rotary angles of positions 0..T-1, each (T, head_dim): computed in fp32, cast to dtype."""
+    freqs = torch.arange(T, device=inv_freq.device).float()[:, None] * inv_freq  # (T, hd/2), fp32
+    emb = torch.cat((freqs, freqs), dim=-1)                                       # (T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def rotate_half(x):
     """(x1, x2) -> (-x2, x1) over the two halves of the head: the rotary pairing of Hugging Face's weights."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -895,11 +902,8 @@ class Llama(LanguageModel):
 
     def forward(self, idx, layer=None, site=None, edit=None, head=True):
         """idx (B, T) -> logits (B, T, vocab); (layer, site, edit, head) as in GPT.forward."""
-        T = idx.size(1)
-        freqs = torch.arange(T, device=idx.device).float()[:, None] * self.inv_freq  # (T, hd/2), fp32
-        emb = torch.cat((freqs, freqs), dim=-1)                                       # (T, hd)
         x = self.model.embed_tokens(idx)                                              # (B, T, C)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = rope_table(self.inv_freq, idx.size(1), x.dtype)
         edited = layers_of(layer)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, site=site, edit=edit) if i in edited else block(x, cos, sin)
@@ -1055,11 +1059,8 @@ class Gemma(Llama):
         T = idx.size(1)
         x = self.model.embed_tokens(idx)                                              # (B, T, C)
         x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)           # in the weights' dtype
-        rope = {}
-        for sliding, inv_freq in ((False, self.inv_freq), (True, self.inv_freq_local)):
-            freqs = torch.arange(T, device=idx.device).float()[:, None] * inv_freq  # (T, hd/2), fp32
-            emb = torch.cat((freqs, freqs), dim=-1)                                   # (T, hd)
-            rope[sliding] = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        rope = {sliding: rope_table(inv_freq, T, x.dtype)  # the global layers' and the sliding ones'
+                for sliding, inv_freq in ((False, self.inv_freq), (True, self.inv_freq_local))}
         edited = layers_of(layer)
         for i, block in enumerate(self.model.layers):
             cos, sin = rope[block.sliding]

@@ -332,6 +332,9 @@ def plot_curves(results_path, out_path, published=PUBLISHED_BEST):
     return out_path
 
 
+FIT_BUDGETS = 4  # the fewest distinct budgets a saturating fit takes (three parameters, and one point to spare)
+
+
 def fit_saturating(seen, values, most=1.0):
     """The curve y(n) = top - gap * (n / n0) ** -rate nearest the points in least squares, its top at most `most`
     (EV, MCC and F1 are at most 1): a quantity that rises ever more slowly toward `top`, the usual shape of a
@@ -339,7 +342,7 @@ def fit_saturating(seen, values, most=1.0):
     fit would pass it: a curve still rising steadily then becomes a power law toward the perfect score). Returns
     (top, gap, rate, n0). Four budgets or more: three parameters pass through three points and predict nothing."""
     n, y = np.asarray(seen, dtype=np.float64), np.asarray(values, dtype=np.float64)
-    if len(set(seen)) < 4:
+    if len(set(seen)) < FIT_BUDGETS:
         raise ValueError(f"a saturating fit needs four budgets or more, got {len(set(seen))}")
     best = None
     for rate in np.geomspace(0.01, 3.0, 600):
@@ -369,7 +372,7 @@ def predict_curves(results_path, at=20_000_000, published=PUBLISHED_BEST):
     rows = ["| curve | budgets | metric | last measured | fit at %s | ceiling | samples to the published best |"
             % f"{at / 1e6:g}M", "|---|---|---|---:|---:|---:|---:|"]
     for name, points in curves_in(results_path).items():
-        if len({r["samples_seen"] for r in points}) < 4:
+        if len({r["samples_seen"] for r in points}) < FIT_BUDGETS:
             continue
         seen = [r["samples_seen"] for r in points]
         budgets = ", ".join(f"{n / 1e6:.2g}M" for n in seen)
