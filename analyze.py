@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sae import ARCH_KEYS, CONV1D_WEIGHTS, GPT, INIT_NORM, CrossLayerTranscoder, run_layers, READER_MODES, SAE, SPARSITY_COEFF, DataLoaderLite, \
-    TrainConfig, check_site, check_tokenizer, checkpoint_file, evaluate, is_transcoder, load_checkpoint, load_lm, \
+from sae import ARCH_KEYS, CONV1D_WEIGHTS, GPT, INIT_NORM, CrossLayerTranscoder, run_layers, SAE, SPARSITY_COEFF, DataLoaderLite, \
+    TrainConfig, check_site, check_tokenizer, checkpoint_file, cli, evaluate, is_transcoder, load_checkpoint, load_lm, \
     load_model, log_evaluation, model_family, parse_overrides, prepare_runs, progress, read_hf_config, resolve_runs, \
-    save_checkpoint, saved_config, site_width, sites_of, start_process, val_contexts, write_atomic, write_json
+    save_checkpoint, saved_config, upgrade_config, site_width, sites_of, start_process, val_contexts, write_atomic, write_json
 
 # -----------------------------------------------------------------------------
 # config: sae.py's flags (a checkpoint's own, which the command line may override) and each mode's below
@@ -106,7 +106,7 @@ def export_saelens(checkpoint, export_dir):
     b = 0): folded too, exactly, as an affine change of coordinates: W_enc'' = diag(g) W_enc', W_dec'' = W_dec' / g,
     b_dec'' = (b_dec' - b) / g, so that the SAE reads n and writes n_hat = (x_hat - b) / g. Neither fold changes
     the pre-activations, so thresholds carry over as they are."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save  # -> the file's bytes
     sae, cfg, s = load_sae(checkpoint)  # norms folded
     if cfg.arch not in SAELENS_ARCH or (sae.transcoder and SAELENS_ARCH[cfg.arch] not in SAELENS_TRANSCODER):
         what = "its code is rounded to {} levels".format(cfg.fsq_levels) if cfg.arch == "fsq" else "SAELens 6.54 " \
@@ -146,8 +146,7 @@ def export_saelens(checkpoint, export_dir):
         sae_cfg["k"] = cfg.k
     os.makedirs(export_dir, exist_ok=True)
     weights_path, cfg_path = os.path.join(export_dir, "sae_weights.safetensors"), os.path.join(export_dir, "cfg.json")
-    save_file({k: v.contiguous() for k, v in weights.items()}, weights_path + ".tmp")
-    os.replace(weights_path + ".tmp", weights_path)
+    write_atomic(weights_path, lambda f: f.write(save({k: v.contiguous() for k, v in weights.items()})), "wb")
     write_json(cfg_path, sae_cfg)
     print(f"wrote {cfg_path} and {weights_path} (hook {metadata['hook_name']}, d_sae {d_sae})")
     return sae_cfg
@@ -321,15 +320,14 @@ def write_circuit_tracer_files(export_dir, files, model_kind, model_name, hooks)
     """files {name: {key: tensor}} into export_dir, each under a temporary name (outside the loaders' globs) and
     renamed, then config.yaml, which circuit-tracer takes as "the export is complete": removed first, written last.
     -> config.yaml's keys"""
-    from safetensors.torch import save_file
+    from safetensors.torch import save  # -> the file's bytes
     os.makedirs(export_dir, exist_ok=True)
     cfg_path = os.path.join(export_dir, "config.yaml")
     if os.path.exists(cfg_path):
         os.remove(cfg_path)
     for name, tensors in files.items():
-        path = os.path.join(export_dir, name)
-        save_file({k: v.float().contiguous() for k, v in tensors.items()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        tensors = {k: v.float().contiguous() for k, v in tensors.items()}
+        write_atomic(os.path.join(export_dir, name), lambda f: f.write(save(tensors)), "wb")
     ct_cfg = {"model_kind": model_kind, "model_name": model_name, "feature_input_hook": hooks[0],
               "feature_output_hook": hooks[1], "scan": f"gpt_sae/{os.path.basename(os.path.normpath(export_dir))}"}
     # YAML by hand (no pyyaml here): flat keys, each value a JSON string, which YAML reads as a double-quoted scalar
@@ -410,7 +408,7 @@ def steer(model, sae, features, layer, site, act_scale=1.0, mode="add"):
     def edit(act):  # at each of sites in block order; act (B, T, d) in model units
         at, calls[0] = calls[0], calls[0] + 1
         if at == 0 and mode != "add":  # the code the SAE reads here
-            code["f"] = sae((act * s_in).float().reshape(-1, act.shape[-1]))[1]  # (B*T, d_sae)
+            code["f"] = sae((act * s_in).float().reshape(-1, act.shape[-1])).f  # (B*T, d_sae)
         if at < len(sites) - 1:
             return act
         directions = sae.W_dec[idx.to(act.device)].to(act.dtype) / s_out  # (k, d)
@@ -526,7 +524,7 @@ def feature_stats(model, sae, saved, act_scale, contexts, features, top_k=10, ba
     for first in progress(range(0, len(contexts), batch), desc="dashboard: features", unit="batch", leave=False):
         tokens = contexts[first:first + batch]
         acts = model.harvest(tokens, saved.layer, saved.site).float()  # (B, T, d)
-        _, f = sae(acts.reshape(-1, acts.shape[-1]) * act_scale)         # (B*T, d_sae)
+        f = sae(acts.reshape(-1, acts.shape[-1]) * act_scale).f          # (B*T, d_sae)
         f = f.view(len(tokens), tokens.shape[1], -1)
         if saved.exclude_pos0:
             f[:, 0] = 0  # the SAE never trained on position 0
@@ -614,9 +612,7 @@ def write_dashboard(cfg, checkpoint):
              ".note{color:#888}code{background:#f4f4f4}")
     page = f"<!doctype html><html><head><meta charset=utf-8><title>SAE dashboard</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
     path = cfg.dashboard_file or os.path.join(cfg.out_dir, "dashboard.html")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, lambda f: f.write(page.encode("utf-8")), "wb")  # UTF-8 whatever the locale, as its meta says
     print(f"wrote {path}: {len(features)} features over {contexts.numel():,} tokens; open it in a browser")
     return path
 
@@ -624,8 +620,11 @@ def write_dashboard(cfg, checkpoint):
 # -----------------------------------------------------------------------------
 # fine-tuning: --mode=finetune trains LoRA adapters on the blocks of --init_from over data_dir's train split and
 # writes the merged model as a save_pretrained directory, which every mode then reads like any checkpoint. It is
-# the first half of the persistence experiment (docs/results.md): do the features of an SAE trained on the model survive a
-# fine-tune? --mode=persistence --eval_model=<the fine-tune> is the second half.
+# the first half of the persistence experiment (docs/results.md): do the features of an SAE trained on the model
+# survive a fine-tune? --mode=persistence --eval_model=<the fine-tune> is the second half.
+# A second, small training loop, and not sae.py's: it trains the language model (Adam on its adapters, the next-token
+# loss), where sae.py's loop trains SAEs on a frozen model's activations (harvest, SAE losses, DDP). It shares sae.py's
+# data loader, val contexts, device setup and checkpoint writes; the loop is finetune_lora, its parts below it.
 
 class LoRA(nn.Module):
     """Low-rank adaptation (Hu et al. 2021; microsoft/LoRA's loralib) as a parametrization of a frozen weight W
@@ -726,25 +725,14 @@ def finetune_lora(cfg, device, autocast):
         raise ValueError(f"--finetune_dir={cfg.finetune_dir} exists; delete it or name another")
     model = load_lm(cfg, has_site=False).to(device)
     check_tokenizer(cfg.data_dir, model.tokenizer)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the adapters' initialisation (A; B starts at zero)
     adapted = add_lora_(model, cfg.lora_rank, cfg.lora_alpha, [t for t in cfg.lora_targets.split(",") if t])
     params = [p for name, p in model.named_parameters() if name.endswith((".A", ".B"))]  # load_lm froze the rest
     optimizer = torch.optim.Adam(params, lr=cfg.finetune_lr, betas=(cfg.beta1, cfg.beta2))
-    loader = DataLoaderLite(cfg.data_dir, "train", cfg.harvest_batch, cfg.block_size)
-    val = [b.to(device) for b in val_contexts(cfg.data_dir, cfg.block_size, cfg.eval_tokens, "fine-tuning")
-           .split(cfg.harvest_batch)]
+    loader, val = finetune_data(cfg, device)
     work, settings = cfg.finetune_dir + ".partial", {k: getattr(cfg, k) for k in FINETUNE_SETTINGS}
-    state_path, start, history = os.path.join(work, "lora.pt"), 0, []
-    if os.path.exists(state_path):
-        state = load_checkpoint(state_path)
-        changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
-        if changed:
-            raise ValueError(f"{work} holds a fine-tune with other {', '.join(changed)}; delete it to start again")
-        model.load_state_dict(state["lora"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        loader.load_state_dict(state["data"])
-        start, history = state["iter"], state["history"]
-        print(f"resumed {work} at iter {start}")
+    state_path = os.path.join(work, "lora.pt")
+    start, history = resume_finetune(state_path, settings, model, optimizer, loader)
     os.makedirs(work, exist_ok=True)
     n_params = sum(p.numel() for p in params)
     print(f"LoRA rank {cfg.lora_rank} on {len(adapted)} linear layers: {n_params:,} trainable parameters")
@@ -760,24 +748,63 @@ def finetune_lora(cfg, device, autocast):
         if it == cfg.finetune_iters:
             break
         idx = loader.next_batch().to(device)  # (B, T)
-        with autocast:
-            logits = model(idx)  # (B, T, vocab)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = lora_step(model, optimizer, idx, autocast)
         if it % cfg.log_interval == 0:
             dt, t0, steps = time.time() - t0, time.time(), it - last_log
             last_log = it
             print(f"iter {it:5d} | loss {loss.item():.4f} | {dt / steps * 1000:.0f} ms/step | "
                   f"{idx.numel() * steps / dt:,.0f} tok/s")
+    save_finetune(cfg, model, work, settings, adapted, history)
+    print(f"wrote {cfg.finetune_dir}: val loss {history[0]['val_loss']:.4f} -> {history[-1]['val_loss']:.4f}")
+    return history
+
+
+def finetune_data(cfg, device):
+    """The train split's loader (harvest_batch contexts of block_size tokens a step) and the val split's first
+    eval_tokens as (harvest_batch, block_size) batches on the device, the same at every evaluation."""
+    loader = DataLoaderLite(cfg.data_dir, "train", cfg.harvest_batch, cfg.block_size)
+    val = [b.to(device) for b in val_contexts(cfg.data_dir, cfg.block_size, cfg.eval_tokens, "fine-tuning")
+           .split(cfg.harvest_batch)]
+    return loader, val
+
+
+def resume_finetune(state_path, settings, model, optimizer, loader):
+    """Where a killed fine-tune left lora.pt: its adapters, Adam state and data position restored, after checking
+    that none of FINETUNE_SETTINGS changed. -> (the iteration to start at, the val-loss history so far)"""
+    if not os.path.exists(state_path):
+        return 0, []
+    state = load_checkpoint(state_path)
+    changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+    work = os.path.dirname(state_path)
+    if changed:
+        raise ValueError(f"{work} holds a fine-tune with other {', '.join(changed)}; delete it to start again")
+    model.load_state_dict(state["lora"], strict=False)  # the adapters only: the frozen weights are the model's
+    optimizer.load_state_dict(state["optimizer"])
+    loader.load_state_dict(state["data"])
+    print(f"resumed {work} at iter {state['iter']}")
+    return state["iter"], state["history"]
+
+
+def lora_step(model, optimizer, idx, autocast):
+    """One Adam step of the adapters on the next-token loss of idx (B, T): the forward in the autocast dtype, the
+    cross-entropy in fp32. -> the loss"""
+    with autocast:
+        logits = model(idx)  # (B, T, vocab)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def save_finetune(cfg, model, work, settings, adapted, history):
+    """The merged model and finetune.json (settings, tokens seen, val losses) into work (beside lora.pt), then work
+    renamed to finetune_dir, so a directory of that name is always a finished fine-tune."""
     save_hf_model(merge_lora_(model), cfg.init_from, work)
     write_json(os.path.join(work, "finetune.json"), {**settings, "finetune_iters": cfg.finetune_iters,
                                                      "tokens": cfg.finetune_iters * cfg.harvest_batch * cfg.block_size,
                                                      "adapted": adapted, "val_loss": history})
-    os.replace(work, cfg.finetune_dir)
-    print(f"wrote {cfg.finetune_dir}: val loss {history[0]['val_loss']:.4f} -> {history[-1]['val_loss']:.4f}")
-    return history
+    os.replace(work, cfg.finetune_dir)  # a directory: write_atomic's rename is the same move, for one file
 
 
 # -----------------------------------------------------------------------------
@@ -799,7 +826,7 @@ def feature_persistence(sae, scale, own_model, other_model, cfg, val_batches):
         fired = torch.zeros(sae.W_dec.shape[0], dtype=torch.float64)
         for idx in val_batches:
             act = model.harvest(idx, cfg.layer, cfg.site)[:, keep]  # (B, T', d)
-            _, f = sae(act.reshape(-1, act.shape[-1]).float() * scale)
+            f = sae(act.reshape(-1, act.shape[-1]).float() * scale).f
             fired += (f > 0).sum(dim=0).double().cpu()
         counts.append(fired)
     own, other = counts
@@ -809,13 +836,13 @@ def feature_persistence(sae, scale, own_model, other_model, cfg, val_batches):
             "silent": (ratio == 0).double().mean().item()}
 
 
-def score_on_another_model(resolved, argv):
+def score_on_another_model(resolved, overrides):
     """--mode=persistence: each SAE (a sweep's all) evaluated as sae.py evaluates it, with the val contexts run through
     --eval_model instead of its own model, plus feature_persistence; each record appended to the SAE's log.jsonl,
     marked with eval_model (the plots compare it with the SAE's own final evaluation)."""
     resolved = [(replace(run_cfg, eval_only=True), checkpoint) for run_cfg, checkpoint in resolved]  # reads, trains not
     cfg = resolved[0][0]
-    ctx = start_process(cfg, argv, resolved)
+    ctx = start_process(cfg, overrides, resolved)
     iter_num = prepare_runs(ctx, resolved, resolved[0][1])
     if ctx.model is None:
         raise ValueError(f"--mode=persistence runs the val contexts through both models: {cfg.acts} has no token shards")
@@ -833,7 +860,7 @@ def score_on_another_model(resolved, argv):
 
 
 # -----------------------------------------------------------------------------
-# feature overlap: --mode=overlap measures what the JL penalty is for, distinct features (issue 24). Each feature's
+# feature overlap: --mode=overlap measures what the JL penalty is for, distinct features. Each feature's
 # top activations over the val contexts and the tokens they sit on: two features whose strongest activations sit on
 # the same token read the same thing (one feature split into several, or absorbed), without a model judge.
 
@@ -851,13 +878,13 @@ def top_token_overlap(sae, rows, tokens, top=OVERLAP_TOP, batch=2048, subset=OVE
     fraction within random sets of subset[0] counted features, averaged over subset[1] sets (drawn by randperm
     from torch.Generator seeds 0, 1, ...; None with fewer features), "peak_share": the mean share of a counted
     feature's top activations that sit on its peak token, "single_token": the fraction of counted features whose top
-    activations all sit on one token (a token feature, issue 25's comparison of transcoders with SAEs)}"""
+    activations all sit on one token (a token feature; docs/results.md compares transcoders and SAEs by it)}"""
     d_sae = sae.W_dec.shape[0]
     best = torch.full((d_sae, top), -1.0)                  # each feature's largest activations so far
     best_rows = torch.zeros(d_sae, top, dtype=torch.long)  # ... and their rows
     fired = torch.zeros(d_sae, dtype=torch.long)
     for i in range(0, len(rows), batch):
-        _, f = sae(rows[i:i + batch])                      # (b, d_sae)
+        f = sae(rows[i:i + batch]).f                       # (b, d_sae)
         fired += (f > 0).sum(dim=0)
         values = torch.cat([best, f.T], dim=1)             # (d_sae, top + b)
         at = torch.cat([best_rows, torch.arange(i, i + len(f)).expand(d_sae, -1)], dim=1)
@@ -930,7 +957,7 @@ def read_run_logs(roots):
             else:
                 print(f"{path}: log.jsonl without config.json or ckpt.pt; skipped")
                 continue
-            cfg = {**asdict(AnalyzeConfig()), **cfg}
+            cfg = {**asdict(AnalyzeConfig()), **upgrade_config(cfg)}  # saved in any version's keys
             # final: the latest evaluation on the contexts and the model it trained on (not an --eval_block_size or
             # --eval_model one after it)
             native = [e for e in evals if e.get("context", cfg["block_size"]) == cfg["block_size"]
@@ -950,7 +977,7 @@ def method_label(cfg):
     form = {"atanh": "", "power": f"power{cfg['jl_power']:g} ", "welch": "welch "}[cfg["jl_form"]]
     transcoder = cfg["target_site"] not in ("", cfg["site"])
     arch = cfg["arch"] + (" skip transcoder" if cfg["skip"] else " transcoder") * transcoder
-    label = arch if cfg["loss"] == "l1" else f"{arch} {cfg['loss']} {form}{cfg['jl_coeff']:g}"  # relu hybrid 1000
+    label = arch if cfg["loss"] == "sparsity" else f"{arch} {cfg['loss']} {form}{cfg['jl_coeff']:g}"  # relu hybrid 1000
     lr_enc, lr_dec = cfg["lr_enc"] or cfg["lr"], cfg["lr_dec"] or cfg["lr"]
     if lr_dec != lr_enc:
         label += f", decoder lr {lr_dec / lr_enc:g}x"
@@ -1014,7 +1041,7 @@ def frontier_gap_table(runs):
         cfg, final = run["cfg"], run["final"]
         if cfg["loss"] != "hybrid" and not run.get("overlap"):
             continue
-        plain = [r["final"] for r in runs if r["cfg"]["arch"] == cfg["arch"] and r["cfg"]["loss"] == "l1"
+        plain = [r["final"] for r in runs if r["cfg"]["arch"] == cfg["arch"] and r["cfg"]["loss"] == "sparsity"
                  and method_label(r["cfg"]) == cfg["arch"]]
         cells = []
         for _, _, get in gap_metrics:
@@ -1090,43 +1117,104 @@ def plot_results(cfg):
     evaluations), layers.png when the runs span several layers (each method's metrics by layer, with the
     zero-ablation cost), positions.png when runs were evaluated on contexts past 128 tokens (metrics by position
     bucket), finetune.png and finetune.md when SAEs were evaluated on another model (--eval_model), runs.md (every
-    run's final evaluation) and matched_l0.md, the table at L0 = plot_l0. Returns the paths written."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError("--mode=plot needs matplotlib: pip install matplotlib") from None
+    run's final evaluation), frontier_gap.md when hybrids or overlap numbers are among them, and matched_l0.md, the
+    table at L0 = plot_l0. Returns the paths written."""
+    pyplot()  # fails here, in one line, before any log is read
     runs = read_run_logs(cfg.plot_runs)
     if not runs:
         raise ValueError(f"--plot_runs={cfg.plot_runs}: no log.jsonl with an evaluation under it")
     os.makedirs(cfg.plot_dir, exist_ok=True)
-    written = []
-
-    def save(fig, name):
-        path = os.path.join(cfg.plot_dir, name)
-        fig.tight_layout()
-        fig.savefig(path + ".tmp.png", dpi=110)
-        os.replace(path + ".tmp.png", path)
-        plt.close(fig)
-        written.append(path)
-
-    same_site, models = {}, {}
     trained = [run for run in runs if run["final"]]
-    for run in trained:  # frontiers and layers are one model's (the most common): fine-tunes' SAEs go to finetune.png
+    pairs = finetune_pairs(trained)  # every model's SAEs: a fine-tune's own SAEs are compared with the model's
+    trained = most_common_model(trained)
+    site_runs = most_common_site(trained)
+    written = [save_figure(frontier_figure(site_runs, cfg.plot_l0), cfg.plot_dir, "frontier.png")]
+    if len({run["cfg"]["layer"] for run in trained}) > 1:
+        written.append(save_figure(layers_figure(trained), cfg.plot_dir, "layers.png"))
+    long = long_context_evals(runs)
+    if long:
+        written.append(save_figure(positions_figure(long), cfg.plot_dir, "positions.png"))
+    if pairs:
+        written.append(save_figure(finetune_figure(pairs), cfg.plot_dir, "finetune.png"))
+        written.append(write_table(finetune_table(pairs), cfg.plot_dir, "finetune.md"))
+    written.append(write_table(runs_table(trained), cfg.plot_dir, "runs.md"))
+    layer, block = site_runs[0]["cfg"]["layer"], site_runs[0]["cfg"]["block_size"]
+    if any(run["cfg"]["loss"] == "hybrid" or run.get("overlap") for run in site_runs):
+        written.append(write_table("Each run (hybrids, transcoders, those with overlap numbers) against its "
+                                   "architecture's plain SAE frontier (loss l1) at its own L0 (in brackets: its value "
+                                   "minus the frontier's); shared peak: --mode=overlap."
+                                   f" Layer {layer}, {block}-token contexts.\n\n" + frontier_gap_table(site_runs),
+                                   cfg.plot_dir, "frontier_gap.md"))
+    written.append(write_table(f"At L0 = {cfg.plot_l0:g}, linear in log L0 between each method's two nearest SAEs (— : "
+                               f"outside its range); layer {layer}, {block}-token contexts.\n\n"
+                               + matched_sparsity_table(site_runs, cfg.plot_l0), cfg.plot_dir, "matched_l0.md"))
+    print(f"wrote {', '.join(written)} from {len(runs)} runs")
+    return written
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display); without matplotlib, a one-line ValueError."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--mode=plot needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def most_common_model(runs):
+    """The runs of the model most of them trained on: frontiers and layers are one model's (a fine-tune's SAEs go
+    to finetune.png)."""
+    models = {}
+    for run in runs:
         models.setdefault(model_name(run["cfg"]["init_from"]), []).append(run)
-    pairs, trained = finetune_pairs(trained), max(models.values(), key=len) if models else []
-    for run in trained:  # a frontier compares methods at one (layer, context length): the most common one
+    return max(models.values(), key=len) if models else []
+
+
+def most_common_site(runs):
+    """The runs at the most common (layer, context length): a frontier compares methods at one of them."""
+    same_site = {}
+    for run in runs:
         same_site.setdefault((run["cfg"]["layer"], run["cfg"]["block_size"]), []).append(run)
-    site_runs = max(same_site.values(), key=len)
+    return max(same_site.values(), key=len)
+
+
+def long_context_evals(runs):
+    """[(run, its latest evaluation on the longest contexts with three position buckets or more, i.e. past 128
+    tokens)]; between equal ones, the last logged."""
+    return [(run, max(reversed(long), key=lambda e: (e["context"], e["iter"]))) for run in runs
+            if (long := [e for e in run["evals"] if len(e.get("positions", {})) >= 3])]
+
+
+def save_figure(fig, plot_dir, name):
+    """The figure as plot_dir/name (PNG, 110 dpi), written atomically, and closed. -> the path"""
+    path = os.path.join(plot_dir, name)
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110), "wb")
+    pyplot().close(fig)
+    return path
+
+
+def write_table(text, plot_dir, name):
+    """A markdown table (its caption first) as plot_dir/name, written atomically. -> the path"""
+    path = os.path.join(plot_dir, name)
+    write_atomic(path, lambda f: f.write(text))
+    return path
+
+
+def frontier_figure(site_runs, plot_l0):
+    """FVU, CE recovered, CE increase and KL against L0 (log axis): one line per method, colour by method and line
+    style by loss; a dotted line at plot_l0."""
     methods, losses = {}, {}
     for run in site_runs:
         methods.setdefault(method_label(run["cfg"]), []).append(run["final"])
         losses[method_label(run["cfg"])] = run["cfg"]["loss"]
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
     axes = axes.ravel()
     colors = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors  # 18 distinct hues (tab20 pairs shades)
-    line = {"l1": "-", "hybrid": "--", "jl": ":"}  # the loss by line style, the method by colour
+    line = {"sparsity": "-", "hybrid": "--", "jl": ":"}  # the loss by line style, the method by colour
     for ax, (_, name, get) in zip(axes, PLOT_METRICS[:4]):
         for i, (method, finals) in enumerate(methods.items()):
             finals = sorted((r for r in finals if r["l0"] > 0), key=lambda r: r["l0"])  # log axis: an L0 of 0 is off it
@@ -1135,102 +1223,99 @@ def plot_results(cfg):
         ax.set_xscale("log")
         ax.set_xlabel("L0 (active features per token)")
         ax.set_ylabel(name)
-        ax.axvline(cfg.plot_l0, color="#bbb", lw=0.8, ls=":")
+        ax.axvline(plot_l0, color="#bbb", lw=0.8, ls=":")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     layer, block = site_runs[0]["cfg"]["layer"], site_runs[0]["cfg"]["block_size"]
     fig.suptitle(f"sparsity frontiers: layer {layer}, {block}-token contexts, {len(site_runs)} SAEs")
-    save(fig, "frontier.png")
+    return fig
 
-    layers = sorted({run["cfg"]["layer"] for run in trained})
-    if len(layers) > 1:
-        fig, axes = plt.subplots(2, 3, figsize=(19, 9.5))
-        axes = axes.ravel()
-        by_method = {}
-        for run in trained:
-            by_method.setdefault(method_label(run["cfg"]), {}).setdefault(run["cfg"]["layer"], []).append(run["final"])
-        l0 = ("l0", "L0 (a fixed coefficient's sparsity moves with the layer)", lambda r: r["l0"])
-        for ax, (_, name, get) in zip(axes, (*PLOT_METRICS[:4], l0, PLOT_METRICS[4])):
-            for method, per_layer in by_method.items():
-                xs = sorted(per_layer)
-                ax.plot(xs, [sum(get(r) for r in per_layer[l]) / len(per_layer[l]) for l in xs], "o-", label=method, ms=4)
-            ax.set_xlabel("layer")
-            ax.set_ylabel(name)
-            ax.grid(alpha=0.3)
-        zero = {}
-        for run in trained:
-            if "ce_zero" in run["final"]:
-                zero[run["cfg"]["layer"]] = run["final"]["ce_zero"] - run["final"]["ce_clean"]
-        if zero:
-            axes[2].plot(sorted(zero), [zero[l] for l in sorted(zero)], "k--", label="zero-ablation cost")
-        axes[0].legend(fontsize=7)
-        axes[2].legend(fontsize=7)
-        fig.suptitle("by layer (final evaluations; the mean where a method has several SAEs at a layer)")
-        save(fig, "layers.png")
 
-    # by position: each run's latest evaluation on contexts of more than 128 tokens (three buckets or more)
-    long = [(run, max(reversed(long), key=lambda e: (e["context"], e["iter"]))) for run in runs  # ties: the last
-            if (long := [e for e in run["evals"] if len(e.get("positions", {})) >= 3])]
-    if long:
-        fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-        for run, record in long:
-            buckets = list(record["positions"])
-            label = (f"{method_label(run['cfg'])}, trained on {run['cfg']['block_size']}-token contexts, "
-                     f"L0 {record['l0']:.0f}")
-            for ax, key in zip(axes, ("fvu", "ce_recovered", "kl")):
-                ax.plot(range(len(buckets)), [record["positions"][b][key] for b in buckets], "o-", label=label, ms=4)
-        for ax, name in zip(axes, ("FVU", "CE loss recovered", "KL (nats/token)")):
-            ax.set_xticks(range(len(buckets)), buckets)
-            ax.set_xlabel("position in the context")
-            ax.set_ylabel(name)
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"by position bucket, evaluated on {long[0][1]['context']}-token contexts")
-        save(fig, "positions.png")
+def layers_figure(trained):
+    """Each method's metrics and L0 by layer (the mean of its SAEs at a layer), with the zero-ablation cost beside
+    the CE increase."""
+    by_method = {}
+    for run in trained:
+        by_method.setdefault(method_label(run["cfg"]), {}).setdefault(run["cfg"]["layer"], []).append(run["final"])
+    fig, axes = pyplot().subplots(2, 3, figsize=(19, 9.5))
+    axes = axes.ravel()
+    l0 = ("l0", "L0 (a fixed coefficient's sparsity moves with the layer)", lambda r: r["l0"])
+    for ax, (_, name, get) in zip(axes, (*PLOT_METRICS[:4], l0, PLOT_METRICS[4])):
+        for method, per_layer in by_method.items():
+            xs = sorted(per_layer)
+            ax.plot(xs, [sum(get(r) for r in per_layer[l]) / len(per_layer[l]) for l in xs], "o-", label=method, ms=4)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    zero = {}
+    for run in trained:
+        if "ce_zero" in run["final"]:
+            zero[run["cfg"]["layer"]] = run["final"]["ce_zero"] - run["final"]["ce_clean"]
+    if zero:
+        axes[2].plot(sorted(zero), [zero[l] for l in sorted(zero)], "k--", label="zero-ablation cost")
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
+    fig.suptitle("by layer (final evaluations; the mean where a method has several SAEs at a layer)")
+    return fig
 
-    if pairs:
-        fig, axes = plt.subplots(1, 4, figsize=(19, 4.8))
-        kinds = (("trained on the model, on it", 1), ("trained on the model, on its fine-tune", 2),
-                 ("trained on the fine-tune, on it", 3))
-        for ax, (_, name, get) in zip(axes, PLOT_METRICS[:4]):
-            for offset, (label, column) in enumerate(kinds):
-                xs = [i + (offset - 1) * 0.27 for i, row in enumerate(pairs) if row[column]]
-                ax.bar(xs, [get(row[column]) for row in pairs if row[column]], width=0.27, label=label)
-            ax.set_xticks(range(len(pairs)), [row[0] for row in pairs], rotation=30, ha="right", fontsize=8)
-            ax.set_ylabel(name)
-            ax.grid(alpha=0.3, axis="y")
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"fine-tuning: SAEs on their model and on {pairs[0][2]['eval_model']}")
-        save(fig, "finetune.png")
-        table = os.path.join(cfg.plot_dir, "finetune.md")
-        with open(table + ".tmp", "w") as f:
-            f.write(finetune_table(pairs))
-        os.replace(table + ".tmp", table)
-        written.append(table)
 
-    table = os.path.join(cfg.plot_dir, "runs.md")
-    with open(table + ".tmp", "w") as f:
-        f.write(runs_table(trained))
-    os.replace(table + ".tmp", table)
-    written.append(table)
-    if any(run["cfg"]["loss"] == "hybrid" or run.get("overlap") for run in site_runs):
-        table = os.path.join(cfg.plot_dir, "frontier_gap.md")
-        write_atomic(table, lambda f: f.write("Each run (hybrids, transcoders, those with overlap numbers) against its "
-                                              "architecture's plain SAE frontier (loss l1) at its own L0 (in "
-                                              "brackets: its value minus the frontier's); shared peak: --mode=overlap."
-                                              f" Layer {layer}, {block}-token contexts.\n\n" + frontier_gap_table(site_runs)))
-        written.append(table)
-    table = os.path.join(cfg.plot_dir, "matched_l0.md")
-    with open(table + ".tmp", "w") as f:
-        f.write(f"At L0 = {cfg.plot_l0:g}, linear in log L0 between each method's two nearest SAEs (— : outside its "
-                f"range); layer {layer}, {block}-token contexts.\n\n" + matched_sparsity_table(site_runs, cfg.plot_l0))
-    os.replace(table + ".tmp", table)
-    written.append(table)
-    print(f"wrote {', '.join(written)} from {len(runs)} runs")
-    return written
+def positions_figure(long):
+    """FVU, CE recovered and KL by position bucket: one line per (run, evaluation) of long_context_evals."""
+    fig, axes = pyplot().subplots(1, 3, figsize=(17, 4.8))
+    for run, record in long:
+        buckets = list(record["positions"])
+        label = (f"{method_label(run['cfg'])}, trained on {run['cfg']['block_size']}-token contexts, "
+                 f"L0 {record['l0']:.0f}")
+        for ax, key in zip(axes, ("fvu", "ce_recovered", "kl")):
+            ax.plot(range(len(buckets)), [record["positions"][b][key] for b in buckets], "o-", label=label, ms=4)
+    for ax, name in zip(axes, ("FVU", "CE loss recovered", "KL (nats/token)")):
+        ax.set_xticks(range(len(buckets)), buckets)  # the last run's buckets
+        ax.set_xlabel("position in the context")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"by position bucket, evaluated on {long[0][1]['context']}-token contexts")
+    return fig
+
+
+def finetune_figure(pairs):
+    """Bars of FVU, CE recovered, CE increase and KL for each pair of finetune_pairs: an SAE on its model, on the
+    fine-tune, and the fine-tune's own SAE."""
+    fig, axes = pyplot().subplots(1, 4, figsize=(19, 4.8))
+    kinds = (("trained on the model, on it", 1), ("trained on the model, on its fine-tune", 2),
+             ("trained on the fine-tune, on it", 3))
+    for ax, (_, name, get) in zip(axes, PLOT_METRICS[:4]):
+        for offset, (label, column) in enumerate(kinds):
+            xs = [i + (offset - 1) * 0.27 for i, row in enumerate(pairs) if row[column]]
+            ax.bar(xs, [get(row[column]) for row in pairs if row[column]], width=0.27, label=label)
+        ax.set_xticks(range(len(pairs)), [row[0] for row in pairs], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"fine-tuning: SAEs on their model and on {pairs[0][2]['eval_model']}")
+    return fig
+
 
 # -----------------------------------------------------------------------------
-# the command line: python analyze.py --mode=... [config/...py] [--key=value ...]
+# the command line: python analyze.py --mode=... [config/...py] [--key=value ...]. Each mode has a handler
+# run_<mode>(overrides), listed in MODES: it finds what the mode reads (the SAEs a checkpoint or sweep names, or plot's
+# logs) and calls the section above that does the work
+
+def read_runs(overrides, new_run_modes=()):
+    """The SAEs the command line's overrides name (a sweep's all), found as sae.py finds them, the first's config
+    checked for its mode. -> [(cfg, checkpoint)]"""
+    resolved = resolve_runs(overrides, AnalyzeConfig, new_run_modes)
+    check_analyze_config(resolved[0][0])
+    return resolved
+
+
+def one_run(resolved, what="SAE"):
+    """The (cfg, checkpoint) of a mode that reads one SAE; a sweep's several are a one-line ValueError naming them."""
+    if len(resolved) > 1:
+        raise ValueError(f"--mode={resolved[0][0].mode} reads one {what}; pass --ckpt=<out_dir>/<name>/ckpt.pt, one of "
+                         f"{', '.join(os.path.basename(c.out_dir) for c, _ in resolved)}")
+    return resolved[0]
+
 
 def transcoder_set(resolved, name):
     """The runs of one set of a pass over layers: a sweep's SAEs of one setting, named layerNN-<set> (a pass without a
@@ -1244,47 +1329,64 @@ def transcoder_set(resolved, name):
     return sets[name] if len(sets) > 1 else resolved
 
 
-def read_sae(cfg, checkpoint, resolved):
-    """The modes that read one trained SAE: export, steer, dashboard (export to circuit-tracer reads a transcoder per
-    layer)."""
-    if cfg.mode == "export" and cfg.export_format == "circuit_tracer" and any(c.cross_layer for c, _ in resolved):
-        if len(resolved) > 1:  # a sweep of CLTs: each is a whole replacement, exported alone
-            raise ValueError(f"--mode=export reads one cross-layer transcoder; pass --ckpt=<out_dir>/<name>/ckpt.pt, one "
-                             f"of {', '.join(os.path.basename(c.out_dir) for c, _ in resolved)}")
+def run_export(overrides):
+    """--mode=export: one SAE to SAELens; to circuit-tracer, a transcoder per layer (one set of a pass over layers) or
+    one cross-layer transcoder."""
+    resolved = read_runs(overrides)
+    cfg = resolved[0][0]
+    if cfg.export_format == "saelens":
+        cfg, checkpoint = one_run(resolved)
+        return export_saelens(checkpoint, cfg.export_dir)
+    if any(c.cross_layer for c, _ in resolved):  # a sweep of CLTs: each is a whole replacement, exported alone
+        cfg, checkpoint = one_run(resolved, "cross-layer transcoder")
         return export_circuit_tracer_clt(cfg, checkpoint, cfg.export_dir)
-    if cfg.mode == "export" and cfg.export_format == "circuit_tracer":
-        return export_circuit_tracer(transcoder_set(resolved, cfg.export_set), cfg.export_dir)
-    if len(resolved) > 1:
-        raise ValueError(f"--mode={cfg.mode} reads one SAE; pass --ckpt=<out_dir>/<name>/ckpt.pt, one of "
-                         f"{', '.join(os.path.basename(c.out_dir) for c, _ in resolved)}")
-    return {"export": lambda: export_saelens(checkpoint, cfg.export_dir), "steer": lambda: steer_demo(cfg, checkpoint),
-            "dashboard": lambda: write_dashboard(cfg, checkpoint)}[cfg.mode]()
+    return export_circuit_tracer(transcoder_set(resolved, cfg.export_set), cfg.export_dir)
 
 
-def main(argv):
-    mode = parse_overrides(AnalyzeConfig(), argv).get("mode")
-    if mode not in READER_MODES:
-        raise ValueError(f"--mode={mode}: analyze.py's modes are {', '.join(READER_MODES)}; sae.py trains and caches")
-    if mode == "plot":  # reads logs, not a checkpoint
-        return plot_results(replace(AnalyzeConfig(), **parse_overrides(AnalyzeConfig(), argv)))
-    resolved = resolve_runs(argv, AnalyzeConfig)
-    cfg, checkpoint = resolved[0]
-    check_analyze_config(cfg)
-    if mode == "persistence":
-        return score_on_another_model(resolved, argv)
-    if mode == "overlap":
-        return overlap_of_runs(resolved)
-    if mode != "finetune":
-        return read_sae(cfg, checkpoint, resolved)
+def run_steer(overrides):
+    cfg, checkpoint = one_run(read_runs(overrides))
+    return steer_demo(cfg, checkpoint)
+
+
+def run_dashboard(overrides):
+    cfg, checkpoint = one_run(read_runs(overrides))
+    return write_dashboard(cfg, checkpoint)
+
+
+def run_plot(overrides):
+    """--mode=plot reads runs' logs, not a checkpoint: its config is the defaults and the flags."""
+    return plot_results(replace(AnalyzeConfig(), **overrides))
+
+
+def run_finetune(overrides):
+    resolved = read_runs(overrides, new_run_modes=("finetune",))  # it starts a run: no checkpoint to read
     if len(resolved) > 1:
         raise ValueError("--mode=finetune tunes one model: give each key one value")
-    ctx = start_process(cfg, argv, resolved)  # as sae.py starts: the device and dtype, the config checked, one process
+    cfg = resolved[0][0]
+    ctx = start_process(cfg, overrides, resolved)  # as sae.py starts: the device and dtype, the config checked, one process
     return finetune_lora(cfg, ctx.device, ctx.autocast)
 
 
+def run_persistence(overrides):
+    return score_on_another_model(read_runs(overrides), overrides)  # start_process echoes the overrides
+
+
+def run_overlap(overrides):
+    return overlap_of_runs(read_runs(overrides))
+
+
+# analyze.py's modes, each read by its handler; sae.py's own are train and cache
+MODES = {"export": run_export, "steer": run_steer, "dashboard": run_dashboard, "plot": run_plot,
+         "finetune": run_finetune, "persistence": run_persistence, "overlap": run_overlap}
+
+
+def main(argv):
+    overrides = parse_overrides(AnalyzeConfig(), argv)
+    mode = overrides.get("mode")
+    if mode not in MODES:
+        raise ValueError(f"--mode={mode}: analyze.py's modes are {', '.join(MODES)}; sae.py trains and caches")
+    return MODES[mode](overrides)
+
+
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(cli(main, sys.argv[1:]))

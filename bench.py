@@ -7,22 +7,24 @@ Speed, never correctness (that is the tests'). Prints the machine, then, at GPT-
 3. JL value+gradient memory at d_sae 65536 (8192 with --quick): the dense reference (if it fits) vs ours;
 4. end to end: harvest tokens/s (stopped at the layer vs the full forward) and training tokens/s for each
    loss in sae.py's --dtype=auto, with MFU: the rate over the arithmetic limit (the model's forward FLOPs to the
-   site, the SAE's and the JL penalty's, at that dtype's measured matmul peak); hybrid's rate as a fraction of l1's;
-   three SAEs on one pass against one. --archs=True adds hybrid's rate over l1's for every architecture.
+   site, the SAE's and the JL penalty's, at that dtype's measured matmul peak); hybrid's rate as a fraction of
+   the sparsity loss's; three SAEs on one pass against one. --archs=True adds hybrid's rate over the sparsity
+   loss's for every architecture.
 With --models=True, instead: tokenizing tokens/s (tiktoken gpt2, SmolLM2's tokenizer.json) and a real Llama-family
-model's harvest against its full forward. With --synthetic=True, instead: SAEs trained through `sae.py --acts` on activations built from a known set
-of directions, each loss over its coefficient sweep (one process per loss, its SAEs on the same batches), scored by how well
-they recover the directions. With --layers_pass=True, instead: a transcoder on every layer of a real Llama-family model
-trained in one pass against one pass per layer, and with --sparsify=True against EleutherAI's sparsify.
+model's harvest against its full forward. With --layers_pass=True, instead: a transcoder on every layer of a real
+Llama-family model trained in one pass against one pass per layer, and with --sparsify=True against EleutherAI's
+sparsify. --synthetic=True runs synthbench.py's known-directions benchmark instead, a measure of quality, not speed
+(SAEs scored by how well they recover known directions): the command that docs/results.md and logs/ name.
 
 $ python bench.py                # about five minutes on 2 CPU cores
 $ python bench.py --quick=True --json=bench.json
-$ python bench.py --synthetic=True  # under a minute on 2 CPU cores
 $ SMOLLM2_DIR=... python bench.py --models=True  # tokenizers, and SmolLM2-135M's harvest at layer 15
 $ sl/bin/python bench.py --saelens=True --data_dir=data/local  # against SAELens end to end (docs/speed-and-memory.md), ~16 min
 $ SMOLLM2_DIR=... SPARSIFY_PYTHON=sparsify-venv/bin/python python bench.py --layers_pass=True --sparsify=True \
       --data_dir=data/smollm2  # every layer in one pass, one-layer passes and sparsify (docs/speed-and-memory.md)
+$ python bench.py --synthetic=True --regime=1  # synthbench.py's known-directions benchmark (docs/research-helpers.md)
 """
+import contextlib
 import json
 import os
 import platform
@@ -40,6 +42,7 @@ import torch
 SPARSIFY_WORKER = __name__ == "__main__" and any(arg.startswith("--sparsify_worker=") for arg in sys.argv[1:])
 if not SPARSIFY_WORKER:
     import sae_kernels
+    import synthbench
     from sae import ARCHS, GPT, GPTConfig, SAE, TrainConfig, auto_dtype, parse_overrides, resolved_dtype, sae_loss, \
         sae_update
 
@@ -57,10 +60,10 @@ class BenchConfig:
     iters: int = 3             # timed repetitions, after one warm-up
     quick: bool = False        # under a minute: one repetition at d_sae 2048, batch 1024, jl_big 8192, no full forward
     json: str = ""             # also write every figure as one JSON object here
-    synthetic: bool = False    # instead: the synthetic benchmark with a known dictionary, each architecture over its sweep
-    regime: int = 0            # --synthetic: 0 = every regime of REGIMES, else only that one (1, 2)
+    synthetic: bool = False    # instead: synthbench.py's known-directions benchmark (quality, not speed), every arch's sweep
+    regime: int = 0            # --synthetic: 0 = every regime of synthbench.REGIMES, else only that one (1, 2)
     synthetic_archs: str = ""  # --synthetic: the architectures swept (comma-separated); "" = all
-    jl_form: str = "atanh"     # --synthetic: the JL form added to each at its best setting, over JL_COEFFS[form]
+    jl_form: str = "atanh"     # --synthetic: the JL form added to each at its best setting, over synthbench.JL_COEFFS
     archs: bool = False        # instead: the sparse kernels, and one training step of every architecture (d_sae 8192, 32768)
     saelens: bool = False      # instead: sae.py against SAELens's runner, end to end (needs sae-lens installed)
     data_dir: str = "data/local"  # --saelens: the token shards both read (prepare.py)
@@ -95,26 +98,27 @@ def parse_args(cfg, argv):
     return replace(cfg, **overrides)
 
 
-def sae_step(sae, optimizer, loss_and_terms, cfg):
-    """One update from one batch's sae_loss, as sae.py's train_step makes it (one process, one piece)."""
-    loss, terms = loss_and_terms
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    sae_update(sae, optimizer, cfg, threshold_seen=terms.threshold_seen)
+def choose_device(cfg):
+    """--device with auto decided: cuda where torch sees a GPU, else cpu."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
 
 
-def machine():
+# ---------------------------------------------------------------------------------------------------------------------
+# measuring: the machine, timings, peak memory, a table row; one update of an SAE; whole processes'
+# rates and peak memory (the --saelens and --layers_pass runs)
+
+def machine(device):
     """CPU model or GPU name, torch and triton versions, threads; on the CPU the vector instructions torch's kernels
     use and what decides the bf16 paths (sae_kernels.py: native bf16 products; oneDNN's bf16 kernels)."""
-    if torch.cuda.is_available():
+    if device == "cuda":
         name = torch.cuda.get_device_name()
     else:
         cpu = [line for line in open("/proc/cpuinfo") if line.startswith("model name")] if os.path.exists("/proc/cpuinfo") else []
         name = cpu[0].split(":", 1)[1].strip() if cpu else platform.processor()
         name += f" ({torch.backends.cpu.get_cpu_capability()}; bf16 {'native' if sae_kernels.cpu_bf16_native() else 'emulated'}" \
                 f", oneDNN bf16 {'yes' if sae_kernels.ONEDNN_BF16 else 'no'})"
-    import triton
-    return f"{name} | torch {torch.__version__} | triton {triton.__version__} | {torch.get_num_threads()} threads"
+    triton = f"triton {sae_kernels.triton.__version__}" if sae_kernels.HAS_TRITON else "no triton (the CPU path needs none)"
+    return f"{name} | torch {torch.__version__} | {triton} | {torch.get_num_threads()} threads"
 
 
 def time_ms(fn, iters, device):
@@ -168,6 +172,53 @@ def row(label, ms, flops, base_ms=None, mem=None):
     return {"ms": p50, "ms_p20": p20, "ms_p80": p80, "gflops": flops / p50 / 1e6, "peak_mib": mem}
 
 
+def backward_and_update(sae, optimizer, loss_and_terms, cfg):
+    """Backward from one batch's sae_loss (loss_and_terms), then sae.py's update (sae_update): sae.py's train_step on
+    one process in one piece, without its learning-rate schedule and feature tracking, so that the SAE's arithmetic
+    alone is timed."""
+    loss, terms = loss_and_terms
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    sae_update(sae, optimizer, cfg, threshold_seen=terms.threshold_seen)
+
+
+@contextlib.contextmanager
+def onednn_off():
+    """sae_kernels.linear on aten's matmuls inside the block, oneDNN's op restored after it, even on an error: torch's
+    FLOP counter counts aten's matmuls, not oneDNN's op."""
+    onednn, sae_kernels.ONEDNN = sae_kernels.ONEDNN, False
+    try:
+        yield
+    finally:
+        sae_kernels.ONEDNN = onednn
+
+
+def run_measured(label, args, env):
+    """Runs a command to its end -> (stdout, its peak resident memory in GiB): the kernel's high-water mark of
+    that one process (wait4's rusage), whatever it allocated or freed on the way. A failure raises with its
+    last line of stderr."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        out.seek(0), err.seek(0)
+        if os.waitstatus_to_exitcode(status):
+            raise RuntimeError(f"{label}: {(err.read().strip().splitlines() or ['no output'])[-1]}")
+        return out.read(), usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def logged_rate(out, first, last):
+    """sae.py's tokens/s over steps first + 1 to last from its log lines (`iter N | ... | R tok/s`), each line's rate
+    the process's since the line before (with --layers, one line per layer, all with the same rate)."""
+    rate = lambda line: float(next(f for f in line.split("|") if f.strip().endswith("tok/s")).split()[0].replace(",", ""))
+    logged = sorted({int(line.split()[1]): rate(line) for line in out.splitlines()
+                     if line.startswith("iter ") and "tok/s" in line}.items())  # [(iteration, tok/s)]
+    windows = [(it - prev, r) for (prev, _), (it, r) in zip(logged, logged[1:]) if first <= prev < it <= last]
+    return sum(steps for steps, _ in windows) / sum(steps / r for steps, r in windows)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the default run: matmul peaks, each op against its reference, JL memory, end to end
+
 def bench_peak(cfg, device):
     """The matmul peaks that MFU is measured against, at the SAE's encoder matmul: bf16 on CUDA; on the CPU fp32
     and bf16, each through torch.mm and oneDNN (sae_kernels.linear's op), the faster of the two its peak. -> {dtype:
@@ -219,10 +270,10 @@ def bench_encode_relu_decode(cfg, device, dtype):
     params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
     def step(fn):  # mse + L1, the L1 sum from f (the reference) or from the op's fused sums (ours)
         if fn is sae_kernels.encode_relu_decode_ref:
-            x_hat, f = fn(x, *params)
+            x_hat, f = fn(x, *params)[:2]
             l1 = f.sum(dim=-1)
         else:
-            x_hat, _, (l1, _, _) = fn(x, *params, stats=True)
+            x_hat, _, l1, _, _ = fn(x, *params)
         ((x_hat.float() - x).pow(2).sum(dim=-1).mean() + l1.float().mean()).backward()
         for p in params:
             p.grad = None
@@ -298,6 +349,89 @@ def bench_jl_memory(cfg, device):
     return results
 
 
+def bench_end_to_end(cfg, device, peaks):
+    if device == "cpu":  # the trainer's allocator setting (sae.py): freed temporaries reused, no page faults;
+        sae_kernels.keep_freed_memory()  # the ops above are timed and measured at glibc's defaults
+    model = GPT(GPTConfig()) if cfg.init_from == "random" else GPT.from_pretrained(cfg.init_from)
+    model = model.to(device).eval().requires_grad_(False)
+    contexts = cfg.batch_size // cfg.block_size
+    idx = torch.randint(0, model.config.vocab_size, (contexts, cfg.block_size), device=device)
+    dtype = auto_dtype(device)  # sae.py's --dtype=auto: the harvest and the SAE step in it, MFU against its peak
+    autocast = torch.autocast(device, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    peak_gflops = peaks[dtype]
+    from torch.utils.flop_counter import FlopCounterMode
+    with onednn_off(), torch.no_grad(), autocast, FlopCounterMode(display=False) as counter:
+        model.harvest(idx, cfg.layer, cfg.site)
+    harvest_flops = counter.get_total_flops()
+    results = {}
+    print(f"end to end, {contexts}x{cfg.block_size} tokens a step, layer {cfg.layer} {cfg.site}, d_sae {cfg.d_sae}, "
+          f"{dtype} matmuls (MFU against {peak_gflops:,.0f} GFLOP/s):")
+    with torch.no_grad(), autocast:
+        harvest = time_ms(lambda: model.harvest(idx, cfg.layer, cfg.site), cfg.iters, device)
+        mfu_harvest = harvest_flops / harvest[0] / 1e6 / peak_gflops
+        print(f"  harvest, stop at layer {cfg.layer}     {harvest[0]:9.1f} ms  {cfg.batch_size / harvest[0] * 1e3:10,.0f} tok/s  "
+              f"MFU {mfu_harvest:.0%}")
+        results["harvest_stop_tok_s"], results["harvest_mfu"] = cfg.batch_size / harvest[0] * 1e3, mfu_harvest
+        if not cfg.quick:
+            full = time_ms(lambda: model(idx), cfg.iters, device)
+            print(f"  full forward                 {full[0]:9.1f} ms  {cfg.batch_size / full[0] * 1e3:10,.0f} tok/s "
+                  f"(harvest takes {harvest[0] / full[0]:.2f} of its time)")
+            results["harvest_full_tok_s"] = cfg.batch_size / full[0] * 1e3
+    d = model.config.n_embd
+    trainees = {}  # loss -> (sae, optimizer, its config)
+
+    def harvest_and_train(losses):  # one harvest feeds every SAE, as in `sae.py --loss=sparsity,jl,hybrid`
+        with torch.no_grad(), autocast:
+            acts = model.harvest(idx, cfg.layer, cfg.site).reshape(-1, d).float()
+        for loss in losses:
+            sae, optimizer, tcfg = trainees[loss]
+            with autocast:
+                loss_and_terms = sae_loss(sae, acts, tcfg, 10)
+            backward_and_update(sae, optimizer, loss_and_terms, tcfg)
+
+    for loss in ("sparsity", "jl", "hybrid"):
+        sample = cfg.jl_sample if device == "cpu" else 0  # the CPU steps estimate JL; CUDA runs it exactly
+        tcfg = TrainConfig(loss=loss, d_sae=cfg.d_sae, jl_sample=sample, sparsity_warmup_iters=1)
+        sae = SAE(d, cfg.d_sae).to(device)
+        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+        trainees[loss] = sae, optimizer, tcfg
+        x = torch.randn(cfg.batch_size, d, device=device)
+        def sae_only():
+            with autocast:
+                loss_and_terms = sae_loss(sae, x, tcfg, 10)
+            backward_and_update(sae, optimizer, loss_and_terms, tcfg)
+        jl_flops = 0 if loss == "sparsity" else (6 * sample * cfg.d_sae * d if sample else 3 * cfg.d_sae ** 2 * d)
+        sae_flops = 10 * cfg.batch_size * d * cfg.d_sae + jl_flops
+        step = time_ms(sae_only, cfg.iters, device)
+        train = time_ms(lambda: harvest_and_train([loss]), cfg.iters, device)
+        mfu_sae = sae_flops / step[0] / 1e6 / peak_gflops
+        mfu = (sae_flops + harvest_flops) / train[0] / 1e6 / peak_gflops
+        # the arithmetic limit: every FLOP of the step (the model's forward to the site, the SAE's six matmuls and
+        # its L1 terms, the JL penalty's) at the measured matmul peak; MFU = the measured rate over it
+        limit_tok_s = peak_gflops * 1e9 / ((sae_flops + harvest_flops) / cfg.batch_size)
+        jl_note = f" (JL from {sample} rows)" if loss != "sparsity" and sample else ""
+        print(f"  train {loss:<6}{jl_note:<22} {train[0]:9.1f} ms  {cfg.batch_size / train[0] * 1e3:10,.0f} tok/s  "
+              f"MFU {mfu:.0%} of the limit {limit_tok_s:,.0f} tok/s | SAE step alone {step[0]:.1f} ms, "
+              f"{cfg.batch_size / step[0] * 1e3:,.0f} tok/s, MFU {mfu_sae:.0%}")
+        results[f"train_{loss}"] = {"ms": train[0], "tok_s": cfg.batch_size / train[0] * 1e3, "mfu": mfu,
+                                    "limit_tok_s": limit_tok_s, "sae_step_ms": step[0], "sae_step_mfu": mfu_sae}
+    ratio = results["train_hybrid"]["sae_step_ms"] / results["train_sparsity"]["sae_step_ms"]
+    rate = results["train_hybrid"]["tok_s"] / results["train_sparsity"]["tok_s"]
+    print(f"  hybrid SAE step / sparsity SAE step: {ratio:.2f}x; hybrid's rate end to end {rate:.2f} of sparsity's")
+    results["hybrid_over_sparsity_step"], results["hybrid_over_sparsity_rate"] = ratio, rate
+    # many SAEs per pass: the harvest is paid once for all three
+    three = time_ms(lambda: harvest_and_train(["sparsity", "jl", "hybrid"]), cfg.iters, device)
+    alone = sum(results[f"train_{loss}"]["ms"] for loss in ("sparsity", "jl", "hybrid")) / 3
+    print(f"  sparsity, jl, hybrid on one pass  {three[0]:9.1f} ms: {three[0] / 3:.1f} ms per SAE, against {alone:.1f} ms "
+          f"with one SAE per pass (per-SAE cost {three[0] / 3 / alone:.2f}x)")
+    results["three_per_pass"] = {"ms": three[0], "ms_per_sae": three[0] / 3, "ms_per_sae_alone": alone}
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --archs=True: the sparse kernels against their dense references, then one training step of every
+# architecture and transcoder
+
 def bench_sparse_codes(cfg, device):
     """sae_kernels.py's sparse codes at GPT-2 small's width, K = 32, n_latents 8192 and 32768: the dense references
     (the code scattered into (N, n_latents), autograd's matmuls) against ours, forward and backward apart, beside
@@ -369,10 +503,10 @@ def bench_sparse_codes(cfg, device):
                 ("gather-sum", "CSR sparse.mm", lambda: torch.sparse.mm(csr(values), W)),
                 ("gather-sum", "gather + bmm, 256-row chunks",
                  lambda: chunked(lambda s: torch.bmm(values[s, None, :], W[indices[s]]).squeeze(1), (N, d))),
-                ("gather-dot", "sampled_addmm", lambda: sae_kernels._gather_dot(A, W, indices)),
+                ("gather-dot", "sampled_addmm", lambda: sae_kernels._gather_dot_cpu(A, W, indices)),
                 ("gather-dot", "gather + bmm, 256-row chunks",
                  lambda: chunked(lambda s: torch.bmm(W[indices[s]], A[s, :, None]).squeeze(2), (N, K))),
-                ("scatter", "sort + embedding_bag", lambda: sae_kernels._scatter_outer(indices, values, A, m)),
+                ("scatter", "sort + embedding_bag", lambda: sae_kernels._scatter_outer_cpu(indices, values, A, m)),
                 ("scatter", "sort + CSR sparse.mm", scatter_csr),
                 ("scatter", "index_add_, 256-row chunks", scatter_index_add),
                 ("scatter", "COO sparse.mm", lambda: torch.sparse.mm(
@@ -394,284 +528,90 @@ def bench_sparse_codes(cfg, device):
     return results
 
 
-def bench_end_to_end(cfg, device, peaks):
-    if device == "cpu":  # the trainer's allocator setting (sae.py): freed temporaries reused, no page faults;
-        sae_kernels.keep_freed_memory()  # the ops above are timed and measured at glibc's defaults
-    model = GPT(GPTConfig()) if cfg.init_from == "random" else GPT.from_pretrained(cfg.init_from)
-    model = model.to(device).eval().requires_grad_(False)
-    contexts = cfg.batch_size // cfg.block_size
-    idx = torch.randint(0, model.config.vocab_size, (contexts, cfg.block_size), device=device)
-    dtype = auto_dtype(device)  # sae.py's --dtype=auto: the harvest and the SAE step in it, MFU against its peak
-    autocast = torch.autocast(device, dtype=getattr(torch, dtype), enabled=dtype != "float32")
-    peak_gflops = peaks[dtype]
-    from torch.utils.flop_counter import FlopCounterMode
-    onednn, sae_kernels.ONEDNN = sae_kernels.ONEDNN, False  # torch's counter sees aten's matmuls, not oneDNN's op
-    with torch.no_grad(), autocast, FlopCounterMode(display=False) as counter:
-        model.harvest(idx, cfg.layer, cfg.site)
-    sae_kernels.ONEDNN = onednn
-    harvest_flops = counter.get_total_flops()
+def bench_arch_steps(cfg, device, widths=(8192, 32768), k=32):
+    """One training step (sae_loss + backward_and_update: forward, backward, Adam) of every architecture at GPT-2
+    small's width, batch cfg.batch_size, on random activations at sae.py's scale (E|x| = sqrt(d)); a tenth of the
+    features dead, so AuxK runs. Time and peak memory above the weights, gradients and Adam's state (allocated before)."""
+    d = 768
+    x = torch.randn(cfg.batch_size, d, device=device)
     results = {}
-    print(f"end to end, {contexts}x{cfg.block_size} tokens a step, layer {cfg.layer} {cfg.site}, d_sae {cfg.d_sae}, "
-          f"{dtype} matmuls (MFU against {peak_gflops:,.0f} GFLOP/s):")
-    with torch.no_grad(), autocast:
-        harvest = time_ms(lambda: model.harvest(idx, cfg.layer, cfg.site), cfg.iters, device)
-        mfu_harvest = harvest_flops / harvest[0] / 1e6 / peak_gflops
-        print(f"  harvest, stop at layer {cfg.layer}     {harvest[0]:9.1f} ms  {cfg.batch_size / harvest[0] * 1e3:10,.0f} tok/s  "
-              f"MFU {mfu_harvest:.0%}")
-        results["harvest_stop_tok_s"], results["harvest_mfu"] = cfg.batch_size / harvest[0] * 1e3, mfu_harvest
-        if not cfg.quick:
-            full = time_ms(lambda: model(idx), cfg.iters, device)
-            print(f"  full forward                 {full[0]:9.1f} ms  {cfg.batch_size / full[0] * 1e3:10,.0f} tok/s "
-                  f"(harvest takes {harvest[0] / full[0]:.2f} of its time)")
-            results["harvest_full_tok_s"] = cfg.batch_size / full[0] * 1e3
-    d = model.config.n_embd
-    trainees = {}  # loss -> (sae, optimizer, its config)
-
-    def train_step(losses):  # one harvest feeds every SAE, as in `sae.py --loss=l1,jl,hybrid`
-        with torch.no_grad(), autocast:
-            acts = model.harvest(idx, cfg.layer, cfg.site).reshape(-1, d).float()
-        for loss in losses:
-            sae, optimizer, tcfg = trainees[loss]
-            with autocast:
-                loss_and_terms = sae_loss(sae, acts, tcfg, 10)
-            sae_step(sae, optimizer, loss_and_terms, tcfg)
-
-    for loss in ("l1", "jl", "hybrid"):
-        sample = cfg.jl_sample if device == "cpu" else 0  # the CPU steps estimate JL; CUDA runs it exactly
-        tcfg = TrainConfig(loss=loss, d_sae=cfg.d_sae, jl_sample=sample, l1_warmup_iters=1)
-        sae = SAE(d, cfg.d_sae).to(device)
-        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
-        trainees[loss] = sae, optimizer, tcfg
-        x = torch.randn(cfg.batch_size, d, device=device)
-        def sae_only():
-            with autocast:
-                loss_and_terms = sae_loss(sae, x, tcfg, 10)
-            sae_step(sae, optimizer, loss_and_terms, tcfg)
-        jl_flops = 0 if loss == "l1" else (6 * sample * cfg.d_sae * d if sample else 3 * cfg.d_sae ** 2 * d)
-        sae_flops = 10 * cfg.batch_size * d * cfg.d_sae + jl_flops
-        step = time_ms(sae_only, cfg.iters, device)
-        train = time_ms(lambda: train_step([loss]), cfg.iters, device)
-        mfu_sae = sae_flops / step[0] / 1e6 / peak_gflops
-        mfu = (sae_flops + harvest_flops) / train[0] / 1e6 / peak_gflops
-        # the arithmetic limit: every FLOP of the step (the model's forward to the site, the SAE's six matmuls and
-        # its L1 terms, the JL penalty's) at the measured matmul peak; MFU = the measured rate over it
-        limit_tok_s = peak_gflops * 1e9 / ((sae_flops + harvest_flops) / cfg.batch_size)
-        jl_note = f" (JL from {sample} rows)" if loss != "l1" and sample else ""
-        print(f"  train {loss:<6}{jl_note:<22} {train[0]:9.1f} ms  {cfg.batch_size / train[0] * 1e3:10,.0f} tok/s  "
-              f"MFU {mfu:.0%} of the limit {limit_tok_s:,.0f} tok/s | SAE step alone {step[0]:.1f} ms, "
-              f"{cfg.batch_size / step[0] * 1e3:,.0f} tok/s, MFU {mfu_sae:.0%}")
-        results[f"train_{loss}"] = {"ms": train[0], "tok_s": cfg.batch_size / train[0] * 1e3, "mfu": mfu,
-                                    "limit_tok_s": limit_tok_s, "sae_step_ms": step[0], "sae_step_mfu": mfu_sae}
-    ratio = results["train_hybrid"]["sae_step_ms"] / results["train_l1"]["sae_step_ms"]
-    rate = results["train_hybrid"]["tok_s"] / results["train_l1"]["tok_s"]
-    print(f"  hybrid SAE step / l1 SAE step: {ratio:.2f}x; hybrid's rate end to end {rate:.2f} of l1's")
-    results["hybrid_over_l1_step"], results["hybrid_over_l1_rate"] = ratio, rate
-    # many SAEs per pass: the harvest is paid once for all three
-    three = time_ms(lambda: train_step(["l1", "jl", "hybrid"]), cfg.iters, device)
-    alone = sum(results[f"train_{loss}"]["ms"] for loss in ("l1", "jl", "hybrid")) / 3
-    print(f"  l1, jl, hybrid on one pass  {three[0]:9.1f} ms: {three[0] / 3:.1f} ms per SAE, against {alone:.1f} ms "
-          f"with one SAE per pass (per-SAE cost {three[0] / 3 / alone:.2f}x)")
-    results["three_per_pass"] = {"ms": three[0], "ms_per_sae": three[0] / 3, "ms_per_sae_alone": alone}
+    print(f"one training step per architecture, d_in {d}, batch {cfg.batch_size}, k {k} (the k-sparse ones), fp32:")
+    for width in widths:
+        dead = torch.zeros(width, dtype=torch.bool, device=device)
+        dead[::10] = True
+        for arch in ARCHS:
+            tcfg = TrainConfig(arch=arch, d_sae=width, k=k, sparsity_warmup_iters=1)
+            torch.manual_seed(0)
+            model = SAE.from_config((d, 0), tcfg).to(device)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+            step = lambda: backward_and_update(model, optimizer, sae_loss(model, x, tcfg, 10, dead), tcfg)
+            step()  # Adam's state allocated before memory is measured
+            ms = time_ms(step, cfg.iters, device)
+            mem = peak_mib(step, device)
+            pre_mib = cfg.batch_size * width * 4 / 2**20  # the dense encoder pre-activations, (N, d_sae) fp32
+            print(f"  {arch + ', d_sae ' + str(width):<24} {ms[0]:9.1f} ms ({ms[1]:.1f}..{ms[2]:.1f})  {mem:7.0f} MiB"
+                  f"  ({mem / pre_mib:.2f}x the pre-activations' {pre_mib:.0f} MiB)")
+            results[f"{arch}_{width}"] = {"ms": ms[0], "ms_p20": ms[1], "ms_p80": ms[2], "peak_mib": mem,
+                                          "pre_mib": pre_mib}
+            if width == widths[0]:  # hybrid beside it: what the JL penalty costs each architecture
+                results[f"{arch}_{width}"]["hybrid_over_sparsity_rate"] = ms[0] / hybrid_step_ms(cfg, device, model, x, tcfg, dead)
+            del model, optimizer
+        base = results[f"relu_{width}"]["ms"]
+        print(f"  d_sae {width}: " + ", ".join(f"{a} {results[f'{a}_{width}']['ms'] / base:.2f}x" for a in ARCHS) +
+              " the relu step")
+        if width == widths[0]:
+            jl = "exact" if device == "cuda" else f"estimated from {cfg.jl_sample} rows, as on the CPU"
+            print(f"  d_sae {width}, hybrid's rate as a fraction of the sparsity loss's (the JL penalty {jl}): " +
+                  ", ".join(f"{a} {results[f'{a}_{width}']['hybrid_over_sparsity_rate']:.2f}" for a in ARCHS))
+        results.update(bench_transcoder_steps(cfg, device, width, k, dead, results))
     return results
 
 
-# the synthetic benchmark: activations built from known unit directions (synthetic_activations: Zipf-like
-# frequencies, magnitudes U(0.5, 1.5)), in two regimes: the test's 96 directions in 48 dimensions, 4 active a row, and
-# heavy superposition, 512 directions in 32 dimensions (16x), 3 active a row. Every architecture over its sparsity
-# setting in one sae.py sweep (shared batches, Adam at 3e-3, 512 rows a step); then each at its best setting with the
-# JL penalty added over three decades. "Best" = the highest mean max cosine of the true directions.
-def synthetic_activations(n, d, n_true, k, seed=0):
-    """Activations with a known answer: each row a sum of k of n_true random unit directions (drawn with
-    Zipf-like frequencies p_i ~ 1/sqrt(i)), with non-negative magnitudes U(0.5, 1.5).
-    -> (X (n, d) float32, true directions (n_true, d) float32)"""
-    g = np.random.default_rng(seed)
-    D = g.standard_normal((n_true, d))
-    D /= np.linalg.norm(D, axis=1, keepdims=True)
-    p = 1 / np.sqrt(np.arange(1, n_true + 1))
-    X = np.zeros((n, d))
-    for i in range(n):
-        active = g.choice(n_true, size=k, replace=False, p=p / p.sum())
-        X[i] = g.uniform(0.5, 1.5, size=k) @ D[active]  # (k,) @ (k, d) -> (d,)
-    return X.astype(np.float32), D.astype(np.float32)
+def hybrid_step_ms(cfg, device, model, x, tcfg, dead):
+    """The median ms of one --loss=hybrid step of model (l1 plus the JL penalty: exact on CUDA, estimated from
+    cfg.jl_sample rows on the CPU, as bench_end_to_end runs it), on its own Adam."""
+    hcfg = replace(tcfg, loss="hybrid", jl_sample=0 if device == "cuda" else cfg.jl_sample)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    step = lambda: backward_and_update(model, optimizer, sae_loss(model, x, hcfg, 10, dead), hcfg)
+    step()  # Adam's state
+    return time_ms(step, cfg.iters, device)[0]
 
 
-REGIMES = [  # name, rows, d, true directions, active per row, d_sae, steps
-    ("96 in 48, 4 active", 40000, 48, 96, 4, 192, 1500),
-    ("512 in 32, 3 active (16x)", 100000, 32, 512, 3, 1024, 2000)]
-SYNTHETIC_RUN = ["--batch_size=512", "--lr=0.003", "--l1_warmup_iters=100", "--jl_warmup_iters=300",
-                 "--eval_tokens=4000", "--log_interval=500", "--resample_iters=()"]
-SETTINGS = {"relu": "l1_coeff", "topk": "k", "batchtopk": "k", "matryoshka": "k", "fsq": "k", "jumprelu": "l0_coeff",
-            "vae": "kl_coeff"}  # the key each architecture is swept over
-# each form's coefficients, three decades where its pull on a row at random spread (d 32, 1024 rows) spans atanh's:
-# power (p 4) pulls 14x and welch 8x less than atanh there (issue 24)
-JL_COEFFS = {"atanh": "[1e2, 1e3, 1e4]", "power": "[1e3, 1e4, 1e5]", "welch": "[1e3, 1e4, 1e5]"}
-
-
-def synthetic_sweep(out, acts, d_sae, steps, flags, env):
-    """One sae.py process training a sweep on acts; -> [(name, checkpoint, final eval)]."""
-    r = subprocess.run([sys.executable, "sae.py", f"--acts={acts}", f"--out_dir={out}", f"--d_sae={d_sae}",
-                        f"--max_iters={steps}", f"--eval_interval={steps}", f"--dead_window={50 * 512}",
-                        *SYNTHETIC_RUN, *flags], env=env, capture_output=True, text=True)
-    if r.returncode:
-        raise RuntimeError(f"{flags}: {r.stderr.strip().splitlines()[-1]}")
-    names = json.load(open(f"{out}/sweep.json"))["names"] if os.path.exists(f"{out}/sweep.json") else [""]
-    return [(name, torch.load(os.path.join(out, name, "ckpt.pt"), weights_only=True),
-             json.loads(open(os.path.join(out, name, "log.jsonl")).readlines()[-1])) for name in names]
-
-
-def recovery(D, checkpoint, final):
-    W = torch.nn.functional.normalize(checkpoint["sae"]["W_dec"].float(), dim=1)
-    max_cos = (torch.from_numpy(D) @ W.T).max(dim=1).values  # (n_true,): each true direction's best row
-    cfg = checkpoint["config"]
-    key = SETTINGS[cfg["arch"]]
-    form = "" if cfg.get("jl_form", "atanh") == "atanh" else f" {cfg['jl_form']}"
-    setting = f"{key}={cfg[key]}" + (f"{form} jl_coeff={cfg['jl_coeff']:g}" if cfg["loss"] == "hybrid" else "")
-    return {"arch": cfg["arch"], "setting": setting, "mean_max_cos": max_cos.mean().item(),
-            "frac_above_0.9": (max_cos > 0.9).float().mean().item(), "l0": final["l0"], "fvu": final["fvu"],
-            "dictionary_max_cos": final["mean_max_cos"]}
-
-
-def bench_synthetic(cfg):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    results = []
-    if not 0 <= cfg.regime <= len(REGIMES):
-        raise ValueError(f"--regime={cfg.regime}: 0 (all) or one of 1..{len(REGIMES)}")
-    for label, n, d, n_true, k_true, d_sae, steps in (REGIMES[cfg.regime - 1:cfg.regime] if cfg.regime else REGIMES):
-        X, D = synthetic_activations(n=n, d=d, n_true=n_true, k=k_true, seed=0)
-        ks = sorted({max(1, k_true // 2), k_true, 2 * k_true})
-        print(f"synthetic: {label}; SAEs of {d_sae} features, {steps} steps")
-        print(f"  {'arch':<11} {'setting':<34} {'mean max cos':>12} {'frac > 0.9':>10} {'L0':>6} {'FVU':>7} "
-              f"{'rows max cos':>12}")
-        with tempfile.TemporaryDirectory() as tmp:
-            acts = os.path.join(tmp, "acts.npy")
-            np.save(acts, X)
-            archs = [a for a in SETTINGS if a in cfg.synthetic_archs.split(",")] if cfg.synthetic_archs else list(SETTINGS)
-            sweep = [f"--arch={','.join(archs)}", "--l1_coeff=[0.1, 0.3, 1.0, 3.0]", f"--k={ks}",
-                     "--l0_coeff=[0.03, 0.3, 3.0]", "--kl_coeff=[0.01, 0.1, 1.0]"]
-            rows = [recovery(D, ckpt, final) for _, ckpt, final in
-                    synthetic_sweep(os.path.join(tmp, "all"), acts, d_sae, steps, sweep, env)]
-            for arch in archs:  # JL added to each architecture at its best setting
-                best = max((r for r in rows if r["arch"] == arch), key=lambda r: r["mean_max_cos"])
-                flags = [f"--arch={arch}", f"--{best['setting']}", "--loss=hybrid", f"--jl_form={cfg.jl_form}",
-                         f"--jl_coeff={JL_COEFFS[cfg.jl_form]}"]
-                rows += [recovery(D, ckpt, final) for _, ckpt, final in
-                         synthetic_sweep(os.path.join(tmp, arch), acts, d_sae, steps, flags, env)]
-        for e in rows:
-            e["regime"] = label
-            print(f"  {e['arch']:<11} {e['setting']:<34} {e['mean_max_cos']:12.3f} {e['frac_above_0.9']:10.2f} "
-                  f"{e['l0']:6.1f} {e['fvu']:7.3f} {e['dictionary_max_cos']:12.3f}")
-        results += rows
+def bench_transcoder_steps(cfg, device, width, k, dead, sae_results):
+    """Transcoders' steps beside the SAEs' (bench_arch_steps): mlp_in -> mlp_out at GPT-2 small's shape (d_in = d_out
+    = 768, rows of both side by side), relu and topk, plain and with the skip path (one more (N, 768) @ (768, 768)
+    matmul and its gradients)."""
+    d = 768
+    x = torch.randn(cfg.batch_size, 2 * d, device=device)  # [x_in | y]
+    results = {}
+    for arch in ("relu", "topk"):
+        for skip in (False, True):
+            tcfg = TrainConfig(arch=arch, d_sae=width, k=k, sparsity_warmup_iters=1, target_site="mlp_out", skip=skip)
+            torch.manual_seed(0)
+            model = SAE.from_config((d, d), tcfg).to(device)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+            step = lambda: backward_and_update(model, optimizer, sae_loss(model, x, tcfg, 10, dead), tcfg)
+            step()
+            ms = time_ms(step, cfg.iters, device)
+            name = f"{arch}_{'skip_' * skip}transcoder_{width}"
+            results[name] = {"ms": ms[0], "ms_p20": ms[1], "ms_p80": ms[2],
+                             "vs_sae": ms[0] / sae_results[f"{arch}_{width}"]["ms"]}
+            label = f"{arch} {'skip ' * skip}transcoder, d_sae {width}"
+            print(f"  {label:<34} {ms[0]:9.1f} ms ({ms[1]:.1f}..{ms[2]:.1f})  {results[name]['vs_sae']:.2f}x the "
+                  f"{arch} SAE's step")
+            del model, optimizer
     return results
 
 
-# SAELens against sae.py, end to end on the CPU at the issue's config: GPT-2 small's shape (random weights), layer 6
-# mlp_in, d_sae 8192, 4096-token steps of 128-token contexts (position 0 dropped), a 2**18-token shuffling buffer
-# of 32-context harvests, fp32, l1 loss at coefficient 5, Adam 1e-4; no evaluation, checkpoint or wandb inside
-# the timed steps. Each in its own process, on the same tokens. Steady-state tokens/s: steps 33 to 32 + steps,
-# whole refill periods of both buffers (half a buffer, 32 steps, between refills), refills included.
-WARMUP = 32
+def bench_archs(cfg, device):
+    """--archs=True: the sparse kernels against their dense references, then every architecture's step."""
+    sae_kernels.keep_freed_memory()  # as sae.py runs on the CPU
+    widths = (cfg.d_sae,) if cfg.quick else (8192, 32768)
+    return {"sparse_codes": bench_sparse_codes(cfg, device), "steps": bench_arch_steps(cfg, device, widths)}
 
 
-def saelens_worker(tokens_path, steps, bf16, device="cpu"):
-    """SAELens 6.54 through its own LanguageModelSAETrainingRunner (`pip install sae-lens==6.54.12`, not a
-    dependency). Its model is a HookedTransformer of GPT-2 small's shape built directly, with layer norm folded
-    as from_pretrained("gpt2") gives it (normalization LNPre), so nothing is downloaded. bf16: its two autocast
-    options on (the model's forward, the SAE's step; parameters fp32, as ours). Prints its rate, and on CUDA its peak
-    GPU memory."""
-    from datasets import Dataset
-    import importlib.util
-    if importlib.util.find_spec("sae_lens") is None:
-        sys.exit("sae_lens is not installed: `pip install sae-lens==6.54.12` (the baseline, not a dependency)")
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, StandardTrainingSAEConfig
-    from sae_lens.config import LoggingConfig
-    from sae_lens.training.sae_trainer import SAETrainer
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    tokens = np.load(tokens_path).astype(np.int64)
-    dataset = Dataset.from_dict({"input_ids": tokens[:len(tokens) // 128 * 128].reshape(-1, 128).tolist()})
-    model = HookedTransformer(HookedTransformerConfig(
-        n_layers=12, d_model=768, n_ctx=1024, d_head=64, n_heads=12, d_mlp=3072, d_vocab=50257, act_fn="gelu_new",
-        normalization_type="LNPre", default_prepend_bos=False, device=device, dtype=torch.float32, seed=0))
-    stamps, step = [], SAETrainer.step
-    def timed_step(self, *args, **kwargs):  # a time stamp as each step starts; the step itself unchanged
-        stamps.append(time.perf_counter())
-        return step(self, *args, **kwargs)
-    SAETrainer.step = timed_step
-    cfg = LanguageModelSAERunnerConfig(
-        sae=StandardTrainingSAEConfig(d_in=768, d_sae=8192, l1_coefficient=5.0, dtype="float32", device=device,
-                                      apply_b_dec_to_input=True, normalize_activations="none"),
-        model_name="gpt2", hook_name="blocks.6.ln2.hook_normalized", dataset_path="local", is_dataset_tokenized=True,
-        # SAELens 6.54's buffer holds n_batches_in_buffer x 127 activations (not x store_batch_size_prompts too,
-        # as its log line says): 2064 of them are our 2**18-token buffer
-        streaming=False, context_size=128, seqpos_slice=(1, None), prepend_bos=False, n_batches_in_buffer=2**18 // 127,
-        store_batch_size_prompts=32, training_tokens=4096 * (WARMUP + 1 + steps), train_batch_size_tokens=4096, lr=1e-4,
-        device=device, dtype="float32", autocast=bf16, autocast_lm=bf16, logger=LoggingConfig(log_to_wandb=False),
-        n_checkpoints=0,
-        save_final_checkpoint=False, output_path=None, checkpoint_path=None, verbose=False)
-    LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model).run()
-    stamps.append(time.perf_counter())  # the end of the last step
-    # stamps[i]: step i starts, its batch fetched; stamps[WARMUP + 1] to the end: fetching and training steps 33 on
-    print(f"saelens_tok_s {4096 * (len(stamps) - 2 - WARMUP) / (stamps[-1] - stamps[WARMUP + 1]):.1f}")
-    if device == "cuda":
-        print(f"saelens_gpu_gib {torch.cuda.max_memory_allocated() / 2**30:.3f}")
-
-
-def run_measured(label, args, env):
-    """Runs a command to its end -> (stdout, its peak resident memory in GiB): the kernel's high-water mark of
-    that one process (wait4's rusage), whatever it allocated or freed on the way. A failure raises with its
-    last line of stderr."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(args, env=env, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        out.seek(0), err.seek(0)
-        if os.waitstatus_to_exitcode(status):
-            raise RuntimeError(f"{label}: {(err.read().strip().splitlines() or ['no output'])[-1]}")
-        return out.read(), usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
-
-
-def logged_rate(out, first, last):
-    """sae.py's tokens/s over steps first + 1 to last from its log lines (`iter N | ... | R tok/s`), each line's rate
-    the process's since the line before (with --layers, one line per layer, all with the same rate)."""
-    rate = lambda line: float(next(f for f in line.split("|") if f.strip().endswith("tok/s")).split()[0].replace(",", ""))
-    logged = sorted({int(line.split()[1]): rate(line) for line in out.splitlines()
-                     if line.startswith("iter ") and "tok/s" in line}.items())  # [(iteration, tok/s)]
-    windows = [(it - prev, r) for (prev, _), (it, r) in zip(logged, logged[1:]) if first <= prev < it <= last]
-    return sum(steps for steps, _ in windows) / sum(steps / r for steps, r in windows)
-
-
-def bench_saelens(cfg, device="cpu"):
-    import glob
-    from prepare import read_shard
-    shards = sorted(glob.glob(os.path.join(cfg.data_dir, "*_train_*.bin")))
-    if not shards:
-        raise ValueError(f"--data_dir={cfg.data_dir}: no train shards (run prepare.py; offline: see the README's 'offline use')")
-    dtype = resolved_dtype(cfg, device)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    print(f"end to end against SAELens on {device}, GPT-2 small's shape (random weights), layer 6 mlp_in, d_sae 8192, "
-          f"l1, 4096-token steps, buffers of 2**18 activations, {dtype} matmuls, rates over steps {WARMUP + 1} to "
-          f"{WARMUP + cfg.steps}, peak resident memory of the whole run (and on CUDA the peak GPU memory):")
-    gpu = lambda out, key: f", GPU {float(out.split(key)[1].split()[0]):.2f} GiB" if key in out else ""
-    with tempfile.TemporaryDirectory() as tmp:
-        np.save(os.path.join(tmp, "tokens.npy"), np.concatenate([read_shard(p) for p in shards]))
-        out, theirs_gib = run_measured("SAELens", [sys.executable, "bench.py", f"--saelens_worker={tmp}/tokens.npy",
-                                                   f"--steps={cfg.steps}", f"--dtype={dtype}", f"--device={device}"], env)
-        theirs = float(out.split("saelens_tok_s")[1].split()[0])
-        print(f"  SAELens (its runner)       {theirs:9,.0f} tok/s   peak {theirs_gib:.2f} GiB{gpu(out, 'saelens_gpu_gib')}")
-        # sae.py at its defaults but for the run's length, the log interval and the evaluation: at 4,096 tokens
-        # (one batch of 32 contexts, the default's 2**15 in eight) once at the start and once at the end, outside
-        # the timed steps, so its peak memory is in the figure
-        out, ours_gib = run_measured("sae.py", [
-            sys.executable, "sae.py", "--init_from=scratch", f"--data_dir={cfg.data_dir}", f"--out_dir={tmp}/ours",
-            "--loss=l1", f"--max_iters={WARMUP + 2 + cfg.steps}", f"--eval_interval={10 * cfg.steps}",
-            f"--log_interval={WARMUP}", "--eval_tokens=4096", "--resample_iters=()", "--l1_warmup_iters=1",
-            f"--dtype={dtype}", f"--device={device}"], env)
-        # logged every 32 steps, each window ending with a refill: tokens over time from step 33 to 32 + steps
-        ours = logged_rate(out, WARMUP, WARMUP + cfg.steps)
-        last = [line for line in out.splitlines() if line.startswith("iter ")][-1]  # on CUDA it ends "| peak X GiB"
-        print(f"  sae.py                     {ours:9,.0f} tok/s   peak {ours_gib:.2f} GiB{gpu(last, 'peak ')}   {ours / theirs:.2f}x "
-              f"SAELens's rate, {ours_gib / theirs_gib:.2f}x its memory")
-    return {"dtype": dtype, "saelens_tok_s": theirs, "ours_tok_s": ours, "speedup": ours / theirs,
-            "saelens_peak_gib": theirs_gib, "ours_peak_gib": ours_gib}
-
+# ---------------------------------------------------------------------------------------------------------------------
+# --models=True: tokenizers, then a real Llama-family model's harvest
 
 def shared_documents():
     """The real web text of ../shared/data/text: a list of documents, read as prepare.py reads them."""
@@ -741,89 +681,6 @@ def bench_llama_harvest(cfg, documents):
     return {"model": spec, "harvest_tok_s": n / harvest[0] * 1e3, "full_tok_s": n / full[0] * 1e3}
 
 
-def bench_arch_steps(cfg, device, widths=(8192, 32768), k=32):
-    """One training step (sae_loss + sae_step: forward, backward, Adam) of every architecture at GPT-2 small's width,
-    batch cfg.batch_size, on random activations at sae.py's scale (E|x| = sqrt(d)); a tenth of the features dead, so
-    AuxK runs. Time and peak memory above the weights, gradients and Adam's state (allocated before)."""
-    d = 768
-    x = torch.randn(cfg.batch_size, d, device=device)
-    results = {}
-    print(f"one training step per architecture, d_in {d}, batch {cfg.batch_size}, k {k} (the k-sparse ones), fp32:")
-    for width in widths:
-        dead = torch.zeros(width, dtype=torch.bool, device=device)
-        dead[::10] = True
-        for arch in ARCHS:
-            tcfg = TrainConfig(arch=arch, d_sae=width, k=k, l1_warmup_iters=1)
-            torch.manual_seed(0)
-            model = SAE.from_config((d, 0), tcfg).to(device)
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-            step = lambda: sae_step(model, optimizer, sae_loss(model, x, tcfg, 10, dead), tcfg)
-            step()  # Adam's state allocated before memory is measured
-            ms = time_ms(step, cfg.iters, device)
-            mem = peak_mib(step, device)
-            pre_mib = cfg.batch_size * width * 4 / 2**20  # the dense encoder pre-activations, (N, d_sae) fp32
-            print(f"  {arch + ', d_sae ' + str(width):<24} {ms[0]:9.1f} ms ({ms[1]:.1f}..{ms[2]:.1f})  {mem:7.0f} MiB"
-                  f"  ({mem / pre_mib:.2f}x the pre-activations' {pre_mib:.0f} MiB)")
-            results[f"{arch}_{width}"] = {"ms": ms[0], "ms_p20": ms[1], "ms_p80": ms[2], "peak_mib": mem,
-                                          "pre_mib": pre_mib}
-            if width == widths[0]:  # the mission's hybrid beside it: what the JL penalty costs each architecture
-                results[f"{arch}_{width}"]["hybrid_over_l1_rate"] = ms[0] / hybrid_step_ms(cfg, device, model, x, tcfg, dead)
-            del model, optimizer
-        base = results[f"relu_{width}"]["ms"]
-        print(f"  d_sae {width}: " + ", ".join(f"{a} {results[f'{a}_{width}']['ms'] / base:.2f}x" for a in ARCHS) +
-              " the relu step")
-        if width == widths[0]:
-            jl = "exact" if device == "cuda" else f"estimated from {cfg.jl_sample} rows, as on the CPU"
-            print(f"  d_sae {width}, hybrid's rate as a fraction of l1's (the JL penalty {jl}): " +
-                  ", ".join(f"{a} {results[f'{a}_{width}']['hybrid_over_l1_rate']:.2f}" for a in ARCHS))
-        results.update(bench_transcoder_steps(cfg, device, width, k, dead, results))
-    return results
-
-
-def hybrid_step_ms(cfg, device, model, x, tcfg, dead):
-    """The median ms of one --loss=hybrid step of model (l1 plus the JL penalty: exact on CUDA, estimated from
-    cfg.jl_sample rows on the CPU, as bench_end_to_end runs it), on its own Adam."""
-    hcfg = replace(tcfg, loss="hybrid", jl_sample=0 if device == "cuda" else cfg.jl_sample)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    step = lambda: sae_step(model, optimizer, sae_loss(model, x, hcfg, 10, dead), hcfg)
-    step()  # Adam's state
-    return time_ms(step, cfg.iters, device)[0]
-
-
-def bench_transcoder_steps(cfg, device, width, k, dead, sae_results):
-    """Transcoders' steps beside the SAEs' (bench_arch_steps): mlp_in -> mlp_out at GPT-2 small's shape (d_in = d_out
-    = 768, rows of both side by side), relu and topk, plain and with the skip path (one more (N, 768) @ (768, 768)
-    matmul and its gradients)."""
-    d = 768
-    x = torch.randn(cfg.batch_size, 2 * d, device=device)  # [x_in | y]
-    results = {}
-    for arch in ("relu", "topk"):
-        for skip in (False, True):
-            tcfg = TrainConfig(arch=arch, d_sae=width, k=k, l1_warmup_iters=1, target_site="mlp_out", skip=skip)
-            torch.manual_seed(0)
-            model = SAE.from_config((d, d), tcfg).to(device)
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-            step = lambda: sae_step(model, optimizer, sae_loss(model, x, tcfg, 10, dead), tcfg)
-            step()
-            ms = time_ms(step, cfg.iters, device)
-            name = f"{arch}_{'skip_' * skip}transcoder_{width}"
-            results[name] = {"ms": ms[0], "ms_p20": ms[1], "ms_p80": ms[2],
-                             "vs_sae": ms[0] / sae_results[f"{arch}_{width}"]["ms"]}
-            label = f"{arch} {'skip ' * skip}transcoder, d_sae {width}"
-            print(f"  {label:<34} {ms[0]:9.1f} ms ({ms[1]:.1f}..{ms[2]:.1f})  {results[name]['vs_sae']:.2f}x the "
-                  f"{arch} SAE's step")
-            del model, optimizer
-    return results
-
-
-def bench_archs(cfg):
-    """--archs=True: the sparse kernels against their dense references, then every architecture's step."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    sae_kernels.keep_freed_memory()  # as sae.py runs on the CPU
-    widths = (cfg.d_sae,) if cfg.quick else (8192, 32768)
-    return {"sparse_codes": bench_sparse_codes(cfg, device), "steps": bench_arch_steps(cfg, device, widths)}
-
-
 def bench_models(cfg):
     """--models=True: tokenizers, then a real Llama-family model's harvest."""
     sae_kernels.keep_freed_memory()  # as sae.py runs on the CPU
@@ -831,12 +688,100 @@ def bench_models(cfg):
     return {"tokenizers": bench_tokenizers(cfg, documents), "llama_harvest": bench_llama_harvest(cfg, documents)}
 
 
-# -----------------------------------------------------------------------------
-# every layer in one pass (issue 33): on a real Llama-family model (--llama, else $SMOLLM2_DIR), a topk skip transcoder
-# mlp_in -> mlp_out per layer, trained by one `sae.py --layers=all` process against one-layer passes (--layer=L) and,
-# with --sparsify, against EleutherAI's sparsify, which trains all layers' transcoders from one forward too. Every
-# process gets the same shape (latents, k, tokens a step of whole block_size contexts, no position dropped, fp32), the
-# same tokens and OMP_NUM_THREADS=threads; each is run to its end and measured as a whole (run_measured: peak RSS).
+# ---------------------------------------------------------------------------------------------------------------------
+# --saelens=True: SAELens against sae.py, end to end on the CPU: GPT-2 small's shape (random weights), layer 6
+# mlp_in, d_sae 8192, 4096-token steps of 128-token contexts (position 0 dropped), a 2**18-token shuffling buffer of
+# 32-context harvests, fp32, l1 loss at coefficient 5, Adam 1e-4; no evaluation, checkpoint or wandb inside the timed
+# steps. Each in its own process, on the same tokens. Steady-state tokens/s: steps 33 to 32 + steps, whole refill
+# periods of both buffers (half a buffer, 32 steps, between refills), refills included.
+WARMUP = 32
+
+
+def saelens_worker(tokens_path, steps, bf16, device="cpu"):
+    """SAELens 6.54 through its own LanguageModelSAETrainingRunner (`pip install sae-lens==6.54.12`, not a
+    dependency). Its model is a HookedTransformer of GPT-2 small's shape built directly, with layer norm folded
+    as from_pretrained("gpt2") gives it (normalization LNPre), so nothing is downloaded. bf16: its two autocast
+    options on (the model's forward, the SAE's step; parameters fp32, as ours). Prints its rate, and on CUDA its peak
+    GPU memory."""
+    from datasets import Dataset
+    import importlib.util
+    if importlib.util.find_spec("sae_lens") is None:
+        sys.exit("sae_lens is not installed: `pip install sae-lens==6.54.12` (the baseline, not a dependency)")
+    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, StandardTrainingSAEConfig
+    from sae_lens.config import LoggingConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    tokens = np.load(tokens_path).astype(np.int64)
+    dataset = Dataset.from_dict({"input_ids": tokens[:len(tokens) // 128 * 128].reshape(-1, 128).tolist()})
+    model = HookedTransformer(HookedTransformerConfig(
+        n_layers=12, d_model=768, n_ctx=1024, d_head=64, n_heads=12, d_mlp=3072, d_vocab=50257, act_fn="gelu_new",
+        normalization_type="LNPre", default_prepend_bos=False, device=device, dtype=torch.float32, seed=0))
+    stamps, step = [], SAETrainer.step
+    def timed_step(self, *args, **kwargs):  # a time stamp as each step starts; the step itself unchanged
+        stamps.append(time.perf_counter())
+        return step(self, *args, **kwargs)
+    SAETrainer.step = timed_step
+    cfg = LanguageModelSAERunnerConfig(
+        sae=StandardTrainingSAEConfig(d_in=768, d_sae=8192, l1_coefficient=5.0, dtype="float32", device=device,
+                                      apply_b_dec_to_input=True, normalize_activations="none"),
+        model_name="gpt2", hook_name="blocks.6.ln2.hook_normalized", dataset_path="local", is_dataset_tokenized=True,
+        # SAELens 6.54's buffer holds n_batches_in_buffer x 127 activations (not x store_batch_size_prompts too,
+        # as its log line says): 2064 of them are our 2**18-token buffer
+        streaming=False, context_size=128, seqpos_slice=(1, None), prepend_bos=False, n_batches_in_buffer=2**18 // 127,
+        store_batch_size_prompts=32, training_tokens=4096 * (WARMUP + 1 + steps), train_batch_size_tokens=4096, lr=1e-4,
+        device=device, dtype="float32", autocast=bf16, autocast_lm=bf16, logger=LoggingConfig(log_to_wandb=False),
+        n_checkpoints=0,
+        save_final_checkpoint=False, output_path=None, checkpoint_path=None, verbose=False)
+    LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model).run()
+    stamps.append(time.perf_counter())  # the end of the last step
+    # stamps[i]: step i starts, its batch fetched; stamps[WARMUP + 1] to the end: fetching and training steps 33 on
+    print(f"saelens_tok_s {4096 * (len(stamps) - 2 - WARMUP) / (stamps[-1] - stamps[WARMUP + 1]):.1f}")
+    if device == "cuda":
+        print(f"saelens_gpu_gib {torch.cuda.max_memory_allocated() / 2**30:.3f}")
+
+
+def bench_saelens(cfg, device="cpu"):
+    import glob
+    from prepare import read_shard
+    shards = sorted(glob.glob(os.path.join(cfg.data_dir, "*_train_*.bin")))
+    if not shards:
+        raise ValueError(f"--data_dir={cfg.data_dir}: no train shards (run prepare.py; offline: see the README's 'offline use')")
+    dtype = resolved_dtype(cfg, device)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    print(f"end to end against SAELens on {device}, GPT-2 small's shape (random weights), layer 6 mlp_in, d_sae 8192, "
+          f"l1, 4096-token steps, buffers of 2**18 activations, {dtype} matmuls, rates over steps {WARMUP + 1} to "
+          f"{WARMUP + cfg.steps}, peak resident memory of the whole run (and on CUDA the peak GPU memory):")
+    gpu = lambda out, key: f", GPU {float(out.split(key)[1].split()[0]):.2f} GiB" if key in out else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(os.path.join(tmp, "tokens.npy"), np.concatenate([read_shard(p) for p in shards]))
+        out, theirs_gib = run_measured("SAELens", [sys.executable, "bench.py", f"--saelens_worker={tmp}/tokens.npy",
+                                                   f"--steps={cfg.steps}", f"--dtype={dtype}", f"--device={device}"], env)
+        theirs = float(out.split("saelens_tok_s")[1].split()[0])
+        print(f"  SAELens (its runner)       {theirs:9,.0f} tok/s   peak {theirs_gib:.2f} GiB{gpu(out, 'saelens_gpu_gib')}")
+        # sae.py at its defaults but for the run's length, the log interval and the evaluation: at 4,096 tokens
+        # (one batch of 32 contexts, the default's 2**15 in eight) once at the start and once at the end, outside
+        # the timed steps, so its peak memory is in the figure
+        out, ours_gib = run_measured("sae.py", [
+            sys.executable, "sae.py", "--init_from=scratch", f"--data_dir={cfg.data_dir}", f"--out_dir={tmp}/ours",
+            "--loss=sparsity", f"--max_iters={WARMUP + 2 + cfg.steps}", f"--eval_interval={10 * cfg.steps}",
+            f"--log_interval={WARMUP}", "--eval_tokens=4096", "--resample_iters=()", "--sparsity_warmup_iters=1",
+            f"--dtype={dtype}", f"--device={device}"], env)
+        # logged every 32 steps, each window ending with a refill: tokens over time from step 33 to 32 + steps
+        ours = logged_rate(out, WARMUP, WARMUP + cfg.steps)
+        last = [line for line in out.splitlines() if line.startswith("iter ")][-1]  # on CUDA it ends "| peak X GiB"
+        print(f"  sae.py                     {ours:9,.0f} tok/s   peak {ours_gib:.2f} GiB{gpu(last, 'peak ')}   {ours / theirs:.2f}x "
+              f"SAELens's rate, {ours_gib / theirs_gib:.2f}x its memory")
+    return {"dtype": dtype, "saelens_tok_s": theirs, "ours_tok_s": ours, "speedup": ours / theirs,
+            "saelens_peak_gib": theirs_gib, "ours_peak_gib": ours_gib}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --layers_pass=True: every layer in one pass against one-layer passes (and sparsify). On a real Llama-family model
+# (--llama, else $SMOLLM2_DIR), a topk skip transcoder mlp_in -> mlp_out per layer, trained by one `sae.py
+# --layers=all` process against one-layer passes (--layer=L) and, with --sparsify, against EleutherAI's sparsify,
+# which trains all layers' transcoders from one forward too. Every process gets the same shape (latents, k, tokens a
+# step of whole block_size contexts, no position dropped, fp32), the same tokens and OMP_NUM_THREADS=threads; each is
+# run to its end and measured as a whole (run_measured: peak RSS).
 
 def sparsify_worker(path):
     """EleutherAI's sparsify 1.3.3 (`pip install eai-sparsify==1.3.3` in its own venv: not a dependency) through its
@@ -966,31 +911,35 @@ def bench_layers_pass(cfg):
     return report
 
 
-if __name__ == "__main__":
+def main(argv):
     if SPARSIFY_WORKER:  # before parse_args: that is sae.py's, not imported in sparsify's venv
-        sparsify_worker(next(arg for arg in sys.argv[1:] if arg.startswith("--sparsify_worker=")).split("=", 1)[1])
+        sparsify_worker(next(arg for arg in argv if arg.startswith("--sparsify_worker=")).split("=", 1)[1])
         sys.exit(0)
     try:
-        cfg = parse_args(BenchConfig(), sys.argv[1:])
+        cfg = parse_args(BenchConfig(), argv)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = choose_device(cfg)
     if cfg.saelens_worker:
         saelens_worker(cfg.saelens_worker, cfg.steps, cfg.dtype == "bfloat16", device)
         sys.exit(0)
     if cfg.quick:  # a smoke run of every part; the figures are not comparable with a full run's
         cfg.iters, cfg.d_sae, cfg.batch_size, cfg.jl_big = 1, 2048, 1024, 8192
     torch.manual_seed(0)
-    print(machine())
-    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "config": vars(cfg)}
+    print(machine(device))
+    report = {"machine": machine(device), "date": time.strftime("%Y-%m-%d"), "config": vars(cfg)}
     cfg.layers_pass = cfg.layers_pass or cfg.sparsify  # --sparsify is a part of --layers_pass
-    special = next((name for name in ("models", "synthetic", "saelens", "archs", "layers_pass") if getattr(cfg, name)), None)
+    special_runs = {  # each instead of the default run
+        "models": lambda: bench_models(cfg),
+        "synthetic": lambda: synthbench.run_known_directions(cfg.regime, cfg.synthetic_archs, cfg.jl_form),
+        "saelens": lambda: bench_saelens(cfg, device),
+        "archs": lambda: bench_archs(cfg, device),
+        "layers_pass": lambda: bench_layers_pass(cfg)}
+    special = next((name for name in special_runs if getattr(cfg, name)), None)
     if special:
         try:
-            report[special] = bench_saelens(cfg, device) if special == "saelens" else \
-                {"models": bench_models, "synthetic": bench_synthetic, "archs": bench_archs,
-                 "layers_pass": bench_layers_pass}[special](cfg)
+            report[special] = special_runs[special]()
         except (ValueError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
@@ -1005,3 +954,7 @@ if __name__ == "__main__":
         with open(cfg.json, "w") as f:
             json.dump(report, f, indent=1)
         print(f"wrote {cfg.json}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

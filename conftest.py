@@ -1,20 +1,27 @@
-"""What the test files share: paths, the subprocess runners (run_sae, run_prepare), the reference models from
+"""What the test files share: paths, the script runners (run_sae, run_prepare), the reference models from
 transformers, and fixtures (tiny shards and models, the real SmolLM2-135M when ../shared has it). pytest loads this
 file first; the test files import its plain names, and receive its fixtures by argument."""
+import contextlib
+import io
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import analyze
 import bench
+import prepare
 import sae
 import sae_kernels
+import synthbench
 from sae import SITES
 
 
@@ -36,9 +43,11 @@ def enc(tmp_path_factory):
 
 
 def run_prepare(*args, env=None):
-    """Runs prepare.py as a user would; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, str(HERE / "prepare.py"), *args], capture_output=True, text=True,
-                          cwd=HERE, env={**os.environ, **(env or {})}, timeout=300)
+    """Runs prepare.py as a user would (in this process unless env is given: run_script); -> CompletedProcess."""
+    if env:
+        return subprocess.run([sys.executable, str(HERE / "prepare.py"), *args], capture_output=True, text=True,
+                              cwd=HERE, env={**os.environ, **env}, timeout=300)
+    return run_script("prepare.py", *args)
 
 
 def read_shard_layout(path):
@@ -130,26 +139,85 @@ def cpu_env():
 
 
 def run_sae(*args, launcher=None, timeout=600, env=None):
-    """Runs sae.py (analyze.py for its modes) as a user would on a CPU, in fp32 unless the args name a --dtype: the tests compare against fp32
-    references (transformers, one process against two), and --dtype=auto is bf16 on some CPUs and not on others;
-    bf16 runs have their own tests (test_bf16_*)."""
-    args = args if any(str(a).startswith("--dtype=") for a in args) else (*args, "--dtype=float32")
-    mode = next((str(a)[7:] for a in args if str(a).startswith("--mode=")), "train")
-    script = "analyze.py" if mode in sae.READER_MODES else "sae.py"  # the modes that read trained SAEs or logs
-    cmd = (launcher or [sys.executable]) + [str(HERE / script), *map(str, args)]
-    return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, env={**cpu_env(), **(env or {})})
+    """Runs sae.py (analyze.py for its modes) as a user would on a CPU, in fp32 unless the args name a --dtype: the
+    tests compare against fp32 references (transformers, one process against two), and --dtype=auto is bf16 on some
+    CPUs and not on others; bf16 runs have their own tests (test_bf16_*). In this process (run_script), but under a
+    launcher (torchrun) or with an environment of its own: a process of its own then, as a user's. env
+    {"OMP_NUM_THREADS": n} alone runs here on n threads (what the variable does to a fresh process)."""
+    args = tuple(map(str, args if any(str(a).startswith("--dtype=") for a in args) else (*args, "--dtype=float32")))
+    mode = next((a[7:] for a in args if a.startswith("--mode=")), "train")
+    script = HERE / ("analyze.py" if mode in analyze.MODES else "sae.py")  # the readers of trained SAEs are analyze.py's
+    threads = (env or {}).get("OMP_NUM_THREADS")
+    if launcher or set(env or {}) - {"OMP_NUM_THREADS"}:
+        return subprocess.run((launcher or [sys.executable]) + [str(script), *args], cwd=HERE, capture_output=True,
+                              text=True, timeout=timeout, env={**cpu_env(), **(env or {})})
+    return run_script(script.name, *args, threads=threads and int(threads))
+
+
+@contextlib.contextmanager
+def restored_process_state():
+    """Whatever a script run in this process may change, as it was before: the working directory, argv, the
+    environment, the RNGs, torch's threads and default dtype, sae_kernels' switches, glibc's malloc thresholds."""
+    cwd, argv, environ = os.getcwd(), sys.argv[:], dict(os.environ)
+    rngs = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    switches = {k: v for k, v in vars(sae_kernels).items() if k.isupper()}
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        sys.argv[:] = argv
+        os.environ.clear(), os.environ.update(environ)
+        torch.set_rng_state(rngs[0]), np.random.set_state(rngs[1]), random.setstate(rngs[2])
+        torch.set_num_threads(threads), torch.set_default_dtype(dtype)
+        vars(sae_kernels).update(switches)
+        sae_kernels.keep_freed_memory(False)  # training keeps freed memory for its next step; the suite need not
+
+
+# each script's command line, as its `if __name__ == "__main__":` runs it
+SCRIPTS = {"sae.py": lambda argv: sys.exit(sae.cli(sae.main, argv)),
+           "analyze.py": lambda argv: sys.exit(sae.cli(analyze.main, argv)),
+           "bench.py": bench.main, "prepare.py": prepare.main}
+
+
+def run_script(script, *args, threads=None):
+    """Runs `python script args` (a name of SCRIPTS) in this process, as from the repository, on the CPU paths (no
+    TRITON_INTERPRET: the kernels are tested directly), with its output captured: a fresh interpreter pays about
+    3-5 s importing torch and triton, the suite's largest cost when every run was a process.
+    -> CompletedProcess(returncode, stdout, stderr); an exception other than SystemExit is its traceback on stderr
+    and status 1, as a process's."""
+    args = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with restored_process_state(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        os.chdir(HERE)
+        sys.argv[:] = [str(HERE / script), *args]
+        os.environ.pop("TRITON_INTERPRET", None)
+        sae_kernels.INTERPRET = False
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            SCRIPTS[script](args)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess([sys.executable, script, *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """A (N, d) activation file from a known dictionary of 96 directions in 48 dimensions, 4 active per row."""
-    X, D = bench.synthetic_activations(n=40000, d=48, n_true=96, k=4, seed=0)
+    X, D = synthbench.synthetic_activations(n=40000, d=48, n_true=96, k=4, seed=0)
     path = tmp_path_factory.mktemp("acts") / "acts.npy"
     np.save(path, X)
     return path, D
 
 
-ACTS_RUN = ["--d_sae=192", "--batch_size=512", "--lr=0.003", "--l1_coeff=1.0", "--l1_warmup_iters=100",
+ACTS_RUN = ["--d_sae=192", "--batch_size=512", "--lr=0.003", "--l1_coeff=1.0", "--sparsity_warmup_iters=100",
             "--eval_tokens=4000", "--log_interval=100", "--dead_window=20000"]
 
 
@@ -165,7 +233,7 @@ ARCH_NAMES = ["relu-l1_by_decoder_normFalse", "relu-l1_by_decoder_normTrue", "to
 
 def arch_sweep_args(synthetic):
     return [f"--acts={synthetic[0]}", *ACTS_RUN, *ARCH_SWEEP, "--dead_window=2048", "--eval_interval=20",
-            "--resample_iters=(30,)", "--l1_warmup_iters=10"]
+            "--resample_iters=(30,)", "--sparsity_warmup_iters=10"]
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +249,7 @@ def arch_sweep(synthetic, tmp_path_factory):
 # a tiny random GPT-2 from scratch over the offline text sample
 TINY_GPT_RUN = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=32", "--layer=1", "--d_sae=96",
                 "--batch_size=256", "--buffer_tokens=2048", "--harvest_batch=4", "--block_size=32", "--eval_tokens=256",
-                "--log_interval=50", "--dead_window=5000", "--lr=0.001", "--loss=hybrid", "--jl_warmup_iters=20"]
+                "--log_interval=50", "--dead_window=5000", "--lr=0.001", "--loss=hybrid", "--jl_decay_iters=20"]
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +326,7 @@ def llama_shards(smollm2_dir, tmp_path_factory):
 
 TINY_LLAMA_RUN = ["--layer=1", "--d_sae=96", "--batch_size=256", "--buffer_tokens=2048", "--harvest_batch=4",
                   "--block_size=32", "--eval_tokens=256", "--log_interval=50", "--dead_window=5000", "--lr=0.001",
-                  "--loss=hybrid", "--jl_warmup_iters=20"]
+                  "--loss=hybrid", "--jl_decay_iters=20"]
 
 
 def token_ids(path):

@@ -63,20 +63,27 @@ class PrepareError(ValueError):
 # -----------------------------------------------------------------------------
 # shard files (sae.py reads them with read_shard)
 
+def write_atomic(path, write, mode="w"):
+    """write(file) into path.tmp, then renamed to path (atomic on POSIX): no partial file ever has the final name, and
+    a crash leaves the previous one whole. As sae.write_atomic, which prepare.py cannot import: it imports no torch."""
+    with open(path + ".tmp", mode) as f:
+        write(f)
+    os.replace(path + ".tmp", path)
+
+
 def write_shard(path, tokens):
-    """Writes uint16 or uint32 `tokens` (the layout follows the dtype) under a temporary name, then renames:
-    no partial shard ever has a final name."""
+    """Writes uint16 or uint32 `tokens` (the layout follows the dtype) atomically (write_atomic)."""
     assert tokens.dtype in SHARD_FORMATS, f"tokens must be uint16 or uint32, not {tokens.dtype}"
     assert len(tokens) < 2**31, "n_tokens is an int32 in the header"
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = *SHARD_FORMATS[tokens.dtype], len(tokens)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+
+    def write(f):
         f.write(header.tobytes())
         f.write(tokens.tobytes())
         f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX
+        os.fsync(f.fileno())  # on disk before the rename gives it the final name, which prepare.json then counts
+    write_atomic(path, write, "wb")
 
 
 def read_shard(path):
@@ -217,13 +224,21 @@ def hub_file(name_or_path, filename, flag):
                            f"Hub") from None
 
 
+def read_prepare_json(path):
+    """A prepare.json in this version's layout: one that records no tokenizer (no record, no tokenizer or separator
+    in its settings) holds gpt2 shards, each document after <|endoftext|>."""
+    with open(path) as f:
+        meta = json.load(f)
+    meta.setdefault("tokenizer", {"spec": "gpt2", "kind": "tiktoken"})
+    for key, value in (("tokenizer", "gpt2"), ("separator", "<|endoftext|>")):
+        meta["settings"].setdefault(key, value)
+    return meta
+
+
 def read_tokenizer_record(data_dir):
     """The tokenizer record (Tokenizer.record) in data_dir/prepare.json; None without a prepare.json."""
     path = os.path.join(data_dir, "prepare.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("tokenizer", {"spec": "gpt2", "kind": "tiktoken"})  # written before --tokenizer
+    return read_prepare_json(path)["tokenizer"] if os.path.exists(path) else None
 
 
 # -----------------------------------------------------------------------------
@@ -390,10 +405,9 @@ def prepare(args):
 
     # prepare.json records the settings and how far a run got, so that a rerun resumes or does nothing
     meta_path = os.path.join(args.out_dir, "prepare.json")
-    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else None
+    meta = read_prepare_json(meta_path) if os.path.exists(meta_path) else None
     if meta:
-        before = {"tokenizer": "gpt2", "separator": "<|endoftext|>", **meta["settings"]}  # older files lack these
-        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        changed = sorted(k for k in settings if meta["settings"].get(k) != settings[k])
         if changed:
             raise PrepareError(f"{args.out_dir} was prepared with other settings ({', '.join(changed)} differ); "
                                f"use another --out_dir or delete it")
@@ -401,7 +415,7 @@ def prepare(args):
         print(f"{args.out_dir}: complete ({meta['tokens_written']:,} tokens in {meta['shards']} shards); "
               f"nothing to do")
         return meta
-    if meta:  # a resumed run keeps the val size it decided (older files: the flag's)
+    if meta:  # a resumed run keeps the val size it decided (a prepare.json without val_shard_tokens: the flag's)
         meta.update(settings=settings, tokenizer=tokenizer.record(),
                     val_shard_tokens=meta.get("val_shard_tokens", args.val_tokens))
     else:
@@ -411,10 +425,7 @@ def prepare(args):
     val_tokens = meta["val_shard_tokens"]
 
     def save_meta():
-        tmp = meta_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, meta_path)
+        write_atomic(meta_path, lambda f: json.dump(meta, f, indent=1))
     save_meta()
 
     from tqdm import tqdm  # comes with datasets

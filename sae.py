@@ -16,9 +16,9 @@ Radford et al. 2019 (GPT-2); Touvron et al. 2023 (Llama).
 
 $ python prepare.py
 $ python sae.py --loss=hybrid
-$ python sae.py --loss=l1,jl,hybrid --out_dir=out/compare   # three SAEs on one GPT-2 pass
+$ python sae.py --loss=sparsity,jl,hybrid --out_dir=out/compare   # three SAEs on one GPT-2 pass
 $ python sae.py --mode=cache --init_from=HuggingFaceTB/SmolLM2-135M --data_dir=data/smollm2 --layer=15 --cache_dir=acts
-$ python sae.py --acts=acts --loss=l1,hybrid                 # SAEs on the cache, evaluated through SmolLM2
+$ python sae.py --acts=acts --loss=sparsity,hybrid           # SAEs on the cache, evaluated through SmolLM2
 $ torchrun --standalone --nproc_per_node=8 sae.py --loss=hybrid
 """
 import ast
@@ -31,9 +31,11 @@ import sys
 import time
 import dataclasses
 from dataclasses import asdict, dataclass, fields, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -90,10 +92,10 @@ class TrainConfig:
     b_dec_init: str = "geometric_median"  # or mean, zeros: b_dec from a first sample of activations
     w_dec_init: str = "random"         # or data: dictionary rows start as distinct samples of that first sample, from b_dec
     skip: bool = False                 # transcoders: + x_in @ W_skip^T, a linear path from input to target (skip transcoder)
-    loss: str = "l1"                   # l1: the architecture's sparsity term (relu: L1; jumprelu: L0; vae: KL; none for
+    loss: str = "sparsity"             # sparsity: the architecture's sparsity term (relu: L1; jumprelu: L0; vae: KL; none for
                                        # the k-sparse ones); jl: the JL penalty instead; hybrid: both
     l1_coeff: float = 5.0              # on mean_batch sum_features f; Anthropic's April 2024 update uses 5 at E|x| = sqrt(d)
-    l1_warmup_iters: int = 1000        # the sparsity coefficient (l1, l0 or kl) ramps linearly from 0
+    sparsity_warmup_iters: int = 1000  # the sparsity coefficient (l1, l0 or kl) ramps linearly from 0
     l1_by_decoder_norm: bool = True    # relu: L1 of f_i |W_dec,i|, free decoder norms (Anthropic, April 2024), folded at
                                        # export; False: unit-norm rows, plain L1 (2023) (docs/training.md "the ReLU recipe")
     init_norm: float = 0.0             # the encoder columns' initial norm (W_enc = init_norm W_dec^T, unit rows), and the
@@ -118,11 +120,11 @@ class TrainConfig:
     vae_prior_mean: float = -1.0       # vae: the prior N(m, 1) per feature; f = relu(z), so m < 0 favours f = 0
     jl_coeff: float = 1000.0           # on the JL mean; its pull on one row is ~2 jl_coeff / d_sae (docs/flags.md)
     jl_on: str = "dec"                 # dec: rows of W_dec; enc: columns of W_enc
-    jl_warmup_mult: float = 10.0       # JL coefficient starts at this multiple of jl_coeff ...
-    jl_warmup_iters: int = 2000        # ... and decays (cosine) to jl_coeff over these iterations
+    jl_start_mult: float = 10.0        # JL coefficient starts at this multiple of jl_coeff ...
+    jl_decay_iters: int = 2000         # ... and decays (cosine) to jl_coeff over these iterations
     jl_sample: int = 0                 # 0 = exact JL; else an unbiased estimate from this many rows a step (it does
                                        # not train like the exact penalty: docs/results.md "the JL penalty, measured")
-    jl_form: str = "atanh"             # the pair term of |cos|: atanh (the mission's), power (|cos|^p) or welch
+    jl_form: str = "atanh"             # the pair term of |cos|: atanh (the default), power (|cos|^p) or welch
                                        # (relu(|cos| - mu)^2): docs/training.md "the JL penalty's forms"
     jl_power: float = 4.0              # power: p (>= 1; above 2 duplicates cost more than spread rows)
     jl_margin: float = 0.0             # welch: mu; 0 = the Welch bound, past d (d + 1) / 2 rows Levenshtein's
@@ -154,10 +156,15 @@ class TrainConfig:
     wandb_project: str = "gpt_sae"     # ... one W&B run per SAE, named after its out_dir, grouped by the sweep's
 
 
-LOSSES, JL_ON, DECAYS = ("l1", "jl", "hybrid"), ("dec", "enc"), ("constant", "cosine", "linear")
+LOSSES, JL_ON, DECAYS = ("sparsity", "jl", "hybrid"), ("dec", "enc"), ("constant", "cosine", "linear")
+# flags renamed for what they do: the old names are read on the command line, in config files and in saved configs
+# (checkpoints, logs), so every earlier command and run still works
+RENAMED_KEYS = {"l1_warmup_iters": "sparsity_warmup_iters", "jl_warmup_mult": "jl_start_mult",
+                "jl_warmup_iters": "jl_decay_iters"}
+RENAMED_VALUES = {"loss": {"l1": "sparsity"}}  # --loss=l1 meant the architecture's sparsity term, L1 or not
+renamed_value = lambda key, value: RENAMED_VALUES.get(key, {}).get(value, value) if isinstance(value, str) else value
 JUMPRELU_SPARSITY, CLT_TOPK_SCOPES = ("step", "tanh"), ("layer", "all")
-READER_MODES = ("export", "steer", "dashboard", "plot", "finetune", "persistence", "overlap")  # analyze.py's
-MODES = ("train", "cache") + READER_MODES
+MODES = ("train", "cache")  # sae.py's; analyze.py's read trained SAEs and logs
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 W_DEC_INITS = ("random", "data")
 
@@ -165,7 +172,7 @@ W_DEC_INITS = ("random", "data")
 def parse_overrides(cfg, argv, strict=True):
     """nanoGPT's configurator as a function: `--key=value` (value read with ast.literal_eval, else kept as a
     string; its type must match the default) and `config/*.py` files of `key = value` lines, in order.
-    A key of SWEEPABLE may take several values (`--loss=l1,jl`, `--l1_coeff=[1, 5]`): a list, one SAE per
+    A key of SWEEPABLE may take several values (`--loss=sparsity,jl`, `--l1_coeff=[1, 5]`): a list, one SAE per
     combination (expand_sweep). Returns {key: value or list}; an unknown key raises ValueError listing the valid ones
     (strict=False: is left out)."""
     valid = {f.name for f in fields(cfg)}
@@ -196,18 +203,20 @@ def parse_overrides(cfg, argv, strict=True):
                 pass  # not a Python literal: keep the string
             pairs = [(key, value)]
         for key, value in pairs:
+            key = RENAMED_KEYS.get(key, key)
             if key not in valid and not strict:
                 continue
             if key not in valid:
                 raise ValueError(f"unknown config key '{key}'; valid keys: {', '.join(sorted(valid))}")
             default = getattr(cfg, key)
             if key in SWEEPABLE and isinstance(default, str) and isinstance(value, str) and "," in value:
-                value = value.split(",")  # --loss=l1,jl,hybrid
+                value = value.split(",")  # --loss=sparsity,jl,hybrid
             if key in SWEEPABLE and isinstance(value, (list, tuple)):
-                values = list(dict.fromkeys(coerce(key, v, default) for v in value))  # in order, repeats dropped
+                values = list(dict.fromkeys(renamed_value(key, coerce(key, v, default)) for v in value))  # in order,
+                # repeats dropped
                 overrides[key] = values if len(values) > 1 else values[0]
             else:
-                overrides[key] = coerce(key, value, default)
+                overrides[key] = renamed_value(key, coerce(key, value, default))
     return overrides
 
 
@@ -245,8 +254,8 @@ def coerce(key, value, default):
 
 
 # keys that may differ between the SAEs of one process: they share the model's forward, the buffer and the batches
-L1_KEYS = ("l1_coeff", "l1_warmup_iters")
-JL_KEYS = ("jl_coeff", "jl_on", "jl_warmup_mult", "jl_warmup_iters", "jl_sample", "jl_form", "jl_power", "jl_margin")
+L1_KEYS = ("l1_coeff", "sparsity_warmup_iters")
+JL_KEYS = ("jl_coeff", "jl_on", "jl_start_mult", "jl_decay_iters", "jl_sample", "jl_form", "jl_power", "jl_margin")
 JL_FORM_KEYS = {"jl_power": "power", "jl_margin": "welch"}  # read by that form only
 AUXK_KEYS = ("k", "k_aux", "auxk_coeff", "k_anneal_iters", "k_anneal_start")
 ARCH_KEYS = {  # the keys each architecture reads, its sparsity coefficient first (none for the k-sparse ones)
@@ -272,10 +281,10 @@ def unused_keys(run):
     """The swept keys an SAE does not read: other architectures' keys, the JL keys without JL (and another form's),
     the sparsity coefficient (and its warmup) with --loss=jl."""
     arch, loss = run.get("arch", TrainConfig.arch), run.get("loss", TrainConfig.loss)
-    read = set(ARCH_KEYS[arch]) | ({"l1_warmup_iters"} if arch in SPARSITY_COEFF else set())
+    read = set(ARCH_KEYS[arch]) | ({"sparsity_warmup_iters"} if arch in SPARSITY_COEFF else set())
     if loss == "jl":
-        read -= {SPARSITY_COEFF.get(arch), "l1_warmup_iters"}
-    if loss != "l1":
+        read -= {SPARSITY_COEFF.get(arch), "sparsity_warmup_iters"}
+    if loss != "sparsity":
         form = run.get("jl_form", TrainConfig.jl_form)
         read |= {k for k in JL_KEYS if JL_FORM_KEYS.get(k, form) == form}
     return {k for keys in (*ARCH_KEYS.values(), L1_KEYS, JL_KEYS) for k in keys} - read
@@ -304,7 +313,7 @@ def expand_sweep(overrides):
 def check_config(cfg, world_size=1):
     """Invariants of a config, as one-line ValueErrors listing what is valid."""
     for key, valid in (("arch", ARCHS), ("loss", LOSSES), ("jl_on", JL_ON), ("decay", DECAYS), ("b_dec_init", B_DEC_INITS),
-                       ("w_dec_init", W_DEC_INITS), ("mode", MODES), ("cache_dtype", CACHE_DTYPES),
+                       ("w_dec_init", W_DEC_INITS), ("cache_dtype", CACHE_DTYPES),
                        ("jl_form", JL_FORMS), ("jumprelu_sparsity", JUMPRELU_SPARSITY),
                        ("clt_topk_scope", CLT_TOPK_SCOPES)):
         if getattr(cfg, key) not in valid:
@@ -380,8 +389,8 @@ def check_cross_layer(cfg):
                          f"the model's harvest or an activation cache of every layer (--mode=cache --layers=...)")
     if cfg.arch not in CLT_ARCHS:
         raise ValueError(f"--arch={cfg.arch} has no cross-layer transcoder here: {', '.join(CLT_ARCHS)}")
-    if cfg.loss != "l1":
-        raise ValueError(f"--loss={cfg.loss}: a cross-layer transcoder trains with --loss=l1 (its architecture's "
+    if cfg.loss != "sparsity":
+        raise ValueError(f"--loss={cfg.loss}: a cross-layer transcoder trains with --loss=sparsity (its architecture's "
                          f"sparsity term); the JL penalty is not defined over its decoders")
 
 
@@ -1377,17 +1386,27 @@ def read_cache_manifest(cache_dir, complete=True):
     if not os.path.isfile(path):
         raise ValueError(f"{cache_dir}: no manifest.json; HINT: write the cache with python sae.py --mode=cache "
                          f"--cache_dir={cache_dir}")
-    manifest = json.load(open(path))
+    manifest = upgrade_cache_manifest(json.load(open(path)))
     if complete and not manifest["complete"]:
         raise ValueError(f"{cache_dir}: the cache is incomplete ({manifest['train']['rows']:,} of "
                          f"{manifest['settings']['cache_tokens']:,} rows); HINT: rerun its --mode=cache command")
     return manifest
 
 
+def upgrade_cache_manifest(manifest):
+    """A manifest in this version's layout: one that names no target_site held one site (an SAE's rows, d_out 0), and
+    one that names no layers held one layer. A missing harvest_dtype stays missing: write_activation_cache resumes
+    it in this run's dtype."""
+    for key in ("target_site", "layers"):  # setdefault: a manifest rewritten on resume keeps its keys' order
+        manifest["settings"].setdefault(key, "")
+    manifest.setdefault("d_out", 0)
+    return manifest
+
+
 def cache_widths(cache_dir):
     """(d_in, d_out) of a cache's rows: a transcoder's cache holds input and target side by side, an SAE's d_out 0."""
     manifest = read_cache_manifest(cache_dir, complete=False)
-    return manifest["d_in"], manifest.get("d_out", 0)
+    return manifest["d_in"], manifest["d_out"]
 
 
 def write_atomic(path, write, mode="w"):
@@ -1421,9 +1440,8 @@ def write_activation_cache(cfg, device, autocast):
     settings = {k: getattr(cfg, k) for k in CACHE_SETTINGS}
     settings["harvest_dtype"] = resolved_dtype(cfg, torch.device(device).type)  # the shards of one cache share it
     manifest = read_cache_manifest(cfg.cache_dir, complete=False) if os.path.exists(path("manifest.json")) else None
-    if manifest:  # caches from before issue 11 recorded no harvest dtype (before issue 25 no target, 33 no layers)
-        manifest["settings"].update({k: manifest["settings"].get(k, settings[k]) for k in ("harvest_dtype", "target_site",
-                                                                                         "layers")})
+    if manifest:  # a cache whose manifest records no harvest dtype resumes in this run's
+        manifest["settings"].setdefault("harvest_dtype", settings["harvest_dtype"])
     if manifest and manifest["settings"] != settings:
         changed = sorted(k for k in settings if manifest["settings"].get(k) != settings[k])
         raise ValueError(f"{cfg.cache_dir} holds a cache of other settings ({', '.join(changed)} differ); use another "
@@ -1524,8 +1542,17 @@ def matryoshka_prefixes(spec, d_sae):
     return tuple(spec) if spec else tuple(max(1, d_sae * n // 32) for n in (1, 3, 7, 15)) + (d_sae,)
 
 
+class SAEOutput(NamedTuple):
+    """What SAE.forward returns, every architecture alike."""
+    x_hat: torch.Tensor   # (N, d_out) the reconstruction (a transcoder's prediction)
+    f: torch.Tensor       # (N, d_sae) the code, in units of unit-norm decoder rows; None with code=False
+    l1: torch.Tensor      # (N,) sum_i f_i (relu with free norms: sum_i f_i |W_dec,i|, from unscaled f)
+    l0: torch.Tensor      # (N,) int32, active features a row
+    fired: torch.Tensor   # (d_sae,) int32, rows each feature is active in
+
+
 class SAE(nn.Module):
-    def __init__(self, d_in, d_sae, arch="relu", k=32, free_norms=False, init_threshold=0.1, fsq_levels=8,
+    def __init__(self, d_in, d_sae, *, arch="relu", k=32, free_norms=False, init_threshold=0.1, fsq_levels=8,
                  prefixes=(), init_norm=0.0, d_out=0, skip=False):
         super().__init__()
         self.arch, self.k, self.free_norms, self.fsq_levels, self.prefixes = arch, k, free_norms, fsq_levels, prefixes
@@ -1561,9 +1588,10 @@ class SAE(nn.Module):
     def from_config(cls, widths, cfg):
         """widths: (d_in, d_out), d_out 0 for an SAE (activation_source's)."""
         free_norms = cfg.l1_by_decoder_norm and cfg.arch == "relu"  # the others keep unit-norm rows
-        return cls(widths[0], cfg.d_sae, cfg.arch, cfg.k, free_norms, cfg.jumprelu_init_threshold,
-                   cfg.fsq_levels, matryoshka_prefixes(cfg.matryoshka_prefixes, cfg.d_sae), cfg.init_norm,
-                   widths[1], cfg.skip)
+        return cls(widths[0], cfg.d_sae, arch=cfg.arch, k=cfg.k, free_norms=free_norms,
+                   init_threshold=cfg.jumprelu_init_threshold, fsq_levels=cfg.fsq_levels,
+                   prefixes=matryoshka_prefixes(cfg.matryoshka_prefixes, cfg.d_sae), init_norm=cfg.init_norm,
+                   d_out=widths[1], skip=cfg.skip)
 
     b_pre = property(lambda self: self.b_in if self.transcoder else self.b_dec)  # the bias subtracted before encoding
 
@@ -1586,8 +1614,12 @@ class SAE(nn.Module):
         return linear(x - self.b_pre, self.W_enc.T, self.b_enc).float()  # fp32 also when the matmul ran in bf16
 
     def encode(self, x):
-        """The inference code f (N, d_sae) of every architecture but relu (the fused kernel's)."""
+        """x (N, d_in) -> the code f (N, d_sae) that forward() decodes, of every architecture. relu with free decoder
+        norms scales relu(pre) by the rows' norms: the code of the unit-norm dictionary, which the L1 term and every
+        reader of f see (forward's fused kernel computes the same f, with x_hat, in one pass)."""
         pre = self.pre(x)
+        if self.arch == "relu":
+            return pre.relu() * self.W_dec.norm(dim=1) if self.free_norms else pre.relu()  # (N, d_sae) * (d_sae,)
         if self.arch in ("topk", "fsq"):
             values, indices = pre.topk(self.k, dim=1)  # (N, k), then relu: SAELens's and OpenAI's order
             values = fsq_code(values, self.log_scale[indices], self.fsq_levels) if self.arch == "fsq" else values.relu()
@@ -1601,28 +1633,26 @@ class SAE(nn.Module):
             return pre.relu() * (pre > self.threshold)
         return pre.relu()  # vae: the posterior mean's code
 
-    def forward(self, x, stats=False, code=True):
-        """x (N, d_in) -> (x_hat (N, d_out), f (N, d_sae)); with stats also (l1 (N,), l0 (N,), fired (d_sae,)).
-        A transcoder's x is its input x_in (split() a batch first), x_hat its prediction of the target.
-        relu runs the fused kernel (sae_kernels.py); with free norms f is scaled by the rows' norms, the code of the
-        unit-norm dictionary that the L1 term and every reader of f see, and the kernel weights l1 by them.
-        code=False (training, which reads x_hat and the stats only): f is None, its scaled copy never made."""
+    def forward(self, x, *, code=True):
+        """x (N, d_in) -> SAEOutput(x_hat (N, d_out), f (N, d_sae), l1 (N,), l0 (N,), fired (d_sae,)): encode()'s
+        code and its decoding, with the code's statistics. A transcoder's x is its input x_in (split() a batch first),
+        x_hat its prediction of the target. relu runs the fused kernel (sae_kernels.py), which weights l1 by the
+        rows' norms with free norms. code=False (training, which reads x_hat and the statistics only): f is None,
+        relu's scaled copy never made."""
         if self.arch == "relu":
             norms = self.W_dec.norm(dim=1) if self.free_norms else None  # (d_sae,)
-            x_hat, f, (l1, l0, fired) = encode_relu_decode(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, True,
-                                                           norms, self.b_in if self.transcoder else None)
-            x_hat = x_hat + self.skip_out(x)
+            x_hat, f, l1, l0, fired = encode_relu_decode(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, scale=norms,
+                                                         b_in=self.b_in if self.transcoder else None)
             if not code:
                 f = None
             elif self.free_norms:
-                f = f * norms  # (N, d_sae) * (d_sae,)
-            return (x_hat, f, (l1, l0, fired)) if stats else (x_hat, f)
+                f = f * norms  # (N, d_sae) * (d_sae,): encode()'s code
+            return SAEOutput(x_hat + self.skip_out(x), f, l1, l0, fired)
         f = self.encode(x)
         x_hat = linear(f, self.W_dec.T, self.b_dec) + self.skip_out(x)  # (N, d_sae) @ (d_sae, d_out)
-        if not stats:
-            return x_hat, f
         active = f > 0
-        return x_hat, f, (f.sum(dim=1), active.sum(dim=1, dtype=torch.int32), active.sum(dim=0, dtype=torch.int32))
+        return SAEOutput(x_hat, f if code else None, f.sum(dim=1), active.sum(dim=1, dtype=torch.int32),
+                         active.sum(dim=0, dtype=torch.int32))
 
     def dictionary(self, on="dec"):
         """The unit-norm rows the JL penalty sees: W_dec's rows (d_sae, d_out), or W_enc's columns (d_sae, d_in)."""
@@ -1655,7 +1685,7 @@ class SAE(nn.Module):
 # Indices are per layer (i in 0..d_sae-1 of layer l); the tracker counts layer l's features at l d_sae + i.
 
 class CrossLayerTranscoder(nn.Module):
-    def __init__(self, n_layers, d_in, d_out, d_sae, arch="relu", k=32, free_norms=False, init_threshold=0.1,
+    def __init__(self, n_layers, d_in, d_out, d_sae, *, arch="relu", k=32, free_norms=False, init_threshold=0.1,
                  prefixes=(), init_norm=0.0, skip=False, scope="layer"):
         super().__init__()
         assert arch in CLT_ARCHS, f"no cross-layer {arch}"
@@ -1681,8 +1711,10 @@ class CrossLayerTranscoder(nn.Module):
     @classmethod
     def from_config(cls, widths, cfg, n_layers):
         free_norms = cfg.l1_by_decoder_norm and cfg.arch == "relu"
-        return cls(n_layers, widths[0], widths[1], cfg.d_sae, cfg.arch, cfg.k, free_norms, cfg.jumprelu_init_threshold,
-                   matryoshka_prefixes(cfg.matryoshka_prefixes, cfg.d_sae), cfg.init_norm, cfg.skip, cfg.clt_topk_scope)
+        return cls(n_layers, widths[0], widths[1], cfg.d_sae, arch=cfg.arch, k=cfg.k, free_norms=free_norms,
+                   init_threshold=cfg.jumprelu_init_threshold,
+                   prefixes=matryoshka_prefixes(cfg.matryoshka_prefixes, cfg.d_sae), init_norm=cfg.init_norm,
+                   skip=cfg.skip, scope=cfg.clt_topk_scope)
 
     def groups(self):
         """(encoder's parameters, decoder's) for Adam's two groups, as the SAE's."""
@@ -1752,9 +1784,13 @@ class CrossLayerTranscoder(nn.Module):
         y = self.b_dec[t] + sum(f @ self.W_dec[l][:, cols(l)] for l, f in enumerate(fs[:t + 1]))
         return y + linear(xs[t], self.W_skip[t]) if self.skips else y
 
+    def encode(self, xs):
+        """[x_l (N, d_in)] -> the codes [f_l (N, d_sae)] that forward() decodes."""
+        return self.code(self.pres(xs))
+
     def forward(self, xs):
         """[x_l (N, d_in)] -> (y_hat (N, L d_out), [f_l (N, d_sae)]), dense codes (evaluation)."""
-        fs = self.code(self.pres(xs))
+        fs = self.encode(xs)
         return self.decode([f @ W for f, W in zip(fs, self.W_dec)]) + self.skip_out(xs), fs
 
     @torch.no_grad()
@@ -1789,7 +1825,7 @@ def geometric_median(x, iters=100, eps=1e-8):
 @dataclass
 class Terms:
     """One batch's loss, term by term (scalar tensors; None where the architecture has no such term), and what the
-    step tracks besides. sae_loss sums them: recon (mse where None) + the sparsity coefficient x sparsity (--loss=l1
+    step tracks besides. sae_loss sums them: recon (mse where None) + the sparsity coefficient x sparsity (--loss=sparsity
     or hybrid) + auxk_coeff x auxk + pre_act_loss_coeff x pre_act + the JL coefficient x jl."""
     mse: torch.Tensor                # mean over the batch of sum over d_out of (y_hat - y)^2 (a CLT's: over all targets)
     l0: torch.Tensor                 # the mean number of active features a token (a measurement, never a gradient)
@@ -1838,7 +1874,7 @@ def mse_of(x_hat, x):
 
 def relu_terms(sae, x, cfg, it, dead):
     x, y = sae.split(x)  # what it reads, what it reconstructs (the same rows for an SAE)
-    x_hat, _, (l1_rows, l0_rows, fired) = sae(x, stats=True, code=False)  # (N, d_out), (N,), (N,), (d_sae,)
+    x_hat, _, l1_rows, l0_rows, fired = sae(x, code=False)  # (N, d_out), None, (N,), (N,), (d_sae,)
     return Terms(mse=mse_of(x_hat, y), sparsity=l1_rows.mean(), l0=l0_rows.float().mean(), fired=fired)
 
 
@@ -1986,7 +2022,7 @@ def sae_loss(sae, x, cfg, it, dead=None):
     pre-act loss. Nothing here changes the SAE: the thresholds the batch estimates wait in Terms for sae_update."""
     terms = (clt_terms if isinstance(sae, CrossLayerTranscoder) else ARCH_TERMS[sae.arch])(sae, x, cfg, it, dead)
     loss = terms.mse if terms.recon is None else terms.recon
-    if cfg.loss in ("l1", "hybrid") and terms.sparsity is not None:
+    if cfg.loss in ("sparsity", "hybrid") and terms.sparsity is not None:
         loss = loss + sparsity_coeff_at(cfg, it) * terms.sparsity
     if terms.pre_act is not None:  # jumprelu's anti-dead term, not warmed up (SAELens's pre_act_loss_coefficient is not)
         loss = loss + cfg.pre_act_loss_coeff * terms.pre_act
@@ -2002,15 +2038,15 @@ def sae_loss(sae, x, cfg, it, dead=None):
 
 def sparsity_coeff_at(cfg, it):
     """The architecture's sparsity coefficient (l1_coeff, l0_coeff or kl_coeff), warmed up linearly from 0 over
-    l1_warmup_iters (Anthropic, April 2024 update; Gemma Scope warms up its L0 coefficient too)."""
-    return getattr(cfg, SPARSITY_COEFF[cfg.arch]) * min(1.0, (it + 1) / max(cfg.l1_warmup_iters, 1))
+    sparsity_warmup_iters (Anthropic, April 2024 update; Gemma Scope warms up its L0 coefficient too)."""
+    return getattr(cfg, SPARSITY_COEFF[cfg.arch]) * min(1.0, (it + 1) / max(cfg.sparsity_warmup_iters, 1))
 
 
 def jl_coeff_at(cfg, it):
-    """jl_warmup_mult * jl_coeff at iteration 0, cosine decay to jl_coeff at jl_warmup_iters, then constant:
+    """jl_start_mult * jl_coeff at iteration 0, cosine decay to jl_coeff at jl_decay_iters, then constant:
     a strong early push keeps the dictionary spread out before the reconstruction takes over."""
-    progress = min(1.0, it / max(cfg.jl_warmup_iters, 1))
-    return cfg.jl_coeff * (1 + (cfg.jl_warmup_mult - 1) * 0.5 * (1 + math.cos(math.pi * progress)))
+    progress = min(1.0, it / max(cfg.jl_decay_iters, 1))
+    return cfg.jl_coeff * (1 + (cfg.jl_start_mult - 1) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # -----------------------------------------------------------------------------
@@ -2044,7 +2080,6 @@ def train_step(run, x, it, autocast, world_size=1):
     """One iteration of one SAE on the batch x (per_rank, d_in (+ d_out)): learning rate, forward and backward (in pieces),
     update, feature tracking. On a GPU nothing in it waits for the device, but where shapes follow values
     (batchtopk's selection, AuxK's dead set; test_sae.py's STEP_WAITS lists each). -> (loss, terms, lr multiplier)"""
-    import torch.distributed as dist
     lr_mult = get_lr_mult(run.cfg, it)
     for group, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
         group["lr"] = base_lr * lr_mult
@@ -2077,6 +2112,19 @@ def backward_in_pieces(sae, optimizer, x, cfg, it, dead, autocast):
     return sum(losses[1:], losses[0]) / len(pieces), Terms.mean_of_pieces(terms)
 
 
+def all_reduce_mean_(tensors, world_size):
+    """Averages the tensors over the ranks, in place: one all-reduce of each dtype's tensors flattened side by side
+    (a call a tensor pays the collective's latency a tensor), then divided (gloo has no AVG). Elementwise the same
+    sums as a call a tensor: the bucket only changes how they travel."""
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        bucket = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat)
+        flat /= world_size
+        for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+            t.copy_(part.view_as(t))
+
+
 def sae_update(sae, optimizer, cfg, world_size=1, threshold_seen=None):
     """One update from the gradients in .grad: the inference threshold from the batch's smallest kept values
     (threshold_seen, one row a piece: update_threshold_), gradients and thresholds averaged over ranks; the decoder's
@@ -2084,11 +2132,8 @@ def sae_update(sae, optimizer, cfg, world_size=1, threshold_seen=None):
     thresholds kept >= 0."""
     if threshold_seen is not None:
         update_threshold_(sae.threshold, threshold_seen, cfg.threshold_rate)
-    if world_size > 1:  # average the gradients (gloo has no AVG), and the buffers each rank estimated
-        import torch.distributed as dist
-        for t in [p.grad for p in sae.parameters() if p.grad is not None] + list(sae.buffers()):
-            dist.all_reduce(t)
-            t /= world_size
+    if world_size > 1:  # the gradients, and the buffers each rank estimated
+        all_reduce_mean_([p.grad for p in sae.parameters() if p.grad is not None] + list(sae.buffers()), world_size)
     if not sae.free_norms:
         sae.remove_parallel_grad_()
     if cfg.grad_clip > 0:
@@ -2170,7 +2215,7 @@ def resample_dead_(sae, optimizer, dead, x):
     if len(idx) == 0:
         return 0
     x, y = sae.split(x)
-    x_hat, _ = sae(x)
+    x_hat = sae(x).x_hat
     err = (y - x_hat).pow(2).sum(dim=1)  # (N,)
     g = torch.Generator(device=x.device).manual_seed(len(idx))
     pick = torch.multinomial(err.clamp_min(1e-12), len(idx), replacement=True, generator=g)
@@ -2257,7 +2302,7 @@ def score_rows(sae, s, x, pos=None):
     (split(): the input itself, or a transcoder's target); pos (N,): their positions in their contexts, for the sums
     by position. -> y_hat (N, d_out)"""
     x_in, y = sae.split(x)
-    y_hat, f = sae(x_in)
+    y_hat, f = sae(x_in)[:2]
     s["n"] += len(y)
     s["sq_err"] += (y - y_hat).double().pow(2).sum().item()
     s["sum_x"] = s["sum_x"] + y.double().sum(dim=0)
@@ -2364,7 +2409,7 @@ def evaluate_replacement(model, sets, cfg, val_batches):
             if at < len(sites) - 1:
                 return act
             sae, (scale, target_scale) = members[layer]
-            y_hat = sae(edit.x_in.reshape(-1, edit.x_in.shape[-1]) * scale)[0] / target_scale  # (B*T', d_out)
+            y_hat = sae(edit.x_in.reshape(-1, edit.x_in.shape[-1]) * scale).x_hat / target_scale  # (B*T', d_out)
             act = act.clone()
             act[:, keep] = y_hat.view(*act[:, keep].shape).to(act.dtype)
             return act
@@ -2515,27 +2560,35 @@ def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-# the defaults a checkpoint trained before a key existed was trained with (l1_by_decoder_norm's default was False
-# until the ReLU recipe's measurement; init_norm did not exist, relu started at 1)
-LEGACY_DEFAULTS = {"l1_by_decoder_norm": False, "init_norm": 1.0}
+# the values a saved config that lacks a key was trained with: plain L1 on unit-norm rows and a tied init at norm 1
+# came before free decoder norms and relu's 0.1 start
+SAVED_CONFIG_DEFAULTS = {"l1_by_decoder_norm": False, "init_norm": 1.0}
+
+
+def upgrade_config(saved):
+    """A saved config dict (a checkpoint's or a log's) in this version's keys and values: renamed keys and values
+    under their names (RENAMED_KEYS, RENAMED_VALUES), keys it lacks at the values it was trained with
+    (SAVED_CONFIG_DEFAULTS)."""
+    renamed = {RENAMED_KEYS.get(k, k): v for k, v in saved.items()}
+    return {**SAVED_CONFIG_DEFAULTS, **{k: renamed_value(k, v) for k, v in renamed.items()}}
 
 
 def saved_config(checkpoint, config_class=TrainConfig):
-    """A checkpoint's TrainConfig (or analyze.py's extension of it); keys it predates take the values it was trained
-    with (LEGACY_DEFAULTS), and keys that are no longer sae.py's (analyze.py's, saved before issue 23) are dropped."""
+    """A checkpoint's TrainConfig (or analyze.py's extension of it), upgraded; keys config_class does not have
+    (analyze.py's, in a checkpoint that saved them) are left out."""
     known = {f.name for f in fields(config_class)}
-    return config_class(**{k: v for k, v in {**LEGACY_DEFAULTS, **checkpoint["config"]}.items() if k in known})
+    return config_class(**{k: v for k, v in upgrade_config(checkpoint["config"]).items() if k in known})
 
 
-def resolve_runs(argv, config_class=TrainConfig):
-    """-> [(cfg, checkpoint or None)], one per SAE of this process: defaults, then config files and flags in
-    order; with --init_from=resume, --eval_only=True or another --mode the checkpoint's config is the base, and
-    the flags may change all but LOCKED_ON_RESUME. A sweep (lists of SWEEPABLE values) puts SAE
-    <name> in out_dir/<name>/ and records the names in out_dir/sweep.json; resuming reads that file."""
-    overrides = parse_overrides(config_class(), argv)
+def resolve_runs(overrides, config_class=TrainConfig, new_run_modes=("train", "cache")):
+    """overrides (parse_overrides') -> [(cfg, checkpoint or None)], one per SAE of this process: defaults, then config
+    files and flags in order; with --init_from=resume, --eval_only=True or a mode not of new_run_modes (one that reads a
+    saved run: analyze.py's readers) the
+    checkpoint's config is the base, and the flags may change all but LOCKED_ON_RESUME. A sweep (lists of SWEEPABLE
+    values) puts SAE <name> in out_dir/<name>/ and records the names in out_dir/sweep.json; resuming reads that file."""
     scalars = {k: v for k, v in overrides.items() if not isinstance(v, list)}
     base = replace(config_class(), **scalars)
-    if base.init_from != "resume" and not base.eval_only and base.mode in ("train", "cache", "finetune"):  # a new run
+    if base.init_from != "resume" and not base.eval_only and base.mode in new_run_modes:
         if "layer" in scalars and base.layers:
             raise ValueError(f"--layer={base.layer} and --layers={base.layers}: give one of them")
         if base.acts and os.path.isdir(base.acts):
@@ -2605,7 +2658,6 @@ def from_cache_manifest(cache_dir, scalars):
     from its manifest (init_from and data_dir may be given, e.g. where the shards moved). -> scalars updated"""
     manifest = read_cache_manifest(cache_dir)
     saved = manifest["settings"]
-    saved = {"target_site": "", "layers": "", **saved}  # caches before issue 25 held one site, before 33 one layer
     clash = [k for k in ("layer", "layers", "site", "target_site", "block_size", "exclude_pos0") if k in scalars and
              scalars[k] != saved[k]]
     if clash:
@@ -2658,7 +2710,6 @@ def init_device(cfg):
     """-> (ddp, rank, world size, device, autocast). Under torchrun, a process group: nccl on GPUs, gloo on CPUs
     (so a 2-process run is testable here). Autocast (the model's forwards and the SAE's training step) at
     --dtype=auto: bf16 on CUDA and on CPUs that multiply bf16 natively, fp32 on the others (sae_kernels.py's rule)."""
-    import torch.distributed as dist
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
     if ddp:
         backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
@@ -2737,7 +2788,6 @@ def check_finite(runs, it, ddp=False, params=False):
     rank's loss reaches them through the averaged gradients). Checked at log steps (ddp: on every rank) and before
     each save (rank 0's parameters), not every step: reading a GPU value waits for all the work queued before it,
     and a step that waits cannot queue the next while the GPU runs. Diverged parameters are never saved."""
-    import torch.distributed as dist
     for run in runs:
         finite = run.finite & torch.stack([torch.isfinite(p).all() for p in run.sae.parameters()]).all() if params \
             else run.finite
@@ -2796,13 +2846,13 @@ class Context:
             print(*args, **kwargs)
 
 
-def start_process(cfg, argv, resolved):
+def start_process(cfg, overrides, resolved):
     """The device and the process group, the overrides echoed, every SAE's config checked, wandb imported (before
     the model loads: a missing package fails early). -> Context"""
     ddp, rank, world, device, autocast = init_device(cfg)
     ctx = Context(cfg, ddp, rank, world, device, autocast)
     if ctx.master:
-        for key, value in parse_overrides(type(cfg)(), argv).items():
+        for key, value in overrides.items():
             print(f"override: {key} = {value!r}")
     for run_cfg, _ in resolved:
         check_config(run_cfg, world)
@@ -2813,10 +2863,10 @@ def start_process(cfg, argv, resolved):
             raise ValueError("--wandb_log=True needs the wandb package: pip install wandb (WANDB_MODE=offline logs "
                              "without the network)") from None
         ctx.wandb = wandb
-    if any(run_cfg.jl_sample and run_cfg.loss != "l1" for run_cfg, _ in resolved):
+    if any(run_cfg.jl_sample and run_cfg.loss != "sparsity" for run_cfg, _ in resolved):
         ctx.print0("note: --jl_sample estimates the JL penalty without its training behaviour (docs/results.md: the "
                    "JL penalty, measured); --jl_sample=0 is the exact penalty")
-    if cfg.mode in ("cache", "finetune") and ddp:
+    if cfg.mode != "train" and ddp:
         raise ValueError(f"--mode={cfg.mode} runs in one process: launch it with python, not torchrun")
     return ctx
 
@@ -2892,7 +2942,6 @@ def start_scales_and_biases(ctx):
     across layers and models); each bias starts at its side's b_dec_init (geometric median, mean or zeros), and with
     --w_dec_init=data the dictionary rows at rows of the same sample (dictionary_from_data). With --layers, one
     layer's block of the sample at a time (a copy of all 30 of SmolLM2's transcoder blocks is 2.3 GB)."""
-    import torch.distributed as dist
     cfg, (d_in, d_out) = ctx.cfg, ctx.widths
     sample = ctx.source.sample(cfg.resample_samples, torch.Generator().manual_seed(cfg.seed)).to(ctx.device)
     def parts(layer):  # {bias: (n, d)}: the layer's input and target columns (its block of the sample, contiguous)
@@ -3052,7 +3101,6 @@ def save_runs(ctx, it):
 
 def resample_runs(ctx, it):
     """Towards Monosemanticity's resampling of each dense-code SAE's dead features (the k-sparse ones have AuxK)."""
-    import torch.distributed as dist
     resampled = [run for run in ctx.runs if run.cfg.arch not in K_SPARSE and not run.cfg.cross_layer]  # a CLT: none
     if not resampled:
         return
@@ -3074,7 +3122,6 @@ LOG_FORMAT = {"jl": ".5f", "l0": ".1f", "l1": ".3f"}  # the training line's digi
 def log_progress(ctx, it, stats, dt, steps):
     """The training lines, one per SAE: each one's loss and terms (averaged over ranks) at iteration it, the lr, and
     the process's time per step since the last line (every SAE sees every token); on CUDA the peak GPU memory."""
-    import torch.distributed as dist
     check_finite(ctx.runs, it, ctx.ddp)
     on_cuda = ctx.device.startswith("cuda")
     # the most GPU memory tensors have held so far (the caching allocator's high-water mark)
@@ -3094,7 +3141,6 @@ def log_progress(ctx, it, stats, dt, steps):
 
 def finish(ctx):
     """wandb's runs closed; under torchrun, the group left once rank 0 has saved."""
-    import torch.distributed as dist
     if ctx.master and ctx.cfg.wandb_log:
         for run in ctx.runs:
             run.wandb.finish()
@@ -3109,15 +3155,16 @@ def finish(ctx):
 
 
 def main(argv):
-    mode = parse_overrides(TrainConfig(), argv, strict=False).get("mode", "train")  # before analyze.py's own flags
-    if mode in READER_MODES:  # analyze.py imports this file, never the other way round
-        raise ValueError(f"--mode={mode} is analyze.py's: python analyze.py {' '.join(argv)}")
-    resolved = resolve_runs(argv)
+    overrides = parse_overrides(TrainConfig(), argv)
+    if overrides.get("mode", "train") not in MODES:  # before a checkpoint is looked for
+        raise ValueError(f"--mode={overrides['mode']}: sae.py trains and caches; the readers of trained SAEs and logs "
+                         f"are analyze.py's: python analyze.py {' '.join(argv)}")
+    resolved = resolve_runs(overrides)
     cfg, checkpoint = resolved[0]  # the SAEs of a sweep share every key that is not SWEEPABLE
     if cfg.mode != "train" and len(resolved) > 1:
         raise ValueError(f"--mode={cfg.mode} reads one SAE; pass --ckpt=<out_dir>/<name>/ckpt.pt, one of "
                          f"{', '.join(os.path.basename(c.out_dir) for c, _ in resolved)}")
-    ctx = start_process(cfg, argv, resolved)
+    ctx = start_process(cfg, overrides, resolved)
     if cfg.mode == "cache":
         return write_activation_cache(cfg, ctx.device, ctx.autocast)
     iter_num = prepare_runs(ctx, resolved, checkpoint)
@@ -3130,9 +3177,16 @@ def main(argv):
     finish(ctx)
 
 
-if __name__ == "__main__":
+def cli(main, argv):
+    """A script's command line (sae.py's, analyze.py's): main(argv) -> the exit status. A refusal (ValueError) or a
+    diverged run (FloatingPointError) is one line on stderr and status 1, never a traceback."""
     try:
-        main(sys.argv[1:])
+        main(argv)
     except (ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(main, sys.argv[1:]))

@@ -1,20 +1,22 @@
 """
-The SAE's hot spots, one section each, always in this order: docstring with the math and shapes;
-the PyTorch reference `<op>_ref` (the specification: every eps, clamp and dtype is decided there); the
-Triton kernels; the launchers; a module-level torch.autograd.Function; `<op> = ...`.
+The SAE's hot spots, one section each, always in this order: docstring with the math and shapes; the PyTorch
+reference `<op>_ref` (the specification: every eps, clamp and dtype is decided there); the Triton kernels, each
+naming its reference; their launchers; the op's CPU code; a module-level torch.autograd.Function; the public op.
 
-Dispatch: compiled Triton on CUDA tensors; with TRITON_INTERPRET=1 (set before triton is imported) the
-same kernels run interpreted on CPU tensors, which is how test_sae_kernels.py reaches them; otherwise on the CPU
-the ops run PyTorch code that wastes less than autograd's graph (encode-ReLU-decode: five matmuls, not
-six; sparse codes: embedding_bag and sampled_addmm, never a dense code; JL: blocked over rows, never
-materialising the n x n Gram matrix). SAE_NO_TRITON=1 forces the references everywhere. COMPILE:
-torch.compile (sae.py --compile) stops at the four ops (encode_relu_decode, sparse_decode, sparse_encode,
-jl_penalty; torch.compiler.disable) and compiles the code around them: Dynamo tracing into their Triton launchers
-failed on the interpreter's kernels, and their kernels are fused already. `linear` is the CPU's dense fp32 matmul
-for encode-ReLU-decode's CPU path and GPT-2's layers (oneDNN where it works; see its section). References: the
-Triton tutorials (03-matrix-multiplication), llm.c's CPU reference beside each kernel,
-openai/sparse_autoencoder's kernels.py, modded-nanogpt's symmetric XXT. A last section holds the architectures' small
-ops in PyTorch alone: BatchTopK's selection, FSQ's rounding and JumpReLU's straight-through estimators.
+Dispatch (the first section): each public op asks pick_path once which code runs it: the Triton kernels, compiled
+on CUDA tensors, or with TRITON_INTERPRET=1 (set before triton is imported) interpreted on CPU tensors, which is how
+test_sae_kernels.py reaches them; on the CPU otherwise, PyTorch code that wastes less than autograd's graph
+(encode-ReLU-decode: five matmuls, not six; sparse codes: embedding_bag and sampled_addmm, never a dense code; JL:
+blocked over rows, never materialising the n x n Gram matrix); with SAE_NO_TRITON=1, the references everywhere.
+triton is optional: without it (macOS, a CPU-only install) this module imports, the CPU code and the references run,
+and a Triton path stops with a one-line error. COMPILE: torch.compile (sae.py --compile) stops at the four ops
+(encode_relu_decode, sparse_decode, sparse_encode, jl_penalty; torch.compiler.disable) and compiles the code around
+them: Dynamo fails tracing into their launchers on the interpreter's kernels, and the kernels are fused already.
+The last two sections hold no kernel: the architectures' small ops in PyTorch alone (BatchTopK's selection, FSQ's
+rounding, JumpReLU's straight-through estimators), and the CPU's dense matmul `linear` (oneDNN where it works),
+which encode-ReLU-decode's CPU code and GPT-2's layers call. References: the Triton tutorials
+(03-matrix-multiplication), llm.c's CPU reference beside each kernel, openai/sparse_autoencoder's kernels.py,
+modded-nanogpt's symmetric XXT.
 """
 import os
 import warnings
@@ -22,136 +24,83 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # macOS and CPU-only installs: the CPU code and the references need no triton
+    from types import SimpleNamespace
+    HAS_TRITON = False
+    # stand-ins for what the kernels' definitions read as they are defined (the decorators, the configs, the constexpr
+    # annotation), so that the module imports; without triton pick_path never sends a tensor to a kernel
+    triton = SimpleNamespace(jit=lambda fn: fn, autotune=lambda *args, **kwargs: (lambda fn: fn),
+                             Config=lambda kwargs, **options: SimpleNamespace(kwargs=kwargs, **options))
+    tl = SimpleNamespace(constexpr=None)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 NO_TRITON = os.environ.get("SAE_NO_TRITON") == "1"
 
 
-def use_triton(t):
-    return not NO_TRITON and (t.is_cuda or INTERPRET)
+# -----------------------------------------------------------------------------
+# dispatch: the one place that picks the code an op runs
+# Each public op (encode_relu_decode, sparse_decode, sparse_encode, jl_penalty) opens the same way:
+#     path = pick_path(<its data tensor>)
+#     if path == "reference": return <op>_ref(...)
+#     return <Op>.apply(..., path)
+# and its autograd Function calls that path's code, `_<step>_triton` (a launcher) or `_<step>_cpu`, deciding nothing
+# again. The flags are module globals read at each call, so that a test can switch them with monkeypatch.
+
+def pick_path(t):
+    """-> "reference" under SAE_NO_TRITON=1; "triton" for a CUDA tensor t, or for any under TRITON_INTERPRET=1 (the
+    same kernels, interpreted); "cpu" otherwise. A Triton path without triton installed: a one-line RuntimeError."""
+    if NO_TRITON:
+        return "reference"
+    if t.is_cuda or INTERPRET:
+        if not HAS_TRITON:
+            asked = "a CUDA tensor" if t.is_cuda else "TRITON_INTERPRET=1"
+            raise RuntimeError(f"sae_kernels: {asked} asks for the Triton kernels, but triton is not installed: "
+                               f"pip install triton, or set SAE_NO_TRITON=1 to run the PyTorch references")
+        return "triton"
+    return "cpu"
 
 
 # -----------------------------------------------------------------------------
-# dense matmuls on the CPU: which dtype, which library
-# Two rules, each from a documented feature of the CPU and measured on both kinds this project runs on, at the
-# SAE's shape (4096 x 768 @ 768 x 8192, 2 threads):
-# - dtype: bf16 where the CPU multiplies bf16 natively, with AMX tiles (Intel Sapphire Rapids on) or AVX512-BF16
-#   dot products (AMD Zen 4 on, Intel Cooper Lake): a bf16 matmul ran at 1,280 against 310 GFLOP/s in fp32 on an
-#   Intel Xeon with AMX (issue 11) and at 351-445 against 164-222 on the development AMD EPYC (Zen 4, no AMX;
-#   `python bench.py` prints both peaks). Elsewhere bf16 is emulated, slower than fp32: fp32 there.
-#   `cpu_bf16_native()` is the test; sae.py's --dtype=auto reads it. Inputs are rounded to bf16, products summed
-#   in fp32, the result rounded to bf16 (torch.autocast's contract); parameters and Adam stay fp32.
-# - library for fp32: torch's fp32 matmul calls MKL, which runs its AVX-512 code on Intel processors only (it
-#   checks the vendor) and AVX2 on AMD; oneDNN, which torch also bundles (torch.compile's CPU linear layers call
-#   it through this same op), uses AVX-512 wherever the CPU has it. On the AMD EPYC oneDNN measured 375 against
-#   200 GFLOP/s one day, 184-222 against 164-199 another (the host's speed varies; the ratio was always > 1);
-#   on the Intel Xeon oneDNN was slower, 280 against MKL's 310. So: oneDNN for fp32 unless the CPU is Intel's.
-#   bf16 goes through oneDNN wherever its bf16 kernels exist (AVX-512 or AVX-NE-CONVERT; torch's bf16 matmul on the
-#   CPU calls them too; ours fuses the bias and the activation), else through torch's matmul (ONEDNN_BF16). Its
-#   linear computes x @ weight^T + bias with an optional fused activation, reading strided views.
-# SAE_NO_ONEDNN=1 keeps torch's matmul for everything.
-
-def _onednn_works():
-    if os.environ.get("SAE_NO_ONEDNN") == "1" or not torch.backends.mkldnn.is_available():
-        return False
-    try:  # a private op (torch/_inductor/mkldnn_ir.py calls it): check it exists and agrees with a plain matmul
-        x, w = torch.randn(3, 5), torch.randn(4, 5)
-        return torch.allclose(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], ""), x @ w.T, atol=1e-5)
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _onednn_bf16_works():
-    """oneDNN's bf16 kernels need AVX-512 (BW, VL and DQ) or AVX-NE-CONVERT: torch's own rule is
-    torch.ops.mkldnn._is_mkldnn_bf16_supported(), and on an AVX2-only CPU (an AMD EPYC, issue 21) the bf16 linear
-    fails to build ("could not create a primitive descriptor") and the fused multiply refuses ("bf16 path needs the
-    cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq"). So both ops we call are probed on a tiny input;
-    where either fails, bf16 goes through torch's matmul (its own fallback: slower, still bf16's rounding)."""
-    try:
-        x, w = torch.randn(3, 5, dtype=torch.bfloat16), torch.randn(4, 5, dtype=torch.bfloat16)
-        torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
-        torch.ops.mkldnn._linear_pointwise.binary(x, torch.ones(3, 4, dtype=torch.bfloat16), w, None, "mul")
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def cpu_vendor():
-    """GenuineIntel, AuthenticAMD, ... from /proc/cpuinfo; "" where there is none (not Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
-
-
-def cpu_bf16_native():
-    """True where the CPU has AMX tiles or AVX512-BF16 and oneDNN may use them (torch's own cpuinfo checks, and its
-    rule for oneDNN's bf16, which also honours ONEDNN_MAX_CPU_ISA; private, so guarded)."""
-    try:
-        return bool((torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-ONEDNN = _onednn_works()                                   # the op
-ONEDNN_FP32 = ONEDNN and cpu_vendor() != "GenuineIntel"    # for fp32 where MKL takes its AVX2 path
-ONEDNN_BF16 = ONEDNN and _onednn_bf16_works()              # for bf16 where the CPU has oneDNN's bf16 kernels
-
-
-def keep_freed_memory(keep=True):
-    """glibc returns every freed block over its mmap threshold to the OS, so each step's fresh (N, d_sae)
-    temporaries (oneDNN's outputs cannot be preallocated) page-fault in again: a fifth of a CPU SAE step was
-    system time. Large blocks from the heap, kept when freed, are reused instead. keep=False: glibc's default
-    thresholds (128 KiB) again. Linux/glibc only; a no-op elsewhere."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 1 << 30 if keep else 128 * 1024)        # M_MMAP_THRESHOLD: blocks under 1 GiB from the heap
-    libc.mallopt(-1, (1 << 31) - 1 if keep else 128 * 1024)  # M_TRIM_THRESHOLD: freed heap memory stays
-    if not keep:
-        libc.malloc_trim(0)
-
-
-def linear(x, weight, bias=None, act="none", mul=None):
-    """act(x @ weight^T + bias), times mul if given: x (M, K), weight (N, K), mul (M, N), any strides; act is none,
-    relu, gelu_tanh or silu. Under CPU autocast to bf16, in bf16 as autocast would (the result bf16). oneDNN for
-    CPU tensors that need no gradient (its op has no autograd), in bf16 where ONEDNN_BF16 or fp32 where ONEDNN_FP32, the product
-    with mul fused into the matmul's epilogue (oneDNN's binary post-op: no extra pass over (M, N)); else torch.
-    -> (M, N)"""
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-    dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
-    # not under torch.compile: Inductor lowers this op only with frozen weights (a crash: "assert w.get_name() in
-    # V.graph.constants"); it lowers torch's matmul itself
-    if ONEDNN and x.device.type == "cpu" and not needs_grad and not torch.compiler.is_compiling() and \
-            ((dtype == torch.bfloat16 and ONEDNN_BF16) or (dtype == torch.float32 and ONEDNN_FP32)):
-        x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
-        if mul is not None and act == "none":
-            return torch.ops.mkldnn._linear_pointwise.binary(x, mul.to(dtype), weight, bias, "mul")
-        attr, algorithm = {"gelu_tanh": ("gelu", "tanh"), "silu": ("swish", "")}.get(act, (act, ""))  # oneDNN's names
-        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [None], algorithm)
-        return y if mul is None else y.mul_(mul)
-    y = x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)  # (M, K) @ (K, N)
-    if act == "silu":
-        y = F.silu(y)
-    elif act != "none":
-        y = y.relu_() if act == "relu" else F.gelu(y, approximate="tanh")
-    return y if mul is None else y.mul_(mul)
-
-
-# -----------------------------------------------------------------------------
-# a matmul with the SAE's prologue and epilogues, shared by both ops' kernels
+# a matmul with the SAE's prologue and epilogues, each of encode-ReLU-decode's five matmuls on the Triton path
 # C (M, N) = epilogue(sum_k (A[m, k] - shift) * B[k, n]); shift is shift[k] (SHIFT=1) or shift[m] (SHIFT=2);
 # epilogue: + bias[n], + D[m, n], + row[m] (times col[n] with HAS_COL: a rank-one term), relu, * (F[m, n] > 0);
 # A and B in one dtype, products summed in fp32, C stored in its own dtype; with STATS, from the final tile in
 # registers: sums[m] += sum_n C, counts[m] += #(C > 0), fired[n] += #(C > 0) (atomics across tiles).
 # A and B by strides, so transposes are free.
+
+def sae_matmul_ref(A, B, shift=None, shift_rows=False, bias=None, D=None, row=None, col=None, relu=False,
+                   mask_by=None, stats=False, out_dtype=None):
+    """_sae_matmul's specification in plain torch ops, the same arguments and results: A shifted in fp32 and rounded
+    back to the operands' dtype, products summed in fp32, the epilogue in fp32 in the kernel's order (bias, D, the
+    rank-one term, relu, the mask), the stats from the fp32 result, and C rounded to out_dtype last."""
+    if shift is None:
+        A_shifted = A
+    elif shift_rows:  # SHIFT=2: one shift per row of A (A = x^T), rounded to B's dtype
+        A_shifted = (A.float() - shift.float()[:, None]).to(B.dtype)
+    else:  # SHIFT=1: one shift per column of A (per k: x - b_dec), rounded to A's dtype
+        A_shifted = (A.float() - shift.float()[None, :]).to(A.dtype)
+    C = A_shifted.float() @ B.float()  # (M, K) @ (K, N) -> (M, N), fp32: the kernel's accumulator (no TF32)
+    if bias is not None:  # HAS_BIAS
+        C = C + bias.float()[None, :]
+    if D is not None:  # HAS_D
+        C = C + D.float()
+    if row is not None:  # HAS_ROW: row[m], times col[n] with HAS_COL
+        C = C + (row.float()[:, None] if col is None else row.float()[:, None] * col.float()[None, :])
+    if relu:  # RELU
+        C = torch.relu(C)
+    if mask_by is not None:  # MASK_F
+        C = torch.where(mask_by > 0, C, 0.0)
+    out = C.to(out_dtype or A.dtype)
+    if not stats:
+        return out
+    active = C > 0  # STATS: of the fp32 tile, before C's rounding
+    return out, C.sum(dim=1), active.sum(dim=1, dtype=torch.int32), active.sum(dim=0, dtype=torch.int32)
+
 
 def get_autotune_configs():
     if INTERPRET:  # the interpreter runs every program in numpy: one small config
@@ -177,8 +126,9 @@ def configs_that_fit(configs, named_args, **kwargs):
 
 # The outputs the kernel accumulates into with atomics (STATS): the autotuner runs the kernel once per config and
 # several times each while it times a new shape, so it must zero them before every run and before the real one, or
-# they come out summed over all those runs (seen on an H200, 2026-12-04: counts 4,980 to 12,212 times too large,
-# and the first step's L1 with them; the kernel's other output, C, is overwritten whole, never accumulated).
+# they come out summed over all those runs (on a GPU: counts thousands of times too large, and the first step's L1
+# with them; test_the_autotuners_timing_runs_do_not_add_into_the_counts). The kernel's other output, C, is
+# overwritten whole, never accumulated.
 ACCUMULATED = ["sums_ptr", "counts_ptr", "fired_ptr"]
 
 
@@ -197,6 +147,7 @@ def _sae_matmul_kernel(
         RELU: tl.constexpr,
         MASK_F: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # reference: sae_matmul_ref, each flag's step in the same order
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -309,147 +260,148 @@ def _sae_matmul(A, B, shift=None, shift_rows=False, bias=None, D=None, row=None,
 # but inactive rows are not skipped (TODO: a gathered decoder for very sparse f, as openai/sparse_autoencoder
 # does for inference).
 
-def encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, stats=False, scale=None, b_in=None):
-    """The SAE forward with a pre-encoder bias (Bricken et al. 2023): returns (x_hat, f), and with stats
-    (x_hat, f, (l1 (N,), l0 (N,) int32, fired (n_latents,) int32)), l1 weighted by scale (n_latents,) if given.
+def encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, *, scale=None, b_in=None):
+    """The SAE forward with a pre-encoder bias (Bricken et al. 2023) -> (x_hat (N, d_out), f (N, n_latents),
+    l1 (N,), l0 (N,) int32, fired (n_latents,) int32), l1 weighted by scale (n_latents,) if given.
     b_in: a transcoder's input bias (d_in,), subtracted instead of b_dec (d_out,)."""
     f = torch.relu((x - (b_dec if b_in is None else b_in)) @ W_enc + b_enc)  # (N, d_in) @ (d_in, n_latents)
     x_hat = f @ W_dec + b_dec                     # (N, n_latents) @ (n_latents, d_out) -> (N, d_out)
-    if not stats:
-        return x_hat, f
     active = f > 0
     l1 = f.sum(dim=1) if scale is None else f @ scale  # (N, n_latents) @ (n_latents,)
-    return x_hat, f, (l1, active.sum(dim=1, dtype=torch.int32), active.sum(dim=0, dtype=torch.int32))
-
-
-def padded_width(d):
-    """d_model + 1 (the column of l1 weights) rounded up to 32: AMX multiplies bf16 in tiles 32 wide along K, and
-    at 769 columns oneDNN ran the decoder 1.3x slower than at 800 (4096 x 8192 @ 8192 x D)."""
-    return (d + 1 + 31) // 32 * 32
-
-
-_BLOCKS = {}
-
-
-def block_indicator(n, dtype, block=256):
-    """(ceil(n / block), n) 0/1: row c marks positions c*block to (c+1)*block - 1. Cached by (n, dtype)."""
-    if (n, dtype) not in _BLOCKS:
-        _BLOCKS[n, dtype] = (torch.arange(n) // block == torch.arange((n + block - 1) // block)[:, None]).to(dtype)
-    return _BLOCKS[n, dtype]
-
-
-def count_ones(mask):
-    """A 0/1 (N, n) CPU tensor -> (per row (N,), per column (n,)) counts, int32, exact: summed by two matmuls with
-    block indicators (one read of the mask each, 1.4 and 4.1 ms at 4096 x 8192 in bf16, against 12 and 19 ms for
-    torch's sums, which cast all of it to fp32 first), in partial sums of at most 256, which bf16's 8 significant
-    bits hold exactly (products summed in fp32), then summed in fp32."""
-    N, n = mask.shape
-    with torch.autocast("cpu", enabled=False):
-        per_row = linear(mask, block_indicator(n, mask.dtype))     # (N, n) @ (n, ceil(n / 256))
-        per_col = linear(block_indicator(N, mask.dtype), mask.T)  # (ceil(N / 256), N) @ (N, n)
-    return per_row.float().sum(dim=1).int(), per_col.float().sum(dim=0).int()
+    return x_hat, f, l1, active.sum(dim=1, dtype=torch.int32), active.sum(dim=0, dtype=torch.int32)
 
 
 def matmul_dtype(device_type, default=torch.float32):
     """The dtype the SAE's matmuls run in on this device: autocast's where it is on, else default. A custom
     autograd Function's inputs are not cast by autocast (only aten's ops are), so the ops below ask for themselves:
-    before issue 22 the Triton path multiplied the fp32 parameters in fp32 under CUDA autocast (no tensor cores)."""
+    otherwise the Triton path would multiply the fp32 parameters in fp32 under CUDA autocast (no tensor cores)."""
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
+
+
+def _encode_relu_decode_fwd_triton(ctx, x, W_enc, b_enc, W_dec, b_dec, scale, shift):
+    """Two launches, the bias, ReLU and the three counts fused into the encoder's. -> (x_hat, f, l1, l0, fired)"""
+    # the operands cast once to autocast's dtype (bf16 on CUDA by default), the inputs' otherwise; the biases stay
+    # fp32, added to the fp32 sums; f and x_hat come out in that dtype, as autocast's would
+    dtype = matmul_dtype(x.device.type, torch.promote_types(x.dtype, W_enc.dtype))
+    xm, W_enc_m, W_dec_m = x.to(dtype), W_enc.to(dtype), W_dec.to(dtype)
+    # (N, d_in) @ (d_in, n_latents) -> f (N, n_latents); f @ W_dec (n_latents, d_out) -> x_hat
+    f, l1, l0, fired = _sae_matmul(xm, W_enc_m, shift=shift, bias=b_enc, relu=True, stats=True)
+    x_hat = _sae_matmul(f, W_dec_m, bias=b_dec)
+    if scale is not None:  # the row sums of f weighted by the L1 weights: a mat-vec
+        l1 = (f @ scale.to(dtype)).float()  # (N, n_latents) @ (n_latents,)
+    ctx.save_for_backward(xm, W_enc, W_dec_m, shift, f, scale)  # x and W_dec as the matmuls read them
+    return x_hat, f, l1, l0, fired
+
+
+def _encode_relu_decode_bwd_triton(ctx, dx_hat, df, dl1):
+    """Three launches, every matmul in the forward's dtype, the parameters' gradients stored in fp32.
+    -> the gradients of (W_enc, b_enc, W_dec, b_dec, scale, b_in)"""
+    x, W_enc, W_dec, shift, f, scale = ctx.saved_tensors
+    N, d = x.shape[0], ctx.d_out
+    dx_hat = torch.zeros(N, d, dtype=f.dtype, device=f.device) if dx_hat is None else \
+        dx_hat.to(f.dtype).contiguous()
+    df = None if df is None else df.contiguous()
+    dl1 = None if dl1 is None else dl1.contiguous()
+    # (N,) @ (N, n_latents): the L1 weights' gradient
+    dscale = None if scale is None or dl1 is None else (dl1.to(f.dtype) @ f).to(scale.dtype)
+    col = None if dl1 is None else scale  # the L1 term's gradient dl1[m] scale[n], added in the epilogue
+    dpre = _sae_matmul(dx_hat, W_dec.T, D=df, row=dl1, col=col, mask_by=f)  # (N, d_out) @ (d_out, n_latents)
+    dW_dec = _sae_matmul(f.T, dx_hat, out_dtype=torch.float32)             # (n_latents, N) @ (N, d_out)
+    dW_enc = _sae_matmul(x.T, dpre, shift=shift, shift_rows=True, out_dtype=torch.float32)  # (d_in, N) @ (N, n)
+    db_enc = dpre.sum(dim=0, dtype=torch.float32).to(W_enc.dtype)          # (n_latents,)
+    return _with_bias_gradients(ctx, W_enc, dx_hat, dW_enc, db_enc, dW_dec, dscale)
+
+
+def _encode_relu_decode_fwd_cpu(ctx, x, W_enc, b_enc, W_dec, b_dec, scale, shift):
+    """Two matmuls through linear, the decoder widened to W_ext = [W_dec | scale | 0] (the header); the counts by
+    count_ones. Under CPU autocast the matmuls run in bf16 (f and x_hat come out bf16), and so does the backward.
+    -> (x_hat, f, l1, l0, fired)"""
+    dtype = ctx.dtype = matmul_dtype("cpu")
+    d = ctx.d_out
+    W_ext = torch.zeros(W_dec.shape[0], padded_width(d), dtype=dtype)  # [W_dec | scale | 0], cast once
+    W_ext[:, :d] = W_dec
+    W_ext[:, d] = 1.0 if scale is None else scale
+    f = linear(x - shift, W_enc.T, b_enc, "relu")            # (N, d_in) @ (d_in, n_latents), fused
+    out = linear(f, W_ext.T, F.pad(b_dec, (0, W_ext.shape[1] - d)))  # (N, n_latents) @ (n_latents, D)
+    x_hat, l1 = out[:, :d].contiguous(), out[:, d].float()  # l1 rounded as x_hat is, returned fp32
+    active = torch.sign(f)  # the 0/1 mask of the features that fired (f > 0; f is never negative)
+    l0, fired = count_ones(active)
+    ctx.active = active  # not an input or output: a plain attribute is enough
+    ctx.save_for_backward(x, W_enc, W_ext, shift, f, scale)
+    return x_hat, f, l1, l0, fired
+
+
+def _encode_relu_decode_bwd_cpu(ctx, dx_hat, df, dl1):
+    """Three matmuls through linear, in the forward's dtype, each one column or row wider (the header).
+    -> the gradients of (W_enc, b_enc, W_dec, b_dec, scale, b_in)"""
+    x, W_enc, W_ext, shift, f, scale = ctx.saved_tensors
+    (N, d_in), d = x.shape, ctx.d_out
+    D = W_ext.shape[1]
+    g = torch.zeros(N, D, dtype=ctx.dtype)  # [dx_hat | dl1 | 0]
+    if dx_hat is not None:
+        g[:, :d] = dx_hat
+    if dl1 is not None:
+        g[:, d] = dl1
+    # transposed copies within one dtype: torch's blocked transpose (a cast and a transpose in one copy is
+    # a slow strided loop: 25 ms against 1 for W_dec's gradient)
+    xc = torch.zeros(padded_width(d_in), N, dtype=ctx.dtype)  # [x - b_in | 1 | 0]^T
+    xc[:d_in] = (x - shift).to(ctx.dtype).T
+    xc[d_in] = 1.0
+    with torch.autocast("cpu", dtype=ctx.dtype, enabled=ctx.dtype != torch.float32):
+        if df is None:  # ReLU's backward, the forward's 0/1 floats, multiplied in the matmul's epilogue
+            dpre = linear(g, W_ext, mul=ctx.active)  # (N, D) @ (D, n_latents)
+        else:
+            dpre = linear(g, W_ext).add_(df).mul_(ctx.active)
+        # oneDNN copies a transposed input but reads a transposed weight in place: the big (N, n_latents)
+        # operands go in as weights, and only (N, D) blocks are transposed
+        grad_dec = linear(g.T.contiguous(), f.T)  # (D, N) @ (N, n_latents): [dW_dec^T; dscale; 0]
+        grad_enc = linear(xc, dpre.T)             # (D_in, N) @ (N, n_latents): [dW_enc; db_enc; 0]
+    # the parameters' dtype, fp32, whatever the matmuls ran in
+    dW_dec = grad_dec[:d].T.contiguous().to(W_enc.dtype)
+    dscale = None if scale is None else grad_dec[d].to(scale.dtype)
+    dW_enc, db_enc = grad_enc[:d_in].to(W_enc.dtype), grad_enc[d_in].to(W_enc.dtype)
+    return _with_bias_gradients(ctx, W_enc, dx_hat, dW_enc, db_enc, dW_dec, dscale)
+
+
+def _with_bias_gradients(ctx, W_enc, dx_hat, dW_enc, db_enc, dW_dec, dscale):
+    """Both paths' last step: db_dec = sum_N dx_hat and db_in = -W_enc @ db_enc, the two summed into db_dec when b_dec
+    is the input bias too (an SAE). -> the gradients of (W_enc, b_enc, W_dec, b_dec, scale, b_in)"""
+    db_dec = W_enc.new_zeros(ctx.d_out) if dx_hat is None else dx_hat.sum(dim=0, dtype=W_enc.dtype)  # (d_out,)
+    db_in = -(W_enc @ db_enc)  # (d_in, n_latents) @ (n_latents,): a mat-vec, not a matmul
+    db_dec, db_in = (db_dec + db_in, None) if ctx.tied else (db_dec, db_in)
+    # W_enc's dtype for both: on the CPU the matmuls' dtype may be bf16
+    return dW_enc.to(W_enc.dtype), db_enc, dW_dec.to(W_enc.dtype), db_dec, dscale, db_in
 
 
 class EncodeReluDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, scale, b_in):
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, scale, b_in, path):
         shift = b_dec if b_in is None else b_in  # the input bias: an SAE's b_dec, a transcoder's own
-        ctx.d_out, ctx.tied = W_dec.shape[1], b_in is None
-        if use_triton(x):  # bias, ReLU and the three counts fused into the encoder matmul
-            # the operands cast once to autocast's dtype (bf16 on CUDA by default), the inputs' otherwise; the
-            # biases stay fp32, added to the fp32 sums; f and x_hat come out in that dtype, as autocast's would
-            dtype = matmul_dtype(x.device.type, torch.promote_types(x.dtype, W_enc.dtype))
-            xm, W_enc_m, W_dec_m = x.to(dtype), W_enc.to(dtype), W_dec.to(dtype)
-            # (N, d_in) @ (d_in, n_latents) -> f (N, n_latents); f @ W_dec (n_latents, d_out) -> x_hat
-            f, l1, l0, fired = _sae_matmul(xm, W_enc_m, shift=shift, bias=b_enc, relu=True, stats=True)
-            x_hat = _sae_matmul(f, W_dec_m, bias=b_dec)
-            if scale is not None:  # the row sums of f weighted by the L1 weights: a mat-vec
-                l1 = (f @ scale.to(dtype)).float()  # (N, n_latents) @ (n_latents,)
-            ctx.save_for_backward(xm, W_enc, W_enc_m, W_dec_m, shift, f, scale)
-        else:  # under CPU autocast the matmuls run in bf16 (f and x_hat come out bf16), and so does the backward
-            dtype = ctx.dtype = matmul_dtype("cpu")
-            d = ctx.d_out
-            W_ext = torch.zeros(W_dec.shape[0], padded_width(d), dtype=dtype)  # [W_dec | scale | 0], cast once
-            W_ext[:, :d] = W_dec
-            W_ext[:, d] = 1.0 if scale is None else scale
-            f = linear(x - shift, W_enc.T, b_enc, "relu")            # (N, d_in) @ (d_in, n_latents), fused
-            out = linear(f, W_ext.T, F.pad(b_dec, (0, W_ext.shape[1] - d)))  # (N, n_latents) @ (n_latents, D)
-            x_hat, l1 = out[:, :d].contiguous(), out[:, d].float()  # l1 rounded as x_hat is, returned fp32
-            active = torch.sign(f)  # the 0/1 mask of the features that fired (f > 0; f is never negative)
-            l0, fired = count_ones(active)
-            ctx.active = active  # not an input or output: a plain attribute is enough
-            ctx.save_for_backward(x, W_enc, W_enc, W_ext, shift, f, scale)
+        ctx.path, ctx.d_out, ctx.tied = path, W_dec.shape[1], b_in is None
+        forward = _encode_relu_decode_fwd_triton if path == "triton" else _encode_relu_decode_fwd_cpu
+        x_hat, f, l1, l0, fired = forward(ctx, x, W_enc, b_enc, W_dec, b_dec, scale, shift)
         ctx.mark_non_differentiable(l0, fired)
         ctx.set_materialize_grads(False)  # an output the loss does not read gets None, not an (N, n_latents) zero block
         return x_hat, f, l1, l0, fired
 
     @staticmethod
     def backward(ctx, dx_hat, df, dl1, _dl0, _dfired):
-        # x and the weights as the matmuls read them (the Triton path's casts; W_dec is [W_dec | scale] on the
-        # CPU); W_enc the parameter itself
-        x, W_enc, W_enc_m, W_dec, shift, f, scale = ctx.saved_tensors
-        (N, d_in), d = x.shape, ctx.d_out
-        if use_triton(x):  # every matmul in the forward's dtype, the parameters' gradients stored in fp32
-            dx_hat = torch.zeros(N, d, dtype=f.dtype, device=f.device) if dx_hat is None else \
-                dx_hat.to(f.dtype).contiguous()
-            df = None if df is None else df.contiguous()
-            dl1 = None if dl1 is None else dl1.contiguous()
-            # (N,) @ (N, n_latents): the L1 weights' gradient
-            dscale = None if scale is None or dl1 is None else (dl1.to(f.dtype) @ f).to(scale.dtype)
-            col = None if dl1 is None else scale  # the L1 term's gradient dl1[m] scale[n], added in the epilogue
-            dpre = _sae_matmul(dx_hat, W_dec.T, D=df, row=dl1, col=col, mask_by=f)  # (N, d_out) @ (d_out, n_latents)
-            dW_dec = _sae_matmul(f.T, dx_hat, out_dtype=torch.float32)             # (n_latents, N) @ (N, d_out)
-            dW_enc = _sae_matmul(x.T, dpre, shift=shift, shift_rows=True, out_dtype=torch.float32)  # (d_in, N) @ (N, n)
-            db_enc = dpre.sum(dim=0, dtype=torch.float32).to(W_enc.dtype)          # (n_latents,)
-        else:
-            D = W_dec.shape[1]
-            g = torch.zeros(N, D, dtype=ctx.dtype)  # [dx_hat | dl1 | 0]
-            if dx_hat is not None:
-                g[:, :d] = dx_hat
-            if dl1 is not None:
-                g[:, d] = dl1
-            # transposed copies within one dtype: torch's blocked transpose (a cast and a transpose in one copy is
-            # a slow strided loop: 25 ms against 1 for W_dec's gradient)
-            xc = torch.zeros(padded_width(d_in), N, dtype=ctx.dtype)  # [x - b_in | 1 | 0]^T
-            xc[:d_in] = (x - shift).to(ctx.dtype).T
-            xc[d_in] = 1.0
-            with torch.autocast("cpu", dtype=ctx.dtype, enabled=ctx.dtype != torch.float32):
-                if df is None:  # ReLU's backward, the forward's 0/1 floats, multiplied in the matmul's epilogue
-                    dpre = linear(g, W_dec, mul=ctx.active)  # (N, D) @ (D, n_latents)
-                else:
-                    dpre = linear(g, W_dec).add_(df).mul_(ctx.active)
-                # oneDNN copies a transposed input but reads a transposed weight in place: the big (N, n_latents)
-                # operands go in as weights, and only (N, D) blocks are transposed
-                grad_dec = linear(g.T.contiguous(), f.T)  # (D, N) @ (N, n_latents): [dW_dec^T; dscale; 0]
-                grad_enc = linear(xc, dpre.T)             # (D_in, N) @ (N, n_latents): [dW_enc; db_enc; 0]
-            # the parameters' dtype, fp32, whatever the matmuls ran in
-            dW_dec = grad_dec[:d].T.contiguous().to(W_enc.dtype)
-            dscale = None if scale is None else grad_dec[d].to(scale.dtype)
-            dW_enc, db_enc = grad_enc[:d_in].to(W_enc.dtype), grad_enc[d_in].to(W_enc.dtype)
-        db_dec = W_enc.new_zeros(d) if dx_hat is None else dx_hat.sum(dim=0, dtype=W_enc.dtype)  # (d_out,)
-        db_in = -(W_enc @ db_enc)  # (d_in, n_latents) @ (n_latents,): a mat-vec, not a matmul
-        db_dec, db_in = (db_dec + db_in, None) if ctx.tied else (db_dec, db_in)
-        # W_enc's dtype for both: on the CPU the saved W_dec is W_ext, in the matmuls' dtype
-        return None, dW_enc.to(W_enc.dtype), db_enc, dW_dec.to(W_enc.dtype), db_dec, dscale, db_in
+        backward = _encode_relu_decode_bwd_triton if ctx.path == "triton" else _encode_relu_decode_bwd_cpu
+        return None, *backward(ctx, dx_hat, df, dl1), None  # x and path get no gradient
 
 
 @torch.compiler.disable  # see COMPILE
-def encode_relu_decode(x, W_enc, b_enc, W_dec, b_dec, stats=False, scale=None, b_in=None):
-    """-> (x_hat, f), and with stats (x_hat, f, (l1, l0, fired)); see the section's header. x needs no
-    gradient; l1 (weighted by scale (n_latents,) if given, which may need a gradient) carries the gradient of a
-    loss on it. b_in: a transcoder's input bias (d_in,); None: b_dec is the input bias too (an SAE)."""
-    if NO_TRITON or torch.float64 in (x.dtype, W_enc.dtype):  # the kernels multiply fp32, bf16 and fp16 only (an
-        # fp64 tl.dot does not accumulate in the kernel's fp32): float64, for exact checks, takes the reference
-        return encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, stats, scale, b_in)
-    x_hat, f, l1, l0, fired = EncodeReluDecode.apply(x, W_enc, b_enc, W_dec, b_dec, scale, b_in)
-    return (x_hat, f, (l1, l0, fired)) if stats else (x_hat, f)
+def encode_relu_decode(x, W_enc, b_enc, W_dec, b_dec, *, scale=None, b_in=None):
+    """-> (x_hat, f, l1, l0, fired), as encode_relu_decode_ref; see the section's header. The statistics come with
+    every call: the kernels form them in the same pass. x needs no gradient; l1 (weighted by scale (n_latents,) if
+    given, which may need a gradient) carries the gradient of a loss on it. b_in: a transcoder's input bias (d_in,);
+    None: b_dec is the input bias too (an SAE)."""
+    path = pick_path(x)
+    # the kernels multiply fp32, bf16 and fp16 only (an fp64 tl.dot does not accumulate in the kernel's fp32):
+    # float64, for exact checks, takes the reference
+    if path == "reference" or torch.float64 in (x.dtype, W_enc.dtype):
+        return encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, scale=scale, b_in=b_in)
+    return EncodeReluDecode.apply(x, W_enc, b_enc, W_dec, b_dec, scale, b_in, path)
 
 
 # -----------------------------------------------------------------------------
@@ -469,6 +421,8 @@ def encode_relu_decode(x, W_enc, b_enc, W_dec, b_dec, stats=False, scale=None, b
 # Three primitives serve both ops: gather-sum, gather-dot, and the scatter f^T @ A, which sorts the entries by
 # latent (openai/sparse_autoencoder's triton_sparse_transpose_dense_matmul sorts the same way) and sums each
 # latent's segment, with no atomics. Nothing (N, n_latents) or (N, K, d_model) is formed on either path.
+# Each primitive has its reference (gather_sum_ref, gather_dot_ref, scatter_outer_ref), its launcher
+# (_gather_sum_triton, ...) and its CPU code (_gather_sum_cpu, ...).
 # CPU, the medians of two runs of bench.bench_sparse_codes on an idle 2-core AMD EPYC, at N 4096, K 32, d_model 768,
 # n_latents 8192 / 32768, in ms:
 #   gather-sum: embedding_bag 6-8 / 15-16; CSR sparse.mm 20-21 / 37-45; gather + bmm in 256-row chunks 64-76 / 69-88
@@ -492,6 +446,27 @@ def sparse_encode_ref(x, W_enc, b_enc, b_dec, indices):
     return pre.gather(1, indices)
 
 
+def gather_sum_ref(indices, values, W):
+    """out[n] = sum_j values[n, j] W[indices[n, j]]: the code scattered into a dense f (N, n_latents) (padding adds
+    0), times W. (N, K), (N, K), (n_latents, d) -> (N, d)"""
+    f = torch.zeros(indices.shape[0], W.shape[0], dtype=W.dtype, device=W.device)
+    f = f.scatter_add(1, indices, values.to(W.dtype))  # (N, n_latents)
+    return f @ W                                       # (N, n_latents) @ (n_latents, d) -> (N, d)
+
+
+def gather_dot_ref(A, W, indices):
+    """out[n, j] = A[n] . W[indices[n, j]]: the dense A @ W^T, gathered. (N, d), (n_latents, d), (N, K) -> (N, K)"""
+    return (A @ W.T.to(A.dtype)).gather(1, indices)  # (N, d) @ (d, n_latents) -> (N, n_latents) -> (N, K)
+
+
+def scatter_outer_ref(indices, weights, A, n_latents):
+    """out[i] = sum_{(n, j): indices[n, j] = i} weights[n, j] A[n]: f^T @ A for the dense code f of weights (repeated
+    indices summed). (N, K), (N, K), (N, d) -> (n_latents, d) fp32"""
+    f = torch.zeros(indices.shape[0], n_latents, dtype=A.dtype, device=A.device)
+    f = f.scatter_add(1, indices, weights.to(A.dtype))  # (N, n_latents)
+    return (f.T @ A).float()                            # (n_latents, N) @ (N, d) -> (n_latents, d)
+
+
 @triton.jit
 def _gather_sum_kernel(
         # pointers: indices (N, K), values (N, K), W (n_latents, d), out (N, d)
@@ -502,7 +477,8 @@ def _gather_sum_kernel(
         stride_in, stride_ik, stride_vn, stride_vk, stride_wm, stride_wd, stride_on, stride_od,
         # meta
         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    # reference: sparse_decode_ref without b_dec. One row n, one block of d: out[n] = sum_j v_j W[i_j]
+    # reference: gather_sum_ref (sparse_decode's forward less b_dec).
+    # One row n, one block of d: out[n] = sum_j v_j W[i_j]
     n, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     rk = tl.arange(0, BLOCK_K)
@@ -528,8 +504,8 @@ def _gather_dot_kernel(
         stride_an, stride_ad, stride_wm, stride_wd, stride_in, stride_ik, stride_on, stride_ok,
         # meta
         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    # reference: the values gradient of sparse_decode_ref (A = dx_hat), or sparse_encode_ref less b_enc
-    # (A = x - b_dec, W = W_enc^T). One row n, one block of K: out[n, j] = A[n] . W[i_j]
+    # reference: gather_dot_ref (A = dx_hat: sparse_decode's dvalues; A = x - b_dec, W = W_enc^T: sparse_encode's
+    # forward less b_enc). One row n, one block of K: out[n, j] = A[n] . W[i_j]
     n, pid_k = tl.program_id(0).to(tl.int64), tl.program_id(1)
     kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     i = tl.load(idx_ptr + n * stride_in + kk * stride_ik, mask=kk < K, other=0)
@@ -554,9 +530,10 @@ def _scatter_outer_kernel(
         stride_an, stride_ad,
         # meta
         BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-    # reference: the W_dec gradient of sparse_decode_ref. Following openai/sparse_autoencoder's
-    # triton_sparse_transpose_dense_matmul_kernel (entries sorted by latent), but one program owns a latent's whole
-    # segment and a block of d, so it sums in registers and stores once: no atomics, the same sums every run.
+    # reference: scatter_outer_ref (sparse_decode's dW_dec, sparse_encode's dW_enc^T). Following
+    # openai/sparse_autoencoder's triton_sparse_transpose_dense_matmul_kernel (entries sorted by latent), but one
+    # program owns a latent's whole segment and a block of d, so it sums in registers and stores once: no atomics,
+    # the same sums every run.
     i, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     start, end = tl.load(off_ptr + i), tl.load(off_ptr + i + 1)
@@ -579,45 +556,6 @@ def _check_code(indices, values=None):
         f"values {tuple(values.shape)} != indices {tuple(indices.shape)}"
 
 
-def _gather_sum(indices, values, W):
-    """out[n] = sum_j values[n, j] W[indices[n, j]]: (N, K), (N, K), (n_latents, d) -> (N, d) in W's dtype."""
-    _check_code(indices, values)
-    if not use_triton(W):  # embedding_bag: bags of K rows weighted by values, summed (see the header's timings)
-        return F.embedding_bag(indices, W, per_sample_weights=values.to(W.dtype), mode="sum")
-    N, K = indices.shape
-    d = W.shape[1]
-    out = torch.empty(N, d, device=W.device, dtype=W.dtype)
-    BLOCK_K, BLOCK_D = (8, 32) if INTERPRET else (min(32, triton.next_power_of_2(K)), 128)
-    grid = (N, triton.cdiv(d, BLOCK_D))
-    _gather_sum_kernel[grid](indices, values, W, out, K, d, *indices.stride(), *values.stride(), *W.stride(),
-                             *out.stride(), BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
-    return out
-
-
-def _gather_dot(A, W, indices):
-    """out[n, j] = A[n] . W[indices[n, j]]: (N, d), (n_latents, d), (N, K) -> (N, K) in A's dtype."""
-    _check_code(indices)
-    assert A.shape[1] == W.shape[1], f"A {tuple(A.shape)} and W {tuple(W.shape)} differ in d"
-    N, K = indices.shape
-    W = W if W.stride(1) == 1 else W.contiguous()  # W_enc^T: one pass, so that each gathered row is contiguous
-    if not use_triton(W):
-        # sampled_addmm: A @ W^T at the code's positions only, a CSR matrix with K entries a row. Its CPU kernel
-        # computes each entry on its own, so columns need not be sorted and padding may repeat one: outside the
-        # CSR invariants (hence check_invariants=False); test_sae_kernels.py's sparse-code padding cases check it
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore")
-            pattern = torch.sparse_csr_tensor(torch.arange(0, N * K + 1, K, device=A.device), indices.reshape(-1),
-                                              torch.zeros(N * K, dtype=A.dtype, device=A.device), (N, W.shape[0]),
-                                              check_invariants=False)
-        return torch.sparse.sampled_addmm(pattern, A, W.T.to(A.dtype), beta=0.0).values().view(N, K)
-    out = torch.empty(N, K, device=A.device, dtype=A.dtype)
-    BLOCK_K, BLOCK_D = (8, 32) if INTERPRET else (min(32, triton.next_power_of_2(K)), 128)
-    grid = (N, triton.cdiv(K, BLOCK_K))
-    _gather_dot_kernel[grid](A, W, indices, out, K, A.shape[1], *A.stride(), *W.stride(), *indices.stride(),
-                             *out.stride(), BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
-    return out
-
-
 def _sort_by_index(indices, weights, n_latents):
     """The code's entries grouped by latent (f^T in CSR): rows (N K,) the row of each entry, weights (N K,), and
     offsets (n_latents + 1,), latent i's entries lying at offsets[i]:offsets[i + 1]. A stable sort: fixed sums."""
@@ -635,13 +573,37 @@ def _sort_by_index(indices, weights, n_latents):
     return order // indices.shape[1], weights.reshape(-1)[order], offsets
 
 
-def _scatter_outer(indices, weights, A, n_latents):
-    """out[i] = sum_{(n, j): indices[n, j] = i} weights[n, j] A[n], i.e. f^T @ A for the code f of weights:
-    (N, K), (N, K), (N, d) -> (n_latents, d) fp32."""
+def _gather_sum_triton(indices, values, W):
+    """Launcher: gather_sum_ref's out (N, d) in W's dtype."""
+    _check_code(indices, values)
+    N, K = indices.shape
+    d = W.shape[1]
+    out = torch.empty(N, d, device=W.device, dtype=W.dtype)
+    BLOCK_K, BLOCK_D = (8, 32) if INTERPRET else (min(32, triton.next_power_of_2(K)), 128)
+    grid = (N, triton.cdiv(d, BLOCK_D))
+    _gather_sum_kernel[grid](indices, values, W, out, K, d, *indices.stride(), *values.stride(), *W.stride(),
+                             *out.stride(), BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
+    return out
+
+
+def _gather_dot_triton(A, W, indices):
+    """Launcher: gather_dot_ref's out (N, K) in A's dtype."""
+    _check_code(indices)
+    assert A.shape[1] == W.shape[1], f"A {tuple(A.shape)} and W {tuple(W.shape)} differ in d"
+    N, K = indices.shape
+    W = W if W.stride(1) == 1 else W.contiguous()  # W_enc^T: one pass, so that each gathered row is contiguous
+    out = torch.empty(N, K, device=A.device, dtype=A.dtype)
+    BLOCK_K, BLOCK_D = (8, 32) if INTERPRET else (min(32, triton.next_power_of_2(K)), 128)
+    grid = (N, triton.cdiv(K, BLOCK_K))
+    _gather_dot_kernel[grid](A, W, indices, out, K, A.shape[1], *A.stride(), *W.stride(), *indices.stride(),
+                             *out.stride(), BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
+    return out
+
+
+def _scatter_outer_triton(indices, weights, A, n_latents):
+    """Launcher: scatter_outer_ref's out (n_latents, d) fp32."""
     _check_code(indices, weights)
     rows, w, offsets = _sort_by_index(indices, weights, n_latents)
-    if not use_triton(A):  # embedding_bag again, now one bag per latent: its segment of A's rows, weighted
-        return F.embedding_bag(rows, A, offsets[:-1], per_sample_weights=w.to(A.dtype), mode="sum").float()
     d = A.shape[1]
     out = torch.empty(n_latents, d, device=A.device, dtype=torch.float32)
     BLOCK_E, BLOCK_D = (8, 32) if INTERPRET else (16, 128)
@@ -650,68 +612,110 @@ def _scatter_outer(indices, weights, A, n_latents):
     return out
 
 
+def _gather_sum_cpu(indices, values, W):
+    """gather_sum_ref's out (N, d) in W's dtype, by embedding_bag: bags of K rows weighted by values, summed (see the
+    header's timings)."""
+    _check_code(indices, values)
+    return F.embedding_bag(indices, W, per_sample_weights=values.to(W.dtype), mode="sum")
+
+
+def _gather_dot_cpu(A, W, indices):
+    """gather_dot_ref's out (N, K) in A's dtype, by sampled_addmm: A @ W^T at the code's positions only, a CSR matrix
+    with K entries a row."""
+    _check_code(indices)
+    assert A.shape[1] == W.shape[1], f"A {tuple(A.shape)} and W {tuple(W.shape)} differ in d"
+    N, K = indices.shape
+    W = W if W.stride(1) == 1 else W.contiguous()  # W_enc^T: one pass, so that each gathered row is contiguous
+    # sampled_addmm's CPU kernel computes each entry on its own, so columns need not be sorted and padding may
+    # repeat one: outside the CSR invariants (hence check_invariants=False); test_sae_kernels.py's sparse-code
+    # padding cases check it
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(torch.arange(0, N * K + 1, K, device=A.device), indices.reshape(-1),
+                                          torch.zeros(N * K, dtype=A.dtype, device=A.device), (N, W.shape[0]),
+                                          check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, A, W.T.to(A.dtype), beta=0.0).values().view(N, K)
+
+
+def _scatter_outer_cpu(indices, weights, A, n_latents):
+    """scatter_outer_ref's out (n_latents, d) fp32, by embedding_bag again, now one bag per latent: its segment of
+    A's rows (_sort_by_index), weighted."""
+    _check_code(indices, weights)
+    rows, w, offsets = _sort_by_index(indices, weights, n_latents)
+    return F.embedding_bag(rows, A, offsets[:-1], per_sample_weights=w.to(A.dtype), mode="sum").float()
+
+
 class SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, indices, values, W_dec, b_dec):
-        x_hat = _gather_sum(indices, values, W_dec)  # (N, K) rows of (n_latents, d_model) -> (N, d_model)
+    def forward(ctx, indices, values, W_dec, b_dec, path):
+        gather_sum = _gather_sum_triton if path == "triton" else _gather_sum_cpu
+        x_hat = gather_sum(indices, values, W_dec)  # (N, K) rows of (n_latents, d_model) -> (N, d_model)
         if b_dec is not None:
             x_hat += b_dec
+        ctx.path = path
         ctx.save_for_backward(indices, values, W_dec)
         return x_hat
 
     @staticmethod
     def backward(ctx, dx_hat):
         indices, values, W_dec = ctx.saved_tensors
+        gather_dot = _gather_dot_triton if ctx.path == "triton" else _gather_dot_cpu
+        scatter_outer = _scatter_outer_triton if ctx.path == "triton" else _scatter_outer_cpu
         dx_hat = dx_hat.contiguous()
-        _, need_values, need_W_dec, need_b_dec = ctx.needs_input_grad
-        dvalues = _gather_dot(dx_hat, W_dec, indices).to(values.dtype) if need_values else None  # (N, K)
-        dW_dec = _scatter_outer(indices, values, dx_hat, W_dec.shape[0]).to(W_dec.dtype) if need_W_dec else None
-        db_dec = dx_hat.sum(dim=0) if need_b_dec else None                                          # (d_model,)
-        return None, dvalues, dW_dec, db_dec
+        _, need_values, need_W_dec, need_b_dec, _ = ctx.needs_input_grad
+        dvalues = gather_dot(dx_hat, W_dec, indices).to(values.dtype) if need_values else None  # (N, K)
+        dW_dec = scatter_outer(indices, values, dx_hat, W_dec.shape[0]).to(W_dec.dtype) if need_W_dec else None
+        db_dec = dx_hat.sum(dim=0) if need_b_dec else None                                         # (d_model,)
+        return None, dvalues, dW_dec, db_dec, None
 
 
 @torch.compiler.disable  # see COMPILE
 def sparse_decode(indices, values, W_dec, b_dec=None):
     """x_hat (N, d_model) = sum_j values[n, j] W_dec[indices[n, j]] (+ b_dec); see the section's header."""
-    if NO_TRITON:
+    path = pick_path(W_dec)
+    if path == "reference":
         return sparse_decode_ref(indices, values, W_dec, b_dec)
-    return SparseDecode.apply(indices, values, W_dec, b_dec)
+    return SparseDecode.apply(indices, values, W_dec, b_dec, path)
 
 
 class SparseEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, indices, pre):
+    def forward(ctx, x, W_enc, b_enc, b_dec, indices, pre, path):
         if pre is not None:  # the caller's dense pre-activations (N, n_latents): gathered, not recomputed
             values = pre.gather(1, indices)
         else:  # (N, d_model) . K gathered columns of W_enc (rows of W_enc^T)
-            values = _gather_dot(x - b_dec, W_enc.T, indices) + b_enc[indices]
+            gather_dot = _gather_dot_triton if path == "triton" else _gather_dot_cpu
+            values = gather_dot(x - b_dec, W_enc.T, indices) + b_enc[indices]
+        ctx.path = path
         ctx.save_for_backward(x, W_enc, b_dec, indices)
         return values  # (N, K)
 
     @staticmethod
     def backward(ctx, dvalues):
         x, W_enc, b_dec, indices = ctx.saved_tensors
+        scatter_outer = _scatter_outer_triton if ctx.path == "triton" else _scatter_outer_cpu
         n_latents = W_enc.shape[1]
         dvalues = dvalues.contiguous()
-        _, need_W_enc, need_b_enc, need_b_dec, _, _ = ctx.needs_input_grad
+        _, need_W_enc, need_b_enc, need_b_dec, _, _, _ = ctx.needs_input_grad
         dW_enc = db_enc = db_dec = None
         if need_W_enc:  # (n_latents, d_model), returned as its transpose: AccumulateGrad copies it to W_enc's layout
-            dW_enc = _scatter_outer(indices, dvalues, x - b_dec, n_latents).to(W_enc.dtype).T
+            dW_enc = scatter_outer(indices, dvalues, x - b_dec, n_latents).to(W_enc.dtype).T
         if need_b_enc or need_b_dec:
             db_enc = torch.zeros(n_latents, dtype=torch.float32, device=x.device)
             db_enc = db_enc.index_add_(0, indices.reshape(-1), dvalues.reshape(-1).float()).to(W_enc.dtype)
         if need_b_dec:
             db_dec = -(W_enc @ db_enc)  # (d_model, n_latents) @ (n_latents,): the batch summed first
-        return None, dW_enc, db_enc, db_dec, None, None
+        return None, dW_enc, db_enc, db_dec, None, None, None
 
 
 @torch.compiler.disable  # see COMPILE
 def sparse_encode(x, W_enc, b_enc, b_dec, indices, pre=None):
     """values (N, K) = (x - b_dec) @ W_enc[:, indices] + b_enc[indices], the pre-activations at the selected
     latents; gathered from pre (N, n_latents, no gradient) when given. x gets no gradient."""
-    if NO_TRITON:
+    path = pick_path(W_enc)
+    if path == "reference":
         return sparse_encode_ref(x, W_enc, b_enc, b_dec, indices)
-    return SparseEncode.apply(x, W_enc, b_enc, b_dec, indices, pre)
+    return SparseEncode.apply(x, W_enc, b_enc, b_dec, indices, pre, path)
 
 
 # -----------------------------------------------------------------------------
@@ -719,7 +723,8 @@ def sparse_encode(x, W_enc, b_enc, b_dec, indices, pre=None):
 # W (n, d) with unit-norm rows, G = W @ W.T (n, n), g = |G_ij| -> mean over i != j of phi(g):
 #   atanh (the default): phi(g) = atanh(min(g, 1 - JL_EPS)), phi'(g) = 1 / (1 - min(g, 1 - JL_EPS)^2), the slope at
 #     the clamped point (never 0). With n >> d it acts like an L1 penalty on G: 8 stacked copies of an orthonormal
-#     basis score lower than random rows, and Adam collapses rows onto each other (issues 12 and 24).
+#     basis score lower than random rows, and Adam collapses rows onto each other
+#     (test_jl_mean_rewards_clusters_of_duplicates_when_rows_outnumber_dimensions).
 #   power: phi(g) = g^p, phi'(g) = p g^(p-1), p >= 1: the p-frame potential (Ehler and Okoudjou 2012, "Minimization
 #     of the probabilistic p-frame potential", J. Stat. Planning and Inference 142). p = 2 is the frame potential
 #     (Benedetto and Fickus 2003, "Finite normalized tight frames", Adv. Comput. Math. 18), minimised by every tight
@@ -836,7 +841,7 @@ def _mma_bf16(a, b, WIDEN: tl.constexpr):
     """a @ b for bf16 tiles as a tensor core multiplies them: each product exact (8-bit by 8-bit significands fit
     fp32's 24), summed in fp32. WIDEN (the interpreter): Triton 3.9's interpreter multiplies bf16 operands as the
     integers that store them (test_interpreter_multiplies_bf16_as_integers), so they are widened to fp32 first,
-    exactly, and multiplied in fp32: the same products."""
+    exactly, and multiplied in fp32: the same products. Reference: a.float() @ b.float()."""
     if WIDEN:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b)
@@ -855,6 +860,8 @@ def _jl_fwd_bwd_kernel(
         power, mu,
         # meta: FORM one of JL_FORMS; WIDEN under the interpreter (_mma_bf16)
         FORM: tl.constexpr, WIDEN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    # reference: jl_penalty_ref, its value and its autograd gradient 2 S W / (n (n - 1)); its roundings (the header's
+    # "Precision") emulated in float64 by test_sae_kernels.py's tensor_core_emulation
     pid_i, pid_j = tl.program_id(0), tl.program_id(1)
     if pid_j < pid_i:  # G is symmetric: tiles on and above the diagonal only
         return
@@ -931,8 +938,8 @@ def _jl_triton(W, form="atanh", power=4.0, mu=0.0):
     return value[0], grad
 
 
-def _jl_blocked(W, block=None, form="atanh", power=4.0, mu=0.0):
-    """The CPU path: value and gradient over row blocks, each block against itself and the rows after it
+def _jl_cpu(W, form="atanh", power=4.0, mu=0.0, block=None):
+    """The CPU code: value and gradient over row blocks, each block against itself and the rows after it
     (symmetry), so memory is three (block, n) temporaries, not (n, n): 64 MiB each by default.
     -> (value (), grad (n, d))"""
     n = W.shape[0]
@@ -974,8 +981,9 @@ def _jl_blocked(W, block=None, form="atanh", power=4.0, mu=0.0):
 
 class JLPenalty(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, W, form="atanh", power=4.0, mu=0.0):
-        value, grad = _jl_triton(W, form, power, mu) if use_triton(W) else _jl_blocked(W, form=form, power=power, mu=mu)
+    def forward(ctx, W, form, power, mu, path):
+        value_and_grad = _jl_triton if path == "triton" else _jl_cpu
+        value, grad = value_and_grad(W, form, power, mu)
         ctx.save_for_backward(grad)
         ctx.dtype = W.dtype
         return value.to(torch.promote_types(W.dtype, torch.float32))
@@ -983,7 +991,7 @@ class JLPenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_value):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_value).to(ctx.dtype), None, None, None
+        return (grad * grad_value).to(ctx.dtype), None, None, None, None
 
 
 def jl_penalty_sampled(W, n_sample, generator=None, form="atanh", power=4.0, margin=0.0):
@@ -1003,13 +1011,14 @@ def jl_penalty_sampled(W, n_sample, generator=None, form="atanh", power=4.0, mar
 @torch.compiler.disable  # see COMPILE
 def jl_penalty(W, sample=0, generator=None, form="atanh", power=4.0, margin=0.0):
     """The JL mean of W's rows (the caller normalises them) in one of JL_FORMS: exact, or estimated from `sample`
-    rows."""
+    rows (PyTorch on every path: a (sample, n) block)."""
     if sample and sample < W.shape[0]:
         return jl_penalty_sampled(W, sample, generator, form, power, margin)
-    if NO_TRITON:
+    path = pick_path(W)
+    if path == "reference":
         return jl_penalty_ref(W, form, power, margin)
     mu = jl_margin(form, power, margin, *W.shape)
-    return JLPenalty.apply(W, form, power, mu)
+    return JLPenalty.apply(W, form, power, mu, path)
 
 
 # -----------------------------------------------------------------------------
@@ -1076,3 +1085,144 @@ class Step(torch.autograd.Function):
     def backward(ctx, grad):
         pre, theta = ctx.saved_tensors
         return None, -(near_threshold(pre, theta, ctx.eps) * grad).sum(dim=0) / ctx.eps, None
+
+
+# -----------------------------------------------------------------------------
+# the CPU's dense matmul (no kernel): which dtype, which library; encode-ReLU-decode's CPU code, count_ones and
+# sae.py's model layers call `linear`
+# Two rules, each from a documented feature of the CPU and measured on both kinds this project runs on, at the
+# SAE's shape (4096 x 768 @ 768 x 8192, 2 threads):
+# - dtype: bf16 where the CPU multiplies bf16 natively, with AMX tiles (Intel Sapphire Rapids on) or AVX512-BF16
+#   dot products (AMD Zen 4 on, Intel Cooper Lake): a bf16 matmul ran at 1,280 against 310 GFLOP/s in fp32 on an
+#   Intel Xeon with AMX and at 351-445 against 164-222 on the development AMD EPYC (Zen 4, no AMX;
+#   `python bench.py` prints both peaks). Elsewhere bf16 is emulated, slower than fp32: fp32 there.
+#   `cpu_bf16_native()` is the test; sae.py's --dtype=auto reads it. Inputs are rounded to bf16, products summed
+#   in fp32, the result rounded to bf16 (torch.autocast's contract); parameters and Adam stay fp32.
+# - library for fp32: torch's fp32 matmul calls MKL, which runs its AVX-512 code on Intel processors only (it
+#   checks the vendor) and AVX2 on AMD; oneDNN, which torch also bundles (torch.compile's CPU linear layers call
+#   it through this same op), uses AVX-512 wherever the CPU has it. On the AMD EPYC oneDNN measured 375 against
+#   200 GFLOP/s one day, 184-222 against 164-199 another (the host's speed varies; the ratio was always > 1);
+#   on the Intel Xeon oneDNN was slower, 280 against MKL's 310. So: oneDNN for fp32 unless the CPU is Intel's.
+#   bf16 goes through oneDNN wherever its bf16 kernels exist (AVX-512 or AVX-NE-CONVERT; torch's bf16 matmul on the
+#   CPU calls them too; ours fuses the bias and the activation), else through torch's matmul (ONEDNN_BF16). Its
+#   linear computes x @ weight^T + bias with an optional fused activation, reading strided views.
+# SAE_NO_ONEDNN=1 keeps torch's matmul for everything.
+
+def _onednn_works():
+    if os.environ.get("SAE_NO_ONEDNN") == "1" or not torch.backends.mkldnn.is_available():
+        return False
+    try:  # a private op (torch/_inductor/mkldnn_ir.py calls it): check it exists and agrees with a plain matmul
+        x, w = torch.randn(3, 5), torch.randn(4, 5)
+        return torch.allclose(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], ""), x @ w.T, atol=1e-5)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _onednn_bf16_works():
+    """oneDNN's bf16 kernels need AVX-512 (BW, VL and DQ) or AVX-NE-CONVERT: torch's own rule is
+    torch.ops.mkldnn._is_mkldnn_bf16_supported(), and on an AVX2-only CPU (as some AMD EPYCs are) the bf16 linear
+    fails to build ("could not create a primitive descriptor") and the fused multiply refuses ("bf16 path needs the
+    cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq"). So both ops we call are probed on a tiny input;
+    where either fails, bf16 goes through torch's matmul (its own fallback: slower, still bf16's rounding)."""
+    try:
+        x, w = torch.randn(3, 5, dtype=torch.bfloat16), torch.randn(4, 5, dtype=torch.bfloat16)
+        torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
+        torch.ops.mkldnn._linear_pointwise.binary(x, torch.ones(3, 4, dtype=torch.bfloat16), w, None, "mul")
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_vendor():
+    """GenuineIntel, AuthenticAMD, ... from /proc/cpuinfo; "" where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def cpu_bf16_native():
+    """True where the CPU has AMX tiles or AVX512-BF16 and oneDNN may use them (torch's own cpuinfo checks, and its
+    rule for oneDNN's bf16, which also honours ONEDNN_MAX_CPU_ISA; private, so guarded)."""
+    try:
+        return bool((torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+ONEDNN = _onednn_works()                                   # the op
+ONEDNN_FP32 = ONEDNN and cpu_vendor() != "GenuineIntel"    # for fp32 where MKL takes its AVX2 path
+ONEDNN_BF16 = ONEDNN and _onednn_bf16_works()              # for bf16 where the CPU has oneDNN's bf16 kernels
+
+
+def keep_freed_memory(keep=True):
+    """glibc returns every freed block over its mmap threshold to the OS, so each step's fresh (N, d_sae)
+    temporaries (oneDNN's outputs cannot be preallocated) page-fault in again: a fifth of a CPU SAE step was
+    system time. Large blocks from the heap, kept when freed, are reused instead. keep=False: glibc's default
+    thresholds (128 KiB) again. Linux/glibc only; a no-op elsewhere."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 30 if keep else 128 * 1024)        # M_MMAP_THRESHOLD: blocks under 1 GiB from the heap
+    libc.mallopt(-1, (1 << 31) - 1 if keep else 128 * 1024)  # M_TRIM_THRESHOLD: freed heap memory stays
+    if not keep:
+        libc.malloc_trim(0)
+
+
+def linear(x, weight, bias=None, act="none", mul=None):
+    """act(x @ weight^T + bias), times mul if given: x (M, K), weight (N, K), mul (M, N), any strides; act is none,
+    relu, gelu_tanh or silu. Under CPU autocast to bf16, in bf16 as autocast would (the result bf16). oneDNN for
+    CPU tensors that need no gradient (its op has no autograd), in bf16 where ONEDNN_BF16 or fp32 where ONEDNN_FP32, the product
+    with mul fused into the matmul's epilogue (oneDNN's binary post-op: no extra pass over (M, N)); else torch.
+    -> (M, N)"""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+    # not under torch.compile: Inductor lowers this op only with frozen weights (a crash: "assert w.get_name() in
+    # V.graph.constants"); it lowers torch's matmul itself
+    if ONEDNN and x.device.type == "cpu" and not needs_grad and not torch.compiler.is_compiling() and \
+            ((dtype == torch.bfloat16 and ONEDNN_BF16) or (dtype == torch.float32 and ONEDNN_FP32)):
+        x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
+        if mul is not None and act == "none":
+            return torch.ops.mkldnn._linear_pointwise.binary(x, mul.to(dtype), weight, bias, "mul")
+        attr, algorithm = {"gelu_tanh": ("gelu", "tanh"), "silu": ("swish", "")}.get(act, (act, ""))  # oneDNN's names
+        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [None], algorithm)
+        return y if mul is None else y.mul_(mul)
+    y = x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)  # (M, K) @ (K, N)
+    if act == "silu":
+        y = F.silu(y)
+    elif act != "none":
+        y = y.relu_() if act == "relu" else F.gelu(y, approximate="tanh")
+    return y if mul is None else y.mul_(mul)
+
+
+def padded_width(d):
+    """d_model + 1 (the column of l1 weights) rounded up to 32: AMX multiplies bf16 in tiles 32 wide along K, and
+    at 769 columns oneDNN ran the decoder 1.3x slower than at 800 (4096 x 8192 @ 8192 x D)."""
+    return (d + 1 + 31) // 32 * 32
+
+
+_BLOCKS = {}
+
+
+def block_indicator(n, dtype, block=256):
+    """(ceil(n / block), n) 0/1: row c marks positions c*block to (c+1)*block - 1. Cached by (n, dtype)."""
+    if (n, dtype) not in _BLOCKS:
+        _BLOCKS[n, dtype] = (torch.arange(n) // block == torch.arange((n + block - 1) // block)[:, None]).to(dtype)
+    return _BLOCKS[n, dtype]
+
+
+def count_ones(mask):
+    """A 0/1 (N, n) CPU tensor -> (per row (N,), per column (n,)) counts, int32, exact: summed by two matmuls with
+    block indicators (one read of the mask each, 1.4 and 4.1 ms at 4096 x 8192 in bf16, against 12 and 19 ms for
+    torch's sums, which cast all of it to fp32 first), in partial sums of at most 256, which bf16's 8 significant
+    bits hold exactly (products summed in fp32), then summed in fp32."""
+    N, n = mask.shape
+    with torch.autocast("cpu", enabled=False):
+        per_row = linear(mask, block_indicator(n, mask.dtype))     # (N, n) @ (n, ceil(n / 256))
+        per_col = linear(block_indicator(N, mask.dtype), mask.T)  # (ceil(N / 256), N) @ (N, n)
+    return per_row.float().sum(dim=1).int(), per_col.float().sum(dim=0).int()

@@ -53,7 +53,7 @@ def test_export_of_each_architecture_is_saelens_forward(arch_sweep, synthetic, n
     x = torch.from_numpy(np.load(synthetic[0])[:300])  # raw activations, as SAELens would read them
     x_hat_ref, f_ref = saelens_forward(cfg, w, x)
     with torch.no_grad():
-        x_hat, f = model(x * s)  # ours on the scaled activations, norms folded by load_sae
+        x_hat, f = model(x * s)[:2]  # ours on the scaled activations, norms folded by load_sae
     assert (f > 0).sum() > 0
     torch.testing.assert_close(f, f_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(x_hat / s, x_hat_ref, atol=1e-4, rtol=1e-4)
@@ -100,7 +100,8 @@ def test_export_matches_saelens_format_and_folds_the_scale(tiny_run, tmp_path):
     f_ref = torch.relu((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"])
     x_hat_ref = f_ref @ weights["W_dec"] + weights["b_dec"]
     with torch.no_grad():
-        x_hat, f = sae_kernels.encode_relu_decode_ref(x * s, *(ckpt["sae"][k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")))
+        weights = [ckpt["sae"][k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")]
+        x_hat, f = sae_kernels.encode_relu_decode_ref(x * s, *weights)[:2]
     assert ckpt["config"]["l1_by_decoder_norm"]  # the default: free rows, exported as unit rows with f scaled by them
     f = f * ckpt["sae"]["W_dec"].norm(dim=1)  # (50, 96) * (96,)
     torch.testing.assert_close(f, f_ref, atol=1e-5, rtol=1e-5)
@@ -244,7 +245,7 @@ def test_export_folds_the_norm_for_transformerlens(family, tiny_llama, tmp_path)
     assert sae_cfg["metadata"]["hook_name"] == "blocks.1.ln2.hook_normalized"
     w = {k: v.double() for k, v in load_file(tmp_path / "export" / "sae_weights.safetensors").items()}
     f_tl = torch.relu((n - w["b_dec"]) @ w["W_enc"] + w["b_enc"])  # SAELens's standard SAE on TransformerLens's hook
-    x_hat, f = sae_kernels.encode_relu_decode_ref(mlp_in * 2.5, *state.values())
+    x_hat, f = sae_kernels.encode_relu_decode_ref(mlp_in * 2.5, *state.values())[:2]
     torch.testing.assert_close(f_tl.float(), f, atol=1e-4, rtol=1e-4)
     bias = norm.bias.detach() if family == "gpt2" else 0  # and it writes n_hat = (x_hat - bias) / gain
     gain = norm.weight.detach() + (1 if family == "gemma2" else 0)
@@ -287,7 +288,7 @@ def exported_transcoder(family, arch, skip, tiny_llama, tmp_path):
     checkpoint = {"config": asdict(config), "act_scale": s_in, "target_scale": s_out, "sae": state, "iter_num": 7}
     cfg = analyze.export_saelens(checkpoint, str(tmp_path / "export"))
     with torch.no_grad():
-        y_hat, f = ours.eval()(mlp_in * s_in)
+        y_hat, f = ours.eval()(mlp_in * s_in)[:2]
     assert (f > 0).any() and (f == 0).any()
     return cfg, n, f, y_hat / s_out
 
@@ -452,7 +453,7 @@ def test_circuit_tracer_export_is_its_transcoder_forward_on_each_layer(kind, sit
             assert not w["W_skip"].any()
         with torch.no_grad():
             acts = model.harvest(idx, layer, (site, "mlp_out")).reshape(-1, 96)  # [x_in | y] (N, 48 + 48)
-            y_hat, f = tc(acts[:, :48] * 2.5)  # ours reads s_in x and predicts s_out y
+            y_hat, f = tc(acts[:, :48] * 2.5)[:2]  # ours reads s_in x and predicts s_out y
         assert (f > 0).any() and (f == 0).any()
         y_ct, f_ct = circuit_tracer_forward(w, acts[:, :48].double())
         torch.testing.assert_close(f_ct.float(), f, atol=1e-4, rtol=1e-4)
@@ -506,7 +507,7 @@ def test_circuit_tracer_export_names_each_familys_hooks(family, site, hooks, thr
             acts = model.harvest(idx, layer, ("resid_mid", "mlp_in", "mlp_out")).reshape(-1, 144).double()
         x = acts[:, :48] if site == "resid_mid" else acts[:, 48:96]  # what our transcoder read
         with torch.no_grad():
-            y_hat, f = tc(x.float() * 2.5)
+            y_hat, f = tc(x.float() * 2.5)[:2]
         x_ct = tl_normalized(acts[:, :48], "rms", 1e-5) if hooks[0] == "ln2.hook_normalized" else x
         y_ct, f_ct = circuit_tracer_forward(w, x_ct)
         assert (f > 0).any()
@@ -629,7 +630,7 @@ def test_circuit_tracer_export_refuses_what_it_cannot_load_in_one_line(three_lay
                 ckpt["sae"] = SAE(48, 16, d_out=48).state_dict()
                 ckpt["config"]["d_sae"] = 16
             torch.save(ckpt, run / f"layer{0 if name == 'pair' else 1}" / "ckpt.pt")
-        resolved = sae.resolve_runs([f"--out_dir={run}", "--mode=export"], analyze.AnalyzeConfig)
+        resolved = sae.resolve_runs(sae.parse_overrides(analyze.AnalyzeConfig(), [f"--out_dir={run}", "--mode=export"]), analyze.AnalyzeConfig)
         with pytest.raises(ValueError, match=message):
             analyze.export_circuit_tracer(resolved, str(tmp_path / f"ct_{name}"))
         assert not (tmp_path / f"ct_{name}").exists(), name
@@ -744,7 +745,8 @@ def test_circuit_tracer_loads_the_export_of_smollm2_transcoders_and_attributes(r
                                 [("relu", "jumprelu", "batchtopk")[i % 3] for i in range(n_layer)],
                                 [i % 2 == 0 for i in range(n_layer)], d=d, d_sae=64, scales=scales,
                                 make=smollm2_transcoder)
-    resolved = sae.resolve_runs([f"--out_dir={tmp_path / 'run'}", "--mode=export"], analyze.AnalyzeConfig)
+    resolved = sae.resolve_runs(sae.parse_overrides(analyze.AnalyzeConfig(), [f"--out_dir={tmp_path / 'run'}", "--mode=export"]),
+                              analyze.AnalyzeConfig)
     analyze.export_circuit_tracer(resolved, str(tmp_path / "ct"))
     out, work = run_circuit_tracer_client(python, smollm2_dir, tmp_path, x, ids)
     assert out["n_layers"] == n_layer and out["skip"] and out["hooks"] == ["mlp.hook_in", "mlp.hook_out"]
@@ -752,7 +754,7 @@ def test_circuit_tracer_loads_the_export_of_smollm2_transcoders_and_attributes(r
     f_ct, y_ct, acts_ct = (torch.from_numpy(np.load(work / f"{n}.npy")) for n in ("f", "y", "acts"))
     for (layer, tc), (s_in, s_out) in zip(ours, scales):
         with torch.no_grad():
-            y_hat, f = tc(x[layer] * s_in)
+            y_hat, f = tc(x[layer] * s_in)[:2]
         assert (f > 0).any() and (f == 0).any(), layer
         torch.testing.assert_close(f_ct[layer], f, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(y_ct[layer], y_hat / s_out, atol=1e-4, rtol=1e-4)
@@ -797,7 +799,8 @@ def test_circuit_tracer_loads_the_export_of_each_new_familys_transcoders(family,
     model = sae.load_model(str(model_dir))
     ours = write_transcoder_set(tmp_path / "run", model_dir, [0, 1, 2], ["relu"] * 3, [True] * 3,
                                 make=smollm2_transcoder, scales=(1.0, 1.0))
-    resolved = sae.resolve_runs([f"--out_dir={tmp_path / 'run'}", "--mode=export"], analyze.AnalyzeConfig)
+    resolved = sae.resolve_runs(sae.parse_overrides(analyze.AnalyzeConfig(), [f"--out_dir={tmp_path / 'run'}", "--mode=export"]),
+                              analyze.AnalyzeConfig)
     analyze.export_circuit_tracer(resolved, str(tmp_path / "ct"))
     ids = torch.tensor([[0, 504, 3575, 282, 4649, 314, 7042, 30]])
     with torch.no_grad():
@@ -809,7 +812,7 @@ def test_circuit_tracer_loads_the_export_of_each_new_familys_transcoders(family,
     f_ct, acts_ct = (torch.from_numpy(np.load(work / f"{n}.npy")) for n in ("f", "acts"))
     for layer, tc in ours:
         with torch.no_grad():
-            _, f = tc(acts[layer][:, 48:])
+            f = tc(acts[layer][:, 48:]).f
         assert (f > 0).any() and (f == 0).any(), layer
         torch.testing.assert_close(f_ct[layer], f, atol=1e-4, rtol=1e-4)
         assert not acts_ct[layer, 0].any()  # position 0 it zeroes
@@ -936,7 +939,7 @@ def test_a_trained_transcoder_exports_steers_and_gets_a_dashboard(tiny_transcode
         n = gpt.blocks[1].mlp_norm
         n_hat = (x_in - n.bias) / n.weight  # TransformerLens's hook_normalized: the norm before its gain and bias
         y_tl, _ = saelens_transcoder_forward(cfg, w, n_hat)
-        y_hat, _ = model_tc(x_in * s_in)
+        y_hat = model_tc(x_in * s_in).x_hat
     torch.testing.assert_close(y_tl, y_hat / s_out, atol=1e-4, rtol=1e-4)
     r = run_sae("--mode=steer", f"--out_dir={tiny_transcoder}", "--feature=3", "--scale=50.0", "--prompt=Hello world",
                 "--max_new_tokens=4")
@@ -1317,19 +1320,19 @@ def test_persistence_scores_an_sae_on_a_fine_tune(tiny_llama, llama_shards, tmp_
 
 
 # -----------------------------------------------------------------------------
-# feature overlap (issue 24)
+# feature overlap: how many features peak on the same token as another
 
 def test_top_token_overlap_against_a_loop_over_features():
     """A random relu SAE on random rows with tokens from a small vocabulary (so peaks collide): each counted feature's
     peak token recomputed by sorting its column, and the shares counted by hand."""
     g = torch.Generator().manual_seed(0)
-    model = SAE(7, 29, "relu")
+    model = SAE(7, 29, arch="relu")
     model.W_enc.data = torch.randn(7, 29, generator=g)
     model.b_enc.data = torch.linspace(-12, 0, 29)  # the first features fire rarely: below the count
     rows, tokens = torch.randn(3001, 7, generator=g), torch.randint(0, 6, (3001,), generator=g)
     rows[tokens == 2] += 4 * model.W_enc.data[:, 28] / model.W_enc.data[:, 28].norm()  # feature 28: a token-2 feature
     result = analyze.top_token_overlap(model, rows, tokens, top=10, batch=256)  # batches of 256: the merge is tested
-    _, f = model(rows)
+    f = model(rows).f
     peaks, shares = {}, {}
     for i in range(29):
         column = f[:, i]

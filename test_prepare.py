@@ -353,7 +353,7 @@ def test_prepare_tokenizer_errors_are_one_line(enc, toys, tmp_path, case):
     assert not glob.glob(f"{tmp_path / 'out'}/*.bin")
 
 
-def test_prepare_refuses_another_tokenizer_and_reads_older_prepare_json(enc, toys, tmp_path):
+def test_prepare_refuses_another_tokenizer_and_reads_prepare_json_without_one(enc, toys, tmp_path):
     out = tmp_path / "shards"
     docs = write_jsonl(tmp_path / "docs.jsonl", TOY_TEXTS)
     assert run_prepare(f"--input={docs}", f"--out_dir={out}").returncode == 0
@@ -361,7 +361,7 @@ def test_prepare_refuses_another_tokenizer_and_reads_older_prepare_json(enc, toy
     assert r.returncode == 1 and "other settings (separator, tokenizer differ)" in r.stderr
     r = run_prepare(f"--input={docs}", f"--out_dir={out}", f"--tokenizer={toys['wide']}")  # same separator
     assert r.returncode == 1 and "other settings (tokenizer differ)" in r.stderr
-    # a prepare.json written before --tokenizer: no tokenizer in its settings, no record; gpt2 is assumed
+    # a prepare.json with no tokenizer or separator in its settings, no record and no val_shard_tokens: gpt2 is assumed
     meta = json.load(open(out / "prepare.json"))
     for key in ("tokenizer", "separator"):
         del meta["settings"][key]

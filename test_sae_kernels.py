@@ -53,7 +53,7 @@ def test_encode_relu_decode_reference_against_numpy_closed_form(transcoder):
     params = [p.detach().double().requires_grad_() for p in (transcoder_params(d, d_out, s) if transcoder
                                                               else sae_params(d, s))]
     R, Q = torch.randn(N, d_out, dtype=torch.float64), torch.randn(N, s, dtype=torch.float64)
-    x_hat, f = sae_kernels.encode_relu_decode_ref(x, *params[:4], b_in=params[4] if transcoder else None)
+    x_hat, f = sae_kernels.encode_relu_decode_ref(x, *params[:4], b_in=params[4] if transcoder else None)[:2]
     ((x_hat * R).sum() + (f * Q).sum()).backward()  # dx_hat = R, df = Q
     W_enc, b_enc, W_dec, b_dec = (p.detach().numpy() for p in params[:4])
     b_in = params[4].detach().numpy() if transcoder else b_dec
@@ -84,20 +84,20 @@ def test_encode_relu_decode_matches_reference(path, onednn_fp32, N, d, s, reads_
         ref_params, params = ([*p, (torch.rand(s, generator=torch.Generator().manual_seed(1)) + 0.5).requires_grad_()]
                               for p in (ref_params, params))
     R, Q, P = torch.randn(N, d), torch.randn(N, s), torch.randn(N)  # upstream gradients for x_hat, f and l1
-    outs_ref = sae_kernels.encode_relu_decode_ref(x, *ref_params[:4], stats=True, scale=ref_params[4] if scaled else None)
-    outs = sae_kernels.encode_relu_decode(x, *params[:4], stats=True, scale=params[4] if scaled else None)
+    outs_ref = sae_kernels.encode_relu_decode_ref(x, *ref_params[:4], scale=ref_params[4] if scaled else None)
+    outs = sae_kernels.encode_relu_decode(x, *params[:4], scale=params[4] if scaled else None)
     assert outs[1].grad_fn is not None and "EncodeReluDecode" in type(outs[1].grad_fn).__name__
-    for x_hat, f, (l1, _, _) in (outs_ref, outs):
+    for x_hat, f, l1, _, _ in (outs_ref, outs):
         ((x_hat * R).sum() + (l1 * P).sum() + ((f * Q).sum() if reads_f else 0)).backward()
     # fp32, sums of at most ~100 products: 1e-5 relative covers the summation order of blocked matmuls
-    for a, b in zip([*outs[:2], outs[2][0]], [*outs_ref[:2], outs_ref[2][0]]):
+    for a, b in zip(outs[:3], outs_ref[:3]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     active = outs[1].detach() > 0  # f itself is checked against the reference above; the counts are exact
-    assert torch.equal(outs[2][1], active.sum(dim=1, dtype=torch.int32))
-    assert torch.equal(outs[2][2], active.sum(dim=0, dtype=torch.int32))
+    assert torch.equal(outs[3], active.sum(dim=1, dtype=torch.int32))
+    assert torch.equal(outs[4], active.sum(dim=0, dtype=torch.int32))
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-5)
-    assert torch.equal(sae_kernels.encode_relu_decode(x, *params[:4])[1], outs[1])  # without stats: (x_hat, f), the same f
+    assert torch.equal(sae_kernels.encode_relu_decode(x, *params[:4])[1], outs[1])  # again: the same f
 
 
 @pytest.mark.parametrize("path", [pytest.param("triton", marks=interpreted), "cpu"], indirect=True)
@@ -111,15 +111,15 @@ def test_encode_relu_decode_of_a_transcoder_matches_reference(path, scaled):
     scales = [(torch.rand(s, generator=torch.Generator().manual_seed(1)) + 0.5).requires_grad_() if scaled else None
               for _ in range(2)]
     R, P = torch.randn(N, d_out), torch.randn(N)
-    outs_ref = sae_kernels.encode_relu_decode_ref(x, *ref_params[:4], True, scales[0], b_in=ref_params[4])
-    outs = sae_kernels.encode_relu_decode(x, *params[:4], True, scales[1], b_in=params[4])
+    outs_ref = sae_kernels.encode_relu_decode_ref(x, *ref_params[:4], scale=scales[0], b_in=ref_params[4])
+    outs = sae_kernels.encode_relu_decode(x, *params[:4], scale=scales[1], b_in=params[4])
     assert outs[0].shape == (N, d_out) and "EncodeReluDecode" in type(outs[1].grad_fn).__name__
-    for x_hat, f, (l1, _, _) in (outs_ref, outs):
+    for x_hat, f, l1, _, _ in (outs_ref, outs):
         ((x_hat * R).sum() + (l1 * P).sum()).backward()
-    for a, b in zip([*outs[:2], outs[2][0]], [*outs_ref[:2], outs_ref[2][0]]):
+    for a, b in zip(outs[:3], outs_ref[:3]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     active = outs[1].detach() > 0
-    assert active.any() and torch.equal(outs[2][2], active.sum(dim=0, dtype=torch.int32))
+    assert active.any() and torch.equal(outs[4], active.sum(dim=0, dtype=torch.int32))
     for p, q in zip(params + scales[1:] * scaled, ref_params + scales[:1] * scaled):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-5)
 
@@ -265,7 +265,7 @@ def test_interpreter_multiplies_bf16_as_integers(monkeypatch):
 def test_the_autotuners_timing_runs_do_not_add_into_the_counts(monkeypatch, reset):
     """On a GPU the autotuner times every config of the matmul kernel at each new shape, running it several times
     on the caller's buffers; the counts, L1 sums and firings are accumulated with atomics, so unless it zeroes them
-    (ACCUMULATED, its reset_to_zero) they come out summed over those runs (found on an H200). Here the interpreted
+    (ACCUMULATED, its reset_to_zero) they come out summed over those runs. Here the interpreted
     kernel under an autotuner of two configs whose timing runs the kernel three times: with the kernel's reset list
     the stats are exact (against the float64 reference); without it (the control) they are not."""
     from triton.runtime.autotuner import Autotuner
@@ -281,18 +281,79 @@ def test_the_autotuners_timing_runs_do_not_add_into_the_counts(monkeypatch, rese
                             do_bench=three_runs)(kernel.fn)
     monkeypatch.setattr(sae_kernels, "_sae_matmul_kernel", tuned)
     x, params = torch.randn(50, 24), sae_params(24, 70)
-    _, f, (l1, l0, fired) = sae_kernels.encode_relu_decode(x, *params, stats=True)
-    _, f_ref = sae_kernels.encode_relu_decode_ref(*(t.detach().double() for t in (x, *params)))
+    _, f, l1, l0, fired = sae_kernels.encode_relu_decode(x, *params)
+    f_ref = sae_kernels.encode_relu_decode_ref(*(t.detach().double() for t in (x, *params)))[1]
     exact = torch.equal(l0, (f_ref > 0).sum(1, dtype=torch.int32)) and \
         torch.equal(fired, (f_ref > 0).sum(0, dtype=torch.int32)) and relative_error(l1.detach(), f_ref.sum(1)) < 1e-5
     assert exact == reset and len(tuned.cache) == 2  # the timing ran, at both matmuls of the forward
 
 
+# _sae_matmul's calls from encode-ReLU-decode, each by the arguments it sets, which are the kernel's flags (shift:
+# SHIFT=1, with shift_rows SHIFT=2; bias HAS_BIAS; D HAS_D; row HAS_ROW; col HAS_COL; relu RELU; mask_by MASK_F;
+# stats STATS; out_dtype sets none)
+MATMUL_FLAGS_USED = {
+    ("bias", "relu", "shift", "stats"),  # forward, the encoder: f = relu((x - b_dec) @ W_enc + b_enc), its counts
+    ("bias",),                           # forward, the decoder: x_hat = f @ W_dec + b_dec
+    # backward, dpre = (dx_hat @ W_dec^T [+ df] [+ dl1 [* scale]]) * (f > 0), as the loss reads f, l1, both or neither
+    # beside x_hat, and l1 weighted or not
+    ("mask_by",), ("D", "mask_by"), ("mask_by", "row"), ("D", "mask_by", "row"), ("col", "mask_by", "row"),
+    ("D", "col", "mask_by", "row"),
+    (),                                  # backward, dW_dec = f^T @ dx_hat
+    ("shift", "shift_rows"),             # backward, dW_enc = (x - b_dec)^T @ dpre
+}
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sae_matmul_kernel_matches_its_reference_at_every_flag_combination_used(dtype, monkeypatch):
+    """_sae_matmul_kernel (interpreted) against sae_matmul_ref, its plain-torch specification, at every call
+    encode-ReLU-decode makes: forward and backward of an SAE and a transcoder, with and without L1 weights, the loss
+    reading each mix of x_hat, f and l1, every call recorded with its result and replayed through the reference; the
+    calls cover MATMUL_FLAGS_USED exactly. fp32: the same products summed in another order, within 1e-5. bf16, under
+    autocast as training runs it, the interpreter patched to multiply and round as a GPU does (widen_bf16_dots,
+    round_bf16_casts): C within one bf16 step (2^-7 relative) of the reference's, the fp32 outputs within 1e-5."""
+    if dtype == torch.bfloat16:
+        widen_bf16_dots(monkeypatch)
+        round_bf16_casts(monkeypatch)
+    calls, matmul = [], sae_kernels._sae_matmul
+    def recording_matmul(A, B, **kwargs):
+        out = matmul(A, B, **kwargs)
+        calls.append((A.detach().clone(), B.detach().clone(), kwargs, out))
+        return out
+    monkeypatch.setattr(sae_kernels, "_sae_matmul", recording_matmul)
+    torch.manual_seed(0)
+    N, d, s, d_out = 37, 45, 83, 29
+    x = torch.randn(N, d)
+    reads = (("x_hat",), ("x_hat", "f"), ("x_hat", "l1"), ("x_hat", "f", "l1"), ("l1",))
+    for transcoder, scaled, read in itertools.product((False, True), (False, True), reads):
+        params = transcoder_params(d, d_out, s) if transcoder else sae_params(d, s)
+        scale = (torch.rand(s) + 0.5).requires_grad_() if scaled else None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            x_hat, f, l1, _, _ = sae_kernels.encode_relu_decode(x, *params[:4], scale=scale,
+                                                                b_in=params[4] if transcoder else None)
+        outs = {"x_hat": x_hat, "f": f, "l1": l1}
+        sum((outs[r].float() * torch.randn(outs[r].shape)).sum() for r in read).backward()
+    flags_used = set()
+    for A, B, kwargs, out in calls:
+        assert A.dtype == B.dtype == dtype
+        flags = (k for k, v in kwargs.items() if k != "out_dtype" and v is not None and v is not False)
+        flags_used.add(tuple(sorted(flags)))
+        ref = sae_kernels.sae_matmul_ref(A, B, **kwargs)
+        (C, *stats), (C_ref, *stats_ref) = (out, ref) if kwargs.get("stats") else ((out,), (ref,))
+        assert C.dtype == C_ref.dtype and C.shape == C_ref.shape
+        tolerance = 1e-5 if C.dtype == torch.float32 else 2.0**-7
+        torch.testing.assert_close(C, C_ref, atol=tolerance, rtol=tolerance)
+        if stats:  # the L1 sums in fp32; the counts exact (no pre-activation within fp32's rounding of 0 here)
+            torch.testing.assert_close(stats[0], stats_ref[0], atol=1e-5, rtol=1e-5)
+            assert torch.equal(stats[1], stats_ref[1]) and torch.equal(stats[2], stats_ref[2])
+    assert flags_used == MATMUL_FLAGS_USED
+
+
 def test_float64_takes_the_reference_path():
     """The kernels multiply fp32, bf16 or fp16; a float64 call (an exact check) gets the reference's autograd graph,
-    not a kernel (on a GPU, Triton refused to compile an fp64 dot into the fp32 accumulator)."""
+    not a kernel (on a GPU, Triton does not compile an fp64 dot into the fp32 accumulator)."""
     x, params = torch.randn(6, 4, dtype=torch.float64), [p.detach().double().requires_grad_() for p in sae_params(4, 5)]
-    x_hat, f = sae_kernels.encode_relu_decode(x, *params)
+    x_hat, f = sae_kernels.encode_relu_decode(x, *params)[:2]
     assert type(f.grad_fn).__name__ == "ReluBackward0" and x_hat.dtype == torch.float64
 
 
@@ -300,8 +361,8 @@ def test_float64_takes_the_reference_path():
 def test_bf16_encode_relu_decode_against_float64(monkeypatch, path):
     """Each path under autocast to bf16 (the Triton kernels' through the interpreter, as on a GPU under CUDA
     autocast): f and x_hat in bf16, l1 in fp32, each within BF16_TOLERANCE of float64 and not within 1e-5 of it (so
-    it did multiply in bf16: before issue 22 the Triton path multiplied the fp32 parameters in fp32 under autocast,
-    as autocast does not cast a custom Function's inputs); every Triton matmul's operands bf16; every gradient fp32,
+    it did multiply in bf16: autocast does not cast a custom Function's inputs, so without matmul_dtype the Triton
+    path would multiply the fp32 parameters in fp32); every Triton matmul's operands bf16; every gradient fp32,
     within BF16_TOLERANCE of the float64 closed form taken at the active set our forward found (a pre-activation
     within bf16's rounding of 0 may take the other side of the ReLU, as in any bf16 forward: 0.04-0.06% of entries
     here, which moves W_enc's gradient by 2-3%); the counts exact for its own f. "cuda": the compiled kernels on a GPU.
@@ -324,7 +385,7 @@ def test_bf16_encode_relu_decode_against_float64(monkeypatch, path):
     scale = (torch.rand(s, generator=torch.Generator().manual_seed(1)) + 0.5).to(device).requires_grad_()  # free norms
     R, P = torch.randn(N, d).to(device), torch.randn(N).to(device)  # upstream gradients of x_hat and l1
     with torch.autocast(device, dtype=torch.bfloat16):
-        x_hat, f, (l1, l0, fired) = sae_kernels.encode_relu_decode(x, *params, stats=True, scale=scale)
+        x_hat, f, l1, l0, fired = sae_kernels.encode_relu_decode(x, *params, scale=scale)
     assert f.dtype == torch.bfloat16 and x_hat.dtype == torch.bfloat16 and l1.dtype == torch.float32
     ((x_hat.float() * R).sum() + (l1 * P).sum()).backward()
     W_enc, b_enc, W_dec, b_dec = (p.detach().double() for p in params)
@@ -357,9 +418,9 @@ def test_cuda_kernels_in_fp32_against_their_references():
     x, R, P = cuda(N, d), cuda(N, d), cuda(N)
     params = [cuda(d, s, scale=0.1), cuda(s, scale=0.1), cuda(s, d, scale=0.1), cuda(d, scale=0.1), cuda(s).abs() + 0.5]
     ours, ref = leaves(params), leaves(params)
-    x_hat, f, (l1, l0, fired) = sae_kernels.encode_relu_decode(x, *ours[:4], stats=True, scale=ours[4])
+    x_hat, f, l1, l0, fired = sae_kernels.encode_relu_decode(x, *ours[:4], scale=ours[4])
     ((x_hat * R).sum() + (l1 * P).sum()).backward()
-    x_ref, f_ref = sae_kernels.encode_relu_decode_ref(x, *ref[:4])
+    x_ref, f_ref = sae_kernels.encode_relu_decode_ref(x, *ref[:4])[:2]
     ((x_ref * R).sum() + (f_ref @ ref[4] * P).sum()).backward()
     close(x_hat, x_ref), close(f, f_ref), close(l1, f_ref @ ref[4])
     assert torch.equal(l0, (f > 0).sum(1, dtype=torch.int32)) and torch.equal(fired, (f > 0).sum(0, dtype=torch.int32))
@@ -425,8 +486,8 @@ def test_cuda_kernels_at_every_option_against_float64(dtype):
     inputs = [draw(d, s, scale=0.1), draw(s, scale=0.1), draw(s, d_out, scale=0.1), draw(d_out, scale=0.1),
               draw(d, scale=0.1), draw(s).abs() + 0.5]  # W_enc, b_enc, W_dec, b_dec, b_in, scale
     def transcoder(W_enc, b_enc, W_dec, b_dec, b_in, scale):
-        y_hat, f, (l1, _, _) = sae_kernels.encode_relu_decode(x.to("cuda", dtype), W_enc, b_enc, W_dec, b_dec, stats=True,
-                                                               scale=scale, b_in=b_in)
+        y_hat, f, l1, _, _ = sae_kernels.encode_relu_decode(x.to("cuda", dtype), W_enc, b_enc, W_dec, b_dec,
+                                                            scale=scale, b_in=b_in)
         return y_hat, f, l1
     def transcoder_ref(W_enc, b_enc, W_dec, b_dec, b_in, scale):
         f = torch.relu((x - b_in) @ W_enc + b_enc)  # (N, d) @ (d, s)
@@ -467,7 +528,7 @@ def test_auto_dtype_follows_the_cpus_bf16_instructions():
 
 
 def test_bf16_paths_work_on_an_avx2_cpu():
-    """Issue 21: on an AVX2-only CPU oneDNN has no bf16 kernels, and every bf16 path must fall back to torch's
+    """On an AVX2-only CPU oneDNN has no bf16 kernels, and every bf16 path must fall back to torch's
     matmul. This machine's oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA, and torch's own kernels at AVX2) is such a
     CPU: the bf16 and oneDNN tests run again there, in a fresh process (the cap is read once, when oneDNN loads),
     and the rule's test with them. Where the CPU is AVX2-only already, the suite itself is that run."""
@@ -485,10 +546,70 @@ def test_bf16_paths_work_on_an_avx2_cpu():
 
 def test_no_triton_forces_the_references(monkeypatch):
     monkeypatch.setattr(sae_kernels, "NO_TRITON", True)
-    x_hat, f = sae_kernels.encode_relu_decode(torch.randn(3, 4), *sae_params(4, 5))
+    x_hat, f = sae_kernels.encode_relu_decode(torch.randn(3, 4), *sae_params(4, 5))[:2]
     assert type(f.grad_fn).__name__ == "ReluBackward0"
     W = torch.nn.functional.normalize(torch.randn(6, 4), dim=1).requires_grad_()
     assert "JLPenalty" not in type(sae_kernels.jl_penalty(W).grad_fn).__name__
+
+
+# Python run in a process where `import triton` fails as where triton is not installed (macOS): a finder first on
+# sys.meta_path refuses triton and every triton.* module
+WITHOUT_TRITON = r"""
+import importlib.abc, sys
+class NoTriton(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoTriton())
+"""
+
+CPU_PATH_WITHOUT_TRITON = r"""
+import json
+import torch, torch.nn.functional as F
+import sae, analyze, bench, sae_kernels
+assert not sae_kernels.HAS_TRITON and not [m for m in sys.modules if m.split(".")[0] == "triton"]
+torch.manual_seed(0)
+N, d, m, K = 37, 13, 29, 4
+model, x = sae.SAE(d, m), torch.randn(N, d)
+out = model(x)  # the fused encode-ReLU-decode's CPU code
+jl = sae_kernels.jl_penalty(model.dictionary())  # the blocked CPU code
+((out.x_hat - x).square().sum() + out.l1.sum() + jl).backward()
+params = (model.W_enc, model.b_enc, model.W_dec, model.b_dec)
+W_enc, b_enc, W_dec, b_dec = plain = [p.detach().clone().requires_grad_() for p in params]
+f = torch.relu((x - b_dec) @ W_enc + b_enc)  # (N, d) @ (d, m)
+x_hat = f @ W_dec + b_dec                    # (N, m) @ (m, d)
+U = F.normalize(W_dec, dim=1)
+jl_plain = torch.atanh((U @ U.T).abs()[~torch.eye(m, dtype=torch.bool)]).mean()  # (m, d) @ (d, m); no |cos| near 1
+((x_hat - x).square().sum() + f.sum() + jl_plain).backward()
+close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+for ours, theirs in [(out.x_hat, x_hat), (out.f, f), (out.l1, f.sum(1)), (jl, jl_plain),
+                     *((p.grad, q.grad) for p, q in zip(params, plain))]:
+    close(ours, theirs)
+assert torch.equal(out.l0, (f > 0).sum(1, dtype=torch.int32))
+indices, values = torch.rand(N, m).topk(K, dim=1).indices, torch.randn(N, K)  # the sparse codes' CPU code
+close(sae_kernels.sparse_decode(indices, values, W_dec.detach(), b_dec.detach()),
+      torch.zeros(N, m).scatter(1, indices, values) @ W_dec.detach() + b_dec.detach())
+close(sae_kernels.sparse_encode(x, W_enc.detach(), b_enc.detach(), b_dec.detach(), indices),
+      ((x - b_dec.detach()) @ W_enc.detach() + b_enc.detach()).gather(1, indices))
+sae_kernels.INTERPRET = True  # as TRITON_INTERPRET=1 asks: the Triton path, which cannot run
+try:
+    sae_kernels.encode_relu_decode(x, W_enc.detach(), b_enc.detach(), W_dec.detach(), b_dec.detach())
+    raise AssertionError("the Triton path ran without triton")
+except RuntimeError as e:
+    print(json.dumps(str(e)))
+"""
+
+
+def test_without_triton_sae_imports_and_the_cpu_path_runs():
+    """triton is optional: in a process where `import triton` fails, sae, analyze and bench import; a tiny SAE's forward
+    and backward (encode-ReLU-decode's CPU code) with a JL penalty on its dictionary, and the sparse codes' ops, run
+    through sae_kernels' public functions and match plain torch within fp32's rounding (1e-4 for sums of <= 37
+    terms); and asking for the Triton path (TRITON_INTERPRET=1) stops with a one-line error saying what to do."""
+    r = subprocess.run([sys.executable, "-c", WITHOUT_TRITON + CPU_PATH_WITHOUT_TRITON], cwd=HERE, env=cpu_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    message = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "\n" not in message and "triton is not installed" in message and "SAE_NO_TRITON=1" in message, message
 
 
 TRITON_POINTEE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
@@ -508,23 +629,22 @@ def triton_type(value):
 
 def drive_every_launcher():
     """Every op with a Triton path, in each dtype a launcher can receive (fp32; bf16 and fp16 tensors as callers
-    under autocast may pass), with every option: encode-ReLU-decode with and without stats and per-latent L1
-    weights, its backward reached through x_hat, f and l1, and a transcoder's (d_out != d_in, b_in); the sparse codes at every K up to 32 (the gather kernels'
+    under autocast may pass), with every option: encode-ReLU-decode with and without per-latent L1 weights, its backward reached through x_hat, f and l1, and a transcoder's (d_out != d_in, b_in); the sparse codes at every K up to 32 (the gather kernels'
     BLOCK_K follows K), pre given or not; the JL penalty."""
     g = torch.Generator().manual_seed(0)
     N, d, s = 96, 40, 136
     param = lambda dtype, *shape: torch.randn(*shape, generator=g).to(dtype).requires_grad_()
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = torch.randn(N, d, generator=g).to(dtype)
-        for stats, scaled, reads in itertools.product((False, True), (False, True), ("x_hat", "f", "l1")):
+        for scaled, reads in itertools.product((False, True), ("x_hat", "f", "l1")):
             scale = torch.rand(s, generator=g).to(dtype).requires_grad_() if scaled else None
-            x_hat, f, (l1, _, _) = sae_kernels.encode_relu_decode(
-                x, param(dtype, d, s), param(dtype, s), param(dtype, s, d), param(dtype, d), stats=True, scale=scale)
+            x_hat, f, l1, _, _ = sae_kernels.encode_relu_decode(
+                x, param(dtype, d, s), param(dtype, s), param(dtype, s, d), param(dtype, d), scale=scale)
             read = {"x_hat": 0, "f": f.float().sum(), "l1": l1.float().sum()}[reads]
             (x_hat.float().sum() + read).backward()
         d_out = d + 24  # a transcoder: d_out != d_in, its own input bias
         x_hat, _ = sae_kernels.encode_relu_decode(x, param(dtype, d, s), param(dtype, s), param(dtype, s, d_out),
-                                                  param(dtype, d_out), b_in=param(dtype, d))
+                                                  param(dtype, d_out), b_in=param(dtype, d))[:2]
         x_hat.float().sum().backward()
         for K in (1, 2, 3, 8, 16, 32):
             idx = torch.stack([torch.randperm(s, generator=g)[:K] for _ in range(N)])
@@ -544,7 +664,7 @@ def jit_function(kernel):
 
 def record_gpu_launches():
     """-> (kernels {name: JITFunction or Autotuner}, [(name, signature items, constexpr items)]): the distinct launches
-    drive_every_launcher makes when the launchers take their CUDA path (use_triton true, INTERPRET false)."""
+    drive_every_launcher makes when the launchers take their CUDA path (pick_path "triton", INTERPRET false)."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
     kernels = {name: k for name, k in vars(sae_kernels).items()  # *_kernel: launched; other jit functions
@@ -562,9 +682,9 @@ def record_gpu_launches():
                 launches[(self.name, tuple(signature.items()), tuple(sorted(kwargs.items())))] = None
             return launch
 
-    saved = {name: getattr(sae_kernels, name) for name in ("INTERPRET", "NO_TRITON", "use_triton", *kernels)}
+    saved = {name: getattr(sae_kernels, name) for name in ("INTERPRET", "NO_TRITON", "pick_path", *kernels)}
     try:
-        sae_kernels.INTERPRET, sae_kernels.NO_TRITON, sae_kernels.use_triton = False, False, lambda t: True
+        sae_kernels.INTERPRET, sae_kernels.NO_TRITON, sae_kernels.pick_path = False, False, lambda t: "triton"
         for name in kernels:
             setattr(sae_kernels, name, Recorder(name))
         drive_every_launcher()
@@ -766,9 +886,10 @@ def test_sparse_ops_gradcheck_float64(monkeypatch):
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
-def test_sparse_primitives_against_loops(path):
-    """The three primitives against plain Python loops over the entries, in float64 (the CPU path) or the
-    kernels' fp32 accumulation (Triton): a check that does not share the dense references' scatter and gather."""
+def test_sparse_primitives_and_their_references_against_loops(path):
+    """The three primitives (the kernels' launchers, interpreted, or the CPU code) and their references (gather_sum_ref,
+    gather_dot_ref, scatter_outer_ref) against plain Python loops over the entries: a check that shares neither's
+    scatter or gather. Repeated indices (the padding) included."""
     N, d, m, K = 13, 10, 17, 4
     indices, values = sparse_code(N, m, K)
     A, W = torch.randn(N, d), torch.randn(m, d)
@@ -779,14 +900,18 @@ def test_sparse_primitives_against_loops(path):
             gather_sum[n] += values[n, j] * W[i]
             gather_dot[n, j] = (A[n].double() @ W[i].double()).float()
             scatter[i] += values[n, j].double() * A[n].double()
-    torch.testing.assert_close(sae_kernels._gather_sum(indices, values, W), gather_sum, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(sae_kernels._gather_dot(A, W, indices), gather_dot, atol=1e-5, rtol=1e-5)
-    out = sae_kernels._scatter_outer(indices, values, A, m)
-    assert out.dtype == torch.float32 and out.shape == (m, d)
-    torch.testing.assert_close(out, scatter.float(), atol=1e-5, rtol=1e-5)
-    unused = torch.ones(m, dtype=torch.bool)
-    unused[indices.reshape(-1)] = False
-    assert unused.any() and (out[unused] == 0).all()  # latents no row chose: zero rows, written (out is not zeroed)
+    ours = {name: getattr(sae_kernels, f"_{name}_{path}") for name in ("gather_sum", "gather_dot", "scatter_outer")}
+    refs = {name: getattr(sae_kernels, f"{name}_ref") for name in ("gather_sum", "gather_dot", "scatter_outer")}
+    # fp32 sums of at most K = 4 products (gather_sum), d = 10 (gather_dot), 10 rows of a latent (scatter): 1e-5
+    for fns in (ours, refs):
+        torch.testing.assert_close(fns["gather_sum"](indices, values, W), gather_sum, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fns["gather_dot"](A, W, indices), gather_dot, atol=1e-5, rtol=1e-5)
+        out = fns["scatter_outer"](indices, values, A, m)
+        assert out.dtype == torch.float32 and out.shape == (m, d)
+        torch.testing.assert_close(out, scatter.float(), atol=1e-5, rtol=1e-5)
+        unused = torch.ones(m, dtype=torch.bool)
+        unused[indices.reshape(-1)] = False
+        assert unused.any() and (out[unused] == 0).all()  # latents no row chose: zero rows, written (out is not zeroed)
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
@@ -911,7 +1036,7 @@ def test_jl_blocked_is_exact_for_any_block(block):
     W = unit_rows(61, 19, seed=3).double()  # float64: the blocked sums against the dense ones, tightly
     Wr = W.clone().requires_grad_()
     jl_penalty_ref(Wr).backward()
-    value, grad = sae_kernels._jl_blocked(W, block=block)
+    value, grad = sae_kernels._jl_cpu(W, block=block)
     assert value.item() == pytest.approx(jl_penalty_ref(W).item(), rel=1e-12)
     torch.testing.assert_close(grad, Wr.grad, atol=1e-12, rtol=1e-10)
 
@@ -995,7 +1120,7 @@ def test_jl_sampled_is_unbiased():
 
 
 def test_jl_mean_rewards_clusters_of_duplicates_when_rows_outnumber_dimensions():
-    """Why JL collapses an overcomplete dictionary (issue 12, docs/results.md "the JL penalty, measured"): the mean of
+    """Why JL collapses an overcomplete dictionary (docs/results.md "the JL penalty, measured"): the mean of
     atanh |cos| over pairs acts like an L1 penalty on the Gram matrix, so with n = 8 d rows it is lower for 8
     copies of an orthonormal basis (each row exactly orthogonal to all but its 7 duplicates) than for random
     rows, and Adam on the exact penalty alone, from random rows, drives rows together: the penalty falls below
@@ -1022,7 +1147,7 @@ def test_jl_mean_rewards_clusters_of_duplicates_when_rows_outnumber_dimensions()
     assert start < 0.6 and dense_mean_max_cos(end) > 0.85  # by collapsing rows onto each other
 
 
-# the forms (issue 24): power (the p-frame potential) and welch (the squared excess over the Welch bound) beside
+# the forms: power (the p-frame potential) and welch (the squared excess over the Welch bound) beside
 # atanh, against numpy loops over pairs, autograd on the dense reference, and closed forms
 
 # each form's settings, as the tests parametrise them: (form, keyword arguments)
@@ -1149,7 +1274,7 @@ def test_jl_form_matches_dense_reference_and_numpy_loops(path, n, d, form, kw, m
 def test_jl_form_blocked_is_exact_for_any_block(block, form, kw):
     W = unit_rows(61, 19, seed=3).double()  # float64: the blocked sums against the dense ones, tightly
     mu = sae_kernels.jl_margin(form, kw.get("power", 4.0), kw.get("margin", 0.0), *W.shape)
-    value, grad = sae_kernels._jl_blocked(W, block=block, form=form, power=kw.get("power", 4.0), mu=mu)
+    value, grad = sae_kernels._jl_cpu(W, block=block, form=form, power=kw.get("power", 4.0), mu=mu)
     value_ref, grad_ref = autograd_ref(W, form, **kw)
     assert value.item() == pytest.approx(value_ref.item(), rel=1e-12)
     assert value.item() == pytest.approx(numpy_penalty(W, form, **kw)[0], rel=1e-12)
@@ -1229,7 +1354,7 @@ def test_no_triton_forces_the_reference_for_every_form(monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# the numbers of the issue, from closed forms
+# the forms at n = 8 d (4,608 rows in R^576), against closed forms
 
 def abs_moment(d, q):
     """E|t|^q for t one coordinate of a uniform unit vector in R^d: Gamma(d/2) Gamma((q+1)/2) / (sqrt(pi) Gamma((d+q)/2))
@@ -1246,7 +1371,7 @@ def excess_moment(d, mu, q, points=400_001):
     return np.trapezoid((t - mu) ** q * density, t)
 
 
-def test_jl_forms_at_the_issues_shape_duplicates_against_random_rows():
+def test_jl_forms_at_eight_times_overcomplete_duplicates_against_random_rows():
     """n = 4,608 rows in d = 576 (8 d): 8 stacked copies of an orthonormal basis against random unit rows, float64,
     dense reference. Copies: each row has 7 duplicates (|cos| = 1) and is orthogonal to the rest, so the power mean
     is 7/(n - 1) at every p and welch's 7 (1 - mu)^2/(n - 1). Random rows: the mean over pairs of phi(|cos|) of
@@ -1335,7 +1460,7 @@ def test_welch_keeps_rows_apart_at_its_default_margin(one_thread):
     duplicates: Adam on welch alone, from rows spread by power p = 4, lowers welch's value while pairing rows up (93
     pairs past |cos| 0.9, measured). At the default margin (coherence_bound: Levenshtein's here, 0.333 against
     Welch's 0.243) no pair passes 0.9 and the rows end more spread than p = 4 leaves them. Under the Gerzon bound
-    (100 rows in R^16) the default is Welch's, and no pair passes 0.9 from random rows either. (The issue's shape, 1024
+    (100 rows in R^16) the default is Welch's, and no pair passes 0.9 from random rows either. (At 1024
     in R^32 from random rows: at Welch's bound a pair at 1.000, mean max |cos| 0.69 after 5000 steps; at the default
     0.53 and 0.39, p = 4 0.49 and 0.41: `penalty_alone(1024, 32, margin=...)`.)"""
     n, d = 256, 16
@@ -1372,9 +1497,9 @@ def test_coherence_bound_is_welchs_up_to_the_gerzon_bound_and_levenshteins_past_
 
 
 # -----------------------------------------------------------------------------
-# the toy that exposed atanh's flaw
+# a toy overcomplete dictionary under each form
 
-def test_new_forms_spread_an_overcomplete_dictionary_where_atanh_collapses_it(one_thread):
+def test_power_and_welch_spread_an_overcomplete_dictionary_where_atanh_collapses_it(one_thread):
     """n = 8 d unit rows (256 in R^32) under Adam (float64, dense reference, 200 steps at the experiments' 3e-3):
     a toy ReLU reconstruction alone pulls rows together a little (mean max |cos| 0.51 -> 0.62). Adding power (p = 4)
     or welch at any coefficient from 1e-2 (no effect) to 1e3 (dominates) never does worse than the reconstruction
@@ -1459,7 +1584,7 @@ def test_jl_forms_reject_bad_settings():
 
 
 # -----------------------------------------------------------------------------
-# the Triton kernels compiled for real GPUs, ahead of time, with no GPU (issue 22)
+# the Triton kernels compiled for real GPUs, ahead of time, with no GPU
 
 # the shared memory one block may use (the opt-in maximum), bytes, by compute capability: A100 (8.0), consumer
 # Ampere (8.6), Ada: L4, L40, RTX 40 (8.9), H100/H200 (9.0). CUDA C++ Programming Guide, "Technical Specifications

@@ -2,7 +2,9 @@
 in SAELens's own interpreter ($SAELENS_PYTHON, sae-lens 6.54.12); without one the end-to-end test skips with the
 reason (CI has none: SAELens is not a dependency). The scores are checked against the definitions computed here
 from the files the harness wrote: the exported SAE's forward by SAELens's JumpReLU formula, the MCC by a Hungarian
-matching of our decoder rows to the benchmark's directions."""
+matching of our decoder rows to the benchmark's directions. The known-directions benchmark (bench.py --synthetic=True)
+is checked here on its own: its activations are the sums it promises, its score is 1 for a decoder holding the
+directions."""
 import json
 import os
 import subprocess
@@ -68,6 +70,30 @@ def test_the_saturating_fit_recovers_a_known_learning_curve(tmp_path):
     assert [row[2] for row in rows] == ["EV", "MCC", "F1"] and all(row[0].startswith("| gpt_sae topk") for row in rows)
     assert all(abs(float(row[4]) - truth(2e7)) < 2e-3 for row in rows)
     assert [row[6] == "never |" for row in rows] == [True, False, True]  # a ceiling of 0.8: above MCC's 0.793 only
+
+
+def test_known_directions_are_sums_of_k_directions_and_a_decoder_holding_them_scores_1():
+    """synthetic_activations: each row k of the unit directions with magnitudes in [0.5, 1.5] (read back exactly:
+    6 directions in 12 dimensions are independent); score_recovery: 1 for a decoder whose rows include the directions
+    (with one row the negative of one: a direction's best row is signed), less for one missing a direction."""
+    import torch
+    from synthbench import score_recovery, synthetic_activations
+    X, D = synthetic_activations(n=300, d=12, n_true=6, k=2, seed=0)
+    assert X.shape == (300, 12) and D.shape == (6, 12) and X.dtype == D.dtype == np.float32
+    assert np.allclose(np.linalg.norm(D, axis=1), 1, atol=1e-6)
+    M = X.astype(np.float64) @ np.linalg.pinv(D.astype(np.float64))  # (300, 12) @ (12, 6): each row's magnitudes
+    active = np.abs(M) > 1e-4
+    assert (active.sum(1) == 2).all() and (M[active] >= 0.5 - 1e-4).all() and (M[active] <= 1.5 + 1e-4).all()
+    assert active[:, 0].sum() > active[:, 5].sum()  # Zipf-like: the first direction fires most often
+    rows = torch.from_numpy(np.concatenate([D, -D[:1], np.eye(12, dtype=np.float32)[:3]]))  # (10, 12)
+    config = {"arch": "topk", "k": 2, "loss": "hybrid", "jl_form": "power", "jl_coeff": 1000.0}
+    final = {"l0": 2.0, "fvu": 0.1, "mean_max_cos": 0.3}
+    score = score_recovery(D, {"sae": {"W_dec": 3 * rows}, "config": config}, final)  # rows of any norm
+    assert score["mean_max_cos"] == pytest.approx(1, abs=1e-6) and score["frac_above_0.9"] == 1
+    assert score["setting"] == "k=2 power jl_coeff=1000" and (score["l0"], score["fvu"], score["dictionary_max_cos"]) == (2, 0.1, 0.3)
+    missing = score_recovery(D, {"sae": {"W_dec": rows[1:]}, "config": {"arch": "relu", "l1_coeff": 3.0, "loss": "l1"}}, final)
+    assert missing["mean_max_cos"] < 1 - 1e-3 and missing["frac_above_0.9"] == pytest.approx(5 / 6)
+    assert missing["setting"] == "l1_coeff=3.0"
 
 
 @pytest.fixture(scope="module")

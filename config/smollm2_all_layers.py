@@ -1,4 +1,4 @@
-# Issue 33: a transcoder per layer for all 30 layers of SmolLM2-135M from one forward a batch (--layers=all), mlp_in ->
+# A transcoder per layer for all 30 layers of SmolLM2-135M from one forward a batch (--layers=all), mlp_in ->
 # mlp_out, batchtopk at k 16 (a mean L0 of 16 in training; circuit-tracer reads it as the JumpReLU its threshold
 # makes), plain and with the skip path: the per-layer transcoder sets that circuit-tracer reads (python analyze.py
 # --mode=export --export_format=circuit_tracer). Each evaluation splices each layer alone (1 + 2 forwards a layer),

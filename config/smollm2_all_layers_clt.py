@@ -1,4 +1,4 @@
-# Issue 33: a cross-layer transcoder over all 30 layers of SmolLM2-135M (--cross_layer=True), beside the per-layer
+# A cross-layer transcoder over all 30 layers of SmolLM2-135M (--cross_layer=True), beside the per-layer
 # transcoder sets of config/smollm2_all_layers.py on the same tokens and steps: batchtopk, k 16 a layer (each layer's
 # features selected over the batch; the same mean L0 as the sets), 1,152 features a layer, no skip path (circuit-
 # tracer's CLT loader reads none). Its evaluation replaces every layer's mlp_out at once (ce_sae) and gives the FVU of

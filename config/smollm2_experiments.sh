@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 12's runs on SmolLM2-135M, end to end from a clean clone (docs/results.md), each part one
+# The experiments on SmolLM2-135M, end to end from a clean clone (docs/results.md), each part one
 # command: bash config/smollm2_experiments.sh PART, PART one of data frontier jl lr jl_forms transcoders context finetune
 # layers all_layers all_layers_table plot
 # (or all, in that order). Every step's output goes to logs/<step>.log; a step whose log ends in "done" is skipped, so
@@ -43,13 +43,13 @@ data() {
 frontier() { step smollm2_l15_frontier python sae.py config/smollm2_l15_frontier.py; }
 jl() { step smollm2_l15_jl python sae.py config/smollm2_l15_jl.py; }
 lr() { step smollm2_l15_lr python sae.py config/smollm2_l15_lr.py; }
-jl_forms() {  # issue 24: the power and welch forms in hybrid, the baselines retrained, and each SAE's feature overlap
+jl_forms() {  # the JL power and welch forms in hybrid, the baselines retrained, and each SAE's feature overlap
   for part in base power welch; do
     step smollm2_l15_jl_$part python sae.py config/smollm2_l15_jl_$part.py
     step smollm2_l15_jl_${part}_overlap python analyze.py --mode=overlap --out_dir=out/smollm2_l15_jl_$part
   done
 }
-transcoders() {  # issue 25: transcoders (plain, skip) from mlp_in to mlp_out and SAEs on mlp_out beside them, at
+transcoders() {  # transcoders (plain, skip) from mlp_in to mlp_out and SAEs on mlp_out beside them, at
   # layer 15 (and a fourth relu skip transcoder: its L1 sweep stayed under L0 32), the best linear map alone, the
   # features' top tokens (--mode=overlap) after 600 steps and of a skip transcoder and an SAE trained 4x longer; then
   # layer 5, topk and relu
@@ -135,7 +135,7 @@ finetune() {  # LoRA on FineWeb-Edu; the layer-15 SAEs on the fine-tune, against
     step "smollm2_l15_on_edu_$(basename $run)" python analyze.py --mode=persistence --out_dir=$run --eval_model=$MODEL-edu
   done
 }
-all_layers() {  # issue 33: transcoder sets (plain, skip) and a cross-layer transcoder on all 30 layers, each exported
+all_layers() {  # transcoder sets (plain, skip) and a cross-layer transcoder on all 30 layers, each exported
   # to circuit-tracer and scored by it over attribution_graphs.py's dozen prompts (circuit-tracer's own venv:
   # CIRCUIT_TRACER_PYTHON, docs/research-helpers.md), the first prompt's graph drawn in figures/smollm2_all_layers
   step smollm2_all_layers python sae.py config/smollm2_all_layers.py
@@ -150,7 +150,7 @@ all_layers() {  # issue 33: transcoder sets (plain, skip) and a cross-layer tran
     attribution_graphs.py $MODEL figures/smollm2_all_layers export/smollm2_all_layers-skipFalse \
     export/smollm2_all_layers-skipTrue export/smollm2_all_layers-clt
 }
-all_layers_table() {  # issue 33's table (docs/results.md) and its FVU-by-layer figure, from the copies in logs/runs and
+all_layers_table() {  # the all-layers table (docs/results.md) and its FVU-by-layer figure, from the copies in logs/runs and
   # figures/smollm2_all_layers/graph_scores.json: each kind's last evaluation
   python - <<'PY'
 import json, statistics, matplotlib

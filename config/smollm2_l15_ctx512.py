@@ -1,4 +1,4 @@
-# Issue 12: context length. SAEs trained on 512-token contexts of SmolLM2-135M layer 15 mlp_in, to set beside the
+# Context length. SAEs trained on 512-token contexts of SmolLM2-135M layer 15 mlp_in, to set beside the
 # same settings trained on 128-token contexts (config/smollm2_l15_frontier.py's relu-l1_coeff2.0 and topk-k32),
 # all four scored by position bucket on 64 val contexts of 512 tokens. The whole part, cache and evaluations
 # included: bash config/smollm2_experiments.sh context
@@ -11,7 +11,7 @@ max_iters = 600
 arch = ["relu", "topk"]
 l1_coeff = 2.0
 k = 32
-l1_warmup_iters = 200
+sparsity_warmup_iters = 200
 eval_interval = 600
 eval_tokens = 8192
 resample_iters = ()

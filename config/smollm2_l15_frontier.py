@@ -1,4 +1,4 @@
-# Issue 12: every architecture's sparsity frontier on SmolLM2-135M layer 15 mlp_in (L0 from about 10 to 150), the
+# Every architecture's sparsity frontier on SmolLM2-135M layer 15 mlp_in (L0 from about 10 to 150), the
 # ReLU SAE with its L1 loss among them, all on the same batches of the walk-through's activation cache (one pass,
 # 28 SAEs). Needs the cache of config/smollm2_l15.py. python sae.py config/smollm2_l15_frontier.py
 acts = "data/smollm2_l15"
@@ -12,7 +12,7 @@ l1_coeff = [0.5, 1.0, 2.0, 4.0]    # relu: L1 of f_i |W_dec,i| (the default reci
 k = [16, 32, 64, 128]              # topk, fsq: per token; batchtopk, matryoshka: per token on average
 l0_coeff = [0.3, 1.0, 3.0, 10.0]   # jumprelu
 kl_coeff = [0.3, 1.0, 3.0, 10.0]   # vae
-l1_warmup_iters = 200              # the sparsity coefficient's ramp (relu, jumprelu, vae)
+sparsity_warmup_iters = 200              # the sparsity coefficient's ramp (relu, jumprelu, vae)
 eval_interval = 600
 eval_tokens = 8192                 # val contexts for FVU, CE and KL (three forwards of the model each)
 resample_iters = ()

@@ -1,4 +1,4 @@
-# The ReLU SAE's recipes side by side on SmolLM2-135M layer 15 mlp_in (issue 10), on the same batches, each over three
+# The ReLU SAE's recipes side by side on SmolLM2-135M layer 15 mlp_in, on the same batches, each over three
 # L1 coefficients: unit-norm decoder rows with a plain L1 (Bricken et al. 2023) against Anthropic's April 2024 recipe
 # (L1 of f_i |W_dec,i|, free row norms, as SAELens 6's standard SAE trains), crossed with the initial encoder norm
 # (tied init W_enc = init_norm W_dec^T; free rows start at init_norm too): 1 (our old default) or 0.1 (SAELens's).
@@ -11,7 +11,7 @@ lr = 3e-3
 l1_by_decoder_norm = [False, True]
 init_norm = [1.0, 0.1]
 l1_coeff = [1.5, 3.0, 6.0]
-l1_warmup_iters = 200
+sparsity_warmup_iters = 200
 max_iters = 2000
 eval_interval = 1000
 eval_tokens = 8192

@@ -1,5 +1,5 @@
-# Issue 25: a skip transcoder (topk, k 32) from mlp_in to mlp_out at SmolLM2-135M layer 15 trained 4x the issue-12
-# budget (2,400 steps of 1,024: 4.7 passes over the cache), and with --acts=data/smollm2_l15_out --site=mlp_out
+# A skip transcoder (topk, k 32) from mlp_in to mlp_out at SmolLM2-135M layer 15 trained 4x the budget of
+# config/smollm2_l15_frontier.py (2,400 steps of 1,024: 4.7 passes over the cache), and with --acts=data/smollm2_l15_out --site=mlp_out
 # --target_site= --skip=False an SAE
 # on mlp_out the same way, whose features --mode=overlap compares (docs/results.md "transcoders").
 # bash config/smollm2_experiments.sh transcoders runs both.

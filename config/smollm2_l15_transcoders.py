@@ -1,8 +1,8 @@
-# Issue 25: transcoders on SmolLM2-135M layer 15, mlp_in -> mlp_out (the MLP replaced), plain and with the skip path,
+# Transcoders on SmolLM2-135M layer 15, mlp_in -> mlp_out (the MLP replaced), plain and with the skip path,
 # relu (L1) and topk over three sparsities each; with --acts=data/smollm2_l15_out --site=mlp_out --target_site=
 # --skip=False, the same SAEs on mlp_out itself, the baseline a transcoder is compared with; with the layer-5 caches
 # (--acts, --out_dir), layer 5.
-# The issue-12 budget (config/smollm2_l15_frontier.py). `bash config/smollm2_experiments.sh transcoders` makes the
+# The budget of config/smollm2_l15_frontier.py. `bash config/smollm2_experiments.sh transcoders` makes the
 # caches and runs them all.
 acts = "data/smollm2_l15_tc"
 site = "mlp_in"
@@ -16,7 +16,7 @@ arch = ["relu", "topk"]
 skip = [False, True]
 l1_coeff = [1.0, 2.0, 4.0]
 k = [16, 32, 64]
-l1_warmup_iters = 200
+sparsity_warmup_iters = 200
 eval_interval = 600
 eval_tokens = 8192
 resample_iters = ()

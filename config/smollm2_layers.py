@@ -1,4 +1,4 @@
-# Issue 12: every fifth layer of SmolLM2-135M (0, 5, 10, 15, 20, 25 and the last, 29), mlp_in, one setting per
+# Every fifth layer of SmolLM2-135M (0, 5, 10, 15, 20, 25 and the last, 29), mlp_in, one setting per
 # method: the ReLU SAE with l1 (and, in a second command, hybrid with JL 1e3) at L1 coefficient 2, the k-sparse
 # ones at k 32, jumprelu at L0 coefficient 3, vae at KL coefficient 0.3 (the settings nearest L0 32-64 on layer
 # 15's frontier); the same 600 steps, batches and evaluation as config/smollm2_l15_frontier.py. Per layer L, a cache
@@ -19,8 +19,8 @@ k = 32
 l0_coeff = 3.0
 kl_coeff = 0.3
 jl_coeff = 1e3
-jl_warmup_iters = 200
-l1_warmup_iters = 200
+jl_decay_iters = 200
+sparsity_warmup_iters = 200
 eval_interval = 600
 eval_tokens = 8192
 resample_iters = ()

@@ -1,4 +1,4 @@
-# Issue 12: the fine-tuning persistence experiment's fine-tune. LoRA (rank 8 on every linear layer of the 30 blocks)
+# The fine-tuning persistence experiment's fine-tune. LoRA (rank 8 on every linear layer of the 30 blocks)
 # on FineWeb-Edu alone, one pass over its train split; its val split holds the first 8,192 tokens of the same text
 # that every SAE here is evaluated on, so those are held out from the fine-tune. Before it, once:
 #   python prepare.py --input='../shared/data/text/fineweb_edu*.jsonl' --tokenizer=models/smollm2-135m \

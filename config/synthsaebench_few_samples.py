@@ -1,4 +1,4 @@
-# The recipe for few samples (issue 34; measured on SynthSAEBench-16k, docs/results.md "Known features"):
+# The recipe for few samples (measured on SynthSAEBench-16k, docs/results.md "Known features"):
 # - the dictionary starts at data: each decoder row the direction from b_dec to a distinct training sample, the
 #   encoder tied to it (topk at 491k samples seen: MCC 0.600 and F1 0.549 where random directions gave 0.436 / 0.356;
 #   matryoshka 0.625 / 0.632, batchtopk 0.588 / 0.613, relu 0.549 / 0.577);
@@ -16,4 +16,4 @@ w_dec_init = "data"
 lr = 3e-3
 k_anneal_iters = 240
 k_anneal_start = 4.0
-l1_warmup_iters = 100  # relu, jumprelu: the sparsity coefficient's ramp, a fifth of a 500k-sample run
+sparsity_warmup_iters = 100  # relu, jumprelu: the sparsity coefficient's ramp, a fifth of a 500k-sample run
