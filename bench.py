@@ -107,9 +107,11 @@ def choose_device(cfg):
 # measuring: the machine, timings, peak memory, a table row; one update of an SAE; whole processes'
 # rates and peak memory (the --saelens and --layers_pass runs)
 
-def machine(device):
+def machine(device=None):
     """CPU model or GPU name, torch and triton versions, threads; on the CPU the vector instructions torch's kernels
-    use and what decides the bf16 paths (sae_kernels.py: native bf16 products; oneDNN's bf16 kernels)."""
+    use and what decides the bf16 paths (sae_kernels.py: native bf16 products; oneDNN's bf16 kernels). device: the one
+    measured; None: CUDA where there is one (.ci/run's and .ci/gpu's line)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
         name = torch.cuda.get_device_name()
     else:
