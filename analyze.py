@@ -29,8 +29,9 @@ import torch.nn.functional as F
 
 from sae import ARCH_KEYS, CONV1D_WEIGHTS, GPT, INIT_NORM, CrossLayerTranscoder, run_layers, SAE, SPARSITY_COEFF, DataLoaderLite, \
     TrainConfig, check_site, check_tokenizer, checkpoint_file, cli, evaluate, is_transcoder, load_checkpoint, load_lm, \
-    load_model, log_evaluation, model_family, parse_overrides, prepare_runs, progress, read_hf_config, resolve_runs, \
-    save_checkpoint, saved_config, upgrade_config, site_width, sites_of, start_process, val_contexts, write_atomic, write_json
+    load_model, log_evaluation, model_family, one_run, parse_overrides, prepare_runs, progress, read_hf_config, \
+    resolve_runs, save_checkpoint, saved_config, upgrade_config, site_width, sites_of, start_process, val_contexts, \
+    write_atomic, write_json
 
 # -----------------------------------------------------------------------------
 # config: sae.py's flags (a checkpoint's own, which the command line may override) and each mode's below
@@ -1031,9 +1032,9 @@ def matched_sparsity_table(runs, target):
 
 def frontier_gap_table(runs):
     """Markdown: each hybrid SAE (and each with --mode=overlap's numbers) against its architecture's plain frontier
-    (loss l1, the same architecture) at the SAE's own L0, interpolated as at_l0 does: its metrics and, in brackets,
-    the SAE's minus the frontier's (— : its L0 outside the frontier's range); overlap's shared-peak fraction among
-    1,000 of its features."""
+    (--loss=sparsity, the same architecture) at the SAE's own L0, interpolated as at_l0 does: its metrics and, in
+    brackets, the SAE's minus the frontier's (— : its L0 outside the frontier's range); overlap's shared-peak fraction
+    among 1,000 of its features."""
     gap_metrics = [m for m in PLOT_METRICS if m[0] in ("fvu", "ce_increase", "kl", "mean_max_cos")]
     lines = ["| run | method | L0 | " + " | ".join(name for _, name, _ in gap_metrics) + " | shared peak |",
              "|---|---|---:|" + "---:|" * (len(gap_metrics) + 1)]
@@ -1307,14 +1308,6 @@ def read_runs(overrides, new_run_modes=()):
     resolved = resolve_runs(overrides, AnalyzeConfig, new_run_modes)
     check_analyze_config(resolved[0][0])
     return resolved
-
-
-def one_run(resolved, what="SAE"):
-    """The (cfg, checkpoint) of a mode that reads one SAE; a sweep's several are a one-line ValueError naming them."""
-    if len(resolved) > 1:
-        raise ValueError(f"--mode={resolved[0][0].mode} reads one {what}; pass --ckpt=<out_dir>/<name>/ckpt.pt, one of "
-                         f"{', '.join(os.path.basename(c.out_dir) for c, _ in resolved)}")
-    return resolved[0]
 
 
 def transcoder_set(resolved, name):

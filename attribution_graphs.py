@@ -94,7 +94,7 @@ def main(model_dir, out_dir, export_dirs):
         print(f"{name} | mean of {len(scores)} prompts | replacement {results[name]['replacement']:.3f} | "
               f"completeness {results[name]['completeness']:.3f}")
         del model
-    # sae.write_atomic's temporary name and rename, by hand: this script runs in circuit-tracer's interpreter and
+    # prepare.write_atomic's temporary name and rename, by hand: this script runs in circuit-tracer's interpreter and
     # imports none of this project's modules
     with open(path + ".tmp", "w") as f:
         json.dump({"attribution": ATTRIBUTION, "exports": results}, f, indent=1)

@@ -44,7 +44,7 @@ if not SPARSIFY_WORKER:
     import sae_kernels
     import synthbench
     from sae import ARCHS, GPT, GPTConfig, SAE, TrainConfig, auto_dtype, parse_overrides, resolved_dtype, sae_loss, \
-        sae_update
+        sae_update, write_json
 
 
 @dataclass
@@ -98,9 +98,9 @@ def parse_args(cfg, argv):
     return replace(cfg, **overrides)
 
 
-def choose_device(cfg):
+def choose_device(spec="auto"):
     """--device with auto decided: cuda where torch sees a GPU, else cpu."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    return ("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -111,8 +111,7 @@ def machine(device=None):
     """CPU model or GPU name, torch and triton versions, threads; on the CPU the vector instructions torch's kernels
     use and what decides the bf16 paths (sae_kernels.py: native bf16 products; oneDNN's bf16 kernels). device: the one
     measured; None: CUDA where there is one (.ci/run's and .ci/gpu's line)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
+    if (device or choose_device()).startswith("cuda"):
         name = torch.cuda.get_device_name()
     else:
         cpu = [line for line in open("/proc/cpuinfo") if line.startswith("model name")] if os.path.exists("/proc/cpuinfo") else []
@@ -570,8 +569,8 @@ def bench_arch_steps(cfg, device, widths=(8192, 32768), k=32):
 
 
 def hybrid_step_ms(cfg, device, model, x, tcfg, dead):
-    """The median ms of one --loss=hybrid step of model (l1 plus the JL penalty: exact on CUDA, estimated from
-    cfg.jl_sample rows on the CPU, as bench_end_to_end runs it), on its own Adam."""
+    """The median ms of one --loss=hybrid step of model (its sparsity loss plus the JL penalty: exact on CUDA,
+    estimated from cfg.jl_sample rows on the CPU, as bench_end_to_end runs it), on its own Adam."""
     hcfg = replace(tcfg, loss="hybrid", jl_sample=0 if device == "cuda" else cfg.jl_sample)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     step = lambda: backward_and_update(model, optimizer, sae_loss(model, x, hcfg, 10, dead), hcfg)
@@ -693,7 +692,7 @@ def bench_models(cfg):
 # ---------------------------------------------------------------------------------------------------------------------
 # --saelens=True: SAELens against sae.py, end to end on the CPU: GPT-2 small's shape (random weights), layer 6
 # mlp_in, d_sae 8192, 4096-token steps of 128-token contexts (position 0 dropped), a 2**18-token shuffling buffer of
-# 32-context harvests, fp32, l1 loss at coefficient 5, Adam 1e-4; no evaluation, checkpoint or wandb inside the timed
+# 32-context harvests, fp32, relu with the L1 coefficient 5, Adam 1e-4; no evaluation, checkpoint or wandb inside the timed
 # steps. Each in its own process, on the same tokens. Steady-state tokens/s: steps 33 to 32 + steps, whole refill
 # periods of both buffers (half a buffer, 32 steps, between refills), refills included.
 WARMUP = 32
@@ -922,15 +921,15 @@ def main(argv):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    device = choose_device(cfg)
+    device = choose_device(cfg.device)
     if cfg.saelens_worker:
         saelens_worker(cfg.saelens_worker, cfg.steps, cfg.dtype == "bfloat16", device)
         sys.exit(0)
     if cfg.quick:  # a smoke run of every part; the figures are not comparable with a full run's
         cfg.iters, cfg.d_sae, cfg.batch_size, cfg.jl_big = 1, 2048, 1024, 8192
     torch.manual_seed(0)
-    print(machine(device))
     report = {"machine": machine(device), "date": time.strftime("%Y-%m-%d"), "config": vars(cfg)}
+    print(report["machine"])
     cfg.layers_pass = cfg.layers_pass or cfg.sparsify  # --sparsify is a part of --layers_pass
     special_runs = {  # each instead of the default run
         "models": lambda: bench_models(cfg),
@@ -945,16 +944,14 @@ def main(argv):
         except (ValueError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
-        if cfg.json:
-            json.dump(report, open(cfg.json, "w"), indent=1)
-        sys.exit(0)
-    report["peak_gflops"] = bench_peak(cfg, device)  # {dtype: GFLOP/s}
-    report["ops"] = bench_ops(cfg, device, ("float32", "bfloat16") if "bfloat16" in report["peak_gflops"] else ("float32",))
-    report["jl_memory"] = bench_jl_memory(cfg, device)
-    report["end_to_end"] = bench_end_to_end(cfg, device, report["peak_gflops"])
+    else:
+        report["peak_gflops"] = bench_peak(cfg, device)  # {dtype: GFLOP/s}
+        dtypes = ("float32", "bfloat16") if "bfloat16" in report["peak_gflops"] else ("float32",)
+        report["ops"] = bench_ops(cfg, device, dtypes)
+        report["jl_memory"] = bench_jl_memory(cfg, device)
+        report["end_to_end"] = bench_end_to_end(cfg, device, report["peak_gflops"])
     if cfg.json:
-        with open(cfg.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(cfg.json, report)
         print(f"wrote {cfg.json}")
 
 

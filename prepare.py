@@ -65,7 +65,8 @@ class PrepareError(ValueError):
 
 def write_atomic(path, write, mode="w"):
     """write(file) into path.tmp, then renamed to path (atomic on POSIX): no partial file ever has the final name, and
-    a crash leaves the previous one whole. As sae.write_atomic, which prepare.py cannot import: it imports no torch."""
+    a crash leaves the previous one whole. The project's one (sae.py and analyze.py import it): here, because
+    prepare.py imports no torch."""
     with open(path + ".tmp", mode) as f:
         write(f)
     os.replace(path + ".tmp", path)
@@ -225,8 +226,10 @@ def hub_file(name_or_path, filename, flag):
 
 
 def read_prepare_json(path):
-    """A prepare.json in this version's layout: one that records no tokenizer (no record, no tokenizer or separator
-    in its settings) holds gpt2 shards, each document after <|endoftext|>."""
+    """A prepare.json in this version's layout, or None where there is none: one that records no tokenizer (no
+    record, no tokenizer or separator in its settings) holds gpt2 shards, each document after <|endoftext|>."""
+    if not os.path.exists(path):
+        return None
     with open(path) as f:
         meta = json.load(f)
     meta.setdefault("tokenizer", {"spec": "gpt2", "kind": "tiktoken"})
@@ -237,8 +240,8 @@ def read_prepare_json(path):
 
 def read_tokenizer_record(data_dir):
     """The tokenizer record (Tokenizer.record) in data_dir/prepare.json; None without a prepare.json."""
-    path = os.path.join(data_dir, "prepare.json")
-    return read_prepare_json(path)["tokenizer"] if os.path.exists(path) else None
+    meta = read_prepare_json(os.path.join(data_dir, "prepare.json"))
+    return meta["tokenizer"] if meta else None
 
 
 # -----------------------------------------------------------------------------
@@ -405,7 +408,7 @@ def prepare(args):
 
     # prepare.json records the settings and how far a run got, so that a rerun resumes or does nothing
     meta_path = os.path.join(args.out_dir, "prepare.json")
-    meta = read_prepare_json(meta_path) if os.path.exists(meta_path) else None
+    meta = read_prepare_json(meta_path)
     if meta:
         changed = sorted(k for k in settings if meta["settings"].get(k) != settings[k])
         if changed:

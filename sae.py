@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from sae_kernels import JL_FORMS, ONEDNN_BF16, JumpReLU, Step, batch_topk_select, check_jl_form, cpu_bf16_native, \
     encode_relu_decode, fsq_code, jl_penalty, keep_freed_memory, linear, sparse_decode, sparse_encode
-from prepare import hub_file, read_shard
+from prepare import hub_file, read_shard, write_atomic
 
 # -----------------------------------------------------------------------------
 # config and command line: TrainConfig's fields are the flags (docs/flags.md), set by config files and
@@ -1409,13 +1409,7 @@ def cache_widths(cache_dir):
     return manifest["d_in"], manifest["d_out"]
 
 
-def write_atomic(path, write, mode="w"):
-    """write(file) into path.tmp, then renamed to path: a crash leaves the previous file whole (json, .npy, ckpt.pt)."""
-    with open(path + ".tmp", mode) as f:
-        write(f)
-    os.replace(path + ".tmp", path)
-
-
+# json, .npy and ckpt.pt files written with prepare.write_atomic: into path.tmp, then renamed
 write_json = lambda path, obj: write_atomic(path, lambda f: json.dump(obj, f, indent=1))
 write_npy = lambda path, array: write_atomic(path, lambda f: np.save(f, array), "wb")
 
@@ -2580,12 +2574,12 @@ def saved_config(checkpoint, config_class=TrainConfig):
     return config_class(**{k: v for k, v in upgrade_config(checkpoint["config"]).items() if k in known})
 
 
-def resolve_runs(overrides, config_class=TrainConfig, new_run_modes=("train", "cache")):
+def resolve_runs(overrides, config_class=TrainConfig, new_run_modes=MODES):
     """overrides (parse_overrides') -> [(cfg, checkpoint or None)], one per SAE of this process: defaults, then config
-    files and flags in order; with --init_from=resume, --eval_only=True or a mode not of new_run_modes (one that reads a
-    saved run: analyze.py's readers) the
-    checkpoint's config is the base, and the flags may change all but LOCKED_ON_RESUME. A sweep (lists of SWEEPABLE
-    values) puts SAE <name> in out_dir/<name>/ and records the names in out_dir/sweep.json; resuming reads that file."""
+    files and flags in order; with --init_from=resume, --eval_only=True or a mode not of new_run_modes (one that reads
+    a saved run: analyze.py's readers) the checkpoint's config is the base, and the flags may change all but
+    LOCKED_ON_RESUME. A sweep (lists of SWEEPABLE values) puts SAE <name> in out_dir/<name>/ and records the names in
+    out_dir/sweep.json; resuming reads that file."""
     scalars = {k: v for k, v in overrides.items() if not isinstance(v, list)}
     base = replace(config_class(), **scalars)
     if base.init_from != "resume" and not base.eval_only and base.mode in new_run_modes:
@@ -2633,6 +2627,14 @@ def resolve_runs(overrides, config_class=TrainConfig, new_run_modes=("train", "c
             raise ValueError(f"cannot change {', '.join(changed)} of a saved run; start a new --out_dir instead")
         runs.append((replace(saved, **scalars), checkpoint))
     return runs
+
+
+def one_run(resolved, what="SAE"):
+    """The (cfg, checkpoint) of a mode that reads one SAE; a sweep's several are a one-line ValueError naming them."""
+    if len(resolved) > 1:
+        raise ValueError(f"--mode={resolved[0][0].mode} reads one {what}; pass --ckpt=<out_dir>/<name>/ckpt.pt, one of "
+                         f"{', '.join(os.path.basename(c.out_dir) for c, _ in resolved)}")
+    return resolved[0]
 
 
 def refuse_to_overwrite(out_dirs):
@@ -3160,10 +3162,8 @@ def main(argv):
         raise ValueError(f"--mode={overrides['mode']}: sae.py trains and caches; the readers of trained SAEs and logs "
                          f"are analyze.py's: python analyze.py {' '.join(argv)}")
     resolved = resolve_runs(overrides)
-    cfg, checkpoint = resolved[0]  # the SAEs of a sweep share every key that is not SWEEPABLE
-    if cfg.mode != "train" and len(resolved) > 1:
-        raise ValueError(f"--mode={cfg.mode} reads one SAE; pass --ckpt=<out_dir>/<name>/ckpt.pt, one of "
-                         f"{', '.join(os.path.basename(c.out_dir) for c, _ in resolved)}")
+    # the SAEs of a sweep share every key that is not SWEEPABLE; cache reads one run's settings
+    cfg, checkpoint = resolved[0] if resolved[0][0].mode == "train" else one_run(resolved)
     ctx = start_process(cfg, overrides, resolved)
     if cfg.mode == "cache":
         return write_activation_cache(cfg, ctx.device, ctx.autocast)

@@ -49,7 +49,9 @@ NO_TRITON = os.environ.get("SAE_NO_TRITON") == "1"
 #     if path == "reference": return <op>_ref(...)
 #     return <Op>.apply(..., path)
 # and its autograd Function calls that path's code, `_<step>_triton` (a launcher) or `_<step>_cpu`, deciding nothing
-# again. The flags are module globals read at each call, so that a test can switch them with monkeypatch.
+# again. Two ops decide one thing first: encode_relu_decode sends float64 to its reference (the kernels have no fp64
+# dot), jl_penalty a sampled estimate to jl_penalty_sampled (PyTorch on every path). The flags are module globals
+# read at each call, so that a test can switch them with monkeypatch.
 
 def pick_path(t):
     """-> "reference" under SAE_NO_TRITON=1; "triton" for a CUDA tensor t, or for any under TRITON_INTERPRET=1 (the
@@ -396,10 +398,10 @@ def encode_relu_decode(x, W_enc, b_enc, W_dec, b_dec, *, scale=None, b_in=None):
     every call: the kernels form them in the same pass. x needs no gradient; l1 (weighted by scale (n_latents,) if
     given, which may need a gradient) carries the gradient of a loss on it. b_in: a transcoder's input bias (d_in,);
     None: b_dec is the input bias too (an SAE)."""
-    path = pick_path(x)
     # the kernels multiply fp32, bf16 and fp16 only (an fp64 tl.dot does not accumulate in the kernel's fp32):
-    # float64, for exact checks, takes the reference
-    if path == "reference" or torch.float64 in (x.dtype, W_enc.dtype):
+    # float64, for exact checks, takes the reference on any device
+    path = "reference" if torch.float64 in (x.dtype, W_enc.dtype) else pick_path(x)
+    if path == "reference":
         return encode_relu_decode_ref(x, W_enc, b_enc, W_dec, b_dec, scale=scale, b_in=b_in)
     return EncodeReluDecode.apply(x, W_enc, b_enc, W_dec, b_dec, scale, b_in, path)
 

@@ -463,7 +463,7 @@ def score_recovery(D, checkpoint, final):
 def run_known_directions(regime=0, archs="", jl_form="atanh"):
     """The benchmark in regime (1-based index into REGIMES; 0 = every one), for archs (comma-separated; "" = every
     architecture of SWEPT_SETTING), the JL penalty of form jl_form; prints a table a regime -> every SAE's scores."""
-    # without TRITON_INTERPRET (the tests' CPU setting): sae.py's kernels run compiled
+    # without TRITON_INTERPRET (the tests' setting): sae.py runs its CPU code, not Triton's interpreter
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     results = []
     if not 0 <= regime <= len(REGIMES):

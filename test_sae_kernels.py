@@ -629,8 +629,9 @@ def triton_type(value):
 
 def drive_every_launcher():
     """Every op with a Triton path, in each dtype a launcher can receive (fp32; bf16 and fp16 tensors as callers
-    under autocast may pass), with every option: encode-ReLU-decode with and without per-latent L1 weights, its backward reached through x_hat, f and l1, and a transcoder's (d_out != d_in, b_in); the sparse codes at every K up to 32 (the gather kernels'
-    BLOCK_K follows K), pre given or not; the JL penalty."""
+    under autocast may pass), with every option: encode-ReLU-decode with and without per-latent L1 weights, its
+    backward reached through x_hat, f and l1, and a transcoder's (d_out != d_in, b_in); the sparse codes at every K up
+    to 32 (the gather kernels' BLOCK_K follows K), pre given or not; the JL penalty."""
     g = torch.Generator().manual_seed(0)
     N, d, s = 96, 40, 136
     param = lambda dtype, *shape: torch.randn(*shape, generator=g).to(dtype).requires_grad_()
